@@ -1,0 +1,256 @@
+"""The consumer-group loop, written once for every service that shares work over a stream.
+
+It creates its groups idempotently, first re-reads its own pending entries, reclaims entries left
+pending by a dead consumer with XAUTOCLAIM, then blocks on XREADGROUP. Each entry is decoded (an
+undecodable one, or one delivered too often, goes to the dead-letter stream with the reason), given
+to the handler, and the handler's effects are committed together with the acknowledgement.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from events.bus import Ack, Append, Bus, Entry
+from events.codec import DecodeError, decode
+from events.messages import Message
+
+log = structlog.get_logger("events.consumer")
+
+LOOP_ERROR_BACKOFF_S = 1.0  # after a Redis error, wait this long (plus jitter) before retrying
+MAX_CONFLICT_RETRIES = 50  # optimistic-concurrency retries of one message before giving up
+
+
+@dataclass(frozen=True)
+class Delivery:
+    stream: str
+    entry_id: str
+    message: Message
+    deliveries: int  # how many times this entry has been delivered, this time included
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A handler's effects, and an event to set once they have been committed."""
+
+    appends: Sequence[Append]
+    committed: anyio.Event | None = None
+
+
+Handler = Callable[[Delivery], Awaitable[Sequence[Append] | Outcome | None]]
+
+
+@dataclass(frozen=True)
+class CommitGuard:
+    """Optional checks the commit makes for a handler (used by the scheduler)."""
+
+    fence_token: Callable[[], str | None] = lambda: None
+    expect_last: Callable[[], str | None] = lambda: None
+
+
+async def ensure_group(redis: aioredis.Redis, stream: str, group: str, start: str = "0") -> None:
+    try:
+        await redis.xgroup_create(stream, group, id=start, mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class GroupConsumer:
+    def __init__(
+        self,
+        bus: Bus,
+        reader: aioredis.Redis,
+        streams: Sequence[str],
+        group: str,
+        consumer: str,
+        handler: Handler,
+        *,
+        block_ms: int = 5000,
+        count: int = 100,
+        claim_idle_ms: int = 60_000,
+        max_deliveries: int = 5,
+        guard: CommitGuard | None = None,
+        on_idle: Callable[[], Awaitable[None]] | None = None,
+        group_start: str = "0",
+    ) -> None:
+        self.bus = bus
+        self.reader = reader
+        self.streams = list(streams)
+        self.group = group
+        self.consumer = consumer
+        self.handler = handler
+        self.block_ms = block_ms
+        self.count = count
+        self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
+        self.guard = guard or CommitGuard()
+        self.on_idle = on_idle
+        self.group_start = group_start
+        self._last_claim = 0.0
+
+    async def setup(self) -> None:
+        for stream in self.streams:
+            await ensure_group(self.bus.redis, stream, self.group, self.group_start)
+
+    async def run(self) -> None:
+        """Consume until cancelled. Redis errors are logged and retried after a back-off."""
+        await self.setup()
+        await self.drain_own_pending()
+        while True:
+            try:
+                await self.poll(self.block_ms)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("redis unavailable, retrying", error=str(exc), group=self.group)
+                await anyio.sleep(LOOP_ERROR_BACKOFF_S * (1 + random.random()))
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("consumer group vanished, recreating", group=self.group)
+                await self.setup()
+
+    async def drain_own_pending(self) -> int:
+        """Entries delivered to this consumer before a restart and never acknowledged."""
+        handled = 0
+        while True:
+            reply = await self.bus.redis.xreadgroup(
+                self.group, self.consumer, dict.fromkeys(self.streams, "0"), count=self.count
+            )
+            entries = [e for e in _entries(reply) if e.fields]
+            if not entries:
+                return handled
+            for entry in entries:
+                await self._handle(entry, await self._delivery_count(entry))
+            handled += len(entries)
+
+    async def poll(self, block_ms: int | None) -> int:
+        """One round: reclaim stale entries, then read new ones (blocking up to ``block_ms``)."""
+        handled = await self.reclaim()
+        reply = await self.reader.xreadgroup(
+            self.group,
+            self.consumer,
+            dict.fromkeys(self.streams, ">"),
+            count=self.count,
+            block=block_ms,
+        )
+        entries = _entries(reply)
+        if not entries and not handled and self.on_idle is not None:
+            await self.on_idle()
+        acks: list[Entry] = []
+        for entry in entries:
+            if await self._handle(entry, 1, defer_ack=True):
+                acks.append(entry)
+        await self._ack(acks)
+        return handled + len(entries)
+
+    async def reclaim(self, *, force: bool = False) -> int:
+        """Claim entries pending longer than the idle threshold on any consumer of the group."""
+        now = time.monotonic()
+        if not force and now - self._last_claim < self.claim_idle_ms / 2000:
+            return 0
+        self._last_claim = now
+        handled = 0
+        for stream in self.streams:
+            reply = await self.bus.redis.execute_command(
+                "XAUTOCLAIM",
+                stream,
+                self.group,
+                self.consumer,
+                self.claim_idle_ms,
+                "0-0",
+                "COUNT",
+                self.count,
+            )
+            # Redis 6.2 replies [next, entries]; 7.x adds a third element, the deleted ids.
+            for raw in reply[1]:
+                if raw is None:
+                    continue
+                entry_id, fields = raw[0], raw[1]
+                entry = Entry(stream, str(entry_id), _pairs(fields))
+                if not entry.fields:  # deleted from the stream while pending
+                    await self.bus.redis.xack(stream, self.group, entry.entry_id)
+                    continue
+                await self._handle(entry, await self._delivery_count(entry))
+                handled += 1
+        return handled
+
+    async def _delivery_count(self, entry: Entry) -> int:
+        info = await self.bus.redis.xpending_range(
+            entry.stream, self.group, min=entry.entry_id, max=entry.entry_id, count=1
+        )
+        return int(info[0]["times_delivered"]) if info else 1
+
+    async def _ack(self, entries: Sequence[Entry]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for entry in entries:
+            by_stream.setdefault(entry.stream, []).append(entry.entry_id)
+        for stream, ids in by_stream.items():
+            await self.bus.redis.xack(stream, self.group, *ids)
+
+    async def _handle(self, entry: Entry, deliveries: int, *, defer_ack: bool = False) -> bool:
+        """Handle one entry. Returns True when only a plain acknowledgement is still owed."""
+        try:
+            message = decode(entry.fields)
+        except DecodeError as exc:
+            log.warning(
+                "dead-lettered undecodable entry", stream=entry.stream, entry_id=entry.entry_id, reason=str(exc)
+            )
+            await self.bus.dead_letter(entry, self.group, f"undecodable: {exc}")
+            return False
+        if deliveries > self.max_deliveries:
+            log.error("dead-lettered entry delivered too often", entry_id=entry.entry_id, deliveries=deliveries)
+            await self.bus.dead_letter(entry, self.group, f"delivered {deliveries} times without success")
+            return False
+        delivery = Delivery(entry.stream, entry.entry_id, message, deliveries)
+        with structlog.contextvars.bound_contextvars(job_id=message.job_id, message_type=message.type):
+            for _ in range(MAX_CONFLICT_RETRIES):
+                try:
+                    reply = await self.handler(delivery)
+                except Exception:
+                    # Left pending: reclaimed after the idle threshold, dead-lettered when too often.
+                    log.exception("handler failed; entry left pending", entry_id=entry.entry_id)
+                    return False
+                outcome = reply if isinstance(reply, Outcome) else Outcome(reply or ())
+                appends = outcome.appends
+                if not appends and self.guard.fence_token() is None:
+                    if defer_ack:
+                        return True
+                    await self._ack([entry])
+                    return False
+                result = await self.bus.commit(
+                    appends or (),
+                    ack=Ack(entry.stream, self.group, entry.entry_id),
+                    fence_token=self.guard.fence_token(),
+                    expect_last=self.guard.expect_last() if appends else None,
+                    dedupe_id=message.id if appends else None,
+                )
+                if result.status != "CONFLICT":
+                    if outcome.committed is not None:
+                        outcome.committed.set()
+                    return False
+            raise RuntimeError(f"entry {entry.entry_id} conflicted {MAX_CONFLICT_RETRIES} times")
+
+
+def _pairs(fields: object) -> dict[str, str]:
+    if isinstance(fields, dict):
+        return {str(k): str(v) for k, v in fields.items()}
+    if isinstance(fields, list):
+        return {str(fields[i]): str(fields[i + 1]) for i in range(0, len(fields), 2)}
+    return {}
+
+
+def _entries(reply: object) -> list[Entry]:
+    found: list[Entry] = []
+    for stream, items in reply or []:  # type: ignore[union-attr]
+        for entry_id, fields in items:
+            found.append(Entry(str(stream), str(entry_id), _pairs(fields)))
+    return found

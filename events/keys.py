@@ -1,0 +1,74 @@
+"""Every Redis key and stream name the system uses, in one place.
+
+All keys share one hash tag (``{st}`` by default, or ``{<namespace>}``) so that a Lua script or
+MULTI/EXEC may touch several of them, also under Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Consumer group names: one per kind of reader that shares work.
+SCHEDULER_GROUP = "scheduler"
+RUNNER_GROUP = "runner"
+EXPORTER_GROUP = "exporter"
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str = "st"
+
+    @property
+    def tag(self) -> str:
+        return "{" + self.namespace + "}"
+
+    @property
+    def events(self) -> str:
+        """The log: every fact, in order. Never trimmed by default."""
+        return f"{self.tag}:events"
+
+    @property
+    def commands(self) -> str:
+        """Requests for the scheduler (submit, cancel, export, process)."""
+        return f"{self.tag}:commands"
+
+    @property
+    def telemetry(self) -> str:
+        """GPU and service heartbeats; capped, not part of the audit log."""
+        return f"{self.tag}:telemetry"
+
+    @property
+    def dead_letter(self) -> str:
+        """Entries that could not be decoded or were delivered too often, with the reason."""
+        return f"{self.tag}:dead"
+
+    @property
+    def exports(self) -> str:
+        """Export work for the exporter (merge LoRA adapters into a model)."""
+        return f"{self.tag}:exports"
+
+    def node(self, node: str) -> str:
+        """Commands for the runner on one node (start, stop)."""
+        return f"{self.tag}:node:{node}"
+
+    def logs(self, job_id: str) -> str:
+        """A job's output lines; capped."""
+        return f"{self.tag}:logs:{job_id}"
+
+    def run(self, job_id: str) -> str:
+        """The runner's record of a process it started (pid, process group, run dir)."""
+        return f"{self.tag}:run:{job_id}"
+
+    @property
+    def leader(self) -> str:
+        """The scheduler leader lease: ``<instance>`` with a TTL."""
+        return f"{self.tag}:scheduler:leader"
+
+    @property
+    def fence(self) -> str:
+        """The fencing token of the current scheduler leader; every scheduler write checks it."""
+        return f"{self.tag}:scheduler:fence"
+
+    def done(self, message_id: str) -> str:
+        """Marks a handled message, so that a redelivery has no second effect."""
+        return f"{self.tag}:done:{message_id}"

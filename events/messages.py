@@ -1,0 +1,343 @@
+"""Every message the processes exchange: one envelope, one pydantic model per type, one union.
+
+Who produces and who consumes each type:
+
+=========================  =============  ==================  =====================================
+type                       kind           produced by         consumed by
+=========================  =============  ==================  =====================================
+job.submit                 command        gateway             scheduler ({st}:commands)
+job.cancel                 command        gateway             scheduler ({st}:commands)
+job.export                 command        gateway             scheduler ({st}:commands)
+queue.process              command        gateway             scheduler ({st}:commands)
+job.start                  command        scheduler           runner ({st}:node:<name>)
+job.stop                   command        scheduler           runner ({st}:node:<name>)
+export.start               command        scheduler           exporter ({st}:exports)
+job.accepted ... node.lost  event (fact)  see each class      every reader of {st}:events
+node.heartbeat             telemetry      gpu-monitor         scheduler, gateway ({st}:telemetry)
+service.heartbeat          telemetry      every service       gateway ({st}:telemetry)
+=========================  =============  ==================  =====================================
+
+Facts are named in the past tense, commands in the imperative. A type's ``v`` is its schema version;
+older versions are upcast on decode (see :mod:`events.codec`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from events.params import DeployJob, JobSpec
+
+ENVELOPE_FIELDS = ("type", "v", "id", "at", "source", "causation_id", "job_id", "actor")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    """The envelope. Subclasses add their payload fields and fix ``type``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ClassVar[str] = "message"
+    type: str
+    v: int = 1
+    id: str = Field(default_factory=new_id)
+    at: datetime = Field(default_factory=utcnow)
+    source: str = ""
+    causation_id: str | None = None
+    job_id: str | None = None
+    actor: str | None = None
+
+    def payload(self) -> dict[str, object]:
+        return self.model_dump(mode="json", exclude=set(ENVELOPE_FIELDS))
+
+
+class Command(Message):
+    kind: ClassVar[str] = "command"
+
+
+class Event(Message):
+    kind: ClassVar[str] = "event"
+
+
+class Telemetry(Message):
+    kind: ClassVar[str] = "telemetry"
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands for the scheduler ({st}:commands), appended by the gateway on behalf of `actor`.
+
+
+class SubmitJob(Command):
+    type: Literal["job.submit"] = "job.submit"
+    spec: JobSpec
+
+
+class CancelJob(Command):
+    type: Literal["job.cancel"] = "job.cancel"
+    reason: str | None = None
+
+
+class RequestExport(Command):
+    type: Literal["job.export"] = "job.export"
+
+
+class ProcessQueue(Command):
+    type: Literal["queue.process"] = "queue.process"
+
+
+# Commands from the scheduler to a node's runner ({st}:node:<name>) and to the exporter.
+
+
+class StartJob(Command):
+    type: Literal["job.start"] = "job.start"
+    attempt: int
+    node: str
+    gpu_ids: list[int]
+    spec: JobSpec
+
+
+class StopJob(Command):
+    type: Literal["job.stop"] = "job.stop"
+    attempt: int
+    reason: Literal["cancel", "timeout", "preempt"] = "cancel"
+
+
+class StartExport(Command):
+    type: Literal["export.start"] = "export.start"
+    checkpoint: str
+    output_dir: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts ({st}:events). Scheduler: accepted, rejected, queued, scheduled, cancel_requested,
+# cancelled (of a job not running), export.requested, node.joined, node.lost.
+# Runner: started, progress, checkpoint_saved, serving, log_truncated, succeeded, failed, cancelled.
+# Exporter: export.started, export.completed, export.failed.
+
+
+class JobAccepted(Event):
+    type: Literal["job.accepted"] = "job.accepted"
+    spec: JobSpec
+
+
+class JobRejected(Event):
+    type: Literal["job.rejected"] = "job.rejected"
+    reason: str
+    message: str
+
+
+class JobQueued(Event):
+    type: Literal["job.queued"] = "job.queued"
+    position: int  # 1-based place in the queue when queued
+
+
+class JobScheduled(Event):
+    type: Literal["job.scheduled"] = "job.scheduled"
+    node: str
+    gpu_ids: list[int]
+    attempt: int
+
+
+class JobStarted(Event):
+    type: Literal["job.started"] = "job.started"
+    attempt: int
+    node: str
+    pid: int
+    pgid: int
+    run_dir: str
+    argv: list[str]
+    cuda_visible_devices: str
+
+
+class JobProgress(Event):
+    type: Literal["job.progress"] = "job.progress"
+    attempt: int
+    step: int
+    max_steps: int
+    percent: float
+    loss: float | None = None
+    grad_norm: float | None = None
+    learning_rate: float | None = None
+    token_acc: float | None = None
+    epoch: float | None = None
+    elapsed_s: float | None = None
+    remaining_s: float | None = None
+    train_speed_s_per_it: float | None = None
+    eval: dict[str, float] = Field(default_factory=dict)
+
+
+class CheckpointSaved(Event):
+    type: Literal["job.checkpoint_saved"] = "job.checkpoint_saved"
+    attempt: int
+    step: int
+    path: str
+
+
+class JobServing(Event):
+    type: Literal["job.serving"] = "job.serving"
+    attempt: int
+    endpoint: str
+
+
+class JobSucceeded(Event):
+    type: Literal["job.succeeded"] = "job.succeeded"
+    attempt: int
+    exit_code: int
+    run_dir: str
+    last_checkpoint: str | None = None
+
+
+class JobFailed(Event):
+    type: Literal["job.failed"] = "job.failed"
+    attempt: int | None = None
+    exit_code: int | None = None
+    reason: str  # oom, dataset_not_found, model_not_found, bad_argument, killed, timeout, unknown
+    message: str = ""
+    stderr_tail: list[str] = Field(default_factory=list)
+
+
+class JobCancelRequested(Event):
+    type: Literal["job.cancel_requested"] = "job.cancel_requested"
+    reason: str | None = None
+
+
+class JobCancelled(Event):
+    type: Literal["job.cancelled"] = "job.cancelled"
+    attempt: int | None = None
+    exit_code: int | None = None
+
+
+class ExportRequested(Event):
+    type: Literal["export.requested"] = "export.requested"
+    checkpoint: str
+    output_dir: str
+
+
+class ExportStarted(Event):
+    type: Literal["export.started"] = "export.started"
+    argv: list[str]
+
+
+class ExportCompleted(Event):
+    type: Literal["export.completed"] = "export.completed"
+    path: str
+
+
+class ExportFailed(Event):
+    type: Literal["export.failed"] = "export.failed"
+    exit_code: int | None = None
+    message: str = ""
+    stderr_tail: list[str] = Field(default_factory=list)
+
+
+class GpuInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int
+    uuid: str
+    name: str
+    memory_total_mb: int
+
+
+class NodeJoined(Event):
+    type: Literal["node.joined"] = "node.joined"
+    node: str
+    simulated: bool
+    gpus: list[GpuInfo]
+
+
+class NodeLost(Event):
+    type: Literal["node.lost"] = "node.lost"
+    node: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Telemetry ({st}:telemetry, capped).
+
+
+class GpuProcess(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pid: int
+    used_memory_mb: int
+
+
+class GpuSample(GpuInfo):
+    memory_used_mb: int
+    utilization_pct: int | None = None
+    temperature_c: int | None = None
+    processes: list[GpuProcess] = Field(default_factory=list)
+
+
+class NodeHeartbeat(Telemetry):
+    type: Literal["node.heartbeat"] = "node.heartbeat"
+    node: str
+    simulated: bool  # True when no NVML driver: the inventory is made up for laptops and CI
+    gpus: list[GpuSample]
+
+
+class ServiceHeartbeat(Telemetry):
+    type: Literal["service.heartbeat"] = "service.heartbeat"
+    service: str
+    instance: str
+    started_at: datetime
+    interval_s: float
+
+
+AnyMessage = Annotated[
+    SubmitJob
+    | CancelJob
+    | RequestExport
+    | ProcessQueue
+    | StartJob
+    | StopJob
+    | StartExport
+    | JobAccepted
+    | JobRejected
+    | JobQueued
+    | JobScheduled
+    | JobStarted
+    | JobProgress
+    | CheckpointSaved
+    | JobServing
+    | JobSucceeded
+    | JobFailed
+    | JobCancelRequested
+    | JobCancelled
+    | ExportRequested
+    | ExportStarted
+    | ExportCompleted
+    | ExportFailed
+    | NodeJoined
+    | NodeLost
+    | NodeHeartbeat
+    | ServiceHeartbeat,
+    Field(discriminator="type"),
+]
+
+
+def message_types() -> dict[str, type[Message]]:
+    """Every concrete message class by its ``type`` string."""
+    found: dict[str, type[Message]] = {}
+    stack: list[type[Message]] = [Message]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        default = cls.model_fields["type"].default
+        if isinstance(default, str) and cls.model_fields["type"].annotation is not str:
+            found[default] = cls
+    return found
+
+
+def is_deploy(spec: object) -> bool:
+    return isinstance(spec, DeployJob)

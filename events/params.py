@@ -1,0 +1,123 @@
+"""What a user asks for: the job spec and the typed parameters of each task type."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TaskType(StrEnum):
+    multimodal = "multimodal"  # vision-language fine-tuning (swift sft on a VL model)
+    language_model = "language_model"  # text-only fine-tuning (swift sft)
+    deploy = "deploy"  # an OpenAI-compatible server (swift deploy)
+
+
+class TrainType(StrEnum):
+    lora = "lora"  # adapters only; exported by merging into the base model
+    full = "full"  # every weight trained; the checkpoint is the model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+DeepSpeedConfig = Literal["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
+TorchDtype = Literal["bfloat16", "float16", "float32"]
+
+# An ms-swift model type, template or attention implementation name: a plain identifier.
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def _identifier(value: str | None) -> str | None:
+    if value is not None and not _IDENTIFIER.match(value):
+        raise ValueError("must be a plain name (letters, digits, '_', '.', '-')")
+    return value
+
+
+class TrainParams(_Strict):
+    """Hyper-parameters shared by every training task type; names follow the original tool."""
+
+    num_epochs: float = Field(1.0, gt=0, le=1000)
+    batch_size: int = Field(1, ge=1, le=4096)
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    logging_steps: int = Field(5, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    max_length: int = Field(2048, ge=16, le=1_048_576)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    dataloader_num_workers: int = Field(0, ge=0, le=64)
+    dataset_num_proc: int = Field(1, ge=1, le=256)
+    save_only_model: bool = False
+    train_type: TrainType = TrainType.lora
+    lora_rank: int = Field(8, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1, le=4096)
+    torch_dtype: TorchDtype | None = None
+    max_steps: int | None = Field(None, ge=1)
+    model_type: str | None = None
+    template: str | None = None
+    deepspeed: DeepSpeedConfig | None = None
+    attn_impl: Literal["flash_attn", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = None
+
+    _check_names = field_validator("model_type", "template")(_identifier)
+
+
+class LanguageModelTrainParams(TrainParams):
+    pass
+
+
+class MultiModalTrainParams(TrainParams):
+    vit_lr: float | None = Field(None, gt=0, le=1)
+    aligner_lr: float | None = Field(None, gt=0, le=1)
+    freeze_vit: bool = True
+    freeze_aligner: bool = True
+    freeze_llm: bool = False
+    max_pixels: int | None = Field(None, ge=1)
+
+
+class DeployParams(_Strict):
+    infer_backend: Literal["vllm", "transformers"] = "transformers"
+    served_model_name: str | None = None
+    max_model_len: int | None = Field(None, ge=16)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    port: int | None = Field(None, ge=1024, le=65535)
+    model_type: str | None = None
+    template: str | None = None
+
+    _check_names = field_validator("served_model_name", "model_type", "template")(_identifier)
+
+
+class _JobBase(_Strict):
+    model_path: str = Field(min_length=1, max_length=4096)
+    output_dir: str | None = Field(None, max_length=4096)
+    priority: int = Field(5, ge=0, le=10, description="0-10, higher starts first")
+    gpu_count: int = Field(1, ge=1, le=64)
+    name: str | None = Field(None, max_length=200)
+
+
+class LanguageModelJob(_JobBase):
+    task_type: Literal[TaskType.language_model]
+    data_path: str = Field(min_length=1, max_length=4096)
+    train_params: LanguageModelTrainParams = LanguageModelTrainParams()
+    auto_export: bool = Field(True, description="merge LoRA adapters when training completes")
+
+
+class MultiModalJob(_JobBase):
+    task_type: Literal[TaskType.multimodal]
+    data_path: str = Field(min_length=1, max_length=4096)
+    train_params: MultiModalTrainParams = MultiModalTrainParams()
+    auto_export: bool = True
+
+
+class DeployJob(_JobBase):
+    task_type: Literal[TaskType.deploy]
+    deploy_params: DeployParams = DeployParams()
+
+
+JobSpec = Annotated[LanguageModelJob | MultiModalJob | DeployJob, Field(discriminator="task_type")]
+TrainingJob = LanguageModelJob | MultiModalJob

@@ -1,0 +1,376 @@
+"""State as a pure fold over the log: jobs, the queue, GPU allocations and nodes.
+
+``State.apply`` is deterministic and does no I/O. The scheduler, the gateway and the replay tool
+all build their view with it, so replaying the log rebuilds exactly what the services show.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from events import messages as m
+from events.params import JobSpec, TrainType
+
+
+class JobStatus(StrEnum):
+    pending = "pending"  # accepted by the gateway, not yet decided by the scheduler
+    queued = "queued"  # waiting for GPUs
+    scheduled = "scheduled"  # GPUs allocated, start command sent to the node's runner
+    running = "running"  # the swift process runs
+    serving = "serving"  # a deploy job answers requests
+    completed = "completed"  # training finished with exit code 0
+    failed = "failed"  # rejected, crashed, or timed out
+    cancelled = "cancelled"  # stopped on request
+
+
+TERMINAL = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled})
+HOLDS_GPUS = frozenset({JobStatus.scheduled, JobStatus.running, JobStatus.serving})
+
+
+class ExportStatus(StrEnum):
+    none = "none"  # never asked for
+    pending = "pending"  # asked for, waiting for the exporter
+    running = "running"  # swift export runs
+    completed = "completed"  # merged model on disk
+    failed = "failed"  # swift export failed
+
+
+class IllegalTransition(ValueError):
+    """An event that does not apply to the state it arrives in."""
+
+
+class Progress(BaseModel):
+    step: int = 0
+    max_steps: int = 0
+    percent: float = 0.0
+    loss: float | None = None
+    grad_norm: float | None = None
+    learning_rate: float | None = None
+    token_acc: float | None = None
+    epoch: float | None = None
+    elapsed_s: float | None = None
+    remaining_s: float | None = None
+    train_speed_s_per_it: float | None = None
+    eval: dict[str, float] = Field(default_factory=dict)
+    at: datetime | None = None
+
+
+class Export(BaseModel):
+    status: ExportStatus = ExportStatus.none
+    checkpoint: str | None = None
+    output_dir: str | None = None
+    path: str | None = None
+    error: str | None = None
+
+
+class Job(BaseModel):
+    job_id: str
+    spec: JobSpec
+    status: JobStatus = JobStatus.pending
+    priority: int
+    seq: int  # submit order in the log: FIFO within a priority
+    submitted_at: datetime
+    submitted_by: str | None = None
+    first_entry_id: str
+    last_entry_id: str
+    attempt: int = 0
+    node: str | None = None
+    gpu_ids: list[int] = Field(default_factory=list)
+    queue_position_at_submit: int | None = None
+    pid: int | None = None
+    run_dir: str | None = None
+    argv: list[str] = Field(default_factory=list)
+    scheduled_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: Progress | None = None
+    checkpoints: list[str] = Field(default_factory=list)
+    last_checkpoint: str | None = None
+    endpoint: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    message: str | None = None
+    stderr_tail: list[str] = Field(default_factory=list)
+    cancel_requested: bool = False
+    export: Export = Field(default_factory=Export)
+
+    @property
+    def is_lora(self) -> bool:
+        params = getattr(self.spec, "train_params", None)
+        return params is not None and params.train_type == TrainType.lora
+
+
+class Node(BaseModel):
+    name: str
+    simulated: bool
+    gpus: list[m.GpuInfo]
+    up: bool = True
+    joined_at: datetime
+    lost_at: datetime | None = None
+
+
+class State(BaseModel):
+    jobs: dict[str, Job] = Field(default_factory=dict)
+    nodes: dict[str, Node] = Field(default_factory=dict)
+    # (node, gpu index) -> job id, for every job that holds GPUs
+    allocations: dict[str, str] = Field(default_factory=dict)
+    position: str = "0-0"  # entry id of the last event folded in
+    accepted: int = 0
+    stale_reports: int = 0  # reports from an attempt that is no longer current, ignored
+
+    def queue(self) -> list[Job]:
+        """Queued jobs in start order: higher priority first, FIFO within a priority."""
+        waiting = [job for job in self.jobs.values() if job.status == JobStatus.queued]
+        return sorted(waiting, key=lambda job: (-job.priority, job.seq))
+
+    def queue_position(self, job_id: str) -> int | None:
+        for position, job in enumerate(self.queue(), start=1):
+            if job.job_id == job_id:
+                return position
+        return None
+
+    def free_gpus(self, node: str) -> list[int]:
+        found = self.nodes.get(node)
+        if found is None or not found.up:
+            return []
+        return [gpu.index for gpu in found.gpus if gpu_key(node, gpu.index) not in self.allocations]
+
+    def apply(self, entry_id: str, event: m.Message) -> None:
+        """Fold one event in. Raises IllegalTransition, leaving the state unchanged."""
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            raise IllegalTransition(f"{event.type} is not an event of the log")
+        handler(self, entry_id, event)
+        self.position = entry_id
+
+
+def gpu_key(node: str, index: int) -> str:
+    return f"{node}/{index}"
+
+
+def _job(state: State, event: m.Message, *allowed: JobStatus) -> Job:
+    job = state.jobs.get(event.job_id or "")
+    if job is None:
+        raise IllegalTransition(f"{event.type} for unknown job {event.job_id!r}")
+    if allowed and job.status not in allowed:
+        raise IllegalTransition(f"{event.type} is illegal for job {job.job_id} in status {job.status}")
+    return job
+
+
+def _is_stale(state: State, job: Job, attempt: int | None) -> bool:
+    if attempt is not None and attempt != job.attempt:
+        state.stale_reports += 1
+        return True
+    return False
+
+
+def _release(state: State, job: Job) -> None:
+    for index in job.gpu_ids:
+        if state.allocations.get(gpu_key(job.node or "", index)) == job.job_id:
+            del state.allocations[gpu_key(job.node or "", index)]
+
+
+def _finish(state: State, job: Job, entry_id: str, event: m.Message, status: JobStatus) -> None:
+    _release(state, job)
+    job.status = status
+    job.finished_at = event.at
+    job.last_entry_id = entry_id
+
+
+def _accepted(state: State, entry_id: str, event: m.JobAccepted) -> None:
+    if not event.job_id or event.job_id in state.jobs:
+        raise IllegalTransition(f"job {event.job_id!r} was already accepted")
+    state.accepted += 1
+    state.jobs[event.job_id] = Job(
+        job_id=event.job_id,
+        spec=event.spec,
+        priority=event.spec.priority,
+        seq=state.accepted,
+        submitted_at=event.at,
+        submitted_by=event.actor,
+        first_entry_id=entry_id,
+        last_entry_id=entry_id,
+    )
+
+
+def _rejected(state: State, entry_id: str, event: m.JobRejected) -> None:
+    job = _job(state, event, JobStatus.pending)
+    job.reason, job.message = event.reason, event.message
+    _finish(state, job, entry_id, event, JobStatus.failed)
+
+
+def _queued(state: State, entry_id: str, event: m.JobQueued) -> None:
+    job = _job(state, event, JobStatus.pending)
+    job.status = JobStatus.queued
+    job.queue_position_at_submit = event.position
+    job.last_entry_id = entry_id
+
+
+def _scheduled(state: State, entry_id: str, event: m.JobScheduled) -> None:
+    job = _job(state, event, JobStatus.queued)
+    node = state.nodes.get(event.node)
+    if node is None or not node.up:
+        raise IllegalTransition(f"job {job.job_id} scheduled on unknown or lost node {event.node}")
+    known = {gpu.index for gpu in node.gpus}
+    for index in event.gpu_ids:
+        holder = state.allocations.get(gpu_key(event.node, index))
+        if index not in known or holder is not None:
+            raise IllegalTransition(f"GPU {event.node}/{index} is not free (held by {holder})")
+    for index in event.gpu_ids:
+        state.allocations[gpu_key(event.node, index)] = job.job_id
+    job.status = JobStatus.scheduled
+    job.node, job.gpu_ids, job.attempt = event.node, list(event.gpu_ids), event.attempt
+    job.scheduled_at = event.at
+    job.last_entry_id = entry_id
+
+
+def _started(state: State, entry_id: str, event: m.JobStarted) -> None:
+    job = _job(state, event)
+    if _is_stale(state, job, event.attempt):
+        return
+    _job(state, event, JobStatus.scheduled)
+    job.status = JobStatus.running
+    job.pid, job.run_dir, job.argv = event.pid, event.run_dir, list(event.argv)
+    job.started_at = event.at
+    job.last_entry_id = entry_id
+
+
+def _progress(state: State, entry_id: str, event: m.JobProgress) -> None:
+    job = _job(state, event)
+    if _is_stale(state, job, event.attempt):
+        return
+    _job(state, event, JobStatus.running, JobStatus.serving)
+    job.progress = Progress(**event.payload(), at=event.at)
+    job.last_entry_id = entry_id
+
+
+def _checkpoint(state: State, entry_id: str, event: m.CheckpointSaved) -> None:
+    job = _job(state, event)
+    if _is_stale(state, job, event.attempt):
+        return
+    _job(state, event, JobStatus.running)
+    if event.path not in job.checkpoints:
+        job.checkpoints.append(event.path)
+    job.last_checkpoint = event.path
+    job.last_entry_id = entry_id
+
+
+def _serving(state: State, entry_id: str, event: m.JobServing) -> None:
+    job = _job(state, event)
+    if _is_stale(state, job, event.attempt):
+        return
+    _job(state, event, JobStatus.running)
+    job.status = JobStatus.serving
+    job.endpoint = event.endpoint
+    job.last_entry_id = entry_id
+
+
+def _succeeded(state: State, entry_id: str, event: m.JobSucceeded) -> None:
+    job = _job(state, event)
+    if _is_stale(state, job, event.attempt):
+        return
+    _job(state, event, JobStatus.running)
+    job.exit_code, job.run_dir = event.exit_code, event.run_dir
+    if event.last_checkpoint:
+        job.last_checkpoint = event.last_checkpoint
+    _finish(state, job, entry_id, event, JobStatus.completed)
+
+
+def _failed(state: State, entry_id: str, event: m.JobFailed) -> None:
+    job = _job(state, event)
+    if _is_stale(state, job, event.attempt):
+        return
+    _job(state, event, *(set(JobStatus) - TERMINAL))
+    job.exit_code, job.reason, job.message = event.exit_code, event.reason, event.message
+    job.stderr_tail = list(event.stderr_tail)
+    _finish(state, job, entry_id, event, JobStatus.failed)
+
+
+def _cancel_requested(state: State, entry_id: str, event: m.JobCancelRequested) -> None:
+    job = _job(state, event, *HOLDS_GPUS)
+    job.cancel_requested = True
+    job.last_entry_id = entry_id
+
+
+def _cancelled(state: State, entry_id: str, event: m.JobCancelled) -> None:
+    job = _job(state, event)
+    if _is_stale(state, job, event.attempt):
+        return
+    _job(state, event, *(set(JobStatus) - TERMINAL))
+    job.exit_code = event.exit_code
+    _finish(state, job, entry_id, event, JobStatus.cancelled)
+
+
+def _export_requested(state: State, entry_id: str, event: m.ExportRequested) -> None:
+    job = _job(state, event, JobStatus.completed)
+    if job.export.status in (ExportStatus.pending, ExportStatus.running):
+        raise IllegalTransition(f"export of job {job.job_id} is already {job.export.status}")
+    job.export = Export(status=ExportStatus.pending, checkpoint=event.checkpoint, output_dir=event.output_dir)
+    job.last_entry_id = entry_id
+
+
+def _export_started(state: State, entry_id: str, event: m.ExportStarted) -> None:
+    job = _job(state, event)
+    if job.export.status not in (ExportStatus.pending, ExportStatus.running):
+        raise IllegalTransition(f"export.started for job {job.job_id} with export {job.export.status}")
+    job.export.status = ExportStatus.running
+    job.last_entry_id = entry_id
+
+
+def _export_completed(state: State, entry_id: str, event: m.ExportCompleted) -> None:
+    job = _job(state, event)
+    if job.export.status != ExportStatus.running:
+        raise IllegalTransition(f"export.completed for job {job.job_id} with export {job.export.status}")
+    job.export.status, job.export.path = ExportStatus.completed, event.path
+    job.last_entry_id = entry_id
+
+
+def _export_failed(state: State, entry_id: str, event: m.ExportFailed) -> None:
+    job = _job(state, event)
+    if job.export.status not in (ExportStatus.pending, ExportStatus.running):
+        raise IllegalTransition(f"export.failed for job {job.job_id} with export {job.export.status}")
+    job.export.status, job.export.error = ExportStatus.failed, event.message
+    job.last_entry_id = entry_id
+
+
+def _node_joined(state: State, entry_id: str, event: m.NodeJoined) -> None:
+    previous = state.nodes.get(event.node)
+    if previous is not None and previous.up:
+        held = {int(k.split("/")[1]) for k in state.allocations if k.split("/")[0] == event.node}
+        if not held <= {gpu.index for gpu in event.gpus}:
+            raise IllegalTransition(f"node {event.node} rejoined without GPUs its jobs hold")
+    state.nodes[event.node] = Node(
+        name=event.node, simulated=event.simulated, gpus=list(event.gpus), joined_at=event.at
+    )
+
+
+def _node_lost(state: State, entry_id: str, event: m.NodeLost) -> None:
+    node = state.nodes.get(event.node)
+    if node is None or not node.up:
+        raise IllegalTransition(f"node.lost for node {event.node} that is not up")
+    node.up, node.lost_at = False, event.at
+
+
+_HANDLERS = {
+    m.JobAccepted: _accepted,
+    m.JobRejected: _rejected,
+    m.JobQueued: _queued,
+    m.JobScheduled: _scheduled,
+    m.JobStarted: _started,
+    m.JobProgress: _progress,
+    m.CheckpointSaved: _checkpoint,
+    m.JobServing: _serving,
+    m.JobSucceeded: _succeeded,
+    m.JobFailed: _failed,
+    m.JobCancelRequested: _cancel_requested,
+    m.JobCancelled: _cancelled,
+    m.ExportRequested: _export_requested,
+    m.ExportStarted: _export_started,
+    m.ExportCompleted: _export_completed,
+    m.ExportFailed: _export_failed,
+    m.NodeJoined: _node_joined,
+    m.NodeLost: _node_lost,
+}

@@ -1,0 +1,144 @@
+"""`swift-trainer`: run one process of the system, the embedded Redis, the demo, or a replay."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import structlog
+
+from events.bus import Bus, connect
+from events.codec import DecodeError, decode
+from events.state import IllegalTransition, State
+from services import embedded_redis
+from services.config import ConfigError, Settings, load_settings
+from services.runtime import ServiceMain, configure_logging, serve, wait_for_redis
+
+
+def _service(name: str) -> ServiceMain:
+    # Imported on demand: each process loads only its own dependencies.
+    if name == "gateway":
+        from services.gateway.service import main
+    elif name == "scheduler":
+        from services.scheduler.service import main
+    elif name == "gpu-monitor":
+        from services.gpu_monitor.service import main
+    elif name == "runner":
+        from services.runner.service import main
+    elif name == "exporter":
+        from services.exporter.service import main
+    else:
+        raise ValueError(name)
+    return main
+
+
+SERVICES = ("gateway", "scheduler", "gpu-monitor", "runner", "exporter")
+
+
+def run_service(settings: Settings, name: str) -> None:
+    configure_logging(settings, name)
+    anyio.run(serve, settings, name, _service(name))
+
+
+def run_redis(settings: Settings) -> None:
+    """Become the embedded Redis (exec, so signals reach it), or wait when Redis is external."""
+    configure_logging(settings, "redis")
+    log = structlog.get_logger()
+    if not settings.embedded:
+        log.info("an external Redis is configured; nothing to run", url=settings.resolved_redis_url)
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        return
+    argv = embedded_redis.server_argv(settings.data_dir / "redis", settings.embedded_redis_port)
+    log.info("starting embedded redis", argv=shlex.join(argv))
+    os.execv(argv[0], argv)
+
+
+def run_demo(settings: Settings, root: Path) -> None:
+    from services.demo.tinymodel import build_demo_assets
+
+    assets = build_demo_assets(root.resolve())
+    url = f"http://{settings.app_host}:{settings.app_port}{settings.api_prefix}/training/jobs"
+    body = {
+        "task_type": "language_model",
+        "model_path": str(assets.model_dir),
+        "data_path": str(assets.dataset_path),
+        "train_params": {
+            "model_type": "qwen2",
+            "template": "qwen2_5",
+            "max_steps": 20,
+            "logging_steps": 2,
+            "save_steps": 10,
+            "torch_dtype": "float32",
+            "learning_rate": 0.001,
+        },
+    }
+    print(f"Tiny model: {assets.model_dir}\nDataset:    {assets.dataset_path}\n")
+    print("Submit a LoRA fine-tuning job on them:\n")
+    print(f"curl -s -X POST {url} -H 'Content-Type: application/json' -d '{json.dumps(body)}'\n")
+    print(f"Then watch it live:  curl -N {url}/<job_id>/stream")
+
+
+async def replay(settings: Settings, job_id: str | None, as_state: bool) -> None:
+    redis = connect(settings.resolved_redis_url)
+    try:
+        await wait_for_redis(redis, timeout_s=10)
+        bus = Bus(redis, settings.keys, "replay")
+        state = State()
+        async for entry in bus.entries(bus.keys.events):
+            if as_state:
+                try:
+                    state.apply(entry.entry_id, decode(entry.fields))
+                except (DecodeError, IllegalTransition) as exc:
+                    print(f"skipped {entry.entry_id}: {exc}", file=sys.stderr)
+                    state.position = entry.entry_id
+            elif job_id is None or entry.fields.get("job_id") == job_id:
+                print(json.dumps({"entry_id": entry.entry_id, **json.loads(entry.fields["data"])}))
+        if as_state:
+            dumped = state.model_dump(mode="json")
+            if job_id is not None:
+                dumped = dumped["jobs"].get(job_id)
+            print(json.dumps(dumped, indent=2))
+    finally:
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="swift-trainer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} process")
+    sub.add_parser("redis", help="run the embedded Redis (when no REDIS_URL/REDIS_HOST is set)")
+    demo = sub.add_parser("demo", help="build a tiny model and dataset offline; print the curl to train it")
+    demo.add_argument("--dir", type=Path, default=Path("demo"))
+    rep = sub.add_parser("replay", help="print the log in order as JSON lines, or the state it folds to")
+    rep.add_argument("--job", help="only this job's events (or, with --state, only its record)")
+    rep.add_argument("--state", action="store_true", help="print the state rebuilt by the fold")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"swift-trainer: {exc}", file=sys.stderr)
+        return 2
+    commands: dict[str, Callable[[], object]] = {
+        "redis": lambda: run_redis(settings),
+        "demo": lambda: run_demo(settings, args.dir),
+        "replay": lambda: anyio.run(replay, settings, args.job, args.state),
+    }
+    command = commands.get(args.command) or (lambda: run_service(settings, args.command))
+    try:
+        command()
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Settings from the environment (and ``env/.env.<ENVIRONMENT>`` when it exists).
+
+An invalid setting stops the process at start with a message naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from events.keys import Keys
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, frozen=True)
+
+    environment: str = Field("development", pattern=r"^[A-Za-z0-9_.-]+$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["console", "json"] = "console"
+
+    # Redis: REDIS_URL wins; else REDIS_HOST/REDIS_PORT; else the embedded server on EMBEDDED_REDIS_PORT.
+    redis_url: str | None = None
+    redis_host: str | None = None
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_db: int = Field(0, ge=0)
+    redis_password: str | None = None
+    embedded_redis_port: int = Field(6399, ge=1, le=65535)
+    namespace: str = Field("st", pattern=r"^[A-Za-z0-9_.:-]+$")
+
+    api_prefix: str = "/api/v1"
+    app_host: str = "127.0.0.1"
+    app_port: int = Field(8000, ge=1, le=65535)
+
+    data_dir: Path = Path("data")
+    node_name: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9_.-]+$")
+    instance: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+    )
+
+    simulated_gpus: int = Field(2, ge=0, le=64)
+    simulated_gpu_memory_mb: int = Field(24_576, ge=1)
+    heartbeat_interval_s: float = Field(2.0, gt=0, le=60)
+    foreign_memory_threshold_mb: int = Field(1024, ge=0)
+
+    swift_bin: str = "swift"
+    job_omp_num_threads: int = Field(1, ge=1)
+    job_log_maxlen: int = Field(10_000, ge=100)
+    telemetry_maxlen: int = Field(10_000, ge=100)
+    stop_grace_s: float = Field(30.0, gt=0)
+
+    leader_lease_ms: int = Field(5000, ge=500)
+    claim_idle_ms: int = Field(60_000, ge=100)
+    max_deliveries: int = Field(5, ge=1)
+    submit_wait_s: float = Field(2.0, ge=0, le=30)
+
+    @field_validator("api_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = "/" + value.strip("/")
+        return "" if value == "/" else value
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Redis is configured: the `redis` process runs one in the data dir."""
+        return not self.redis_url and not self.redis_host
+
+    @cached_property
+    def resolved_redis_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        auth = f":{self.redis_password}@" if self.redis_password else ""
+        if self.redis_host:
+            return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+        return f"redis://127.0.0.1:{self.embedded_redis_port}/{self.redis_db}"
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.namespace)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the process environment, over ``env/.env.<ENVIRONMENT>`` when present."""
+    environment = os.environ.get("ENVIRONMENT", "development")
+    env_file = Path("env") / f".env.{environment}"
+    try:
+        return Settings(_env_file=env_file if env_file.is_file() else None, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"invalid settings: {problems}") from exc

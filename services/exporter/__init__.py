@@ -1,0 +1,1 @@
+"""The exporter: merges LoRA adapters into their base model with `swift export`."""

@@ -1,0 +1,422 @@
+"""The gateway's HTTP surface: REST under ``{API_PREFIX}/training`` and live SSE streams.
+
+Handlers parse, call one function, render. Reads come from the projection; writes append a command
+and, for a submit, wait briefly for the scheduler's decision.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydantic import TypeAdapter, ValidationError
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from events import messages as m
+from events.bus import Bus, entry_id_key
+from events.params import JobSpec, TaskType
+from events.state import TERMINAL, Job, JobStatus, State
+from services.config import Settings
+from services.gateway.errors import ApiError, api_error, http_error, server_error, validation_details
+from services.gateway.projection import Projection
+
+MAX_BODY_BYTES = 1024 * 1024
+SSE_PING_S = 15
+SSE_RETRY_MS = 2000
+ANONYMOUS = "anonymous"
+
+_SPEC = TypeAdapter(JobSpec)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*(#\d+)?$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def job_view(job: Job, state: State) -> dict[str, Any]:
+    view = job.model_dump(mode="json")
+    view["task_type"] = job.spec.task_type
+    view["queue_position"] = state.queue_position(job.job_id)
+    return view
+
+
+def _job(request: Request) -> Job:
+    state = _projection(request).state
+    job = state.jobs.get(request.path_params["job_id"])
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {request.path_params['job_id']!r}")
+    return job
+
+
+def _projection(request: Request) -> Projection:
+    return request.app.state.projection  # type: ignore[no-any-return]
+
+
+def _bus(request: Request) -> Bus:
+    return request.app.state.bus  # type: ignore[no-any-return]
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(
+            400, "bad_parameter", f"{name} must be an integer", [{"field": name, "message": "not an integer"}]
+        ) from None
+    if not low <= value <= high:
+        raise ApiError(
+            400,
+            "bad_parameter",
+            f"{name} must be between {low} and {high}",
+            [{"field": name, "message": "out of range"}],
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of a submit
+
+
+async def read_json(request: Request) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(
+            400, "invalid_json", f"request body is not JSON: {exc}", [{"field": "body", "message": str(exc)}]
+        ) from exc
+
+
+def _local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or path in (".", "..")
+
+
+def check_paths(spec: Any) -> list[dict[str, str]]:
+    """Local paths must exist; anything else must look like a hub id (``org/name[#N]``)."""
+    problems = []
+    for name in ("model_path", "data_path"):
+        value = getattr(spec, name, None)
+        if value is None:
+            continue
+        if _local(value):
+            if not Path(value).expanduser().exists():
+                problems.append({"field": name, "message": f"no such file or directory: {value}"})
+        elif not _HUB_ID.match(value) or ".." in value:
+            problems.append({"field": name, "message": "neither an existing local path nor a hub id such as org/name"})
+    return problems
+
+
+def parse_spec(body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise ApiError(
+            422,
+            "validation_error",
+            "request body must be a JSON object",
+            [{"field": "body", "message": "not an object"}],
+        )
+    try:
+        spec = _SPEC.validate_python(body)
+    except ValidationError as exc:
+        details = validation_details(exc, drop_tags={t.value for t in TaskType})
+        fields = ", ".join(sorted({d["field"] for d in details}))
+        raise ApiError(422, "validation_error", f"invalid job: {fields}", details) from exc
+    problems = check_paths(spec)
+    if problems:
+        raise ApiError(422, "validation_error", f"invalid job: {', '.join(p['field'] for p in problems)}", problems)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes
+
+
+async def create_job(request: Request) -> JSONResponse:
+    spec = parse_spec(await read_json(request))
+    settings: Settings = request.app.state.settings
+    command = m.SubmitJob(job_id=m.new_id(), spec=spec, actor=ANONYMOUS)
+    [position] = await _bus(request).append(_bus(request).keys.commands, command)
+    projection = _projection(request)
+    job_id = command.job_id or ""
+
+    def decided() -> bool:
+        job = projection.state.jobs.get(job_id)
+        return job is not None and job.status != JobStatus.pending
+
+    await projection.wait_until(decided, settings.submit_wait_s)
+    job = projection.state.jobs.get(job_id)
+    status = job.status if job else JobStatus.pending
+    body: dict[str, Any] = {
+        "job_id": job_id,
+        "status": status,
+        "queue_position": projection.state.queue_position(job_id),
+        "command_position": position,
+        "message": _submit_message(job),
+    }
+    return JSONResponse(body, status_code=202, headers={"Location": f"{request.url.path.rstrip('/')}/{job_id}"})
+
+
+def _submit_message(job: Job | None) -> str:
+    if job is None:
+        return "accepted; the scheduler has not decided yet"
+    if job.status == JobStatus.failed:
+        return f"rejected: {job.message}"
+    if job.status == JobStatus.queued:
+        return "queued: waiting for free GPUs"
+    return f"{job.status} on {job.node} GPUs {job.gpu_ids}"
+
+
+async def list_jobs(request: Request) -> JSONResponse:
+    state = _projection(request).state
+    status = request.query_params.get("status")
+    if status is not None and status not in JobStatus.__members__:
+        raise ApiError(
+            400, "bad_parameter", f"unknown status {status!r}", [{"field": "status", "message": "unknown status"}]
+        )
+    page = _int_param(request, "page", 1, 1, 1_000_000)
+    size = _int_param(request, "size", 50, 1, 500)
+    jobs = [job for job in state.jobs.values() if status is None or job.status == status]
+    jobs.sort(key=lambda job: job.seq, reverse=True)
+    chunk = jobs[(page - 1) * size : page * size]
+    return JSONResponse(
+        {"jobs": [job_view(job, state) for job in chunk], "total": len(jobs), "page": page, "size": size}
+    )
+
+
+async def get_job(request: Request) -> JSONResponse:
+    return JSONResponse(job_view(_job(request), _projection(request).state))
+
+
+async def job_progress(request: Request) -> JSONResponse:
+    job = _job(request)
+    progress = job.progress.model_dump(mode="json") if job.progress else None
+    return JSONResponse({"job_id": job.job_id, "status": job.status, "progress": progress})
+
+
+async def job_events(request: Request) -> JSONResponse:
+    job = _job(request)
+    bus = _bus(request)
+    found = []
+    async for entry in bus.entries(bus.keys.events, after=_before(job.first_entry_id)):
+        if entry.fields.get("job_id") == job.job_id:
+            found.append({"entry_id": entry.entry_id, **json.loads(entry.fields["data"])})
+    return JSONResponse({"job_id": job.job_id, "events": found})
+
+
+async def job_logs(request: Request) -> JSONResponse:
+    job = _job(request)
+    tail = _int_param(request, "tail", 200, 1, 10_000)
+    bus = _bus(request)
+    entries = await bus.redis.xrevrange(bus.keys.logs(job.job_id), count=tail)
+    lines = [{"entry_id": str(i), "fd": f.get("fd"), "line": f.get("line")} for i, f in reversed(entries)]
+    return JSONResponse({"job_id": job.job_id, "lines": lines})
+
+
+async def cancel_job(request: Request) -> JSONResponse:
+    job = _job(request)
+    if job.status in TERMINAL:
+        raise ApiError(
+            409,
+            "illegal_state",
+            f"job {job.job_id} is already {job.status}",
+            [{"field": "status", "message": job.status}],
+        )
+    command = m.CancelJob(job_id=job.job_id, actor=ANONYMOUS)
+    [position] = await _bus(request).append(_bus(request).keys.commands, command)
+    return JSONResponse(
+        {"job_id": job.job_id, "status": job.status, "command_position": position, "message": "cancel requested"},
+        status_code=202,
+    )
+
+
+async def export_job(request: Request) -> JSONResponse:
+    job = _job(request)
+    if job.status != JobStatus.completed or not job.is_lora or not job.last_checkpoint:
+        raise ApiError(
+            409,
+            "illegal_state",
+            "only a completed LoRA job with a checkpoint can be exported",
+            [{"field": "status", "message": job.status}],
+        )
+    command = m.RequestExport(job_id=job.job_id, actor=ANONYMOUS)
+    [position] = await _bus(request).append(_bus(request).keys.commands, command)
+    return JSONResponse(
+        {"job_id": job.job_id, "command_position": position, "message": "export requested"}, status_code=202
+    )
+
+
+async def queue(request: Request) -> JSONResponse:
+    state = _projection(request).state
+    return JSONResponse(
+        {
+            "queue": [
+                {
+                    "position": i,
+                    "job_id": job.job_id,
+                    "priority": job.priority,
+                    "gpu_count": job.spec.gpu_count,
+                    "submitted_at": job.submitted_at.isoformat(),
+                }
+                for i, job in enumerate(state.queue(), start=1)
+            ]
+        }
+    )
+
+
+async def process_queue(request: Request) -> JSONResponse:
+    [position] = await _bus(request).append(_bus(request).keys.commands, m.ProcessQueue(actor=ANONYMOUS))
+    return JSONResponse({"command_position": position, "message": "scheduling pass requested"}, status_code=202)
+
+
+async def gpus(request: Request) -> JSONResponse:
+    projection = _projection(request)
+    state = projection.state
+    nodes = []
+    for name, node in sorted(state.nodes.items()):
+        beat = projection.heartbeats.get(name)
+        samples = {g.index: g for g in beat.gpus} if beat else {}
+        nodes.append(
+            {
+                "node": name,
+                "up": node.up,
+                "simulated": node.simulated,
+                "last_heartbeat_at": beat.at.isoformat() if beat else None,
+                "gpus": [
+                    {
+                        **(
+                            samples[g.index].model_dump(mode="json")
+                            if g.index in samples
+                            else g.model_dump(mode="json")
+                        ),
+                        "held_by": state.allocations.get(f"{name}/{g.index}"),
+                    }
+                    for g in node.gpus
+                ],
+            }
+        )
+    return JSONResponse({"nodes": nodes})
+
+
+REQUIRED_SERVICES = ("gateway", "scheduler", "gpu-monitor", "runner", "exporter")
+
+
+async def health(request: Request) -> JSONResponse:
+    projection = _projection(request)
+    try:
+        with anyio.fail_after(2):
+            await _bus(request).redis.ping()
+        redis_ok = True
+    except (RedisError, TimeoutError, OSError):
+        redis_ok = False
+    alive = projection.live_services()
+    missing = [s for s in REQUIRED_SERVICES if s not in alive and s != "gateway"]
+    ok = redis_ok and not missing and projection.ready.is_set()
+    body = {
+        "status": "ok" if ok else "degraded",
+        "redis": redis_ok,
+        "services": alive,
+        "missing": missing,
+        "log_position": projection.state.position,
+    }
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _before(entry_id: str) -> str:
+    """The id just before an entry, so that a range after it includes the entry."""
+    ms, seq = entry_id_key(entry_id)
+    return f"{ms}-{seq - 1}" if seq else (f"{ms - 1}-{2**64 - 1}" if ms else "0-0")
+
+
+async def job_stream(request: Request) -> EventSourceResponse:
+    job = _job(request)
+    last_event_id = request.headers.get("last-event-id") or request.query_params.get("since")
+    if last_event_id is not None:
+        try:
+            entry_id_key(last_event_id)
+        except ValueError:
+            raise ApiError(
+                400,
+                "bad_parameter",
+                "Last-Event-ID is not a stream entry id",
+                [{"field": "Last-Event-ID", "message": "expected <ms>-<seq>"}],
+            ) from None
+    after = last_event_id or _before(job.first_entry_id)
+    return EventSourceResponse(
+        _job_events(request, job.job_id, after),
+        ping=SSE_PING_S,
+        send_timeout=30,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _job_events(request: Request, job_id: str, after: str) -> AsyncIterator[ServerSentEvent]:
+    """History after ``after`` from Redis, then live events from the shared reader, without a gap
+    or a repeat: subscribe first, read history, then skip live events the history covered."""
+    projection = _projection(request)
+    bus = _bus(request)
+    subscription = projection.subscribe()
+    try:
+        yield ServerSentEvent(retry=SSE_RETRY_MS, comment="stream open")
+        last = after
+        async for entry in bus.entries(bus.keys.events, after=after):
+            last = entry.entry_id
+            if entry.fields.get("job_id") == job_id:
+                yield ServerSentEvent(data=entry.fields["data"], event=entry.fields.get("type"), id=entry.entry_id)
+        async for event in subscription.receive:
+            if event.job_id != job_id or entry_id_key(event.entry_id) <= entry_id_key(last):
+                continue
+            yield ServerSentEvent(data=event.data, event=event.type, id=event.entry_id)
+        if subscription.overflowed:
+            yield ServerSentEvent(event="overflow", data='{"reason":"client too slow"}')
+    finally:
+        projection.unsubscribe(subscription)
+
+
+def routes(prefix: str) -> list[Route | Mount]:
+    training = [
+        Route("/jobs", create_job, methods=["POST"]),
+        Route("/jobs", list_jobs, methods=["GET"]),
+        Route("/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/jobs/{job_id}/progress", job_progress, methods=["GET"]),
+        Route("/jobs/{job_id}/events", job_events, methods=["GET"]),
+        Route("/jobs/{job_id}/logs", job_logs, methods=["GET"]),
+        Route("/jobs/{job_id}/stream", job_stream, methods=["GET"]),
+        Route("/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+        Route("/jobs/{job_id}/stop", cancel_job, methods=["POST"]),
+        Route("/jobs/{job_id}/export", export_job, methods=["POST"]),
+        Route("/queue", queue, methods=["GET"]),
+        Route("/queue/process", process_queue, methods=["POST"]),
+        Route("/gpus", gpus, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    return [Mount(f"{prefix}/training", routes=training)]
+
+
+def create_app(settings: Settings, bus: Bus, projection: Projection) -> Starlette:
+    app = Starlette(
+        routes=routes(settings.api_prefix),
+        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
+    )
+    app.state.settings = settings
+    app.state.bus = bus
+    app.state.projection = projection
+    return app

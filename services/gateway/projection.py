@@ -1,0 +1,151 @@
+"""The gateway's read model: one reader tails the log and telemetry, folds the log into state
+with the shared fold, and fans every event out to the live streams of all clients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import redis.asyncio as aioredis
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from events import messages as m
+from events.bus import Bus, entry_id_key
+from events.codec import DecodeError, decode
+from events.state import IllegalTransition, State
+
+log = structlog.get_logger("gateway.projection")
+
+SUBSCRIBER_BUFFER = 1000  # events a slow client may fall behind before it is disconnected
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    entry_id: str
+    job_id: str
+    type: str
+    data: str  # the entry's JSON envelope, as stored
+
+
+@dataclass
+class Subscription:
+    send: MemoryObjectSendStream[LiveEvent]
+    receive: MemoryObjectReceiveStream[LiveEvent]
+    overflowed: bool = False
+
+
+@dataclass
+class Projection:
+    bus: Bus
+    reader: aioredis.Redis
+    state: State = field(default_factory=State)
+    telemetry_position: str = "$"
+    heartbeats: dict[str, m.NodeHeartbeat] = field(default_factory=dict)
+    services: dict[tuple[str, str], m.ServiceHeartbeat] = field(default_factory=dict)
+    subscribers: set[Subscription] = field(default_factory=set)
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    _advanced: anyio.Event = field(default_factory=anyio.Event)
+
+    def subscribe(self) -> Subscription:
+        send, receive = anyio.create_memory_object_stream[LiveEvent](SUBSCRIBER_BUFFER)
+        subscription = Subscription(send, receive)
+        self.subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self.subscribers.discard(subscription)
+        subscription.send.close()
+        subscription.receive.close()
+
+    async def wait_until(self, predicate: object, timeout_s: float) -> bool:
+        """Wait until ``predicate()`` holds for the state, or the timeout passes."""
+        with anyio.move_on_after(timeout_s):
+            while not predicate():  # type: ignore[operator]
+                await self._advanced.wait()
+            return True
+        return bool(predicate())  # type: ignore[operator]
+
+    async def run(self) -> None:
+        await self._recent_telemetry()
+        async for entry_id, event in self.bus.messages(self.bus.keys.events):
+            self._fold(entry_id, event)
+        self.ready.set()
+        self._signal()
+        while True:
+            reply = await self.reader.xread(
+                {self.bus.keys.events: self.state.position, self.bus.keys.telemetry: self.telemetry_position},
+                count=500,
+                block=5000,
+            )
+            for stream, items in reply or []:
+                for entry_id, fields in items:
+                    self._take(str(stream), str(entry_id), fields)
+            if reply:
+                self._signal()
+
+    async def _recent_telemetry(self) -> None:
+        """The latest heartbeats, so that GPUs and services show at once after a restart."""
+        recent = await self.bus.redis.xrevrange(self.bus.keys.telemetry, count=2000)
+        self.telemetry_position = str(recent[0][0]) if recent else "0-0"
+        for entry_id, fields in reversed(recent):
+            self._take(self.bus.keys.telemetry, str(entry_id), fields)
+
+    def _take(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
+        if stream == self.bus.keys.telemetry:
+            self.telemetry_position = entry_id
+        try:
+            message = decode(fields)
+        except DecodeError as exc:
+            log.warning("undecodable entry", stream=stream, entry_id=entry_id, reason=str(exc))
+            if stream == self.bus.keys.events:
+                self.state.position = entry_id
+            return
+        if isinstance(message, m.NodeHeartbeat):
+            self.heartbeats[message.node] = message
+        elif isinstance(message, m.ServiceHeartbeat):
+            self.services[(message.service, message.instance)] = message
+        elif stream == self.bus.keys.events:
+            self._fold(entry_id, message)
+            self._publish(LiveEvent(entry_id, fields.get("job_id", ""), message.type, fields["data"]))
+
+    def _fold(self, entry_id: str, event: m.Message) -> None:
+        try:
+            self.state.apply(entry_id, event)
+        except IllegalTransition as exc:
+            log.error("event does not apply; skipped", entry_id=entry_id, error=str(exc))
+            self.state.position = entry_id
+
+    def _publish(self, event: LiveEvent) -> None:
+        for subscription in list(self.subscribers):
+            try:
+                subscription.send.send_nowait(event)
+            except anyio.WouldBlock:
+                # A client that cannot keep up is cut off rather than slowing everyone else.
+                subscription.overflowed = True
+                self.unsubscribe(subscription)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.subscribers.discard(subscription)
+
+    def _signal(self) -> None:
+        self._advanced.set()
+        self._advanced = anyio.Event()
+
+    def live_services(self, now: datetime | None = None) -> dict[str, list[str]]:
+        """Instances per service type whose last heartbeat is recent."""
+        now = now or datetime.now(UTC)
+        alive: dict[str, list[str]] = {}
+        for (service, instance), beat in self.services.items():
+            if now - beat.at <= timedelta(seconds=max(3 * beat.interval_s, 5)):
+                alive.setdefault(service, []).append(instance)
+        return alive
+
+    def passed(self, position: str) -> bool:
+        return entry_id_key(self.state.position) >= entry_id_key(position)
+
+
+def page_count(total: int, size: int) -> int:
+    return max(1, math.ceil(total / size))

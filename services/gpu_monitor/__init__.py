@@ -1,0 +1,1 @@
+"""The gpu-monitor: one per node, publishes the node's GPUs in heartbeats."""

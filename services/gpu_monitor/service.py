@@ -1,0 +1,29 @@
+"""The gpu-monitor process: a node heartbeat with every GPU's memory and use, at a fixed interval."""
+
+from __future__ import annotations
+
+import anyio
+import redis.asyncio as aioredis
+import structlog
+
+from events.bus import Bus
+from events.messages import NodeHeartbeat
+from services.config import Settings
+from services.gpu_monitor.nvml import open_source
+
+log = structlog.get_logger("gpu-monitor")
+
+
+async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
+    source = await anyio.to_thread.run_sync(
+        open_source, settings.node_name, settings.simulated_gpus, settings.simulated_gpu_memory_mb
+    )
+    log.info("monitoring", node=settings.node_name, simulated=source.simulated)
+    try:
+        while True:
+            gpus = await anyio.to_thread.run_sync(source.sample)
+            beat = NodeHeartbeat(node=settings.node_name, simulated=source.simulated, gpus=gpus)
+            await bus.append(bus.keys.telemetry, beat, maxlen=settings.telemetry_maxlen)
+            await anyio.sleep(settings.heartbeat_interval_s)
+    finally:
+        source.close()

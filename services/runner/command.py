@@ -1,0 +1,140 @@
+"""The exact argument list and environment of a job's `swift` process, built from its spec.
+
+Always an argument list, never a shell string: a value can never become another flag.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from events.params import DeployJob, JobSpec, MultiModalJob, TrainParams
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    env: dict[str, str]  # set on top of the runner's own environment
+    run_dir: Path  # the runner's files for this attempt: stdout.log, stderr.log
+    output_dir: Path  # where swift writes (a vN-* run directory inside it, for training)
+    port: int | None = None
+
+
+def _flag(name: str, value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    return [f"--{name}", str(value)]
+
+
+def train_args(params: TrainParams) -> list[str]:
+    """ms-swift 4 flags for the shared training parameters."""
+    args = [
+        *_flag("tuner_type", params.train_type.value),  # `--train_type` no longer exists in 4.x
+        *_flag("num_train_epochs", params.num_epochs),
+        *_flag("per_device_train_batch_size", params.batch_size),
+        *_flag("per_device_eval_batch_size", params.batch_size),
+        *_flag("learning_rate", params.learning_rate),
+        *_flag("gradient_accumulation_steps", params.gradient_accumulation_steps),
+        *_flag("logging_steps", params.logging_steps),
+        *_flag("eval_steps", params.eval_steps),
+        *_flag("save_steps", params.save_steps),
+        *_flag("save_total_limit", params.save_total_limit),
+        *_flag("max_length", params.max_length),
+        *_flag("warmup_ratio", params.warmup_ratio),
+        *_flag("dataloader_num_workers", params.dataloader_num_workers),
+        *_flag("dataset_num_proc", params.dataset_num_proc),
+        *_flag("save_only_model", params.save_only_model),
+        *_flag("torch_dtype", params.torch_dtype),
+        *_flag("max_steps", params.max_steps),
+        *_flag("model_type", params.model_type),
+        *_flag("template", params.template),
+        *_flag("deepspeed", params.deepspeed),
+        *_flag("attn_impl", params.attn_impl),
+    ]
+    if params.train_type.value == "lora":
+        args += [*_flag("lora_rank", params.lora_rank), *_flag("lora_alpha", params.lora_alpha)]
+    return args
+
+
+def build_launch(
+    spec: JobSpec,
+    *,
+    swift: str,
+    job_id: str,
+    attempt: int,
+    gpu_ids: list[int],
+    runs_dir: Path,
+    omp_num_threads: int,
+    port: int | None = None,
+) -> Launch:
+    job_dir = runs_dir.resolve() / job_id
+    run_dir = job_dir / f"attempt-{attempt}"
+    env = {
+        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids),
+        "OMP_NUM_THREADS": str(omp_num_threads),
+        "PYTHONUNBUFFERED": "1",
+        "SWIFT_TRAINER_JOB": f"{job_id}:{attempt}",  # tags every process of the job
+    }
+    if isinstance(spec, DeployJob):
+        params = spec.deploy_params
+        output_dir = Path(spec.output_dir).resolve() if spec.output_dir else job_dir / "deploy"
+        argv = [
+            swift,
+            "deploy",
+            "--model",
+            spec.model_path,
+            *_flag("infer_backend", params.infer_backend),
+            "--host",
+            "127.0.0.1",
+            *_flag("port", port),
+            *_flag("served_model_name", params.served_model_name),
+            *_flag("model_type", params.model_type),
+            *_flag("template", params.template),
+            *_flag("check_model", False),
+        ]
+        if params.infer_backend == "vllm":
+            argv += [
+                *_flag("vllm_max_model_len", params.max_model_len),
+                *_flag("vllm_gpu_memory_utilization", params.gpu_memory_utilization),
+                *_flag("vllm_tensor_parallel_size", params.tensor_parallel_size),
+            ]
+        else:
+            argv += _flag("max_model_len", params.max_model_len)
+        return Launch(argv, env, run_dir, output_dir, port)
+
+    params = spec.train_params
+    output_dir = Path(spec.output_dir).resolve() if spec.output_dir else job_dir / "output"
+    if len(gpu_ids) > 1:
+        env["NPROC_PER_NODE"] = str(len(gpu_ids))  # swift launches through torchrun
+    argv = [
+        swift,
+        "sft",
+        "--model",
+        spec.model_path,
+        "--dataset",
+        spec.data_path,
+        "--output_dir",
+        str(output_dir),
+        *train_args(params),
+        *_flag("check_model", False),  # no hub round trips for a local model
+        *_flag("enable_jit_checkpoint", True),  # SIGTERM saves a checkpoint before exiting
+        *_flag("report_to", "none"),
+    ]
+    if isinstance(spec, MultiModalJob):
+        mm = spec.train_params
+        argv += [
+            *_flag("vit_lr", mm.vit_lr),
+            *_flag("aligner_lr", mm.aligner_lr),
+            *_flag("freeze_vit", mm.freeze_vit),
+            *_flag("freeze_aligner", mm.freeze_aligner),
+            *_flag("freeze_llm", mm.freeze_llm),
+            *_flag("max_pixels", mm.max_pixels),
+        ]
+    return Launch(argv, env, run_dir, output_dir)
+
+
+def merged_env(launch: Launch) -> dict[str, str]:
+    return {**os.environ, **launch.env}

@@ -1,0 +1,132 @@
+"""The runner process: consumes its node's command stream (start, stop) and supervises jobs.
+
+On start it adopts the jobs whose processes outlived a previous runner (from their run records)
+and reports the ones that ended while no runner watched them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import redis.asyncio as aioredis
+import structlog
+from anyio.abc import TaskGroup
+
+from events import messages as m
+from events.bus import Append, Bus, connect
+from events.consumer import Delivery, GroupConsumer, Outcome
+from events.keys import RUNNER_GROUP
+from services.config import Settings
+from services.runner.command import build_launch
+from services.runner.supervisor import JobRun, RunRecord, spawn, started_event
+from services.swift import swift_executable
+
+log = structlog.get_logger("runner")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Runner:
+    def __init__(self, settings: Settings, bus: Bus, tg: TaskGroup) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.tg = tg
+        self.runs: dict[str, JobRun] = {}
+
+    def _track(self, record: RunRecord) -> JobRun:
+        run = JobRun(self.bus, record, log_maxlen=self.settings.job_log_maxlen, stop_grace_s=self.settings.stop_grace_s)
+        self.runs[record.job_id] = run
+
+        async def supervise() -> None:
+            try:
+                await run.supervise()
+            finally:
+                self.runs.pop(record.job_id, None)
+
+        self.tg.start_soon(supervise)
+        return run
+
+    async def adopt(self) -> None:
+        """Take over the jobs a previous runner on this node started."""
+        async for key in self.bus.redis.scan_iter(match=self.bus.keys.run("*"), count=500):
+            fields = await self.bus.redis.hgetall(key)
+            if not fields:
+                continue
+            record = RunRecord.from_redis(fields)
+            if record.node != self.settings.node_name or record.job_id in self.runs:
+                continue
+            log.info("adopting job", job_id=record.job_id, pid=record.pid)
+            self._track(record).committed.set()
+
+    async def handle(self, delivery: Delivery) -> Sequence[Append] | Outcome | None:
+        message = delivery.message
+        if isinstance(message, m.StartJob):
+            return await self.start(message)
+        if isinstance(message, m.StopJob):
+            run = self.runs.get(message.job_id or "")
+            if run is not None and run.record.attempt == message.attempt:
+                await run.request_stop(message.reason)
+            return None
+        log.warning("unexpected command for the runner", type=message.type)
+        return None
+
+    async def start(self, command: m.StartJob) -> Outcome:
+        job_id = command.job_id or ""
+        run = self.runs.get(job_id)
+        if run is None or run.record.attempt != command.attempt:
+            launch = build_launch(
+                command.spec,
+                swift=swift_executable(self.settings.swift_bin),
+                job_id=job_id,
+                attempt=command.attempt,
+                gpu_ids=command.gpu_ids,
+                runs_dir=self.settings.runs_dir,
+                omp_num_threads=self.settings.job_omp_num_threads,
+                port=free_port() if command.spec.task_type == "deploy" else None,
+            )
+            record = await anyio.to_thread.run_sync(spawn, launch, job_id, command.attempt, command.node)
+            await self.bus.redis.hset(self.bus.keys.run(job_id), mapping=record.to_redis())
+            log.info("started job", job_id=job_id, pid=record.pid, argv=launch.argv)
+            run = self._track(record)
+        argv = (await anyio.to_thread.run_sync(_argv_of, run.record)) or []
+        started = started_event(run.record, argv, ",".join(str(i) for i in command.gpu_ids))
+        return Outcome([Append(self.bus.keys.events, started)], committed=run.committed)
+
+
+def _argv_of(record: RunRecord) -> list[str]:
+    path = Path(record.run_dir) / "command.json"
+    return list(json.loads(path.read_text())["argv"]) if path.exists() else []
+
+
+async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
+    reader = connect(settings.resolved_redis_url, block_ms=5000)
+    settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    log.info("running jobs", node=settings.node_name, runs_dir=str(settings.runs_dir.resolve()), pid=os.getpid())
+    try:
+        async with anyio.create_task_group() as tg:
+            runner = Runner(settings, bus, tg)
+            await runner.adopt()
+            consumer = GroupConsumer(
+                bus,
+                reader,
+                [bus.keys.node(settings.node_name)],
+                RUNNER_GROUP,
+                settings.node_name,  # one runner per node: a restart re-reads its own pending
+                runner.handle,
+                block_ms=5000,
+                claim_idle_ms=settings.claim_idle_ms,
+                max_deliveries=settings.max_deliveries,
+            )
+            await consumer.run()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await reader.aclose()

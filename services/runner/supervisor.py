@@ -1,0 +1,333 @@
+"""Supervising one attempt of one job: spawn `swift` in its own session, stream its output and
+progress into Redis, stop it on request, and report how it ended.
+
+The process writes to files in the run directory, not to pipes, so it survives a runner restart;
+the run record in Redis (pid, process group, run dir) lets a new runner adopt it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+import watchfiles
+
+from events import messages as m
+from events.bus import Append, Bus
+from services.runner.command import Launch, merged_env
+from services.runner.progress import JsonlTail, LineTail, classify_failure, progress_fields
+
+log = structlog.get_logger("runner")
+
+STDERR_TAIL_LINES = 30
+GROUP_EXIT_TIMEOUT_S = 15.0  # after the wrapper exits, how long the rest of its group may linger
+_GROUP_CHECK_S = 0.1
+_SERVING = ("Uvicorn running on", "Application startup complete")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    job_id: str
+    attempt: int
+    node: str
+    pid: int
+    pgid: int
+    run_dir: str
+    output_dir: str
+    started_at: float
+    deploy: bool
+    endpoint: str = ""
+
+    def to_redis(self) -> dict[str, str]:
+        return {"record": json.dumps(asdict(self))}
+
+    @classmethod
+    def from_redis(cls, fields: dict[str, str]) -> RunRecord:
+        return cls(**json.loads(fields["record"]))
+
+
+def started_event(record: RunRecord, argv: list[str], gpus: str) -> m.JobStarted:
+    # A fixed id: a redelivered start re-reports the same fact, which the commit's dedupe drops.
+    return m.JobStarted(
+        id=f"{record.job_id}-{record.attempt}-started",
+        job_id=record.job_id,
+        attempt=record.attempt,
+        node=record.node,
+        pid=record.pid,
+        pgid=record.pgid,
+        run_dir=record.run_dir,
+        argv=argv,
+        cuda_visible_devices=gpus,
+    )
+
+
+def spawn(launch: Launch, job_id: str, attempt: int, node: str) -> RunRecord:
+    """Start the process in a new session (its own process group) writing to the run dir."""
+    launch.run_dir.mkdir(parents=True, exist_ok=True)
+    launch.output_dir.mkdir(parents=True, exist_ok=True)
+    (launch.run_dir / "command.json").write_text(json.dumps({"argv": launch.argv, "env": launch.env}, indent=2))
+    with (launch.run_dir / "stdout.log").open("ab") as out, (launch.run_dir / "stderr.log").open("ab") as err:
+        process = subprocess.Popen(
+            launch.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=merged_env(launch),
+            cwd=launch.run_dir,
+            start_new_session=True,
+        )
+    endpoint = f"http://127.0.0.1:{launch.port}/v1" if launch.port else ""
+    return RunRecord(
+        job_id=job_id,
+        attempt=attempt,
+        node=node,
+        pid=process.pid,
+        pgid=process.pid,
+        run_dir=str(launch.run_dir),
+        output_dir=str(launch.output_dir),
+        started_at=time.time(),
+        deploy=launch.port is not None,
+        endpoint=endpoint,
+    )
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
+async def wait_exit(pid: int) -> int | None:
+    """Wait for a process to exit without polling; its exit code if it is our child."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return _reap(pid)
+    try:
+        await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+    return _reap(pid)
+
+
+def _reap(pid: int) -> int | None:
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return None  # adopted after a runner restart: not our child, its status is lost
+    return os.waitstatus_to_exitcode(status)
+
+
+def find_version_dir(output_dir: Path, since: float) -> Path | None:
+    """The `vN-YYYYMMDD-HHMMSS` directory ms-swift created for this run."""
+    candidates = [p for p in output_dir.glob("v*-*") if p.is_dir() and p.stat().st_mtime >= since - 1]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: int(p.name[1:].split("-")[0]) if p.name[1:].split("-")[0].isdigit() else -1)
+
+
+class JobRun:
+    """One attempt of one job, from spawn (or adoption) to its final fact."""
+
+    def __init__(self, bus: Bus, record: RunRecord, *, log_maxlen: int, stop_grace_s: float) -> None:
+        self.bus = bus
+        self.record = record
+        self.log_maxlen = log_maxlen
+        self.stop_grace_s = stop_grace_s
+        self.committed = anyio.Event()  # set once job.started has landed in the log
+        self.stop_reason: str | None = None
+        self.stop_requested = anyio.Event()
+        self.stdout = LineTail(Path(record.run_dir) / "stdout.log")
+        self.stderr = LineTail(Path(record.run_dir) / "stderr.log")
+        self.stderr_tail: list[str] = []
+        self.version_dir: Path | None = None
+        self.rows: JsonlTail | None = None
+        self.checkpoints: set[str] = set()
+        self.last_progress: dict[str, Any] | None = None
+        self.serving = False
+
+    def common(self) -> dict[str, Any]:
+        return {"job_id": self.record.job_id}
+
+    async def request_stop(self, reason: str) -> None:
+        """SIGTERM the whole group (a checkpoint is saved), SIGKILL after the grace period."""
+        if self.stop_reason is not None:
+            return
+        self.stop_reason = reason
+        self.stop_requested.set()
+        log.info("stopping job", job_id=self.record.job_id, reason=reason)
+        signal_group(self.record.pgid, signal.SIGTERM)
+
+    async def _escalate(self, exited: anyio.Event) -> None:
+        await self.stop_requested.wait()
+        with anyio.move_on_after(self.stop_grace_s):
+            await exited.wait()
+        if not exited.is_set():
+            log.warning("grace period over; killing", job_id=self.record.job_id)
+            signal_group(self.record.pgid, signal.SIGKILL)
+
+    async def supervise(self) -> None:
+        await self.committed.wait()
+        exited = anyio.Event()
+        exit_code: int | None = None
+
+        async def waiter() -> None:
+            nonlocal exit_code
+            exit_code = await wait_exit(self.record.pid)
+            exited.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            tg.start_soon(self._escalate, exited)
+            await self.pump()
+            async for _ in watchfiles.awatch(
+                self.record.run_dir,
+                self.record.output_dir,
+                stop_event=exited,
+                debounce=300,
+                step=50,
+                rust_timeout=1000,
+                yield_on_timeout=False,
+            ):
+                await self.pump()
+            tg.cancel_scope.cancel()
+        await self.finish(exit_code)
+
+    async def pump(self, *, final: bool = False) -> None:
+        """Move new output lines, progress rows and checkpoints into Redis."""
+        lines = [("stdout", line) for line in self.stdout.read_new(final=final)]
+        err = self.stderr.read_new(final=final)
+        lines += [("stderr", line) for line in err]
+        self.stderr_tail = (self.stderr_tail + err)[-STDERR_TAIL_LINES:]
+        if lines:
+            async with self.bus.redis.pipeline(transaction=False) as pipe:
+                key = self.bus.keys.logs(self.record.job_id)
+                for fd, line in lines:
+                    pipe.xadd(key, {"fd": fd, "line": line[:8192]}, maxlen=self.log_maxlen, approximate=True)
+                await pipe.execute()
+        facts: list[m.Message] = []
+        if self.record.deploy and not self.serving and any(s in line for _, line in lines for s in _SERVING):
+            self.serving = True
+            facts.append(m.JobServing(attempt=self.record.attempt, endpoint=self.record.endpoint, **self.common()))
+        facts += self._progress_facts()
+        if facts:
+            await self.bus.append(self.bus.keys.events, *facts)
+
+    def _progress_facts(self) -> list[m.Message]:
+        if self.record.deploy:
+            return []
+        if self.version_dir is None:
+            self.version_dir = find_version_dir(Path(self.record.output_dir), self.record.started_at)
+            if self.version_dir is None:
+                return []
+            self.rows = JsonlTail(self.version_dir / "logging.jsonl")
+        assert self.rows is not None
+        facts: list[m.Message] = []
+        latest = None
+        evals: dict[str, float] = {}
+        for row in self.rows.read_new():
+            fields = progress_fields(row)
+            if fields is not None:
+                latest = fields
+                evals.update(fields.pop("eval"))
+        if latest is not None:
+            latest["eval"] = evals
+            self.last_progress = latest
+            facts.append(m.JobProgress(attempt=self.record.attempt, **latest, **self.common()))
+        for ckpt in sorted(self.version_dir.glob("checkpoint-*"), key=_step_of):
+            if str(ckpt) not in self.checkpoints and (ckpt / "trainer_state.json").exists():
+                self.checkpoints.add(str(ckpt))
+                facts.append(
+                    m.CheckpointSaved(attempt=self.record.attempt, step=_step_of(ckpt), path=str(ckpt), **self.common())
+                )
+        return facts
+
+    async def finish(self, exit_code: int | None) -> None:
+        """Wait until no process of the job remains, then report how it ended."""
+        with anyio.move_on_after(GROUP_EXIT_TIMEOUT_S):
+            while group_alive(self.record.pgid):
+                await anyio.sleep(_GROUP_CHECK_S)
+        if group_alive(self.record.pgid):
+            log.warning("processes of the job outlived it; killing the group", job_id=self.record.job_id)
+            signal_group(self.record.pgid, signal.SIGKILL)
+            while group_alive(self.record.pgid):
+                await anyio.sleep(_GROUP_CHECK_S)
+        await self.pump(final=True)
+        final = self.outcome(exit_code)
+        await self.bus.commit([Append(self.bus.keys.events, final)], dedupe_id=final.id)
+        await self.bus.redis.delete(self.bus.keys.run(self.record.job_id))
+        log.info("job ended", job_id=self.record.job_id, outcome=final.type, exit_code=exit_code)
+
+    def outcome(self, exit_code: int | None) -> m.Message:
+        common = {
+            "id": f"{self.record.job_id}-{self.record.attempt}-final",
+            "attempt": self.record.attempt,
+            **self.common(),
+        }
+        if self.stop_reason == "cancel":
+            return m.JobCancelled(exit_code=exit_code, **common)
+        if self.stop_reason == "timeout":
+            return m.JobFailed(
+                exit_code=exit_code,
+                reason="timeout",
+                message="time limit reached",
+                stderr_tail=self.stderr_tail,
+                **common,
+            )
+        finished = self._finished_training()
+        if exit_code == 0 or (exit_code is None and finished):
+            if self.record.deploy:
+                return m.JobFailed(
+                    exit_code=exit_code,
+                    reason="unknown",
+                    message="the server exited",
+                    stderr_tail=self.stderr_tail,
+                    **common,
+                )
+            return m.JobSucceeded(
+                exit_code=0,
+                run_dir=str(self.version_dir or self.record.output_dir),
+                last_checkpoint=self._last_checkpoint(),
+                **common,
+            )
+        reason = (
+            "runner_lost" if exit_code is None else classify_failure(exit_code, self.stderr_tail, stopped_by_us=False)
+        )
+        message = next((line for line in reversed(self.stderr_tail) if "Error" in line), "")
+        return m.JobFailed(
+            exit_code=exit_code, reason=reason, message=message[:2000], stderr_tail=self.stderr_tail, **common
+        )
+
+    def _finished_training(self) -> bool:
+        rows = self.rows.rows if self.rows else []
+        return any("last_model_checkpoint" in row for row in rows)
+
+    def _last_checkpoint(self) -> str | None:
+        rows = self.rows.rows if self.rows else []
+        for row in reversed(rows):
+            if row.get("last_model_checkpoint"):
+                return str(row["last_model_checkpoint"])
+        return max(self.checkpoints, key=lambda p: _step_of(Path(p)), default=None)
+
+
+def _step_of(path: Path) -> int:
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1

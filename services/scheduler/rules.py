@@ -1,0 +1,154 @@
+"""The scheduler's business rules as pure functions: state and a message in, messages out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from events import messages as m
+from events.bus import Append
+from events.keys import Keys
+from events.state import ExportStatus, Job, JobStatus, State, gpu_key
+
+
+@dataclass(frozen=True)
+class Limits:
+    heartbeat_timeout_s: float
+    foreign_memory_threshold_mb: int
+
+
+def submit(state: State, keys: Keys, command: m.SubmitJob) -> list[Append]:
+    """Accept a job and queue it; the scheduling pass that follows places it."""
+    job_id = command.job_id or ""
+    if job_id in state.jobs:  # a redelivered or repeated submit: already decided
+        return []
+    spec = command.spec
+    common = {"job_id": job_id, "causation_id": command.id, "actor": command.actor}
+    biggest = max((len(node.gpus) for node in state.nodes.values() if node.up), default=None)
+    accepted = m.JobAccepted(spec=spec, **common)
+    if biggest is not None and spec.gpu_count > biggest:
+        rejected = m.JobRejected(
+            reason="unsatisfiable",
+            message=f"asks for {spec.gpu_count} GPUs; the largest node has {biggest}",
+            **common,
+        )
+        return [Append(keys.events, accepted), Append(keys.events, rejected)]
+    ahead = sum(1 for job in state.queue() if job.priority >= spec.priority)
+    return [
+        Append(keys.events, accepted),
+        Append(keys.events, m.JobQueued(position=ahead + 1, **common)),
+    ]
+
+
+def cancel(state: State, keys: Keys, command: m.CancelJob) -> list[Append]:
+    job = state.jobs.get(command.job_id or "")
+    if job is None or job.status not in (set(JobStatus) - {JobStatus.completed, JobStatus.failed, JobStatus.cancelled}):
+        return []
+    common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
+    if job.status in (JobStatus.pending, JobStatus.queued):
+        return [Append(keys.events, m.JobCancelled(**common))]
+    if job.cancel_requested:
+        return []
+    return [
+        Append(keys.events, m.JobCancelRequested(reason=command.reason, **common)),
+        Append(keys.node(job.node or ""), m.StopJob(attempt=job.attempt, reason="cancel", **common)),
+    ]
+
+
+def export(state: State, keys: Keys, job: Job, cause: m.Message) -> list[Append]:
+    """Merge a completed LoRA job's adapters into its base model."""
+    if (
+        job.status != JobStatus.completed
+        or not job.is_lora
+        or not job.last_checkpoint
+        or job.export.status in (ExportStatus.pending, ExportStatus.running)
+    ):
+        return []
+    checkpoint = job.last_checkpoint
+    output_dir = checkpoint.rstrip("/") + "-merged"
+    common = {"job_id": job.job_id, "causation_id": cause.id, "actor": cause.actor}
+    return [
+        Append(keys.events, m.ExportRequested(checkpoint=checkpoint, output_dir=output_dir, **common)),
+        Append(keys.exports, m.StartExport(checkpoint=checkpoint, output_dir=output_dir, **common)),
+    ]
+
+
+def react(state: State, keys: Keys, event: m.Message) -> list[Append]:
+    """Facts the scheduler adds in response to another fact."""
+    if isinstance(event, m.JobSucceeded):
+        job = state.jobs.get(event.job_id or "")
+        spec = job.spec if job else None
+        if job is not None and spec is not None and getattr(spec, "auto_export", False):
+            return export(state, keys, job, event)
+    return []
+
+
+def node_changes(state: State, heartbeat: m.NodeHeartbeat) -> list[m.Message]:
+    """A node.joined fact when a node is new, returns, or reports a different inventory."""
+    known = state.nodes.get(heartbeat.node)
+    inventory = [
+        m.GpuInfo(index=g.index, uuid=g.uuid, name=g.name, memory_total_mb=g.memory_total_mb) for g in heartbeat.gpus
+    ]
+    if known is not None and known.up and known.gpus == inventory and known.simulated == heartbeat.simulated:
+        return []
+    return [m.NodeJoined(node=heartbeat.node, simulated=heartbeat.simulated, gpus=inventory)]
+
+
+def usable_gpus(
+    state: State, heartbeats: Mapping[str, m.NodeHeartbeat], limits: Limits, now: datetime
+) -> dict[str, list[int]]:
+    """Per node, the GPUs no job of ours holds and no foreign process uses, on nodes heard from."""
+    usable: dict[str, list[int]] = {}
+    for name, node in sorted(state.nodes.items()):
+        beat = heartbeats.get(name)
+        if not node.up or beat is None or now - beat.at > timedelta(seconds=limits.heartbeat_timeout_s):
+            continue
+        samples = {gpu.index: gpu for gpu in beat.gpus}
+        usable[name] = [
+            gpu.index
+            for gpu in node.gpus
+            if gpu_key(name, gpu.index) not in state.allocations
+            and gpu.index in samples
+            and samples[gpu.index].memory_used_mb <= limits.foreign_memory_threshold_mb
+        ]
+    return usable
+
+
+def place(job: Job, usable: Mapping[str, list[int]]) -> tuple[str, list[int]] | None:
+    """The node and GPUs for a job: the node that leaves the fewest GPUs idle, then by name."""
+    fits = [(len(gpus) - job.spec.gpu_count, name) for name, gpus in usable.items() if len(gpus) >= job.spec.gpu_count]
+    if not fits:
+        return None
+    _, name = min(fits)
+    return name, sorted(usable[name])[: job.spec.gpu_count]
+
+
+def schedule(
+    state: State,
+    keys: Keys,
+    heartbeats: Mapping[str, m.NodeHeartbeat],
+    limits: Limits,
+    now: datetime,
+    cause: m.Message,
+) -> list[Append]:
+    """One scheduling pass: start queued jobs in order while they fit; the first that does not
+    fit blocks those behind it (strict priority order)."""
+    queue = state.queue()
+    if not queue:
+        return []
+    usable = {name: list(gpus) for name, gpus in usable_gpus(state, heartbeats, limits, now).items()}
+    decisions: list[Append] = []
+    for job in queue:
+        placement = place(job, usable)
+        if placement is None:
+            break
+        node, gpu_ids = placement
+        usable[node] = [g for g in usable[node] if g not in gpu_ids]
+        attempt = job.attempt + 1
+        common = {"job_id": job.job_id, "causation_id": cause.id}
+        decisions.append(Append(keys.events, m.JobScheduled(node=node, gpu_ids=gpu_ids, attempt=attempt, **common)))
+        decisions.append(
+            Append(keys.node(node), m.StartJob(attempt=attempt, node=node, gpu_ids=gpu_ids, spec=job.spec, **common))
+        )
+    return decisions

@@ -1,0 +1,169 @@
+"""The scheduler process: wins the leader lease, folds the log, and decides.
+
+One consumer loop reads commands, the log and telemetry through the `scheduler` group. Every
+decision is made on a state folded up to the log's last entry and committed with the fencing token
+and that entry id, so a stale leader, or a decision on an out-of-date state, cannot land.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import anyio
+import redis.asyncio as aioredis
+import structlog
+
+from events import messages as m
+from events.bus import Append, Bus, Fenced, connect
+from events.consumer import CommitGuard, Delivery, GroupConsumer
+from events.keys import SCHEDULER_GROUP
+from events.state import IllegalTransition, State
+from services.config import Settings
+from services.scheduler import rules
+
+log = structlog.get_logger("scheduler")
+
+CONSUMER = "leader"  # every leader reads as the same consumer, so a new one inherits the pending
+
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# Facts after which queued jobs may now fit.
+_RESCHEDULE_ON = (
+    m.JobQueued,
+    m.JobSucceeded,
+    m.JobFailed,
+    m.JobCancelled,
+    m.NodeJoined,
+    m.NodeLost,
+)
+
+
+class LostLeadership(Exception):
+    """The lease expired or another scheduler took it."""
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, bus: Bus) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.keys = settings.keys
+        self.state = State()
+        self.heartbeats: dict[str, m.NodeHeartbeat] = {}
+        self.token: str | None = None
+        self.limits = rules.Limits(
+            heartbeat_timeout_s=settings.heartbeat_interval_s * 5,
+            foreign_memory_threshold_mb=settings.foreign_memory_threshold_mb,
+        )
+
+    async def catch_up(self) -> None:
+        """Fold every event appended since the state's position."""
+        async for entry_id, event in self.bus.messages(self.keys.events, after=self.state.position):
+            try:
+                self.state.apply(entry_id, event)
+            except IllegalTransition as exc:
+                log.error("event does not apply; skipped", entry_id=entry_id, error=str(exc))
+                self.state.position = entry_id
+
+    def _pass(self, cause: m.Message) -> list[Append]:
+        return rules.schedule(self.state, self.keys, self.heartbeats, self.limits, datetime.now(UTC), cause)
+
+    async def handle(self, delivery: Delivery) -> Sequence[Append]:
+        await self.catch_up()
+        message = delivery.message
+        if isinstance(message, m.NodeHeartbeat):
+            self.heartbeats[message.node] = message
+            joined = rules.node_changes(self.state, message)
+            if joined:
+                return [Append(self.keys.events, fact) for fact in joined]
+            return self._pass(message)
+        if isinstance(message, m.SubmitJob):
+            return rules.submit(self.state, self.keys, message)
+        if isinstance(message, m.CancelJob):
+            return rules.cancel(self.state, self.keys, message)
+        if isinstance(message, m.RequestExport):
+            job = self.state.jobs.get(message.job_id or "")
+            return rules.export(self.state, self.keys, job, message) if job else []
+        if isinstance(message, m.ProcessQueue):
+            return self._pass(message)
+        if delivery.stream == self.keys.events:
+            reaction = rules.react(self.state, self.keys, message)
+            if reaction:
+                return reaction
+            if isinstance(message, _RESCHEDULE_ON):
+                return self._pass(message)
+        return []
+
+    async def commit_pass(self) -> None:
+        """A scheduling pass outside any delivery (on taking the lead)."""
+        cause = m.ProcessQueue(source=self.bus.source)
+        while True:
+            await self.catch_up()
+            decisions = self._pass(cause)
+            if not decisions:
+                return
+            result = await self.bus.commit(decisions, fence_token=self.token, expect_last=self.state.position)
+            if result.status != "CONFLICT":
+                return
+
+    async def lead(self, reader: aioredis.Redis) -> None:
+        """Run as the leader until the lease is lost."""
+        self.state = State()
+        await self.catch_up()
+        log.info("leading", token=self.token, position=self.state.position, jobs=len(self.state.jobs))
+        consumer = GroupConsumer(
+            self.bus,
+            reader,
+            [self.keys.commands, self.keys.events, self.keys.telemetry],
+            SCHEDULER_GROUP,
+            CONSUMER,
+            self.handle,
+            block_ms=1000,
+            claim_idle_ms=self.settings.claim_idle_ms,
+            max_deliveries=self.settings.max_deliveries,
+            guard=CommitGuard(fence_token=lambda: self.token, expect_last=lambda: self.state.position),
+        )
+        await consumer.setup()
+        await self.commit_pass()
+        await consumer.run()
+
+
+async def _renew(redis: aioredis.Redis, settings: Settings) -> None:
+    renew = redis.register_script(_RENEW_LUA)
+    while True:
+        await anyio.sleep(settings.leader_lease_ms / 3000)
+        if not await renew(keys=[settings.keys.leader], args=[settings.instance, settings.leader_lease_ms]):
+            raise LostLeadership
+
+
+async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
+    scheduler = Scheduler(settings, bus)
+    reader = connect(settings.resolved_redis_url, block_ms=1000)
+    try:
+        while True:
+            won = await redis.set(settings.keys.leader, settings.instance, nx=True, px=settings.leader_lease_ms)
+            if not won:
+                # Standby: the lease is a timer, so checking it on a timer is the protocol.
+                await anyio.sleep(settings.leader_lease_ms / 3000)
+                continue
+            scheduler.token = str(await redis.incr(settings.keys.fence))
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_renew, redis, settings)
+                    await scheduler.lead(reader)
+            except* (LostLeadership, Fenced):
+                log.warning("lost the leadership; standing by")
+    finally:
+        with anyio.CancelScope(shield=True):
+            await redis.eval(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                1,
+                settings.keys.leader,
+                settings.instance,
+            )
+            await reader.aclose()

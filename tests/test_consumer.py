@@ -1,0 +1,164 @@
+"""The consumer-group loop and the atomic commit, against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from events import messages as m
+from events.bus import Ack, Append, Bus, Fenced
+from events.codec import encode
+from events.consumer import Delivery, GroupConsumer
+from tests.conftest import RedisServer
+
+
+def make_consumer(bus: Bus, stream: str, name: str, handled: list[Delivery], **kw: object) -> GroupConsumer:
+    async def handler(delivery: Delivery) -> Sequence[Append]:
+        handled.append(delivery)
+        return [Append(bus.keys.events, m.JobCancelled(job_id=delivery.message.job_id, causation_id=delivery.message.id))]
+
+    return GroupConsumer(bus, bus.redis, [stream], "workers", name, handler, block_ms=100, **kw)  # type: ignore[arg-type]
+
+
+async def test_a_garbage_entry_is_dead_lettered_and_the_consumer_carries_on(bus: Bus) -> None:
+    stream = bus.keys.commands
+    # Given a garbage entry between two good ones
+    await bus.append(stream, m.CancelJob(job_id="a"))
+    garbage_id = await bus.redis.xadd(stream, {"data": "{definitely not json"})
+    await bus.append(stream, m.CancelJob(job_id="b"))
+    handled: list[Delivery] = []
+    consumer = make_consumer(bus, stream, "c1", handled)
+    await consumer.setup()
+    # When the consumer reads them
+    await consumer.poll(100)
+    # Then both good ones were handled, the garbage one is in the dead-letter stream with the
+    # reason, and nothing is left pending
+    assert [d.message.job_id for d in handled] == ["a", "b"]
+    [(_, dead)] = await bus.redis.xrange(bus.keys.dead_letter)
+    assert dead["entry_id"] == garbage_id and dead["stream"] == stream
+    assert "not JSON" in dead["reason"]
+    assert json.loads(dead["fields"]) == {"data": "{definitely not json"}
+    assert (await bus.redis.xpending(stream, "workers"))["pending"] == 0
+    assert [f["job_id"] for _, f in await bus.redis.xrange(bus.keys.events)] == ["a", "b"]
+
+
+async def test_an_entry_left_pending_by_a_killed_consumer_is_reclaimed_and_processed_once(
+    bus: Bus, redis_server: RedisServer
+) -> None:
+    stream = bus.keys.commands
+    await bus.redis.xgroup_create(stream, "workers", id="0", mkstream=True)
+    await bus.append(stream, m.CancelJob(job_id="victim"))
+    # Given a consumer in another process that read the entry and was SIGKILLed before acking
+    script = (
+        "import redis,sys,time\n"
+        f"r = redis.Redis.from_url({redis_server.url!r})\n"
+        f"r.xreadgroup('workers', 'doomed', {{{stream!r}: '>'}}, count=1)\n"
+        "print('read', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    doomed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert doomed.stdout is not None and doomed.stdout.readline().strip() == "read"
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait(timeout=10)
+    [pending] = await bus.redis.xpending_range(stream, "workers", min="-", max="+", count=10)
+    assert pending["consumer"] == "doomed"
+    # When a live consumer runs with a short idle threshold
+    handled: list[Delivery] = []
+    consumer = make_consumer(bus, stream, "survivor", handled, claim_idle_ms=100)
+    with anyio.fail_after(10):
+        while not handled:
+            await consumer.poll(100)
+    # Then it processed the entry exactly once, and nothing is pending any more
+    for _ in range(3):
+        await consumer.reclaim(force=True)
+        await consumer.poll(50)
+    assert [d.message.job_id for d in handled] == ["victim"]
+    assert handled[0].deliveries == 2
+    assert await bus.redis.xlen(bus.keys.events) == 1
+    assert (await bus.redis.xpending(stream, "workers"))["pending"] == 0
+
+
+async def test_a_consumer_first_rereads_its_own_pending_entries_after_a_restart(bus: Bus) -> None:
+    stream = bus.keys.commands
+    await bus.redis.xgroup_create(stream, "workers", id="0", mkstream=True)
+    await bus.append(stream, m.CancelJob(job_id="x"))
+    await bus.redis.xreadgroup("workers", "same-name", {stream: ">"})  # delivered, never acked
+    handled: list[Delivery] = []
+    consumer = make_consumer(bus, stream, "same-name", handled)
+    assert await consumer.drain_own_pending() == 1
+    assert [d.message.job_id for d in handled] == ["x"]
+    assert (await bus.redis.xpending(stream, "workers"))["pending"] == 0
+
+
+async def test_an_entry_delivered_too_often_goes_to_the_dead_letter_stream(bus: Bus) -> None:
+    stream = bus.keys.commands
+    await bus.append(stream, m.CancelJob(job_id="poison"))
+    attempts = 0
+
+    async def failing(delivery: Delivery) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("handler bug")
+
+    consumer = GroupConsumer(bus, bus.redis, [stream], "workers", "c", failing, block_ms=50, claim_idle_ms=1, max_deliveries=3)
+    await consumer.setup()
+    with anyio.fail_after(10):
+        while not await bus.redis.xlen(bus.keys.dead_letter):
+            await consumer.reclaim(force=True)
+            await consumer.poll(10)
+    assert attempts == 3
+    [(_, dead)] = await bus.redis.xrange(bus.keys.dead_letter)
+    assert "delivered 4 times" in dead["reason"]
+    assert (await bus.redis.xpending(stream, "workers"))["pending"] == 0
+
+
+async def test_commit_appends_and_acks_together_and_a_redelivery_has_no_second_effect(bus: Bus) -> None:
+    stream = bus.keys.commands
+    await bus.redis.xgroup_create(stream, "g", id="0", mkstream=True)
+    [entry_id] = await bus.append(stream, m.CancelJob(job_id="j", id="cmd-1"))
+    await bus.redis.xreadgroup("g", "c", {stream: ">"})
+    fact = Append(bus.keys.events, m.JobCancelled(job_id="j", causation_id="cmd-1"))
+    first = await bus.commit([fact], ack=Ack(stream, "g", entry_id), dedupe_id="cmd-1")
+    second = await bus.commit([fact], ack=Ack(stream, "g", entry_id), dedupe_id="cmd-1")
+    assert first.status == "OK" and len(first.entry_ids) == 1
+    assert second.status == "DUPLICATE"
+    assert await bus.redis.xlen(bus.keys.events) == 1
+    assert (await bus.redis.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_a_stale_leader_cannot_commit(bus: Bus) -> None:
+    await bus.redis.set(bus.keys.fence, "7")
+    fact = Append(bus.keys.events, m.ProcessQueue())
+    assert (await bus.commit([fact], fence_token="7")).status == "OK"
+    await bus.redis.incr(bus.keys.fence)  # a new leader took over
+    with pytest.raises(Fenced):
+        await bus.commit([fact], fence_token="7")
+    assert await bus.redis.xlen(bus.keys.events) == 1
+
+
+async def test_a_decision_on_an_out_of_date_state_conflicts(bus: Bus) -> None:
+    [first] = await bus.append(bus.keys.events, m.ProcessQueue())
+    [second] = await bus.append(bus.keys.events, m.ProcessQueue())
+    fact = Append(bus.keys.events, m.ProcessQueue())
+    stale = await bus.commit([fact], expect_last=first)
+    assert stale.status == "CONFLICT" and stale.last_id == second
+    assert (await bus.commit([fact], expect_last=second)).status == "OK"
+    assert await bus.redis.xlen(bus.keys.events) == 3
+
+
+async def test_entries_pages_through_a_long_stream(bus: Bus, redis_client: aioredis.Redis) -> None:
+    async with redis_client.pipeline() as pipe:
+        for i in range(2500):
+            pipe.xadd(bus.keys.events, encode(m.JobQueued(job_id=f"j{i}", position=1)))
+        await pipe.execute()
+    ids = [e.entry_id async for e in bus.entries(bus.keys.events)]
+    assert len(ids) == 2500 == len(set(ids))
+    after = [e.entry_id async for e in bus.entries(bus.keys.events, after=ids[1999])]
+    assert after == ids[2000:]
