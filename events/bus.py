@@ -145,6 +145,9 @@ class Bus:
         expect_last: str | None = None,
         dedupe_id: str | None = None,
     ) -> CommitResult:
+        """Commit effects (and an acknowledgement) atomically. ``dedupe_id`` names the handling
+        of one message by one group (``<group>:<message id>``): a second commit under it appends
+        nothing."""
         keys = [
             self.keys.fence,
             self.keys.events,

@@ -231,7 +231,7 @@ class GroupConsumer:
                     ack=Ack(entry.stream, self.group, entry.entry_id),
                     fence_token=self.guard.fence_token(),
                     expect_last=self.guard.expect_last() if appends else None,
-                    dedupe_id=message.id if appends else None,
+                    dedupe_id=f"{self.group}:{message.id}" if appends else None,
                 )
                 if result.status != "CONFLICT":
                     if outcome.committed is not None:

@@ -184,11 +184,16 @@ def _accepted(state: State, entry_id: str, event: m.JobAccepted) -> None:
     if not event.job_id or event.job_id in state.jobs:
         raise IllegalTransition(f"job {event.job_id!r} was already accepted")
     state.accepted += 1
-    state.jobs[event.job_id] = Job(
-        job_id=event.job_id,
+    state.jobs[event.job_id] = new_job(event, state.accepted, entry_id)
+
+
+def new_job(event: m.JobAccepted, seq: int, entry_id: str) -> Job:
+    """The record a job.accepted event creates."""
+    return Job(
+        job_id=event.job_id or "",
         spec=event.spec,
         priority=event.spec.priority,
-        seq=state.accepted,
+        seq=seq,
         submitted_at=event.at,
         submitted_by=event.actor,
         first_entry_id=entry_id,

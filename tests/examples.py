@@ -9,7 +9,9 @@ LM = LanguageModelJob(task_type="language_model", model_path="/models/tiny", dat
 MM = MultiModalJob(task_type="multimodal", model_path="Qwen/Qwen2.5-VL-3B-Instruct", data_path="AI-ModelScope/coco#200")
 DEPLOY = DeployJob(task_type="deploy", model_path="/models/merged")
 GPU = m.GpuInfo(index=0, uuid="GPU-0", name="Simulated GPU (no NVML)", memory_total_mb=24576)
-SAMPLE = m.GpuSample(**GPU.model_dump(), memory_used_mb=10, utilization_pct=3, processes=[m.GpuProcess(pid=1, used_memory_mb=5)])
+SAMPLE = m.GpuSample(
+    **GPU.model_dump(), memory_used_mb=10, utilization_pct=3, processes=[m.GpuProcess(pid=1, used_memory_mb=5)]
+)
 
 
 def examples() -> list[m.Message]:
@@ -28,7 +30,9 @@ def examples() -> list[m.Message]:
         m.JobRejected(reason="unsatisfiable", message="too many GPUs", **job),
         m.JobQueued(position=3, **job),
         m.JobScheduled(node="n1", gpu_ids=[0], attempt=1, **job),
-        m.JobStarted(attempt=1, node="n1", pid=10, pgid=10, run_dir="/r", argv=["swift", "sft"], cuda_visible_devices="0", **job),
+        m.JobStarted(
+            attempt=1, node="n1", pid=10, pgid=10, run_dir="/r", argv=["swift", "sft"], cuda_visible_devices="0", **job
+        ),
         m.JobProgress(attempt=1, step=2, max_steps=20, percent=10.0, loss=1.5, eval={"eval_loss": 1.2}, **job),
         m.CheckpointSaved(attempt=1, step=10, path="/r/checkpoint-10", **job),
         m.JobServing(attempt=1, endpoint="http://127.0.0.1:9000/v1", **job),

@@ -51,7 +51,14 @@ def test_an_older_version_is_upcast_on_decode(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(codec._CURRENT_VERSION, "job.queued", 2)
     monkeypatch.setattr(codec, "UPCASTERS", {})
     codec.upcaster("job.queued", 1)(lambda p: {"position": p.pop("place"), **p})
-    old = {"type": "job.queued", "v": 1, "id": "e1", "at": "2026-01-01T00:00:00Z", "job_id": "j", "payload": {"place": 4}}
+    old = {
+        "type": "job.queued",
+        "v": 1,
+        "id": "e1",
+        "at": "2026-01-01T00:00:00Z",
+        "job_id": "j",
+        "payload": {"place": 4},
+    }
     # When a v1 entry is read
     message = codec.decode({"data": json.dumps(old)})
     # Then it arrives as the current version

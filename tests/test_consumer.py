@@ -22,7 +22,9 @@ from tests.conftest import RedisServer
 def make_consumer(bus: Bus, stream: str, name: str, handled: list[Delivery], **kw: object) -> GroupConsumer:
     async def handler(delivery: Delivery) -> Sequence[Append]:
         handled.append(delivery)
-        return [Append(bus.keys.events, m.JobCancelled(job_id=delivery.message.job_id, causation_id=delivery.message.id))]
+        return [
+            Append(bus.keys.events, m.JobCancelled(job_id=delivery.message.job_id, causation_id=delivery.message.id))
+        ]
 
     return GroupConsumer(bus, bus.redis, [stream], "workers", name, handler, block_ms=100, **kw)  # type: ignore[arg-type]
 
@@ -107,7 +109,9 @@ async def test_an_entry_delivered_too_often_goes_to_the_dead_letter_stream(bus: 
         attempts += 1
         raise RuntimeError("handler bug")
 
-    consumer = GroupConsumer(bus, bus.redis, [stream], "workers", "c", failing, block_ms=50, claim_idle_ms=1, max_deliveries=3)
+    consumer = GroupConsumer(
+        bus, bus.redis, [stream], "workers", "c", failing, block_ms=50, claim_idle_ms=1, max_deliveries=3
+    )
     await consumer.setup()
     with anyio.fail_after(10):
         while not await bus.redis.xlen(bus.keys.dead_letter):

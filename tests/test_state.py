@@ -38,7 +38,9 @@ def test_a_training_job_lives_from_accepted_to_exported() -> None:
     submit(log, "j")
     log.add(
         m.JobScheduled(job_id="j", node="n1", gpu_ids=[1], attempt=1),
-        m.JobStarted(job_id="j", attempt=1, node="n1", pid=5, pgid=5, run_dir="/r", argv=["swift"], cuda_visible_devices="1"),
+        m.JobStarted(
+            job_id="j", attempt=1, node="n1", pid=5, pgid=5, run_dir="/r", argv=["swift"], cuda_visible_devices="1"
+        ),
         m.JobProgress(job_id="j", attempt=1, step=5, max_steps=10, percent=50.0, loss=2.0),
         m.CheckpointSaved(job_id="j", attempt=1, step=10, path="/r/checkpoint-10"),
     )

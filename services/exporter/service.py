@@ -57,12 +57,12 @@ class Exporter:
         common = {"job_id": command.job_id, "causation_id": command.id, "actor": command.actor}
         argv = export_argv(swift_executable(self.settings.swift_bin), command.checkpoint, command.output_dir)
         started = m.ExportStarted(id=f"{command.id}-started", argv=argv, **common)
-        await self.bus.commit([Append(self.bus.keys.events, started)], dedupe_id=started.id)
+        await self.bus.commit([Append(self.bus.keys.events, started)], dedupe_id=f"fact:{started.id}")
         log.info("exporting", checkpoint=command.checkpoint, output_dir=command.output_dir)
         exit_code, lines = await run_logged(argv, env={"OMP_NUM_THREADS": str(self.settings.job_omp_num_threads)})
         await self._log_lines(command.job_id or "", lines)
         if exit_code == 0 and (Path(command.output_dir) / "config.json").exists():
-            done: m.Message = m.ExportCompleted(path=os.path.abspath(command.output_dir), **common)
+            done: m.Message = m.ExportCompleted(path=command.output_dir, **common)
         else:
             tail = lines[-STDERR_TAIL_LINES:]
             message = next((line for line in reversed(tail) if "Error" in line), f"swift export exited {exit_code}")

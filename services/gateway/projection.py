@@ -31,7 +31,7 @@ class LiveEvent:
     data: str  # the entry's JSON envelope, as stored
 
 
-@dataclass
+@dataclass(eq=False)
 class Subscription:
     send: MemoryObjectSendStream[LiveEvent]
     receive: MemoryObjectReceiveStream[LiveEvent]

@@ -272,7 +272,7 @@ class JobRun:
                 await anyio.sleep(_GROUP_CHECK_S)
         await self.pump(final=True)
         final = self.outcome(exit_code)
-        await self.bus.commit([Append(self.bus.keys.events, final)], dedupe_id=final.id)
+        await self.bus.commit([Append(self.bus.keys.events, final)], dedupe_id=f"fact:{final.id}")
         await self.bus.redis.delete(self.bus.keys.run(self.record.job_id))
         log.info("job ended", job_id=self.record.job_id, outcome=final.type, exit_code=exit_code)
 

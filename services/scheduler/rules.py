@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from events import messages as m
 from events.bus import Append
 from events.keys import Keys
-from events.state import ExportStatus, Job, JobStatus, State, gpu_key
+from events.state import ExportStatus, Job, JobStatus, State, gpu_key, new_job
 
 
 @dataclass(frozen=True)
@@ -18,8 +18,15 @@ class Limits:
     foreign_memory_threshold_mb: int
 
 
-def submit(state: State, keys: Keys, command: m.SubmitJob) -> list[Append]:
-    """Accept a job and queue it; the scheduling pass that follows places it."""
+def submit(
+    state: State,
+    keys: Keys,
+    command: m.SubmitJob,
+    heartbeats: Mapping[str, m.NodeHeartbeat],
+    limits: Limits,
+    now: datetime,
+) -> list[Append]:
+    """Accept a job, queue it, and place it at once when it fits (all in one decision)."""
     job_id = command.job_id or ""
     if job_id in state.jobs:  # a redelivered or repeated submit: already decided
         return []
@@ -35,10 +42,15 @@ def submit(state: State, keys: Keys, command: m.SubmitJob) -> list[Append]:
         )
         return [Append(keys.events, accepted), Append(keys.events, rejected)]
     ahead = sum(1 for job in state.queue() if job.priority >= spec.priority)
-    return [
+    decided = [
         Append(keys.events, accepted),
         Append(keys.events, m.JobQueued(position=ahead + 1, **common)),
     ]
+    # The queue as it will be once these facts are folded in, to place the new job right away.
+    job = new_job(accepted, state.accepted + 1, "0-0")
+    job.status = JobStatus.queued
+    queue = sorted([*state.queue(), job], key=lambda j: (-j.priority, j.seq))
+    return decided + schedule(state, keys, heartbeats, limits, now, command, queue=queue)
 
 
 def cancel(state: State, keys: Keys, command: m.CancelJob) -> list[Append]:
@@ -131,10 +143,12 @@ def schedule(
     limits: Limits,
     now: datetime,
     cause: m.Message,
+    *,
+    queue: list[Job] | None = None,
 ) -> list[Append]:
     """One scheduling pass: start queued jobs in order while they fit; the first that does not
     fit blocks those behind it (strict priority order)."""
-    queue = state.queue()
+    queue = state.queue() if queue is None else queue
     if not queue:
         return []
     usable = {name: list(gpus) for name, gpus in usable_gpus(state, heartbeats, limits, now).items()}

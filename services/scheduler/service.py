@@ -83,7 +83,8 @@ class Scheduler:
                 return [Append(self.keys.events, fact) for fact in joined]
             return self._pass(message)
         if isinstance(message, m.SubmitJob):
-            return rules.submit(self.state, self.keys, message)
+            now = datetime.now(UTC)
+            return rules.submit(self.state, self.keys, message, self.heartbeats, self.limits, now)
         if isinstance(message, m.CancelJob):
             return rules.cancel(self.state, self.keys, message)
         if isinstance(message, m.RequestExport):

@@ -1,0 +1,90 @@
+"""The whole system as real processes, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port, wait_for
+
+SERVICES = ("scheduler", "gpu-monitor", "runner", "exporter", "gateway")
+
+
+def offline_env() -> dict[str, str]:
+    """No model hub, one thread per trainer: the machines that run the tests are small."""
+    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+class System:
+    def __init__(self, redis_url: str, data_dir: Path, **settings: str) -> None:
+        self.port = free_port()
+        self.namespace = f"e2e{uuid.uuid4().hex[:8]}"
+        self.data_dir = data_dir
+        self.env = {
+            **os.environ,
+            **offline_env(),
+            "REDIS_URL": redis_url,
+            "NAMESPACE": self.namespace,
+            "APP_PORT": str(self.port),
+            "DATA_DIR": str(data_dir),
+            "NODE_NAME": "node-a",
+            "HEARTBEAT_INTERVAL_S": "0.5",
+            "LOG_LEVEL": "INFO",
+            **settings,
+        }
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.base = f"http://127.0.0.1:{self.port}/api/v1/training"
+
+    def cli(self, *args: str, timeout_s: float = 60) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "services.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=True,
+        )
+        return done.stdout
+
+    def start(self, *services: str) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for name in services or SERVICES:
+            log = (self.data_dir / f"{name}.log").open("ab")
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", name], env=self.env, stdout=log, stderr=log
+            )
+
+    def wait_healthy(self, timeout_s: float = 60) -> None:
+        def healthy() -> bool:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise AssertionError(f"{name} exited with {process.returncode}:\n{self.log(name)}")
+            try:
+                return httpx.get(f"{self.base}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, timeout_s, "the system to report healthy", interval_s=0.2)
+
+    def log(self, name: str) -> str:
+        path = self.data_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-5000:] if path.exists() else ""
+
+    def stop(self, *services: str, sig: int = signal.SIGTERM) -> dict[str, int]:
+        codes = {}
+        for name in services or list(self.processes):
+            process = self.processes.pop(name)
+            process.send_signal(sig)
+            try:
+                codes[name] = process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes[name] = process.wait()
+                raise AssertionError(f"{name} did not stop within 20 s of {signal.Signals(sig).name}") from None
+        return codes
