@@ -45,6 +45,10 @@ def validation_details(exc: ValidationError, *, drop_tags: set[str] | None = Non
     details = []
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"] if str(p) not in (drop_tags or set())]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            # The discriminator's own error has no location: name the field it reads.
+            tag = err.get("ctx", {}).get("discriminator", "").strip("'")
+            loc = [*loc, tag] if tag else loc
         details.append({"field": ".".join(loc) or "body", "message": err["msg"], "type": err["type"]})
     return details
 
