@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from events.bus import Bus
 from events.keys import Keys
 from services import embedded_redis
+from services.demo.tinymodel import DemoAssets, build_demo_assets
 
 
 def free_port() -> int:
@@ -77,6 +78,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
+    """The tiny model and dataset, built offline once per session."""
+    return build_demo_assets(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture

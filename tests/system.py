@@ -6,13 +6,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from httpx_sse import ServerSentEvent, connect_sse
 
+from services.demo.tinymodel import DemoAssets
 from tests.conftest import free_port, wait_for
 
+TRAINING_TIMEOUT_S = 120
 SERVICES = ("scheduler", "gpu-monitor", "runner", "exporter", "gateway")
 
 
@@ -88,3 +93,46 @@ class System:
                 codes[name] = process.wait()
                 raise AssertionError(f"{name} did not stop within 20 s of {signal.Signals(sig).name}") from None
         return codes
+
+
+def job_body(assets: DemoAssets, **params: object) -> dict[str, object]:
+    return {
+        "task_type": "language_model",
+        "model_path": str(assets.model_dir),
+        "data_path": str(assets.dataset_path),
+        "train_params": {
+            "model_type": "qwen2",
+            "template": "qwen2_5",
+            "max_steps": 12,
+            "logging_steps": 2,
+            "save_steps": 6,
+            "torch_dtype": "float32",
+            "learning_rate": 0.005,
+            **params,
+        },
+    }
+
+
+def read_stream(
+    url: str, until: Callable[[list[ServerSentEvent]], bool], last_event_id: str | None = None
+) -> list[ServerSentEvent]:
+    """Events with an id from an SSE stream, until ``until`` holds for what was read."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    deadline = time.monotonic() + TRAINING_TIMEOUT_S
+    events: list[ServerSentEvent] = []
+    with (
+        httpx.Client(timeout=httpx.Timeout(10, read=60)) as client,
+        connect_sse(client, "GET", url, headers=headers) as source,
+    ):
+        assert source.response.status_code == 200
+        for sse in source.iter_sse():
+            if sse.data:  # pings and the retry hint are comments: no data, and no event of their own
+                events.append(sse)
+                if until(events):
+                    return events
+            assert time.monotonic() < deadline, f"stream stalled after {[e.event for e in events]}"
+    raise AssertionError(f"stream ended after {[e.event for e in events]}")
+
+
+def seen(event_type: str) -> Callable[[list[ServerSentEvent]], bool]:
+    return lambda events: any(e.event == event_type for e in events)

@@ -51,8 +51,7 @@ def job_view(job: Job, state: State) -> dict[str, Any]:
 
 
 def _job(request: Request) -> Job:
-    state = _projection(request).state
-    job = state.jobs.get(request.path_params["job_id"])
+    job = _projection(request).job(request.path_params["job_id"])
     if job is None:
         raise ApiError(404, "job_not_found", f"no job {request.path_params['job_id']!r}")
     return job
@@ -163,7 +162,7 @@ async def create_job(request: Request) -> JSONResponse:
         return job is not None and job.status != JobStatus.pending
 
     await projection.wait_until(decided, settings.submit_wait_s)
-    job = projection.state.jobs.get(job_id)
+    job = projection.job(job_id)
     status = job.status if job else JobStatus.pending
     body: dict[str, Any] = {
         "job_id": job_id,
@@ -176,7 +175,7 @@ async def create_job(request: Request) -> JSONResponse:
 
 
 def _submit_message(job: Job | None) -> str:
-    if job is None:
+    if job is None or job.status == JobStatus.pending:
         return "accepted; the scheduler has not decided yet"
     if job.status == JobStatus.failed:
         return f"rejected: {job.message}"
@@ -194,8 +193,10 @@ async def list_jobs(request: Request) -> JSONResponse:
         )
     page = _int_param(request, "page", 1, 1, 1_000_000)
     size = _int_param(request, "size", 50, 1, 500)
-    jobs = [job for job in state.jobs.values() if status is None or job.status == status]
-    jobs.sort(key=lambda job: job.seq, reverse=True)
+    projection = _projection(request)
+    everything = [*state.jobs.values(), *filter(None, map(projection.job, list(projection.pending)))]
+    jobs = [job for job in everything if status is None or job.status == status]
+    jobs.sort(key=lambda job: job.submitted_at, reverse=True)
     chunk = jobs[(page - 1) * size : page * size]
     return JSONResponse(
         {"jobs": [job_view(job, state) for job in chunk], "total": len(jobs), "page": page, "size": size}

@@ -16,7 +16,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from events import messages as m
 from events.bus import Bus, entry_id_key
 from events.codec import DecodeError, decode
-from events.state import IllegalTransition, State
+from events.state import IllegalTransition, Job, State, new_job
 
 log = structlog.get_logger("gateway.projection")
 
@@ -46,6 +46,9 @@ class Projection:
     telemetry_position: str = "$"
     heartbeats: dict[str, m.NodeHeartbeat] = field(default_factory=dict)
     services: dict[tuple[str, str], m.ServiceHeartbeat] = field(default_factory=dict)
+    # Submits the scheduler has not decided on yet: job id -> (command entry id, command)
+    pending: dict[str, tuple[str, m.SubmitJob]] = field(default_factory=dict)
+    commands_position: str = "0-0"
     subscribers: set[Subscription] = field(default_factory=set)
     ready: anyio.Event = field(default_factory=anyio.Event)
     _advanced: anyio.Event = field(default_factory=anyio.Event)
@@ -69,15 +72,30 @@ class Projection:
             return True
         return bool(predicate())  # type: ignore[operator]
 
+    def job(self, job_id: str) -> Job | None:
+        """A job from the log, or a pending one from its submit command."""
+        job = self.state.jobs.get(job_id)
+        if job is not None or job_id not in self.pending:
+            return job
+        entry_id, command = self.pending[job_id]
+        accepted = m.JobAccepted(job_id=job_id, spec=command.spec, actor=command.actor, at=command.at)
+        return new_job(accepted, 0, entry_id)
+
     async def run(self) -> None:
         await self._recent_telemetry()
         async for entry_id, event in self.bus.messages(self.bus.keys.events):
             self._fold(entry_id, event)
+        async for entry_id, command in self.bus.messages(self.bus.keys.commands):
+            self._note_command(entry_id, command)
         self.ready.set()
         self._signal()
         while True:
             reply = await self.reader.xread(
-                {self.bus.keys.events: self.state.position, self.bus.keys.telemetry: self.telemetry_position},
+                {
+                    self.bus.keys.events: self.state.position,
+                    self.bus.keys.telemetry: self.telemetry_position,
+                    self.bus.keys.commands: self.commands_position,
+                },
                 count=500,
                 block=5000,
             )
@@ -94,9 +112,16 @@ class Projection:
         for entry_id, fields in reversed(recent):
             self._take(self.bus.keys.telemetry, str(entry_id), fields)
 
+    def _note_command(self, entry_id: str, command: m.Message) -> None:
+        self.commands_position = entry_id
+        if isinstance(command, m.SubmitJob) and command.job_id and command.job_id not in self.state.jobs:
+            self.pending[command.job_id] = (entry_id, command)
+
     def _take(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
         if stream == self.bus.keys.telemetry:
             self.telemetry_position = entry_id
+        elif stream == self.bus.keys.commands:
+            self.commands_position = entry_id
         try:
             message = decode(fields)
         except DecodeError as exc:
@@ -108,6 +133,8 @@ class Projection:
             self.heartbeats[message.node] = message
         elif isinstance(message, m.ServiceHeartbeat):
             self.services[(message.service, message.instance)] = message
+        elif stream == self.bus.keys.commands:
+            self._note_command(entry_id, message)
         elif stream == self.bus.keys.events:
             self._fold(entry_id, message)
             self._publish(LiveEvent(entry_id, fields.get("job_id", ""), message.type, fields["data"]))
@@ -115,6 +142,8 @@ class Projection:
     def _fold(self, entry_id: str, event: m.Message) -> None:
         try:
             self.state.apply(entry_id, event)
+            if isinstance(event, m.JobAccepted):
+                self.pending.pop(event.job_id or "", None)
         except IllegalTransition as exc:
             log.error("event does not apply; skipped", entry_id=entry_id, error=str(exc))
             self.state.position = entry_id

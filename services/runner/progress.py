@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,53 +55,66 @@ def progress_fields(row: dict[str, Any]) -> dict[str, Any] | None:
 
 @dataclass
 class JsonlTail:
-    """Reads the complete lines appended to a file since the last read."""
+    """The complete JSON lines appended to a file after ``offset``. Reading does not move the
+    offset: the caller advances it once what it read is safely stored."""
 
     path: Path
     offset: int = 0
-    rows: list[dict[str, Any]] = field(default_factory=list)
 
-    def read_new(self) -> list[dict[str, Any]]:
-        try:
-            with self.path.open("rb") as handle:
-                handle.seek(self.offset)
-                data = handle.read()
-        except FileNotFoundError:
-            return []
+    def peek(self) -> tuple[list[dict[str, Any]], int]:
+        data = _read_from(self.path, self.offset)
         complete = data[: data.rfind(b"\n") + 1]  # a half-written last line waits for the next read
-        self.offset += len(complete)
-        new = []
+        rows = []
         for line in complete.splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if isinstance(row, dict):
-                new.append(row)
-        self.rows.extend(new)
-        return new
+                rows.append(row)
+        return rows, self.offset + len(complete)
 
 
 @dataclass
 class LineTail:
-    """Reads the complete text lines appended to a log file since the last read."""
+    """The complete text lines appended to a log file after ``offset`` (see JsonlTail)."""
 
     path: Path
     offset: int = 0
 
-    def read_new(self, *, final: bool = False) -> list[str]:
-        try:
-            with self.path.open("rb") as handle:
-                handle.seek(self.offset)
-                data = handle.read()
-        except FileNotFoundError:
-            return []
+    def peek(self, *, final: bool = False) -> tuple[list[str], int]:
+        data = _read_from(self.path, self.offset)
         if not final:
             data = data[: max(data.rfind(b"\n"), data.rfind(b"\r")) + 1]
-        self.offset += len(data)
         text = data.decode("utf-8", errors="replace")
         # tqdm redraws its bar with carriage returns: each redraw is a line of its own.
-        return [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
+        return [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()], self.offset + len(data)
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            return handle.read()
+    except FileNotFoundError:
+        return b""
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON row of a file."""
+    return JsonlTail(path).peek()[0]
+
+
+def tail_lines(path: Path, count: int, *, max_bytes: int = 65536) -> list[str]:
+    """The last ``count`` non-empty lines of a text file."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, 2) - max_bytes))
+            data = handle.read()
+    except FileNotFoundError:
+        return []
+    lines = [line for line in re.split(r"\r\n|\r|\n", data.decode("utf-8", errors="replace")) if line.strip()]
+    return lines[-count:]
 
 
 _REASONS = [

@@ -42,8 +42,14 @@ class Runner:
         self.tg = tg
         self.runs: dict[str, JobRun] = {}
 
-    def _track(self, record: RunRecord) -> JobRun:
-        run = JobRun(self.bus, record, log_maxlen=self.settings.job_log_maxlen, stop_grace_s=self.settings.stop_grace_s)
+    def _track(self, record: RunRecord, saved: dict[str, str] | None = None) -> JobRun:
+        run = JobRun(
+            self.bus,
+            record,
+            log_maxlen=self.settings.job_log_maxlen,
+            stop_grace_s=self.settings.stop_grace_s,
+            saved=saved,
+        )
         self.runs[record.job_id] = run
 
         async def supervise() -> None:
@@ -56,7 +62,8 @@ class Runner:
         return run
 
     async def adopt(self) -> None:
-        """Take over the jobs a previous runner on this node started."""
+        """Take over the jobs a previous runner on this node started. They report nothing until
+        release_adopted(): a start still pending must first land its job.started."""
         async for key in self.bus.redis.scan_iter(match=self.bus.keys.run("*"), count=500):
             fields = await self.bus.redis.hgetall(key)
             if not fields:
@@ -65,7 +72,12 @@ class Runner:
             if record.node != self.settings.node_name or record.job_id in self.runs:
                 continue
             log.info("adopting job", job_id=record.job_id, pid=record.pid)
-            self._track(record).committed.set()
+            self._track(record, fields)
+
+    def release_adopted(self) -> None:
+        """After the pending starts were handled, every adopted job's start is in the log."""
+        for run in self.runs.values():
+            run.committed.set()
 
     async def handle(self, delivery: Delivery) -> Sequence[Append] | Outcome | None:
         message = delivery.message
@@ -114,7 +126,6 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
     try:
         async with anyio.create_task_group() as tg:
             runner = Runner(settings, bus, tg)
-            await runner.adopt()
             consumer = GroupConsumer(
                 bus,
                 reader,
@@ -126,6 +137,10 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
                 claim_idle_ms=settings.claim_idle_ms,
                 max_deliveries=settings.max_deliveries,
             )
+            await consumer.setup()
+            await runner.adopt()
+            await consumer.drain_own_pending()
+            runner.release_adopted()
             await consumer.run()
     finally:
         with anyio.CancelScope(shield=True):

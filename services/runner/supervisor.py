@@ -23,8 +23,9 @@ import watchfiles
 
 from events import messages as m
 from events.bus import Append, Bus
+from events.codec import encode
 from services.runner.command import Launch, merged_env
-from services.runner.progress import JsonlTail, LineTail, classify_failure, progress_fields
+from services.runner.progress import JsonlTail, LineTail, classify_failure, progress_fields, read_rows, tail_lines
 
 log = structlog.get_logger("runner")
 
@@ -145,24 +146,29 @@ def find_version_dir(output_dir: Path, since: float) -> Path | None:
 
 
 class JobRun:
-    """One attempt of one job, from spawn (or adoption) to its final fact."""
+    """One attempt of one job, from spawn (or adoption) to its final fact.
 
-    def __init__(self, bus: Bus, record: RunRecord, *, log_maxlen: int, stop_grace_s: float) -> None:
+    Output lines, progress facts and the read offsets are stored in one transaction, so a runner
+    that adopts the job after a crash continues exactly where the last one stopped.
+    """
+
+    def __init__(
+        self, bus: Bus, record: RunRecord, *, log_maxlen: int, stop_grace_s: float, saved: dict[str, str] | None = None
+    ) -> None:
+        saved = saved or {}
         self.bus = bus
         self.record = record
         self.log_maxlen = log_maxlen
         self.stop_grace_s = stop_grace_s
-        self.committed = anyio.Event()  # set once job.started has landed in the log
+        self.committed = anyio.Event()  # set once job.started is known to be in the log
         self.stop_reason: str | None = None
         self.stop_requested = anyio.Event()
-        self.stdout = LineTail(Path(record.run_dir) / "stdout.log")
-        self.stderr = LineTail(Path(record.run_dir) / "stderr.log")
-        self.stderr_tail: list[str] = []
-        self.version_dir: Path | None = None
-        self.rows: JsonlTail | None = None
-        self.checkpoints: set[str] = set()
-        self.last_progress: dict[str, Any] | None = None
-        self.serving = False
+        self.stdout = LineTail(Path(record.run_dir) / "stdout.log", int(saved.get("stdout_offset", 0)))
+        self.stderr = LineTail(Path(record.run_dir) / "stderr.log", int(saved.get("stderr_offset", 0)))
+        self.rows = JsonlTail(Path(saved.get("jsonl_path", "")), int(saved.get("jsonl_offset", 0)))
+        self.version_dir: Path | None = Path(saved["jsonl_path"]).parent if saved.get("jsonl_path") else None
+        self.checkpoints: list[str] = json.loads(saved.get("checkpoints", "[]"))
+        self.serving = saved.get("serving") == "1"
 
     def common(self) -> dict[str, Any]:
         return {"job_id": self.record.job_id}
@@ -205,60 +211,77 @@ class JobRun:
                 debounce=300,
                 step=50,
                 rust_timeout=1000,
-                yield_on_timeout=False,
+                yield_on_timeout=True,  # also wake now and then, should a change go unnoticed
             ):
                 await self.pump()
             tg.cancel_scope.cancel()
         await self.finish(exit_code)
 
     async def pump(self, *, final: bool = False) -> None:
-        """Move new output lines, progress rows and checkpoints into Redis."""
-        lines = [("stdout", line) for line in self.stdout.read_new(final=final)]
-        err = self.stderr.read_new(final=final)
-        lines += [("stderr", line) for line in err]
-        self.stderr_tail = (self.stderr_tail + err)[-STDERR_TAIL_LINES:]
-        if lines:
-            async with self.bus.redis.pipeline(transaction=False) as pipe:
-                key = self.bus.keys.logs(self.record.job_id)
-                for fd, line in lines:
-                    pipe.xadd(key, {"fd": fd, "line": line[:8192]}, maxlen=self.log_maxlen, approximate=True)
-                await pipe.execute()
+        """Store new output lines, progress facts and checkpoints, with the new offsets."""
+        out, out_end = self.stdout.peek(final=final)
+        err, err_end = self.stderr.peek(final=final)
+        lines = [("stdout", line) for line in out] + [("stderr", line) for line in err]
         facts: list[m.Message] = []
-        if self.record.deploy and not self.serving and any(s in line for _, line in lines for s in _SERVING):
-            self.serving = True
+        serving = self.serving
+        if self.record.deploy and not serving and any(s in line for _, line in lines for s in _SERVING):
+            serving = True
             facts.append(m.JobServing(attempt=self.record.attempt, endpoint=self.record.endpoint, **self.common()))
-        facts += self._progress_facts()
-        if facts:
-            await self.bus.append(self.bus.keys.events, *facts)
+        progress, rows_end, checkpoints = self._progress()
+        facts += progress
+        if not lines and not facts and rows_end == self.rows.offset:
+            return
+        logs_key = self.bus.keys.logs(self.record.job_id)
+        async with self.bus.redis.pipeline(transaction=True) as pipe:
+            for fd, line in lines:
+                pipe.xadd(logs_key, {"fd": fd, "line": line[:8192]}, maxlen=self.log_maxlen, approximate=True)
+            for fact in facts:
+                pipe.xadd(self.bus.keys.events, encode(self.bus.stamp(fact)))
+            pipe.hset(
+                self.bus.keys.run(self.record.job_id),
+                mapping={
+                    "stdout_offset": out_end,
+                    "stderr_offset": err_end,
+                    "jsonl_path": str(self.rows.path) if self.version_dir else "",
+                    "jsonl_offset": rows_end,
+                    "checkpoints": json.dumps(checkpoints),
+                    "serving": "1" if serving else "0",
+                },
+            )
+            await pipe.execute()
+        self.stdout.offset, self.stderr.offset, self.rows.offset = out_end, err_end, rows_end
+        self.checkpoints, self.serving = checkpoints, serving
 
-    def _progress_facts(self) -> list[m.Message]:
+    def _progress(self) -> tuple[list[m.Message], int, list[str]]:
+        """Progress and checkpoint facts since the last pump, the new offset, all checkpoints."""
         if self.record.deploy:
-            return []
+            return [], self.rows.offset, self.checkpoints
         if self.version_dir is None:
             self.version_dir = find_version_dir(Path(self.record.output_dir), self.record.started_at)
             if self.version_dir is None:
-                return []
+                return [], self.rows.offset, self.checkpoints
             self.rows = JsonlTail(self.version_dir / "logging.jsonl")
-        assert self.rows is not None
         facts: list[m.Message] = []
+        rows, end = self.rows.peek()
         latest = None
         evals: dict[str, float] = {}
-        for row in self.rows.read_new():
+        for row in rows:
             fields = progress_fields(row)
             if fields is not None:
                 latest = fields
                 evals.update(fields.pop("eval"))
         if latest is not None:
             latest["eval"] = evals
-            self.last_progress = latest
             facts.append(m.JobProgress(attempt=self.record.attempt, **latest, **self.common()))
+        checkpoints = list(self.checkpoints)
         for ckpt in sorted(self.version_dir.glob("checkpoint-*"), key=_step_of):
-            if str(ckpt) not in self.checkpoints and (ckpt / "trainer_state.json").exists():
-                self.checkpoints.add(str(ckpt))
+            # trainer_state.json is written last: the checkpoint is complete.
+            if str(ckpt) not in checkpoints and (ckpt / "trainer_state.json").exists():
+                checkpoints.append(str(ckpt))
                 facts.append(
                     m.CheckpointSaved(attempt=self.record.attempt, step=_step_of(ckpt), path=str(ckpt), **self.common())
                 )
-        return facts
+        return facts, end, checkpoints
 
     async def finish(self, exit_code: int | None) -> None:
         """Wait until no process of the job remains, then report how it ended."""
@@ -271,7 +294,9 @@ class JobRun:
             while group_alive(self.record.pgid):
                 await anyio.sleep(_GROUP_CHECK_S)
         await self.pump(final=True)
-        final = self.outcome(exit_code)
+        final = await anyio.to_thread.run_sync(self.outcome, exit_code)
+        # The final fact has a fixed id: reporting it twice (a crash before the record is deleted)
+        # appends it once.
         await self.bus.commit([Append(self.bus.keys.events, final)], dedupe_id=f"fact:{final.id}")
         await self.bus.redis.delete(self.bus.keys.run(self.record.job_id))
         log.info("job ended", job_id=self.record.job_id, outcome=final.type, exit_code=exit_code)
@@ -282,50 +307,29 @@ class JobRun:
             "attempt": self.record.attempt,
             **self.common(),
         }
+        stderr_tail = tail_lines(Path(self.record.run_dir) / "stderr.log", STDERR_TAIL_LINES)
+        failed = {"exit_code": exit_code, "stderr_tail": stderr_tail, **common}
         if self.stop_reason == "cancel":
             return m.JobCancelled(exit_code=exit_code, **common)
         if self.stop_reason == "timeout":
-            return m.JobFailed(
-                exit_code=exit_code,
-                reason="timeout",
-                message="time limit reached",
-                stderr_tail=self.stderr_tail,
-                **common,
+            return m.JobFailed(reason="timeout", message="time limit reached", **failed)
+        last_row = next((row for row in reversed(read_rows(self.rows.path)) if "last_model_checkpoint" in row), None)
+        if self.record.deploy and (exit_code == 0 or exit_code is None):
+            return m.JobFailed(reason="unknown", message="the server exited", **failed)
+        if exit_code == 0 or (exit_code is None and last_row is not None):
+            last_checkpoint = (last_row or {}).get("last_model_checkpoint") or (
+                self.checkpoints[-1] if self.checkpoints else None
             )
-        finished = self._finished_training()
-        if exit_code == 0 or (exit_code is None and finished):
-            if self.record.deploy:
-                return m.JobFailed(
-                    exit_code=exit_code,
-                    reason="unknown",
-                    message="the server exited",
-                    stderr_tail=self.stderr_tail,
-                    **common,
-                )
             return m.JobSucceeded(
                 exit_code=0,
                 run_dir=str(self.version_dir or self.record.output_dir),
-                last_checkpoint=self._last_checkpoint(),
+                last_checkpoint=last_checkpoint,
                 **common,
             )
-        reason = (
-            "runner_lost" if exit_code is None else classify_failure(exit_code, self.stderr_tail, stopped_by_us=False)
-        )
-        message = next((line for line in reversed(self.stderr_tail) if "Error" in line), "")
-        return m.JobFailed(
-            exit_code=exit_code, reason=reason, message=message[:2000], stderr_tail=self.stderr_tail, **common
-        )
-
-    def _finished_training(self) -> bool:
-        rows = self.rows.rows if self.rows else []
-        return any("last_model_checkpoint" in row for row in rows)
-
-    def _last_checkpoint(self) -> str | None:
-        rows = self.rows.rows if self.rows else []
-        for row in reversed(rows):
-            if row.get("last_model_checkpoint"):
-                return str(row["last_model_checkpoint"])
-        return max(self.checkpoints, key=lambda p: _step_of(Path(p)), default=None)
+        # Without an exit status (the job ended while no runner watched it) the cause is unknown.
+        reason = "runner_lost" if exit_code is None else classify_failure(exit_code, stderr_tail, stopped_by_us=False)
+        message = next((line for line in reversed(stderr_tail) if "Error" in line), "")
+        return m.JobFailed(reason=reason, message=message[:2000], **failed)
 
 
 def _step_of(path: Path) -> int:

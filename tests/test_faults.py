@@ -1,0 +1,116 @@
+"""Faults through the real processes: services are SIGKILLed mid-flight and restarted; no accepted
+job is lost, nothing runs or is reported twice, and cancel leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from services.demo.tinymodel import DemoAssets
+from tests.conftest import RedisServer, wait_for
+from tests.system import System, job_body, read_stream, seen
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def system(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    system = System(redis_server.url, tmp_path_factory.mktemp("faults"), STOP_GRACE_S="10")
+    system.start()
+    try:
+        system.wait_healthy()
+        yield system
+    finally:
+        system.stop()
+
+
+def history(system: System, job_id: str) -> list[dict[str, object]]:
+    return httpx.get(f"{system.base}/jobs/{job_id}/events").json()["events"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_runner_killed_mid_job_is_replaced_and_the_job_runs_and_reports_once(
+    system: System, assets: DemoAssets
+) -> None:
+    body = job_body(assets, max_steps=16, save_steps=8)
+    body["auto_export"] = False
+    job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
+    url = f"{system.base}/jobs/{job_id}/stream"
+    first = read_stream(url, seen("job.started"))
+    # Given the runner is SIGKILLed while its trainer starts up
+    system.stop("runner", sig=signal.SIGKILL)
+    pid = httpx.get(f"{system.base}/jobs/{job_id}").json()["pid"]
+    assert alive(pid), "the trainer must outlive its runner"
+    # When a new runner starts
+    system.start("runner")
+    rest = read_stream(url, seen("job.succeeded"), last_event_id=first[-1].id)
+    # Then it adopted the trainer: one start, one end, progress to the last step, each checkpoint once
+    types = [e["type"] for e in history(system, job_id)]
+    assert types.count("job.started") == 1 and types.count("job.succeeded") == 1
+    steps = [e["payload"]["step"] for e in history(system, job_id) if e["type"] == "job.progress"]
+    assert steps == sorted(steps) and steps[-1] == 16
+    saved = [e["payload"]["path"] for e in history(system, job_id) if e["type"] == "job.checkpoint_saved"]
+    assert len(saved) == len(set(saved)) == 2
+    job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+    assert job["status"] == "completed" and job["last_checkpoint"].endswith("checkpoint-16")
+    assert [e.event for e in rest][-1] == "job.succeeded"
+    # And the output lines were not sent twice
+    lines = httpx.get(f"{system.base}/jobs/{job_id}/logs", params={"tail": 10000}).json()["lines"]
+    assert sum("last_model_checkpoint:" in line["line"] for line in lines) == 1
+
+
+def test_a_job_submitted_while_the_scheduler_is_down_is_decided_when_it_returns(
+    system: System, assets: DemoAssets
+) -> None:
+    # Given the scheduler is SIGKILLed
+    system.stop("scheduler", sig=signal.SIGKILL)
+    body = job_body(assets, max_steps=4, save_steps=4)
+    body["auto_export"] = False
+    # When a job is submitted, it is accepted but nobody decides
+    created = httpx.post(f"{system.base}/jobs", json=body).json()
+    assert created["status"] == "pending"
+    # And the gateway is SIGKILLed and restarted too
+    system.stop("gateway", sig=signal.SIGKILL)
+    system.start("gateway", "scheduler")
+    system.wait_healthy()
+    # Then the returning scheduler takes the command and the job runs to the end, once
+    events = read_stream(f"{system.base}/jobs/{created['job_id']}/stream", seen("job.succeeded"))
+    types = [e.event for e in events]
+    assert types[:4] == ["job.accepted", "job.queued", "job.scheduled", "job.started"]
+    assert types.count("job.scheduled") == 1
+
+
+def test_cancel_of_a_running_job_stops_every_process_and_frees_its_gpu(system: System, assets: DemoAssets) -> None:
+    body = job_body(assets, max_steps=5000, save_steps=1000, logging_steps=1)
+    body["auto_export"] = False
+    job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
+    url = f"{system.base}/jobs/{job_id}/stream"
+    first = read_stream(url, seen("job.progress"))
+    job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+    assert job["status"] == "running"
+    # When it is cancelled
+    response = httpx.post(f"{system.base}/jobs/{job_id}/cancel")
+    assert response.status_code == 202
+    rest = read_stream(url, seen("job.cancelled"), last_event_id=first[-1].id)
+    assert "job.cancel_requested" in [e.event for e in rest]
+    # Then no process of the job is left, and its GPU is free again
+    with pytest.raises(ProcessLookupError):
+        os.killpg(job["pid"], 0)
+    gpus = httpx.get(f"{system.base}/gpus").json()["nodes"][0]["gpus"]
+    assert all(gpu["held_by"] is None for gpu in gpus)
+    assert httpx.get(f"{system.base}/jobs/{job_id}").json()["status"] == "cancelled"
+    # And a second cancel is refused with the state it is in
+    again = httpx.post(f"{system.base}/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and "cancelled" in again.json()["error"]["message"]
+    wait_for(lambda: not alive(job["pid"]), 5, "the trainer to be gone")
