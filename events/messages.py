@@ -29,7 +29,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from events.params import DeployJob, JobSpec
+from events.params import JobSpec
 
 ENVELOPE_FIELDS = ("type", "v", "id", "at", "source", "causation_id", "job_id", "actor")
 
@@ -337,7 +337,3 @@ def message_types() -> dict[str, type[Message]]:
         if isinstance(default, str) and cls.model_fields["type"].annotation is not str:
             found[default] = cls
     return found
-
-
-def is_deploy(spec: object) -> bool:
-    return isinstance(spec, DeployJob)

@@ -4,7 +4,6 @@ with the shared fold, and fans every event out to the live streams of all client
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -174,7 +173,3 @@ class Projection:
 
     def passed(self, position: str) -> bool:
         return entry_id_key(self.state.position) >= entry_id_key(position)
-
-
-def page_count(total: int, size: int) -> int:
-    return max(1, math.ceil(total / size))

@@ -96,6 +96,25 @@ def react(state: State, keys: Keys, event: m.Message) -> list[Append]:
     return []
 
 
+# Facts after which queued jobs may now fit.
+RESCHEDULE_ON = (m.JobQueued, m.JobSucceeded, m.JobFailed, m.JobCancelled, m.NodeJoined, m.NodeLost)
+
+
+def on_event(
+    state: State,
+    keys: Keys,
+    heartbeats: Mapping[str, m.NodeHeartbeat],
+    limits: Limits,
+    now: datetime,
+    event: m.Message,
+) -> list[Append]:
+    """Everything the scheduler decides in response to one fact of the log."""
+    decided = react(state, keys, event)
+    if isinstance(event, RESCHEDULE_ON):
+        decided += schedule(state, keys, heartbeats, limits, now, event)
+    return decided
+
+
 def node_changes(state: State, heartbeat: m.NodeHeartbeat) -> list[m.Message]:
     """A node.joined fact when a node is new, returns, or reports a different inventory."""
     known = state.nodes.get(heartbeat.node)

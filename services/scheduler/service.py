@@ -33,16 +33,6 @@ end
 return 0
 """
 
-# Facts after which queued jobs may now fit.
-_RESCHEDULE_ON = (
-    m.JobQueued,
-    m.JobSucceeded,
-    m.JobFailed,
-    m.JobCancelled,
-    m.NodeJoined,
-    m.NodeLost,
-)
-
 
 class LostLeadership(Exception):
     """The lease expired or another scheduler took it."""
@@ -93,11 +83,8 @@ class Scheduler:
         if isinstance(message, m.ProcessQueue):
             return self._pass(message)
         if delivery.stream == self.keys.events:
-            reaction = rules.react(self.state, self.keys, message)
-            if reaction:
-                return reaction
-            if isinstance(message, _RESCHEDULE_ON):
-                return self._pass(message)
+            now = datetime.now(UTC)
+            return rules.on_event(self.state, self.keys, self.heartbeats, self.limits, now, message)
         return []
 
     async def commit_pass(self) -> None:

@@ -1,0 +1,160 @@
+"""The scheduler's rules as pure functions: order, placement, free-means-free, cancel, export."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from events import messages as m
+from events.bus import Append
+from events.keys import Keys
+from events.state import State
+from services.scheduler import rules
+from tests.examples import GPU, LM
+
+KEYS = Keys("t")
+LIMITS = rules.Limits(heartbeat_timeout_s=10, foreign_memory_threshold_mb=1024)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Cluster:
+    """A state built from the facts the rules emit, as the scheduler's fold would build it."""
+
+    def __init__(self, nodes: dict[str, int]) -> None:
+        self.state = State()
+        self.n = 0
+        self.heartbeats: dict[str, m.NodeHeartbeat] = {}
+        for name, count in nodes.items():
+            self.heartbeat(name, count)
+            self.fold([Append(KEYS.events, fact) for fact in rules.node_changes(self.state, self.heartbeats[name])])
+
+    def heartbeat(self, name: str, count: int, used_mb: int = 0, at: datetime = NOW) -> None:
+        gpus = [
+            m.GpuSample(**GPU.model_copy(update={"index": i}).model_dump(), memory_used_mb=used_mb)
+            for i in range(count)
+        ]
+        self.heartbeats[name] = m.NodeHeartbeat(node=name, simulated=True, gpus=gpus, at=at)
+
+    def fold(self, appends: list[Append]) -> list[m.Message]:
+        commands = []
+        for item in appends:
+            if item.stream == KEYS.events:
+                self.n += 1
+                self.state.apply(f"{self.n}-0", item.message)
+            else:
+                commands.append(item.message)
+        return commands
+
+    def submit(self, job_id: str, priority: int = 5, gpus: int = 1) -> list[m.Message]:
+        spec = LM.model_copy(update={"priority": priority, "gpu_count": gpus})
+        command = m.SubmitJob(job_id=job_id, spec=spec, actor="alice")
+        return self.fold(rules.submit(self.state, KEYS, command, self.heartbeats, LIMITS, NOW))
+
+    def finish(self, job_id: str) -> list[m.Message]:
+        job = self.state.jobs[job_id]
+        self.fold(
+            [
+                Append(
+                    KEYS.events,
+                    m.JobStarted(
+                        job_id=job_id,
+                        attempt=job.attempt,
+                        node=job.node or "",
+                        pid=1,
+                        pgid=1,
+                        run_dir="/r",
+                        argv=[],
+                        cuda_visible_devices="",
+                    ),
+                )
+            ]
+        )
+        done = m.JobSucceeded(
+            job_id=job_id, attempt=job.attempt, exit_code=0, run_dir="/r", last_checkpoint="/r/checkpoint-5"
+        )
+        self.fold([Append(KEYS.events, done)])
+        return self.fold(rules.on_event(self.state, KEYS, self.heartbeats, LIMITS, NOW, done))
+
+    def status(self, job_id: str) -> str:
+        return self.state.jobs[job_id].status
+
+
+def test_a_job_that_fits_is_accepted_queued_and_started_in_one_decision() -> None:
+    cluster = Cluster({"a": 2})
+    [start] = cluster.submit("j")
+    assert isinstance(start, m.StartJob) and start.node == "a" and start.gpu_ids == [0] and start.attempt == 1
+    assert cluster.status("j") == "scheduled"
+    assert [cluster.state.jobs["j"].queue_position_at_submit] == [1]
+
+
+def test_jobs_wait_in_priority_order_and_start_as_gpus_free() -> None:
+    cluster = Cluster({"a": 1})
+    cluster.submit("running")
+    cluster.submit("low", priority=1)
+    cluster.submit("high", priority=9)
+    cluster.submit("high2", priority=9)
+    assert [j.job_id for j in cluster.state.queue()] == ["high", "high2", "low"]
+    [start] = [c for c in cluster.finish("running") if isinstance(c, m.StartJob)]
+    assert start.job_id == "high"
+    [start] = [c for c in cluster.finish("high") if isinstance(c, m.StartJob)]
+    assert start.job_id == "high2"
+
+
+def test_strict_order_a_big_job_at_the_head_blocks_smaller_ones_behind_it() -> None:
+    cluster = Cluster({"a": 2})
+    cluster.submit("one")  # holds GPU 0
+    cluster.submit("big", priority=9, gpus=2)  # needs both: waits
+    commands = cluster.submit("small", priority=1)  # would fit on GPU 1, but must not jump ahead
+    assert commands == [] and cluster.status("small") == "queued"
+
+
+def test_placement_prefers_the_node_that_leaves_fewest_gpus_idle() -> None:
+    cluster = Cluster({"a": 4, "b": 2})
+    [start] = cluster.submit("pair", gpus=2)
+    assert (start.node, start.gpu_ids) == ("b", [0, 1])
+
+
+def test_a_gpu_used_by_a_foreign_process_or_a_silent_node_is_offered_to_no_one() -> None:
+    cluster = Cluster({"a": 1, "b": 1})
+    cluster.heartbeat("a", 1, used_mb=5000)  # someone else's process on a's GPU
+    cluster.heartbeat("b", 1, at=NOW - timedelta(seconds=60))  # b has gone quiet
+    assert cluster.submit("j") == []
+    assert cluster.status("j") == "queued"
+    cluster.heartbeat("b", 1)
+    [start] = cluster.fold(rules.schedule(cluster.state, KEYS, cluster.heartbeats, LIMITS, NOW, m.ProcessQueue()))
+    assert start.node == "b"
+
+
+def test_a_job_bigger_than_any_node_is_rejected_at_once() -> None:
+    cluster = Cluster({"a": 2})
+    assert cluster.submit("huge", gpus=3) == []
+    job = cluster.state.jobs["huge"]
+    assert job.status == "failed" and job.reason == "unsatisfiable" and "3 GPUs" in (job.message or "")
+
+
+def test_a_repeated_submit_is_decided_once() -> None:
+    cluster = Cluster({"a": 2})
+    cluster.submit("j")
+    command = m.SubmitJob(job_id="j", spec=LM)
+    assert rules.submit(cluster.state, KEYS, command, cluster.heartbeats, LIMITS, NOW) == []
+
+
+def test_cancel_of_a_queued_job_is_immediate_and_of_a_running_one_goes_to_its_runner() -> None:
+    cluster = Cluster({"a": 1})
+    cluster.submit("running")
+    cluster.submit("waiting")
+    assert cluster.fold(rules.cancel(cluster.state, KEYS, m.CancelJob(job_id="waiting"))) == []
+    assert cluster.status("waiting") == "cancelled"
+    [stop] = cluster.fold(rules.cancel(cluster.state, KEYS, m.CancelJob(job_id="running", actor="bob")))
+    assert isinstance(stop, m.StopJob) and stop.attempt == 1 and stop.actor == "bob"
+    assert cluster.state.jobs["running"].cancel_requested
+    assert rules.cancel(cluster.state, KEYS, m.CancelJob(job_id="running")) == []  # asked once
+
+
+def test_a_completed_lora_job_is_exported_once() -> None:
+    cluster = Cluster({"a": 1})
+    cluster.submit("j")
+    [export] = [c for c in cluster.finish("j") if isinstance(c, m.StartExport)]
+    assert isinstance(export, m.StartExport) and export.output_dir == "/r/checkpoint-5-merged"
+    assert cluster.state.jobs["j"].export.status == "pending"
+    again = m.RequestExport(job_id="j")
+    assert rules.export(cluster.state, KEYS, cluster.state.jobs["j"], again) == []
