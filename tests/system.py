@@ -58,11 +58,13 @@ class System:
         return done.stdout
 
     def start(self, *services: str) -> None:
+        """Start services; ``name=service`` starts another instance of a service under a name."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        for name in services or SERVICES:
+        for spec in services or SERVICES:
+            name, _, service = spec.partition("=")
             log = (self.data_dir / f"{name}.log").open("ab")
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", name], env=self.env, stdout=log, stderr=log
+                [sys.executable, "-m", "services.cli", service or name], env=self.env, stdout=log, stderr=log
             )
 
     def wait_healthy(self, timeout_s: float = 60) -> None:

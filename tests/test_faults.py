@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from events.keys import Keys
 from services.demo.tinymodel import DemoAssets
 from tests.conftest import RedisServer, wait_for
 from tests.system import System, job_body, read_stream, seen
@@ -114,3 +117,29 @@ def test_cancel_of_a_running_job_stops_every_process_and_frees_its_gpu(system: S
     again = httpx.post(f"{system.base}/jobs/{job_id}/cancel")
     assert again.status_code == 409 and "cancelled" in again.json()["error"]["message"]
     wait_for(lambda: not alive(job["pid"]), 5, "the trainer to be gone")
+
+
+def test_a_standby_scheduler_takes_over_when_the_leader_dies(system: System, tmp_path: Path) -> None:
+    # Given a second scheduler standing by
+    system.start("standby=scheduler")
+    keys = Keys(system.namespace)
+    client = redis.Redis.from_url(system.env["REDIS_URL"], decode_responses=True)
+    leader = wait_for(lambda: client.get(keys.leader), 10, "a leader")
+    leader_name = next(name for name, p in system.processes.items() if leader.endswith(f"-{p.pid}"))
+    other = "standby" if leader_name == "scheduler" else "scheduler"
+    # When the leader is SIGKILLed
+    system.stop(leader_name, sig=signal.SIGKILL)
+    # Then a job submitted now is decided by the other one, within the lease time
+    (tmp_path / "m").mkdir()
+    body = {
+        "task_type": "language_model",
+        "model_path": str(tmp_path / "m"),
+        "data_path": str(tmp_path / "m"),
+        "gpu_count": 9,
+    }
+    job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
+    wait_for(lambda: httpx.get(f"{system.base}/jobs/{job_id}").json()["status"] == "failed", 30, "a decision")
+    [decision] = [e for e in history(system, job_id) if e["type"] == "job.rejected"]
+    assert decision["source"].endswith(f"-{system.processes[other].pid}")
+    assert int(client.get(keys.fence)) == 2  # the new leader holds a newer fencing token
+    client.close()

@@ -1,0 +1,63 @@
+"""Settings: from the environment and env/.env.<ENVIRONMENT>; an invalid one stops the process
+at start with a message naming it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.config import ConfigError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "gateway"],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_an_invalid_setting_stops_the_process_naming_it(tmp_path: Path) -> None:
+    done = run_cli(tmp_path, APP_PORT="eighty")
+    assert done.returncode == 2
+    assert "APP_PORT" in done.stderr
+
+
+def test_settings_are_read_from_the_environment_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / ".env.staging").write_text("APP_PORT=9123\nAPI_PREFIX=/api/v2/\nREDIS_HOST=redis.internal\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ENVIRONMENT", "staging")
+    settings = load_settings()
+    assert settings.app_port == 9123
+    assert settings.api_prefix == "/api/v2"
+    assert settings.resolved_redis_url == "redis://redis.internal:6379/0"
+    assert not settings.embedded
+    # The process environment wins over the file
+    monkeypatch.setenv("APP_PORT", "9200")
+    assert load_settings().app_port == 9200
+
+
+def test_an_invalid_value_in_the_environment_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / ".env.prod").write_text("LOG_LEVEL=LOUD\n")
+    done = run_cli(tmp_path, ENVIRONMENT="prod")
+    assert done.returncode == 2 and "LOG_LEVEL" in done.stderr
+
+
+def test_without_redis_settings_the_embedded_redis_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("REDIS_URL", "REDIS_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings(embedded_redis_port=6500)
+    assert settings.embedded and settings.resolved_redis_url == "redis://127.0.0.1:6500/0"
+    with pytest.raises(ConfigError, match="NAMESPACE"):
+        load_settings(namespace="bad namespace!")
