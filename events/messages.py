@@ -1,21 +1,41 @@
 """Every message the processes exchange: one envelope, one pydantic model per type, one union.
 
-Who produces and who consumes each type:
+Who produces and who consumes each type (stream in brackets):
 
-=========================  =============  ==================  =====================================
-type                       kind           produced by         consumed by
-=========================  =============  ==================  =====================================
-job.submit                 command        gateway             scheduler ({st}:commands)
-job.cancel                 command        gateway             scheduler ({st}:commands)
-job.export                 command        gateway             scheduler ({st}:commands)
-queue.process              command        gateway             scheduler ({st}:commands)
-job.start                  command        scheduler           runner ({st}:node:<name>)
-job.stop                   command        scheduler           runner ({st}:node:<name>)
-export.start               command        scheduler           exporter ({st}:exports)
-job.accepted ... node.lost  event (fact)  see each class      every reader of {st}:events
-node.heartbeat             telemetry      gpu-monitor         scheduler, gateway ({st}:telemetry)
-service.heartbeat          telemetry      every service       gateway ({st}:telemetry)
-=========================  =============  ==================  =====================================
+======================  =========  ===========  ==============================================
+type                    kind       produced by  consumed by
+======================  =========  ===========  ==============================================
+job.submit              command    gateway      scheduler [{st}:commands]
+job.cancel              command    gateway      scheduler [{st}:commands]
+job.export              command    gateway      scheduler [{st}:commands]
+queue.process           command    gateway      scheduler [{st}:commands]
+job.start               command    scheduler    runner of the node [{st}:node:<name>]
+job.stop                command    scheduler    runner of the node [{st}:node:<name>]
+export.start            command    scheduler    exporter [{st}:exports]
+job.accepted            event      scheduler    every reader of the log [{st}:events]
+job.rejected            event      scheduler    (same for every event below)
+job.queued              event      scheduler
+job.scheduled           event      scheduler
+job.cancel_requested    event      scheduler
+job.cancelled           event      scheduler (queued job), runner (running job)
+export.requested        event      scheduler    exporter's work arrives as export.start
+node.joined             event      scheduler    (from a heartbeat of a new or changed node)
+node.lost               event      scheduler
+job.started             event      runner
+job.progress            event      runner
+job.checkpoint_saved    event      runner
+job.serving             event      runner
+job.succeeded           event      runner       scheduler reacts: export.requested (LoRA)
+job.failed              event      runner
+export.started          event      exporter
+export.completed        event      exporter
+export.failed           event      exporter
+node.heartbeat          telemetry  gpu-monitor  scheduler, gateway [{st}:telemetry]
+service.heartbeat       telemetry  every        gateway (liveness) [{st}:telemetry]
+======================  =========  ===========  ==============================================
+
+Readers of the log: the scheduler (its decisions), the gateway (its projection and SSE), and
+``swift-trainer replay``; all fold it with :class:`events.state.State`.
 
 Facts are named in the past tense, commands in the imperative. A type's ``v`` is its schema version;
 older versions are upcast on decode (see :mod:`events.codec`).

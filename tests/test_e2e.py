@@ -96,3 +96,28 @@ def test_a_reconnect_with_last_event_id_resumes_exactly_after_it(system: System,
     middle = history[len(history) // 2]["entry_id"]
     again = read_stream(url, seen("job.succeeded"), last_event_id=middle)
     assert [e.id for e in again] == [e["entry_id"] for e in history[len(history) // 2 + 1 :]]
+
+
+def test_a_deploy_job_serves_an_openai_api_until_cancelled(system: System, assets: DemoAssets) -> None:
+    # Given a deploy job of the tiny model
+    body = {
+        "task_type": "deploy",
+        "model_path": str(assets.model_dir),
+        "deploy_params": {"model_type": "qwen2", "template": "qwen2_5", "served_model_name": "tiny"},
+    }
+    job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
+    url = f"{system.base}/jobs/{job_id}/stream"
+    events = read_stream(url, seen("job.serving"))
+    # Then it serves an OpenAI-compatible API at the endpoint it reports
+    endpoint = json.loads(events[-1].data)["payload"]["endpoint"]
+    assert httpx.get(f"{endpoint}/models").json()["data"][0]["id"] == "tiny"
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "What is 2 plus 2?"}], "max_tokens": 4}
+    answer = httpx.post(f"{endpoint}/chat/completions", json=chat, timeout=60).json()
+    assert answer["usage"]["completion_tokens"] >= 1
+    # And cancelling it stops the server and frees its GPU
+    assert httpx.post(f"{system.base}/jobs/{job_id}/cancel").status_code == 202
+    read_stream(url, seen("job.cancelled"), last_event_id=events[-1].id)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{endpoint}/models", timeout=2)
+    gpus = httpx.get(f"{system.base}/gpus").json()["nodes"][0]["gpus"]
+    assert all(gpu["held_by"] is None for gpu in gpus)

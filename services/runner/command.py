@@ -93,7 +93,6 @@ def build_launch(
             *_flag("served_model_name", params.served_model_name),
             *_flag("model_type", params.model_type),
             *_flag("template", params.template),
-            *_flag("check_model", False),
         ]
         if params.infer_backend == "vllm":
             argv += [

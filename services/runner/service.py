@@ -55,6 +55,10 @@ class Runner:
         async def supervise() -> None:
             try:
                 await run.supervise()
+            except Exception:
+                # A fault here must not take the other jobs down; the job's process is left
+                # running and its run record kept, so a restarted runner adopts it again.
+                log.exception("supervising the job failed", job_id=record.job_id)
             finally:
                 self.runs.pop(record.job_id, None)
 

@@ -313,7 +313,8 @@ class JobRun:
             return m.JobCancelled(exit_code=exit_code, **common)
         if self.stop_reason == "timeout":
             return m.JobFailed(reason="timeout", message="time limit reached", **failed)
-        last_row = next((row for row in reversed(read_rows(self.rows.path)) if "last_model_checkpoint" in row), None)
+        rows = read_rows(self.rows.path) if self.version_dir else []
+        last_row = next((row for row in reversed(rows) if "last_model_checkpoint" in row), None)
         if self.record.deploy and (exit_code == 0 or exit_code is None):
             return m.JobFailed(reason="unknown", message="the server exited", **failed)
         if exit_code == 0 or (exit_code is None and last_row is not None):
