@@ -16,6 +16,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ResponseError
 
 from events.codec import DecodeError, decode, encode
@@ -100,15 +102,18 @@ class Entry:
 
 
 def connect(url: str, *, block_ms: int | None = None) -> aioredis.Redis:
-    """A client. A blocking reader gets its own, with a socket timeout above its block time."""
-    if block_ms is None:
-        return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=block_ms / 1000 + 10,
-        max_connections=4,
-    )
+    """A client. A blocking reader gets its own, with a socket timeout above its block time.
+
+    A command that meets a dropped connection (a pooled connection to a Redis that restarted) is
+    retried a few times; a longer outage raises, and the service restarts its work once Redis is
+    back. A retried append may land twice only if Redis ran it and then died before replying;
+    commits are deduplicated, and every reader tolerates a repeated progress or heartbeat entry.
+    """
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
+    options: dict[str, Any] = {"decode_responses": True, "retry": retry, "health_check_interval": 30}
+    if block_ms is not None:
+        options.update(socket_timeout=block_ms / 1000 + 10, max_connections=4)
+    return aioredis.Redis.from_url(url, **options)
 
 
 def entry_id_key(entry_id: str) -> tuple[int, int]:

@@ -8,7 +8,6 @@ to the handler, and the handler's effects are committed together with the acknow
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from events.messages import Message
 
 log = structlog.get_logger("events.consumer")
 
-LOOP_ERROR_BACKOFF_S = 1.0  # after a Redis error, wait this long (plus jitter) before retrying
+_DONE, _FAILED, _ACK_OWED = "done", "failed", "ack owed"
 MAX_CONFLICT_RETRIES = 50  # optimistic-concurrency retries of one message before giving up
 
 
@@ -103,15 +102,13 @@ class GroupConsumer:
             await ensure_group(self.bus.redis, stream, self.group, self.group_start)
 
     async def run(self) -> None:
-        """Consume until cancelled. Redis errors are logged and retried after a back-off."""
+        """Consume until cancelled. A lost Redis connection propagates: the service restarts its
+        work when Redis is back, and this loop starts over with its own pending entries."""
         await self.setup()
         await self.drain_own_pending()
         while True:
             try:
                 await self.poll(self.block_ms)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning("redis unavailable, retrying", error=str(exc), group=self.group)
-                await anyio.sleep(LOOP_ERROR_BACKOFF_S * (1 + random.random()))
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -129,8 +126,11 @@ class GroupConsumer:
             if not entries:
                 return handled
             for entry in entries:
-                await self._handle(entry, await self._delivery_count(entry))
-            handled += len(entries)
+                if await self._handle(entry, await self._delivery_count(entry)) == _FAILED:
+                    # Re-reading history counts as a delivery: leave a failing entry to the
+                    # idle-time reclaim instead of burning its retries now.
+                    return handled
+                handled += 1
 
     async def poll(self, block_ms: int | None) -> int:
         """One round: reclaim stale entries, then read new ones (blocking up to ``block_ms``)."""
@@ -147,7 +147,7 @@ class GroupConsumer:
             await self.on_idle()
         acks: list[Entry] = []
         for entry in entries:
-            if await self._handle(entry, 1, defer_ack=True):
+            if await self._handle(entry, 1, defer_ack=True) == _ACK_OWED:
                 acks.append(entry)
         await self._ack(acks)
         return handled + len(entries)
@@ -196,8 +196,9 @@ class GroupConsumer:
         for stream, ids in by_stream.items():
             await self.bus.redis.xack(stream, self.group, *ids)
 
-    async def _handle(self, entry: Entry, deliveries: int, *, defer_ack: bool = False) -> bool:
-        """Handle one entry. Returns True when only a plain acknowledgement is still owed."""
+    async def _handle(self, entry: Entry, deliveries: int, *, defer_ack: bool = False) -> str:
+        """Handle one entry: _DONE, _FAILED (left pending), or _ACK_OWED (with ``defer_ack``, when
+        only a plain acknowledgement is still owed)."""
         try:
             message = decode(entry.fields)
         except DecodeError as exc:
@@ -205,27 +206,29 @@ class GroupConsumer:
                 "dead-lettered undecodable entry", stream=entry.stream, entry_id=entry.entry_id, reason=str(exc)
             )
             await self.bus.dead_letter(entry, self.group, f"undecodable: {exc}")
-            return False
+            return _DONE
         if deliveries > self.max_deliveries:
             log.error("dead-lettered entry delivered too often", entry_id=entry.entry_id, deliveries=deliveries)
             await self.bus.dead_letter(entry, self.group, f"delivered {deliveries} times without success")
-            return False
+            return _DONE
         delivery = Delivery(entry.stream, entry.entry_id, message, deliveries)
         with structlog.contextvars.bound_contextvars(job_id=message.job_id, message_type=message.type):
             for _ in range(MAX_CONFLICT_RETRIES):
                 try:
                     reply = await self.handler(delivery)
+                except (RedisConnectionError, RedisTimeoutError):
+                    raise  # not the entry's fault: the service restarts once Redis is back
                 except Exception:
                     # Left pending: reclaimed after the idle threshold, dead-lettered when too often.
                     log.exception("handler failed; entry left pending", entry_id=entry.entry_id)
-                    return False
+                    return _FAILED
                 outcome = reply if isinstance(reply, Outcome) else Outcome(reply or ())
                 appends = outcome.appends
                 if not appends and self.guard.fence_token() is None:
                     if defer_ack:
-                        return True
+                        return _ACK_OWED
                     await self._ack([entry])
-                    return False
+                    return _DONE
                 result = await self.bus.commit(
                     appends or (),
                     ack=Ack(entry.stream, self.group, entry.entry_id),
@@ -236,7 +239,7 @@ class GroupConsumer:
                 if result.status != "CONFLICT":
                     if outcome.committed is not None:
                         outcome.committed.set()
-                    return False
+                    return _DONE
             raise RuntimeError(f"entry {entry.entry_id} conflicted {MAX_CONFLICT_RETRIES} times")
 
 

@@ -15,8 +15,8 @@ import anyio
 import structlog
 
 from events.bus import Bus, connect
-from events.codec import DecodeError, decode
-from events.state import IllegalTransition, State
+from events.log import apply_entry
+from events.state import State
 from services import embedded_redis
 from services.config import ConfigError, Settings, load_settings
 from services.runtime import ServiceMain, configure_logging, serve, wait_for_redis
@@ -93,11 +93,7 @@ async def replay(settings: Settings, job_id: str | None, as_state: bool) -> None
         state = State()
         async for entry in bus.entries(bus.keys.events):
             if as_state:
-                try:
-                    state.apply(entry.entry_id, decode(entry.fields))
-                except (DecodeError, IllegalTransition) as exc:
-                    print(f"skipped {entry.entry_id}: {exc}", file=sys.stderr)
-                    state.position = entry.entry_id
+                apply_entry(state, entry.entry_id, entry.fields)
             elif job_id is None or entry.fields.get("job_id") == job_id:
                 print(json.dumps({"entry_id": entry.entry_id, **json.loads(entry.fields["data"])}))
         if as_state:
@@ -130,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     commands: dict[str, Callable[[], object]] = {
         "redis": lambda: run_redis(settings),
         "demo": lambda: run_demo(settings, args.dir),
-        "replay": lambda: anyio.run(replay, settings, args.job, args.state),
+        "replay": lambda: configure_logging(settings, "replay") or anyio.run(replay, settings, args.job, args.state),
     }
     command = commands.get(args.command) or (lambda: run_service(settings, args.command))
     try:

@@ -3,7 +3,9 @@ clean stop on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -23,37 +25,57 @@ REDIS_RETRY_S = 0.5  # between attempts to reach a Redis that is still starting
 
 
 def configure_logging(settings: Settings, service: str) -> None:
+    """One line per event, with the service and instance bound; stdlib loggers (uvicorn, redis)
+    are rendered the same way."""
     level = logging.getLevelNamesMapping()[settings.log_level]
+    json_lines = settings.log_format == "json"
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if settings.log_format == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
     )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.dict_tracebacks if json_lines else structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every file change at INFO
     structlog.contextvars.bind_contextvars(service=service, instance=settings.instance)
 
 
-async def wait_for_redis(client: aioredis.Redis, *, timeout_s: float = 60.0) -> None:
+REDIS_LOST = (RedisConnectionError, RedisTimeoutError, ConnectionError)
+
+
+async def wait_for_redis(client: aioredis.Redis, *, timeout_s: float = math.inf) -> None:
+    """Wait (with a deadline) until Redis answers; Redis may still be starting or restarting."""
     log = structlog.get_logger()
     with anyio.fail_after(timeout_s):
-        while True:
+        for attempt in itertools.count():
             try:
                 await client.ping()
                 return
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                log.info("waiting for redis")
+            except (*REDIS_LOST, OSError) as exc:
+                if attempt % 20 == 0:
+                    log.info("waiting for redis", error=str(exc))
                 await anyio.sleep(REDIS_RETRY_S)
 
 
@@ -82,22 +104,39 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
             return
 
 
+def _first_leaf(error: BaseException) -> str:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return f"{type(error).__name__}: {error}"
+
+
 ServiceMain = Callable[[Settings, Bus, aioredis.Redis], Awaitable[None]]
 
 
 async def serve(settings: Settings, service: str, main: ServiceMain, *, heartbeat: bool = True) -> None:
-    """Connect, then run ``main`` and the heartbeat in one task group until a signal arrives."""
+    """Run ``main`` and the heartbeat until a signal arrives. When Redis goes away, ``main`` is
+    stopped and started again once Redis is back: every service rebuilds what it needs from
+    Redis at start (the runner re-adopts its jobs), so a Redis restart costs a pause, not a crash."""
+    log = structlog.get_logger()
     redis = connect(settings.resolved_redis_url)
+    bus = Bus(redis, settings.keys, f"{service}@{settings.instance}")
     try:
-        await wait_for_redis(redis)
-        bus = Bus(redis, settings.keys, f"{service}@{settings.instance}")
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_stop_on_signal, tg.cancel_scope)
-            if heartbeat:
-                tg.start_soon(heartbeat_loop, bus, settings, service)
-            await main(settings, bus, redis)
-            tg.cancel_scope.cancel()
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(_stop_on_signal, outer.cancel_scope)
+            finished = False
+            while not finished:
+                await wait_for_redis(redis)
+                try:
+                    async with anyio.create_task_group() as tg:
+                        if heartbeat:
+                            tg.start_soon(heartbeat_loop, bus, settings, service)
+                        await main(settings, bus, redis)
+                        tg.cancel_scope.cancel()
+                    finished = True
+                except* REDIS_LOST as lost:
+                    log.warning("lost redis; restarting when it is back", error=_first_leaf(lost))
+            outer.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
             await redis.aclose()
-    structlog.get_logger().info("stopped")
+    log.info("stopped")

@@ -143,3 +143,31 @@ def test_a_standby_scheduler_takes_over_when_the_leader_dies(system: System, tmp
     assert decision["source"].endswith(f"-{system.processes[other].pid}")
     assert int(client.get(keys.fence)) == 2  # the new leader holds a newer fencing token
     client.close()
+
+
+def test_a_redis_crash_mid_job_loses_nothing(assets: DemoAssets, tmp_path: Path) -> None:
+    # Given the system on its own Redis, with AOF, and a job training
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    system = System(server.url, tmp_path / "system")
+    system.start()
+    try:
+        system.wait_healthy()
+        body = job_body(assets, max_steps=16, save_steps=8)
+        job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
+        url = f"{system.base}/jobs/{job_id}/stream"
+        first = read_stream(url, seen("job.started"))
+        # When Redis is SIGKILLed and comes back on the same files
+        server.stop(kill=True)
+        server.start()
+        # Then every service carries on, and the job trains and exports to the end
+        system.wait_healthy()
+        rest = read_stream(url, seen("export.completed"), last_event_id=first[-1].id)
+        types = [e["type"] for e in history(system, job_id)]
+        assert [e.id for e in first + rest] == [e["entry_id"] for e in history(system, job_id)]
+        assert types.count("job.started") == 1 and types.count("job.succeeded") == 1
+        assert all(process.poll() is None for process in system.processes.values())
+    finally:
+        codes = system.stop()
+        server.stop()
+    assert all(code == 0 for code in codes.values()), codes

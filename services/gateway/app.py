@@ -27,7 +27,14 @@ from events.bus import Bus, entry_id_key
 from events.params import JobSpec, TaskType
 from events.state import TERMINAL, Job, JobStatus, State
 from services.config import Settings
-from services.gateway.errors import ApiError, api_error, http_error, server_error, validation_details
+from services.gateway.errors import (
+    ApiError,
+    api_error,
+    http_error,
+    redis_unavailable,
+    server_error,
+    validation_details,
+)
 from services.gateway.projection import Projection
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -43,10 +50,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*(
 # Rendering
 
 
-def job_view(job: Job, state: State) -> dict[str, Any]:
+def job_view(job: Job, state: State, positions: dict[str, int] | None = None) -> dict[str, Any]:
     view = job.model_dump(mode="json")
     view["task_type"] = job.spec.task_type
-    view["queue_position"] = state.queue_position(job.job_id)
+    if positions is None:
+        view["queue_position"] = state.queue_position(job.job_id)
+    else:
+        view["queue_position"] = positions.get(job.job_id)
     return view
 
 
@@ -100,7 +110,7 @@ async def read_json(request: Request) -> Any:
             raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(
             400, "invalid_json", f"request body is not JSON: {exc}", [{"field": "body", "message": str(exc)}]
         ) from exc
@@ -118,7 +128,12 @@ def check_paths(spec: Any) -> list[dict[str, str]]:
         if value is None:
             continue
         if _local(value):
-            if not Path(value).expanduser().exists():
+            try:
+                found = Path(value).expanduser().exists()
+            except (RuntimeError, OSError, ValueError) as exc:  # unknown ~user, name too long, NUL
+                problems.append({"field": name, "message": f"not a usable path: {exc}"})
+                continue
+            if not found:
                 problems.append({"field": name, "message": f"no such file or directory: {value}"})
         elif not _HUB_ID.match(value) or ".." in value:
             problems.append({"field": name, "message": "neither an existing local path nor a hub id such as org/name"})
@@ -198,8 +213,14 @@ async def list_jobs(request: Request) -> JSONResponse:
     jobs = [job for job in everything if status is None or job.status == status]
     jobs.sort(key=lambda job: job.submitted_at, reverse=True)
     chunk = jobs[(page - 1) * size : page * size]
+    positions = {job.job_id: i for i, job in enumerate(state.queue(), start=1)}
     return JSONResponse(
-        {"jobs": [job_view(job, state) for job in chunk], "total": len(jobs), "page": page, "size": size}
+        {
+            "jobs": [job_view(job, state, positions) for job in chunk],
+            "total": len(jobs),
+            "page": page,
+            "size": size,
+        }
     )
 
 
@@ -341,6 +362,15 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
+_ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+
+
+def is_entry_id(text: str) -> bool:
+    """A Redis stream entry id, ``<ms>-<seq>``, each part a 64-bit unsigned integer."""
+    found = _ENTRY_ID.match(text)
+    return found is not None and all(int(part) < 2**64 for part in found.groups())
+
+
 def _before(entry_id: str) -> str:
     """The id just before an entry, so that a range after it includes the entry."""
     ms, seq = entry_id_key(entry_id)
@@ -350,16 +380,13 @@ def _before(entry_id: str) -> str:
 async def job_stream(request: Request) -> EventSourceResponse:
     job = _job(request)
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("since")
-    if last_event_id is not None:
-        try:
-            entry_id_key(last_event_id)
-        except ValueError:
-            raise ApiError(
-                400,
-                "bad_parameter",
-                "Last-Event-ID is not a stream entry id",
-                [{"field": "Last-Event-ID", "message": "expected <ms>-<seq>"}],
-            ) from None
+    if last_event_id is not None and not is_entry_id(last_event_id):
+        raise ApiError(
+            400,
+            "bad_parameter",
+            "Last-Event-ID is not a stream entry id",
+            [{"field": "Last-Event-ID", "message": "expected <ms>-<seq>"}],
+        )
     after = last_event_id or _before(job.first_entry_id)
     return EventSourceResponse(
         _job_events(request, job.job_id, after),
@@ -415,7 +442,12 @@ def routes(prefix: str) -> list[Route | Mount]:
 def create_app(settings: Settings, bus: Bus, projection: Projection) -> Starlette:
     app = Starlette(
         routes=routes(settings.api_prefix),
-        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
+        exception_handlers={
+            ApiError: api_error,
+            HTTPException: http_error,
+            RedisError: redis_unavailable,
+            Exception: server_error,
+        },
     )
     app.state.settings = settings
     app.state.bus = bus

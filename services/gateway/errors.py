@@ -67,3 +67,12 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", path=request.url.path)
     return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+
+async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis unavailable", path=request.url.path, error=str(exc))
+    return JSONResponse(
+        error_body("unavailable", "the event log is unavailable; retry shortly"),
+        status_code=503,
+        headers={"Retry-After": "2"},
+    )

@@ -13,9 +13,11 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from events import messages as m
-from events.bus import Bus, entry_id_key
+from events.bus import Bus
 from events.codec import DecodeError, decode
-from events.state import IllegalTransition, Job, State, new_job
+from events.log import apply_entry, catch_up
+from events.state import Job, State, new_job
+from services.runtime import REDIS_LOST, wait_for_redis
 
 log = structlog.get_logger("gateway.projection")
 
@@ -82,22 +84,29 @@ class Projection:
 
     async def run(self) -> None:
         await self._recent_telemetry()
-        async for entry_id, event in self.bus.messages(self.bus.keys.events):
-            self._fold(entry_id, event)
+        await catch_up(self.bus, self.state)
+        self.pending.clear()  # filled next, from the submits not decided in the log
         async for entry_id, command in self.bus.messages(self.bus.keys.commands):
             self._note_command(entry_id, command)
         self.ready.set()
         self._signal()
         while True:
-            reply = await self.reader.xread(
-                {
-                    self.bus.keys.events: self.state.position,
-                    self.bus.keys.telemetry: self.telemetry_position,
-                    self.bus.keys.commands: self.commands_position,
-                },
-                count=500,
-                block=5000,
-            )
+            try:
+                reply = await self.reader.xread(
+                    {
+                        self.bus.keys.events: self.state.position,
+                        self.bus.keys.telemetry: self.telemetry_position,
+                        self.bus.keys.commands: self.commands_position,
+                    },
+                    count=500,
+                    block=5000,
+                )
+            except REDIS_LOST as exc:
+                # The state is intact: once Redis is back, reading on from the same positions
+                # continues exactly where the projection stopped.
+                log.warning("lost redis; resuming when it is back", error=str(exc))
+                await wait_for_redis(self.reader)
+                continue
             for stream, items in reply or []:
                 for entry_id, fields in items:
                     self._take(str(stream), str(entry_id), fields)
@@ -121,12 +130,17 @@ class Projection:
             self.telemetry_position = entry_id
         elif stream == self.bus.keys.commands:
             self.commands_position = entry_id
+        elif stream == self.bus.keys.events:
+            event = apply_entry(self.state, entry_id, fields)
+            if isinstance(event, m.JobAccepted):
+                self.pending.pop(event.job_id or "", None)
+            if event is not None:
+                self._publish(LiveEvent(entry_id, fields.get("job_id", ""), event.type, fields["data"]))
+            return
         try:
             message = decode(fields)
         except DecodeError as exc:
             log.warning("undecodable entry", stream=stream, entry_id=entry_id, reason=str(exc))
-            if stream == self.bus.keys.events:
-                self.state.position = entry_id
             return
         if isinstance(message, m.NodeHeartbeat):
             self.heartbeats[message.node] = message
@@ -134,27 +148,17 @@ class Projection:
             self.services[(message.service, message.instance)] = message
         elif stream == self.bus.keys.commands:
             self._note_command(entry_id, message)
-        elif stream == self.bus.keys.events:
-            self._fold(entry_id, message)
-            self._publish(LiveEvent(entry_id, fields.get("job_id", ""), message.type, fields["data"]))
-
-    def _fold(self, entry_id: str, event: m.Message) -> None:
-        try:
-            self.state.apply(entry_id, event)
-            if isinstance(event, m.JobAccepted):
-                self.pending.pop(event.job_id or "", None)
-        except IllegalTransition as exc:
-            log.error("event does not apply; skipped", entry_id=entry_id, error=str(exc))
-            self.state.position = entry_id
 
     def _publish(self, event: LiveEvent) -> None:
         for subscription in list(self.subscribers):
             try:
                 subscription.send.send_nowait(event)
             except anyio.WouldBlock:
-                # A client that cannot keep up is cut off rather than slowing everyone else.
+                # A client that cannot keep up is cut off rather than slowing everyone else: it
+                # gets what is buffered, then the end of its stream (and reconnects from there).
                 subscription.overflowed = True
-                self.unsubscribe(subscription)
+                self.subscribers.discard(subscription)
+                subscription.send.close()
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self.subscribers.discard(subscription)
 
@@ -170,6 +174,3 @@ class Projection:
             if now - beat.at <= timedelta(seconds=max(3 * beat.interval_s, 5)):
                 alive.setdefault(service, []).append(instance)
         return alive
-
-    def passed(self, position: str) -> bool:
-        return entry_id_key(self.state.position) >= entry_id_key(position)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from events.params import DeployJob, JobSpec, MultiModalJob, TrainParams
 
+TAG_VARIABLE = "SWIFT_TRAINER_JOB"
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -76,7 +78,7 @@ def build_launch(
         "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids),
         "OMP_NUM_THREADS": str(omp_num_threads),
         "PYTHONUNBUFFERED": "1",
-        "SWIFT_TRAINER_JOB": f"{job_id}:{attempt}",  # tags every process of the job
+        TAG_VARIABLE: f"{job_id}:{attempt}",  # tags every process of the attempt
     }
     if isinstance(spec, DeployJob):
         params = spec.deploy_params

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,10 @@ def parse_duration_s(text: object) -> float | None:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite number, else None: a NaN or infinite loss is not valid JSON for clients."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def progress_fields(row: dict[str, Any]) -> dict[str, Any] | None:
@@ -49,7 +53,7 @@ def progress_fields(row: dict[str, Any]) -> dict[str, Any] | None:
         "elapsed_s": parse_duration_s(row.get("elapsed_time")),
         "remaining_s": parse_duration_s(row.get("remaining_time")),
         "train_speed_s_per_it": _number(row.get("train_speed(s/it)")),
-        "eval": {k: float(v) for k, v in row.items() if k.startswith("eval_") and _number(v) is not None},
+        "eval": {k: v for k, v in ((k, _number(v)) for k, v in row.items() if k.startswith("eval_")) if v is not None},
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from events.consumer import Delivery, GroupConsumer, Outcome
 from events.keys import RUNNER_GROUP
 from services.config import Settings
 from services.runner.command import build_launch
-from services.runner.supervisor import JobRun, RunRecord, spawn, started_event
+from services.runner.supervisor import JobRun, RunRecord, find_running, job_tag, record_for, spawn, started_event
+from services.runtime import REDIS_LOST
 from services.swift import swift_executable
 
 log = structlog.get_logger("runner")
@@ -42,20 +44,25 @@ class Runner:
         self.tg = tg
         self.runs: dict[str, JobRun] = {}
 
-    def _track(self, record: RunRecord, saved: dict[str, str] | None = None) -> JobRun:
+    def _track(
+        self, record: RunRecord, saved: dict[str, str] | None = None, process: subprocess.Popen[bytes] | None = None
+    ) -> JobRun:
         run = JobRun(
             self.bus,
             record,
             log_maxlen=self.settings.job_log_maxlen,
             stop_grace_s=self.settings.stop_grace_s,
             saved=saved,
+            process=process,
         )
         self.runs[record.job_id] = run
 
         async def supervise() -> None:
             try:
                 await run.supervise()
-            except Exception:
+            except* REDIS_LOST:
+                raise  # the whole runner restarts when Redis is back, and adopts the job again
+            except* Exception:
                 # A fault here must not take the other jobs down; the job's process is left
                 # running and its run record kept, so a restarted runner adopts it again.
                 log.exception("supervising the job failed", job_id=record.job_id)
@@ -70,7 +77,7 @@ class Runner:
         release_adopted(): a start still pending must first land its job.started."""
         async for key in self.bus.redis.scan_iter(match=self.bus.keys.run("*"), count=500):
             fields = await self.bus.redis.hgetall(key)
-            if not fields:
+            if "record" not in fields:  # only a stop that arrived before its start
                 continue
             record = RunRecord.from_redis(fields)
             if record.node != self.settings.node_name or record.job_id in self.runs:
@@ -91,31 +98,60 @@ class Runner:
             run = self.runs.get(message.job_id or "")
             if run is not None and run.record.attempt == message.attempt:
                 await run.request_stop(message.reason)
+            elif run is None:
+                # Its start has not been handled (it failed and waits to be retried): remember
+                # the stop, so that the start reports the job cancelled instead of running it.
+                await self.bus.redis.hset(
+                    self.bus.keys.run(message.job_id or ""),
+                    mapping={"stop_reason": message.reason, "stop_attempt": message.attempt},
+                )
             return None
         log.warning("unexpected command for the runner", type=message.type)
         return None
 
-    async def start(self, command: m.StartJob) -> Outcome:
+    async def start(self, command: m.StartJob) -> Outcome | Sequence[Append]:
         job_id = command.job_id or ""
         run = self.runs.get(job_id)
         if run is None or run.record.attempt != command.attempt:
-            launch = build_launch(
-                command.spec,
-                swift=swift_executable(self.settings.swift_bin),
-                job_id=job_id,
-                attempt=command.attempt,
-                gpu_ids=command.gpu_ids,
-                runs_dir=self.settings.runs_dir,
-                omp_num_threads=self.settings.job_omp_num_threads,
-                port=free_port() if command.spec.task_type == "deploy" else None,
-            )
-            record = await anyio.to_thread.run_sync(spawn, launch, job_id, command.attempt, command.node)
-            await self.bus.redis.hset(self.bus.keys.run(job_id), mapping=record.to_redis())
-            log.info("started job", job_id=job_id, pid=record.pid, argv=launch.argv)
-            run = self._track(record)
+            key = self.bus.keys.run(job_id)
+            early = await self.bus.redis.hgetall(key)
+            end = {"id": f"{job_id}-{command.attempt}-final", "job_id": job_id, "attempt": command.attempt}
+            if early.get("stop_attempt") == str(command.attempt) and "record" not in early:
+                await self.bus.redis.delete(key)
+                return [Append(self.bus.keys.events, m.JobCancelled(**end))]
+            try:
+                record, process = await anyio.to_thread.run_sync(self._launch, command)
+            except (OSError, ValueError) as exc:
+                log.warning("could not start job", job_id=job_id, error=str(exc))
+                failed = m.JobFailed(reason="spawn_failed", message=f"could not start: {exc}", **end)
+                return [Append(self.bus.keys.events, failed)]
+            await self.bus.redis.hset(key, mapping=record.to_redis())
+            run = self._track(record, process=process)
         argv = (await anyio.to_thread.run_sync(_argv_of, run.record)) or []
         started = started_event(run.record, argv, ",".join(str(i) for i in command.gpu_ids))
         return Outcome([Append(self.bus.keys.events, started)], committed=run.committed)
+
+    def _launch(self, command: m.StartJob) -> tuple[RunRecord, subprocess.Popen[bytes] | None]:
+        """Start the attempt's process, or find it running: the runner may have died after
+        starting it and before recording it, and a job must never run twice."""
+        job_id = command.job_id or ""
+        launch = build_launch(
+            command.spec,
+            swift=swift_executable(self.settings.swift_bin),
+            job_id=job_id,
+            attempt=command.attempt,
+            gpu_ids=command.gpu_ids,
+            runs_dir=self.settings.runs_dir,
+            omp_num_threads=self.settings.job_omp_num_threads,
+            port=free_port() if command.spec.task_type == "deploy" else None,
+        )
+        running = find_running(job_tag(job_id, command.attempt))
+        if running is not None:
+            log.warning("found the job already running; adopting it", job_id=job_id, pid=running.pid)
+            return record_for(launch, job_id, command.attempt, command.node, running.pid, running.create_time()), None
+        record, process = spawn(launch, job_id, command.attempt, command.node)
+        log.info("started job", job_id=job_id, pid=record.pid, argv=launch.argv)
+        return record, process
 
 
 def _argv_of(record: RunRecord) -> list[str]:

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import structlog
 import watchfiles
 
 from events import messages as m
 from events.bus import Append, Bus
 from events.codec import encode
-from services.runner.command import Launch, merged_env
+from services.runner.command import TAG_VARIABLE, Launch, merged_env
 from services.runner.progress import JsonlTail, LineTail, classify_failure, progress_fields, read_rows, tail_lines
 
 log = structlog.get_logger("runner")
@@ -71,7 +72,39 @@ def started_event(record: RunRecord, argv: list[str], gpus: str) -> m.JobStarted
     )
 
 
-def spawn(launch: Launch, job_id: str, attempt: int, node: str) -> RunRecord:
+def job_tag(job_id: str, attempt: int) -> str:
+    """Set in the environment of every process of an attempt, to find them again."""
+    return f"{job_id}:{attempt}"
+
+
+def find_running(tag: str) -> psutil.Process | None:
+    """The session leader of an attempt's processes, should one still run (a start whose
+    record never reached Redis before the runner died)."""
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(TAG_VARIABLE) == tag and os.getpgid(process.pid) == process.pid:
+                return process
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return None
+
+
+def record_for(launch: Launch, job_id: str, attempt: int, node: str, pid: int, started_at: float) -> RunRecord:
+    return RunRecord(
+        job_id=job_id,
+        attempt=attempt,
+        node=node,
+        pid=pid,
+        pgid=pid,
+        run_dir=str(launch.run_dir),
+        output_dir=str(launch.output_dir),
+        started_at=started_at,
+        deploy=launch.port is not None,
+        endpoint=f"http://127.0.0.1:{launch.port}/v1" if launch.port else "",
+    )
+
+
+def spawn(launch: Launch, job_id: str, attempt: int, node: str) -> tuple[RunRecord, subprocess.Popen[bytes]]:
     """Start the process in a new session (its own process group) writing to the run dir."""
     launch.run_dir.mkdir(parents=True, exist_ok=True)
     launch.output_dir.mkdir(parents=True, exist_ok=True)
@@ -86,19 +119,7 @@ def spawn(launch: Launch, job_id: str, attempt: int, node: str) -> RunRecord:
             cwd=launch.run_dir,
             start_new_session=True,
         )
-    endpoint = f"http://127.0.0.1:{launch.port}/v1" if launch.port else ""
-    return RunRecord(
-        job_id=job_id,
-        attempt=attempt,
-        node=node,
-        pid=process.pid,
-        pgid=process.pid,
-        run_dir=str(launch.run_dir),
-        output_dir=str(launch.output_dir),
-        started_at=time.time(),
-        deploy=launch.port is not None,
-        endpoint=endpoint,
-    )
+    return record_for(launch, job_id, attempt, node, process.pid, time.time()), process
 
 
 def group_alive(pgid: int) -> bool:
@@ -116,25 +137,18 @@ def signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-async def wait_exit(pid: int) -> int | None:
-    """Wait for a process to exit without polling; its exit code if it is our child."""
+async def wait_exit(pid: int, process: subprocess.Popen[bytes] | None) -> int | None:
+    """Wait for a process to exit without polling (a pidfd becomes readable); its exit code when
+    it is our child. An adopted process is not: its status went to whoever reaped it."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return _reap(pid)
+        return process.wait() if process else None
     try:
         await anyio.wait_readable(fd)
     finally:
         os.close(fd)
-    return _reap(pid)
-
-
-def _reap(pid: int) -> int | None:
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        return None  # adopted after a runner restart: not our child, its status is lost
-    return os.waitstatus_to_exitcode(status)
+    return process.wait() if process else None
 
 
 def find_version_dir(output_dir: Path, since: float) -> Path | None:
@@ -153,11 +167,19 @@ class JobRun:
     """
 
     def __init__(
-        self, bus: Bus, record: RunRecord, *, log_maxlen: int, stop_grace_s: float, saved: dict[str, str] | None = None
+        self,
+        bus: Bus,
+        record: RunRecord,
+        *,
+        log_maxlen: int,
+        stop_grace_s: float,
+        saved: dict[str, str] | None = None,
+        process: subprocess.Popen[bytes] | None = None,
     ) -> None:
         saved = saved or {}
         self.bus = bus
         self.record = record
+        self.process = process  # held, so that only we reap it and its exit code is ours
         self.log_maxlen = log_maxlen
         self.stop_grace_s = stop_grace_s
         self.committed = anyio.Event()  # set once job.started is known to be in the log
@@ -169,6 +191,9 @@ class JobRun:
         self.version_dir: Path | None = Path(saved["jsonl_path"]).parent if saved.get("jsonl_path") else None
         self.checkpoints: list[str] = json.loads(saved.get("checkpoints", "[]"))
         self.serving = saved.get("serving") == "1"
+        if saved.get("stop_reason"):  # a stop asked of a runner that died before the job ended
+            self.stop_reason = saved["stop_reason"]
+            self.stop_requested.set()
 
     def common(self) -> dict[str, Any]:
         return {"job_id": self.record.job_id}
@@ -177,6 +202,8 @@ class JobRun:
         """SIGTERM the whole group (a checkpoint is saved), SIGKILL after the grace period."""
         if self.stop_reason is not None:
             return
+        # Recorded first: a runner that adopts the job after a crash knows why it ends.
+        await self.bus.redis.hset(self.bus.keys.run(self.record.job_id), "stop_reason", reason)
         self.stop_reason = reason
         self.stop_requested.set()
         log.info("stopping job", job_id=self.record.job_id, reason=reason)
@@ -197,7 +224,7 @@ class JobRun:
 
         async def waiter() -> None:
             nonlocal exit_code
-            exit_code = await wait_exit(self.record.pid)
+            exit_code = await wait_exit(self.record.pid, self.process)
             exited.set()
 
         async with anyio.create_task_group() as tg:

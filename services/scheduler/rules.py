@@ -60,12 +60,10 @@ def cancel(state: State, keys: Keys, command: m.CancelJob) -> list[Append]:
     common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     if job.status in (JobStatus.pending, JobStatus.queued):
         return [Append(keys.events, m.JobCancelled(**common))]
+    stop = Append(keys.node(job.node or ""), m.StopJob(attempt=job.attempt, reason="cancel", **common))
     if job.cancel_requested:
-        return []
-    return [
-        Append(keys.events, m.JobCancelRequested(reason=command.reason, **common)),
-        Append(keys.node(job.node or ""), m.StopJob(attempt=job.attempt, reason="cancel", **common)),
-    ]
+        return [stop]  # asked again: the runner's stop is idempotent, and a stop may have been lost
+    return [Append(keys.events, m.JobCancelRequested(reason=command.reason, **common)), stop]
 
 
 def export(state: State, keys: Keys, job: Job, cause: m.Message) -> list[Append]:

@@ -7,6 +7,7 @@ and that entry id, so a stale leader, or a decision on an out-of-date state, can
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -18,8 +19,10 @@ from events import messages as m
 from events.bus import Append, Bus, Fenced, connect
 from events.consumer import CommitGuard, Delivery, GroupConsumer
 from events.keys import SCHEDULER_GROUP
-from events.state import IllegalTransition, State
+from events.log import catch_up
+from events.state import State
 from services.config import Settings
+from services.runtime import REDIS_LOST
 from services.scheduler import rules
 
 log = structlog.get_logger("scheduler")
@@ -32,6 +35,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 class LostLeadership(Exception):
@@ -53,12 +59,7 @@ class Scheduler:
 
     async def catch_up(self) -> None:
         """Fold every event appended since the state's position."""
-        async for entry_id, event in self.bus.messages(self.keys.events, after=self.state.position):
-            try:
-                self.state.apply(entry_id, event)
-            except IllegalTransition as exc:
-                log.error("event does not apply; skipped", entry_id=entry_id, error=str(exc))
-                self.state.position = entry_id
+        await catch_up(self.bus, self.state)
 
     def _pass(self, cause: m.Message) -> list[Append]:
         return rules.schedule(self.state, self.keys, self.heartbeats, self.limits, datetime.now(UTC), cause)
@@ -135,6 +136,8 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
     try:
         while True:
             won = await redis.set(settings.keys.leader, settings.instance, nx=True, px=settings.leader_lease_ms)
+            if not won and await redis.get(settings.keys.leader) == settings.instance:
+                won = True  # our own lease, from before Redis dropped the connection
             if not won:
                 # Standby: the lease is a timer, so checking it on a timer is the protocol.
                 await anyio.sleep(settings.leader_lease_ms / 3000)
@@ -148,10 +151,6 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
                 log.warning("lost the leadership; standing by")
     finally:
         with anyio.CancelScope(shield=True):
-            await redis.eval(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-                1,
-                settings.keys.leader,
-                settings.instance,
-            )
             await reader.aclose()
+            with contextlib.suppress(*REDIS_LOST):  # then the lease simply expires
+                await redis.eval(_RELEASE_LUA, 1, settings.keys.leader, settings.instance)
