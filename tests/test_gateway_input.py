@@ -110,3 +110,35 @@ async def test_a_hub_reference_is_accepted_as_is(client: httpx.AsyncClient, bus:
     assert response.status_code == 202, response.text
     assert response.json()["status"] == "pending"
     assert await bus.redis.xlen(bus.keys.commands) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"model_path": "~no-such-user-here/model"}, {"model_path": "/" + "a" * 300}, {"data_path": "./bad\u0000name"}],
+)
+async def test_odd_paths_are_422_not_500(
+    client: httpx.AsyncClient, valid: dict[str, object], change: dict[str, object]
+) -> None:
+    response = await client.post("/jobs", json={**valid, **change})
+    assert response.status_code == 422, response.text
+    assert set(change) <= fields_of(response)
+
+
+async def test_a_deeply_nested_body_is_400_not_500(client: httpx.AsyncClient) -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    response = await client.post("/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code in (400, 413)
+
+
+@pytest.mark.parametrize("last_id", ["abc", "1--1", "1_000-0", "99999999999999999999-0", "-1-0"])
+async def test_a_bad_last_event_id_is_400_before_the_stream_starts(
+    client: httpx.AsyncClient, bus: Bus, valid: dict[str, object], last_id: str
+) -> None:
+    from events.messages import JobAccepted
+    from events.params import LanguageModelJob
+
+    projection = client._transport.app.state.projection  # type: ignore[attr-defined]
+    projection.state.apply("5-0", JobAccepted(job_id="j", spec=LanguageModelJob(**valid)))
+    response = await client.get("/jobs/j/stream", headers={"Last-Event-ID": last_id})
+    assert response.status_code == 400
+    assert fields_of(response) == {"Last-Event-ID"}

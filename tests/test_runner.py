@@ -1,0 +1,129 @@
+"""The runner's start and stop handling against a real Redis and real processes (no training),
+and the parsing of ms-swift's progress rows and failures."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from events import messages as m
+from events.bus import Bus
+from events.consumer import Delivery, Outcome
+from events.params import LanguageModelJob
+from services.config import load_settings
+from services.runner.command import TAG_VARIABLE
+from services.runner.progress import classify_failure, parse_duration_s, progress_fields
+from services.runner.service import Runner
+
+
+@contextlib.asynccontextmanager
+async def running(bus: Bus, tmp_path: Path) -> AsyncIterator[Runner]:
+    """A runner whose supervising tasks end with the block (a task group cannot span fixtures)."""
+    settings = load_settings(
+        namespace=bus.keys.namespace, data_dir=tmp_path / "data", node_name="n1", swift_bin="swift"
+    )
+    async with anyio.create_task_group() as tg:
+        yield Runner(settings, bus, tg)
+        tg.cancel_scope.cancel()
+
+
+def start_command(tmp_path: Path, attempt: int = 1, **spec: object) -> m.StartJob:
+    (tmp_path / "model").mkdir(exist_ok=True)
+    job = LanguageModelJob(task_type="language_model", model_path=str(tmp_path / "model"), data_path="org/data", **spec)
+    return m.StartJob(job_id="job-1", attempt=attempt, node="n1", gpu_ids=[0], spec=job)
+
+
+def deliver(message: m.Message) -> Delivery:
+    return Delivery("stream", "1-0", message, 1)
+
+
+async def test_a_job_that_cannot_start_fails_with_the_reason_instead_of_holding_its_gpus(
+    bus: Bus, tmp_path: Path
+) -> None:
+    command = start_command(tmp_path, output_dir="/proc/not-writable")
+    async with running(bus, tmp_path) as runner:
+        [append] = await runner.handle(deliver(command))  # type: ignore[misc]
+    assert isinstance(append.message, m.JobFailed)
+    assert append.message.reason == "spawn_failed" and append.message.attempt == 1
+    assert "not-writable" in append.message.message
+    assert runner.runs == {}
+
+
+async def test_a_stop_that_overtakes_its_start_cancels_the_job_without_running_it(bus: Bus, tmp_path: Path) -> None:
+    async with running(bus, tmp_path) as runner:
+        # Given a stop handled before its job's start (the start failed once and waits for a retry)
+        await runner.handle(deliver(m.StopJob(job_id="job-1", attempt=1)))
+        # When the start is retried
+        [append] = await runner.handle(deliver(start_command(tmp_path)))  # type: ignore[misc]
+    # Then the job is reported cancelled and nothing was started
+    assert isinstance(append.message, m.JobCancelled) and append.message.attempt == 1
+    assert runner.runs == {}
+    assert not await bus.redis.exists(bus.keys.run("job-1"))
+
+
+async def test_a_redelivered_start_adopts_the_process_it_already_started(bus: Bus, tmp_path: Path) -> None:
+    # Given the attempt's process already runs (the runner died before recording it)
+    env = {**os.environ, TAG_VARIABLE: "job-1:1"}
+    already = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
+    try:
+        async with running(bus, tmp_path) as runner:
+            # When its start is delivered again
+            outcome = await runner.handle(deliver(start_command(tmp_path)))
+            # Then the runner reports and supervises that process instead of starting a second one
+            assert isinstance(outcome, Outcome)
+            [append] = outcome.appends
+            assert isinstance(append.message, m.JobStarted) and append.message.pid == already.pid
+            assert runner.runs["job-1"].record.pgid == already.pid
+            assert not (runner.settings.runs_dir / "job-1" / "attempt-1" / "stdout.log").exists()
+    finally:
+        os.killpg(already.pid, signal.SIGKILL)
+        already.wait()
+
+
+def test_progress_rows_become_progress_fields() -> None:
+    row = {
+        "loss": 2.5,
+        "grad_norm": math.nan,
+        "learning_rate": 1e-4,
+        "token_acc": 0.25,
+        "epoch": 0.5,
+        "global_step/max_steps": "5/20",
+        "elapsed_time": "1m 5s",
+        "remaining_time": "3m",
+        "train_speed(s/it)": 0.2,
+        "eval_loss": math.inf,
+        "eval_token_acc": 0.3,
+    }
+    fields = progress_fields(row)
+    assert fields is not None
+    assert (fields["step"], fields["max_steps"], fields["percent"]) == (5, 20, 25.0)
+    assert fields["grad_norm"] is None  # not finite: not valid JSON for browsers
+    assert (fields["elapsed_s"], fields["remaining_s"]) == (65.0, 180.0)
+    assert fields["eval"] == {"eval_token_acc": 0.3}
+    assert progress_fields({"train_runtime": 3.0, "global_step/max_steps": "20/20"}) is None
+    assert progress_fields({"loss": 1.0}) is None
+    assert parse_duration_s("2h 3m 4s") == 7384.0 and parse_duration_s("soon") is None
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "stderr", "reason"),
+    [
+        (1, ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"], "oom"),
+        (1, ["ValueError: remaining_argv: ['--bogus', '1']"], "bad_argument"),
+        (1, ["FileNotFoundError: Dataset /data/x.jsonl does not exist"], "dataset_not_found"),
+        (1, ["OSError: Qwen/Nope is not a local folder and is not a valid model identifier"], "model_not_found"),
+        (-9, ["Train: 10%"], "killed"),
+        (1, ["RuntimeError: something else"], "unknown"),
+    ],
+)
+def test_failures_are_classified_from_exit_status_and_output(exit_code: int, stderr: list[str], reason: str) -> None:
+    assert classify_failure(exit_code, stderr, stopped_by_us=False) == reason
