@@ -179,12 +179,12 @@ class JobStarted(Event):
     cuda_visible_devices: str
 
 
-class JobProgress(Event):
-    type: Literal["job.progress"] = "job.progress"
-    attempt: int
-    step: int
-    max_steps: int
-    percent: float
+class ProgressMetrics(BaseModel):
+    """A training step as ms-swift logs it (also the job record's progress)."""
+
+    step: int = 0
+    max_steps: int = 0
+    percent: float = 0.0
     loss: float | None = None
     grad_norm: float | None = None
     learning_rate: float | None = None
@@ -194,6 +194,11 @@ class JobProgress(Event):
     remaining_s: float | None = None
     train_speed_s_per_it: float | None = None
     eval: dict[str, float] = Field(default_factory=dict)
+
+
+class JobProgress(Event, ProgressMetrics):
+    type: Literal["job.progress"] = "job.progress"
+    attempt: int
 
 
 class CheckpointSaved(Event):

@@ -42,19 +42,7 @@ class IllegalTransition(ValueError):
     """An event that does not apply to the state it arrives in."""
 
 
-class Progress(BaseModel):
-    step: int = 0
-    max_steps: int = 0
-    percent: float = 0.0
-    loss: float | None = None
-    grad_norm: float | None = None
-    learning_rate: float | None = None
-    token_acc: float | None = None
-    epoch: float | None = None
-    elapsed_s: float | None = None
-    remaining_s: float | None = None
-    train_speed_s_per_it: float | None = None
-    eval: dict[str, float] = Field(default_factory=dict)
+class Progress(m.ProgressMetrics):
     at: datetime | None = None
 
 
@@ -167,6 +155,14 @@ def _is_stale(state: State, job: Job, attempt: int | None) -> bool:
     return False
 
 
+def _reported(state: State, event: m.Message, *allowed: JobStatus) -> Job | None:
+    """The job a runner reports on, or None for a report of a superseded attempt (ignored)."""
+    job = _job(state, event)
+    if _is_stale(state, job, getattr(event, "attempt", None)):
+        return None
+    return _job(state, event, *allowed)
+
+
 def _release(state: State, job: Job) -> None:
     for index in job.gpu_ids:
         if state.allocations.get(gpu_key(job.node or "", index)) == job.job_id:
@@ -233,10 +229,9 @@ def _scheduled(state: State, entry_id: str, event: m.JobScheduled) -> None:
 
 
 def _started(state: State, entry_id: str, event: m.JobStarted) -> None:
-    job = _job(state, event)
-    if _is_stale(state, job, event.attempt):
+    job = _reported(state, event, JobStatus.scheduled)
+    if job is None:
         return
-    _job(state, event, JobStatus.scheduled)
     job.status = JobStatus.running
     job.pid, job.run_dir, job.argv = event.pid, event.run_dir, list(event.argv)
     job.started_at = event.at
@@ -244,19 +239,17 @@ def _started(state: State, entry_id: str, event: m.JobStarted) -> None:
 
 
 def _progress(state: State, entry_id: str, event: m.JobProgress) -> None:
-    job = _job(state, event)
-    if _is_stale(state, job, event.attempt):
+    job = _reported(state, event, JobStatus.running, JobStatus.serving)
+    if job is None:
         return
-    _job(state, event, JobStatus.running, JobStatus.serving)
     job.progress = Progress(**event.payload(), at=event.at)
     job.last_entry_id = entry_id
 
 
 def _checkpoint(state: State, entry_id: str, event: m.CheckpointSaved) -> None:
-    job = _job(state, event)
-    if _is_stale(state, job, event.attempt):
+    job = _reported(state, event, JobStatus.running)
+    if job is None:
         return
-    _job(state, event, JobStatus.running)
     if event.path not in job.checkpoints:
         job.checkpoints.append(event.path)
     job.last_checkpoint = event.path
@@ -264,20 +257,18 @@ def _checkpoint(state: State, entry_id: str, event: m.CheckpointSaved) -> None:
 
 
 def _serving(state: State, entry_id: str, event: m.JobServing) -> None:
-    job = _job(state, event)
-    if _is_stale(state, job, event.attempt):
+    job = _reported(state, event, JobStatus.running)
+    if job is None:
         return
-    _job(state, event, JobStatus.running)
     job.status = JobStatus.serving
     job.endpoint = event.endpoint
     job.last_entry_id = entry_id
 
 
 def _succeeded(state: State, entry_id: str, event: m.JobSucceeded) -> None:
-    job = _job(state, event)
-    if _is_stale(state, job, event.attempt):
+    job = _reported(state, event, JobStatus.running)
+    if job is None:
         return
-    _job(state, event, JobStatus.running)
     job.exit_code, job.run_dir = event.exit_code, event.run_dir
     if event.last_checkpoint:
         job.last_checkpoint = event.last_checkpoint
@@ -285,10 +276,9 @@ def _succeeded(state: State, entry_id: str, event: m.JobSucceeded) -> None:
 
 
 def _failed(state: State, entry_id: str, event: m.JobFailed) -> None:
-    job = _job(state, event)
-    if _is_stale(state, job, event.attempt):
+    job = _reported(state, event, *(set(JobStatus) - TERMINAL))
+    if job is None:
         return
-    _job(state, event, *(set(JobStatus) - TERMINAL))
     job.exit_code, job.reason, job.message = event.exit_code, event.reason, event.message
     job.stderr_tail = list(event.stderr_tail)
     _finish(state, job, entry_id, event, JobStatus.failed)
@@ -301,10 +291,9 @@ def _cancel_requested(state: State, entry_id: str, event: m.JobCancelRequested) 
 
 
 def _cancelled(state: State, entry_id: str, event: m.JobCancelled) -> None:
-    job = _job(state, event)
-    if _is_stale(state, job, event.attempt):
+    job = _reported(state, event, *(set(JobStatus) - TERMINAL))
+    if job is None:
         return
-    _job(state, event, *(set(JobStatus) - TERMINAL))
     job.exit_code = event.exit_code
     _finish(state, job, entry_id, event, JobStatus.cancelled)
 

@@ -65,20 +65,7 @@ def run_demo(settings: Settings, root: Path) -> None:
 
     assets = build_demo_assets(root.resolve())
     url = f"http://{settings.app_host}:{settings.app_port}{settings.api_prefix}/training/jobs"
-    body = {
-        "task_type": "language_model",
-        "model_path": str(assets.model_dir),
-        "data_path": str(assets.dataset_path),
-        "train_params": {
-            "model_type": "qwen2",
-            "template": "qwen2_5",
-            "max_steps": 20,
-            "logging_steps": 2,
-            "save_steps": 10,
-            "torch_dtype": "float32",
-            "learning_rate": 0.001,
-        },
-    }
+    body = assets.job_request()
     print(f"Tiny model: {assets.model_dir}\nDataset:    {assets.dataset_path}\n")
     print("Submit a LoRA fine-tuning job on them:\n")
     print(f"curl -s -X POST {url} -H 'Content-Type: application/json' -d '{json.dumps(body)}'\n")

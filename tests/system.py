@@ -98,21 +98,7 @@ class System:
 
 
 def job_body(assets: DemoAssets, **params: object) -> dict[str, object]:
-    return {
-        "task_type": "language_model",
-        "model_path": str(assets.model_dir),
-        "data_path": str(assets.dataset_path),
-        "train_params": {
-            "model_type": "qwen2",
-            "template": "qwen2_5",
-            "max_steps": 12,
-            "logging_steps": 2,
-            "save_steps": 6,
-            "torch_dtype": "float32",
-            "learning_rate": 0.005,
-            **params,
-        },
-    }
+    return assets.job_request(**{"max_steps": 12, "save_steps": 6, **params})
 
 
 def read_stream(

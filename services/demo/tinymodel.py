@@ -35,6 +35,24 @@ class DemoAssets:
     dataset_path: Path
     root: Path
 
+    def job_request(self, **train_params: object) -> dict[str, object]:
+        """The body of a `POST /jobs` that fine-tunes the tiny model with LoRA on the CPU."""
+        return {
+            "task_type": "language_model",
+            "model_path": str(self.model_dir),
+            "data_path": str(self.dataset_path),
+            "train_params": {
+                "model_type": "qwen2",
+                "template": "qwen2_5",
+                "max_steps": 20,
+                "logging_steps": 2,
+                "save_steps": 10,
+                "torch_dtype": "float32",
+                "learning_rate": 0.005,  # the tiny model's loss visibly falls within 20 steps
+                **train_params,
+            },
+        }
+
 
 def build_demo_assets(root: Path, *, seed: int = 0, rows: int = 48) -> DemoAssets:
     """Idempotent: if root already has complete assets (a marker file written last), return them without rebuilding."""
