@@ -177,6 +177,7 @@ class JobStarted(Event):
     run_dir: str
     argv: list[str]
     cuda_visible_devices: str
+    env: dict[str, str] = Field(default_factory=dict)  # set on top of the runner's environment
 
 
 class ProgressMetrics(BaseModel):
@@ -240,6 +241,7 @@ class JobCancelled(Event):
     type: Literal["job.cancelled"] = "job.cancelled"
     attempt: int | None = None
     exit_code: int | None = None
+    last_checkpoint: str | None = None  # saved on the way out (SIGTERM with a jit checkpoint)
 
 
 class ExportRequested(Event):

@@ -6,7 +6,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TaskType(StrEnum):
@@ -37,6 +37,22 @@ def _identifier(value: str | None) -> str | None:
     return value
 
 
+_FLAG = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+ExtraValue = str | int | float | bool
+
+
+def _extra_args(value: dict[str, ExtraValue]) -> dict[str, ExtraValue]:
+    """Further ms-swift flags as ``{"flag": value}``. They are passed as ``--flag=value``, so a
+    value can never become a flag of its own; the flag names are checked against the installed
+    ms-swift where the gateway can see it."""
+    for flag, item in value.items():
+        if not _FLAG.match(flag):
+            raise ValueError(f"{flag!r} is not an ms-swift flag name (lowercase letters, digits, '_')")
+        if isinstance(item, str) and (len(item) > 4096 or any(c in item for c in "\x00\n\r")):
+            raise ValueError(f"the value of {flag!r} must be one line of at most 4096 characters")
+    return value
+
+
 class TrainParams(_Strict):
     """Hyper-parameters shared by every training task type; names follow the original tool."""
 
@@ -62,8 +78,10 @@ class TrainParams(_Strict):
     template: str | None = None
     deepspeed: DeepSpeedConfig | None = None
     attn_impl: Literal["flash_attn", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = None
+    extra_args: dict[str, ExtraValue] = Field(default_factory=dict, max_length=64)
 
     _check_names = field_validator("model_type", "template")(_identifier)
+    _check_extra = field_validator("extra_args")(_extra_args)
 
 
 class LanguageModelTrainParams(TrainParams):
@@ -89,7 +107,10 @@ class DeployParams(_Strict):
     model_type: str | None = None
     template: str | None = None
 
+    extra_args: dict[str, ExtraValue] = Field(default_factory=dict, max_length=64)
+
     _check_names = field_validator("served_model_name", "model_type", "template")(_identifier)
+    _check_extra = field_validator("extra_args")(_extra_args)
 
 
 class _JobBase(_Strict):
@@ -98,6 +119,7 @@ class _JobBase(_Strict):
     priority: int = Field(5, ge=0, le=10, description="0-10, higher starts first")
     gpu_count: int = Field(1, ge=1, le=64)
     name: str | None = Field(None, max_length=200)
+    time_limit_s: int | None = Field(None, ge=1, description="stop the job (reason timeout) after this long")
 
 
 class LanguageModelJob(_JobBase):
@@ -116,7 +138,17 @@ class MultiModalJob(_JobBase):
 
 class DeployJob(_JobBase):
     task_type: Literal[TaskType.deploy]
+    model_path: str = Field("", max_length=4096, description="the model to serve, or give source_job_id")
+    source_job_id: str | None = Field(
+        None, max_length=64, description="serve the exported (merged) model of this completed job"
+    )
     deploy_params: DeployParams = DeployParams()
+
+    @model_validator(mode="after")
+    def _one_model(self) -> DeployJob:
+        if not self.model_path and not self.source_job_id:
+            raise ValueError("give model_path or source_job_id")
+        return self
 
 
 JobSpec = Annotated[LanguageModelJob | MultiModalJob | DeployJob, Field(discriminator="task_type")]

@@ -71,6 +71,7 @@ class Job(BaseModel):
     pid: int | None = None
     run_dir: str | None = None
     argv: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
     scheduled_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -233,7 +234,7 @@ def _started(state: State, entry_id: str, event: m.JobStarted) -> None:
     if job is None:
         return
     job.status = JobStatus.running
-    job.pid, job.run_dir, job.argv = event.pid, event.run_dir, list(event.argv)
+    job.pid, job.run_dir, job.argv, job.env = event.pid, event.run_dir, list(event.argv), dict(event.env)
     job.started_at = event.at
     job.last_entry_id = entry_id
 
@@ -295,6 +296,8 @@ def _cancelled(state: State, entry_id: str, event: m.JobCancelled) -> None:
     if job is None:
         return
     job.exit_code = event.exit_code
+    if event.last_checkpoint:
+        job.last_checkpoint = event.last_checkpoint
     _finish(state, job, entry_id, event, JobStatus.cancelled)
 
 

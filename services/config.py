@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     app_port: int = Field(8000, ge=1, le=65535)
 
     data_dir: Path = Path("data")
+    # Where local model, data and output paths may be (separated by ':'); default: DATA_DIR and
+    # the working directory.
+    path_roots: str = ""
     node_name: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9_.-]+$")
     instance: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
@@ -87,6 +90,11 @@ class Settings(BaseSettings):
     @property
     def keys(self) -> Keys:
         return Keys(self.namespace)
+
+    @property
+    def roots(self) -> list[Path]:
+        listed = [Path(p).expanduser().resolve() for p in self.path_roots.split(":") if p]
+        return listed or [self.data_dir.resolve(), Path.cwd().resolve()]
 
     @property
     def runs_dir(self) -> Path:

@@ -40,6 +40,7 @@ class System:
             "DATA_DIR": str(data_dir),
             "NODE_NAME": "node-a",
             "HEARTBEAT_INTERVAL_S": "0.5",
+            "PATH_ROOTS": str(data_dir.parent),  # the test's temporary files
             "LOG_LEVEL": "INFO",
             **settings,
         }

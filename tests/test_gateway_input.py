@@ -12,12 +12,19 @@ from events.bus import Bus
 from services.config import load_settings
 from services.gateway.app import MAX_BODY_BYTES, create_app
 from services.gateway.projection import Projection
+from services.gateway.submit import SwiftFlags
+
+
+@pytest.fixture(scope="session")
+def swift_flags(tmp_path_factory: pytest.TempPathFactory) -> SwiftFlags:
+    """The installed ms-swift's flags, read once for the session (importing ms-swift is slow)."""
+    return SwiftFlags(tmp_path_factory.mktemp("swift-flags"))
 
 
 @pytest.fixture
-async def client(bus: Bus) -> AsyncIterator[httpx.AsyncClient]:
-    settings = load_settings(namespace=bus.keys.namespace)
-    app = create_app(settings, bus, Projection(bus, bus.redis))
+async def client(bus: Bus, tmp_path: Path, swift_flags: SwiftFlags) -> AsyncIterator[httpx.AsyncClient]:
+    settings = load_settings(namespace=bus.keys.namespace, path_roots=str(tmp_path), data_dir=tmp_path / "data")
+    app = create_app(settings, bus, Projection(bus, bus.redis), swift_flags)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway/api/v1/training") as client:
         yield client
@@ -142,3 +149,52 @@ async def test_a_bad_last_event_id_is_400_before_the_stream_starts(
     response = await client.get("/jobs/j/stream", headers={"Last-Event-ID": last_id})
     assert response.status_code == 400
     assert fields_of(response) == {"Last-Event-ID"}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"model_path": "/etc"}, "model_path"),
+        ({"output_dir": "/var/tmp/elsewhere"}, "output_dir"),
+        ({"output_dir": "relative-without-dot"}, "output_dir"),
+        ({"train_params": {"extra_args": {"no_such_flag": 1}}}, "train_params.extra_args.no_such_flag"),
+        ({"train_params": {"extra_args": {"learning_rate": 1}}}, "train_params.extra_args.learning_rate"),
+        ({"train_params": {"extra_args": {"--lora_dropout": 0.1}}}, "train_params.extra_args"),
+        ({"train_params": {"extra_args": {"lora_dropout": "0.1\n--deepspeed"}}}, "train_params.extra_args"),
+    ],
+)
+async def test_paths_outside_the_roots_and_unknown_or_clashing_flags_are_refused(
+    client: httpx.AsyncClient, bus: Bus, valid: dict[str, object], change: dict[str, object], field: str
+) -> None:
+    response = await client.post("/jobs", json={**valid, **change})
+    assert response.status_code == 422, response.text
+    assert field in fields_of(response)
+    assert await bus.redis.xlen(bus.keys.commands) == 0
+
+
+async def test_a_dry_run_shows_the_exact_command_and_submits_nothing(
+    client: httpx.AsyncClient, bus: Bus, valid: dict[str, object], tmp_path: Path
+) -> None:
+    body = {
+        **valid,
+        "gpu_count": 2,
+        "output_dir": str(tmp_path / "out"),
+        "train_params": {"train_type": "full", "max_steps": 7, "extra_args": {"lora_dropout": 0.1, "seed": 7}},
+        "dry_run": True,
+    }
+    response = await client.post("/jobs", json=body)
+    assert response.status_code == 200, response.text
+    command = response.json()
+    argv = command["argv"]
+    assert argv[1] == "sft" and argv[argv.index("--output_dir") + 1] == str(tmp_path / "out")
+    assert argv[argv.index("--tuner_type") + 1] == "full" and "--lora_rank" not in argv
+    assert argv[-2:] == ["--lora_dropout=0.1", "--seed=7"]
+    assert command["env"]["NPROC_PER_NODE"] == "2" and command["env"]["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert await bus.redis.xlen(bus.keys.commands) == 0
+
+
+async def test_a_deploy_of_a_job_without_an_exported_model_is_refused(client: httpx.AsyncClient) -> None:
+    response = await client.post("/jobs", json={"task_type": "deploy", "source_job_id": "nope"})
+    assert response.status_code == 422 and fields_of(response) == {"source_job_id"}
+    response = await client.post("/jobs", json={"task_type": "deploy"})
+    assert response.status_code == 422

@@ -20,7 +20,7 @@ from events.bus import Bus
 from events.consumer import Delivery, Outcome
 from events.params import LanguageModelJob
 from services.config import load_settings
-from services.runner.command import TAG_VARIABLE
+from services.launch import TAG_VARIABLE
 from services.runner.progress import classify_failure, parse_duration_s, progress_fields
 from services.runner.service import Runner
 

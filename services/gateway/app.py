@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import anyio
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 
 from events import messages as m
 from events.bus import Bus, entry_id_key
-from events.params import JobSpec, TaskType
+from events.params import JobSpec
 from events.state import TERMINAL, Job, JobStatus, State
 from services.config import Settings
 from services.gateway.errors import (
@@ -33,9 +33,9 @@ from services.gateway.errors import (
     http_error,
     redis_unavailable,
     server_error,
-    validation_details,
 )
 from services.gateway.projection import Projection
+from services.gateway.submit import SwiftFlags, dry_run_launch, parse_submission
 
 MAX_BODY_BYTES = 1024 * 1024
 SSE_PING_S = 15
@@ -116,60 +116,22 @@ async def read_json(request: Request) -> Any:
         ) from exc
 
 
-def _local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or path in (".", "..")
-
-
-def check_paths(spec: Any) -> list[dict[str, str]]:
-    """Local paths must exist; anything else must look like a hub id (``org/name[#N]``)."""
-    problems = []
-    for name in ("model_path", "data_path"):
-        value = getattr(spec, name, None)
-        if value is None:
-            continue
-        if _local(value):
-            try:
-                found = Path(value).expanduser().exists()
-            except (RuntimeError, OSError, ValueError) as exc:  # unknown ~user, name too long, NUL
-                problems.append({"field": name, "message": f"not a usable path: {exc}"})
-                continue
-            if not found:
-                problems.append({"field": name, "message": f"no such file or directory: {value}"})
-        elif not _HUB_ID.match(value) or ".." in value:
-            problems.append({"field": name, "message": "neither an existing local path nor a hub id such as org/name"})
-    return problems
-
-
-def parse_spec(body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise ApiError(
-            422,
-            "validation_error",
-            "request body must be a JSON object",
-            [{"field": "body", "message": "not an object"}],
-        )
-    try:
-        spec = _SPEC.validate_python(body)
-    except ValidationError as exc:
-        details = validation_details(exc, drop_tags={t.value for t in TaskType})
-        fields = ", ".join(sorted({d["field"] for d in details}))
-        raise ApiError(422, "validation_error", f"invalid job: {fields}", details) from exc
-    problems = check_paths(spec)
-    if problems:
-        raise ApiError(422, "validation_error", f"invalid job: {', '.join(p['field'] for p in problems)}", problems)
-    return spec
-
-
 # ---------------------------------------------------------------------------------------------
 # Routes
 
 
 async def create_job(request: Request) -> JSONResponse:
-    spec = parse_spec(await read_json(request))
     settings: Settings = request.app.state.settings
-    command = m.SubmitJob(job_id=m.new_id(), spec=spec, actor=ANONYMOUS)
-    [position] = await _bus(request).append(_bus(request).keys.commands, command)
     projection = _projection(request)
+    body = await read_json(request)
+    submission = parse_submission(body, projection.state, settings.roots, await _swift_flags(request, body))
+    if submission.dry_run:
+        launch = dry_run_launch(
+            submission.spec, runs_dir=settings.runs_dir, omp_num_threads=settings.job_omp_num_threads
+        )
+        return JSONResponse({"dry_run": True, **command_view(launch.argv, launch.env)})
+    command = m.SubmitJob(job_id=m.new_id(), spec=submission.spec, actor=ANONYMOUS)
+    [position] = await _bus(request).append(_bus(request).keys.commands, command)
     job_id = command.job_id or ""
 
     def decided() -> bool:
@@ -178,15 +140,39 @@ async def create_job(request: Request) -> JSONResponse:
 
     await projection.wait_until(decided, settings.submit_wait_s)
     job = projection.job(job_id)
-    status = job.status if job else JobStatus.pending
-    body: dict[str, Any] = {
+    body = {
         "job_id": job_id,
-        "status": status,
+        "status": job.status if job else JobStatus.pending,
         "queue_position": projection.state.queue_position(job_id),
         "command_position": position,
         "message": _submit_message(job),
     }
     return JSONResponse(body, status_code=202, headers={"Location": f"{request.url.path.rstrip('/')}/{job_id}"})
+
+
+async def _swift_flags(request: Request, body: Any) -> dict[str, frozenset[str]] | None:
+    """The installed ms-swift's flags, when a submission has extra flags to check."""
+    if not isinstance(body, dict) or not any(
+        isinstance(params, dict) and params.get("extra_args")
+        for params in (body.get("train_params"), body.get("deploy_params"))
+    ):
+        return None
+    flags: SwiftFlags = request.app.state.swift_flags
+    return await flags.get()
+
+
+def command_view(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    return {"argv": argv, "env": env, "shell": shlex.join(argv)}
+
+
+async def job_command(request: Request) -> JSONResponse:
+    """The exact command of a job: as started, or as it will be started."""
+    job = _job(request)
+    settings: Settings = request.app.state.settings
+    if job.argv:
+        return JSONResponse({"job_id": job.job_id, "started": True, **command_view(job.argv, job.env)})
+    launch = dry_run_launch(job.spec, job.job_id, settings.runs_dir, settings.job_omp_num_threads)
+    return JSONResponse({"job_id": job.job_id, "started": False, **command_view(launch.argv, launch.env)})
 
 
 def _submit_message(job: Job | None) -> str:
@@ -427,6 +413,7 @@ def routes(prefix: str) -> list[Route | Mount]:
         Route("/jobs/{job_id}/progress", job_progress, methods=["GET"]),
         Route("/jobs/{job_id}/events", job_events, methods=["GET"]),
         Route("/jobs/{job_id}/logs", job_logs, methods=["GET"]),
+        Route("/jobs/{job_id}/command", job_command, methods=["GET"]),
         Route("/jobs/{job_id}/stream", job_stream, methods=["GET"]),
         Route("/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
         Route("/jobs/{job_id}/stop", cancel_job, methods=["POST"]),
@@ -439,7 +426,9 @@ def routes(prefix: str) -> list[Route | Mount]:
     return [Mount(f"{prefix}/training", routes=training)]
 
 
-def create_app(settings: Settings, bus: Bus, projection: Projection) -> Starlette:
+def create_app(
+    settings: Settings, bus: Bus, projection: Projection, swift_flags: SwiftFlags | None = None
+) -> Starlette:
     app = Starlette(
         routes=routes(settings.api_prefix),
         exception_handlers={
@@ -452,4 +441,5 @@ def create_app(settings: Settings, bus: Bus, projection: Projection) -> Starlett
     app.state.settings = settings
     app.state.bus = bus
     app.state.projection = projection
+    app.state.swift_flags = swift_flags or SwiftFlags(settings.data_dir)
     return app

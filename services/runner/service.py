@@ -6,12 +6,10 @@ and reports the ones that ended while no runner watched them.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 from collections.abc import Sequence
-from pathlib import Path
 
 import anyio
 import redis.asyncio as aioredis
@@ -23,8 +21,17 @@ from events.bus import Append, Bus, connect
 from events.consumer import Delivery, GroupConsumer, Outcome
 from events.keys import RUNNER_GROUP
 from services.config import Settings
-from services.runner.command import build_launch
-from services.runner.supervisor import JobRun, RunRecord, find_running, job_tag, record_for, spawn, started_event
+from services.launch import build_launch
+from services.runner.supervisor import (
+    JobRun,
+    RunRecord,
+    find_running,
+    job_tag,
+    record_for,
+    recorded_command,
+    spawn,
+    started_event,
+)
 from services.runtime import REDIS_LOST
 from services.swift import swift_executable
 
@@ -127,8 +134,8 @@ class Runner:
                 return [Append(self.bus.keys.events, failed)]
             await self.bus.redis.hset(key, mapping=record.to_redis())
             run = self._track(record, process=process)
-        argv = (await anyio.to_thread.run_sync(_argv_of, run.record)) or []
-        started = started_event(run.record, argv, ",".join(str(i) for i in command.gpu_ids))
+        recorded = await anyio.to_thread.run_sync(recorded_command, run.record)
+        started = started_event(run.record, recorded, ",".join(str(i) for i in command.gpu_ids))
         return Outcome([Append(self.bus.keys.events, started)], committed=run.committed)
 
     def _launch(self, command: m.StartJob) -> tuple[RunRecord, subprocess.Popen[bytes] | None]:
@@ -152,11 +159,6 @@ class Runner:
         record, process = spawn(launch, job_id, command.attempt, command.node)
         log.info("started job", job_id=job_id, pid=record.pid, argv=launch.argv)
         return record, process
-
-
-def _argv_of(record: RunRecord) -> list[str]:
-    path = Path(record.run_dir) / "command.json"
-    return list(json.loads(path.read_text())["argv"]) if path.exists() else []
 
 
 async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:

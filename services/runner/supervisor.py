@@ -25,7 +25,7 @@ import watchfiles
 from events import messages as m
 from events.bus import Append, Bus
 from events.codec import encode
-from services.runner.command import TAG_VARIABLE, Launch, merged_env
+from services.launch import TAG_VARIABLE, Launch, merged_env
 from services.runner.progress import JsonlTail, LineTail, classify_failure, progress_fields, read_rows, tail_lines
 
 log = structlog.get_logger("runner")
@@ -48,6 +48,7 @@ class RunRecord:
     started_at: float
     deploy: bool
     endpoint: str = ""
+    time_limit_s: float | None = None
 
     def to_redis(self) -> dict[str, str]:
         return {"record": json.dumps(asdict(self))}
@@ -57,7 +58,13 @@ class RunRecord:
         return cls(**json.loads(fields["record"]))
 
 
-def started_event(record: RunRecord, argv: list[str], gpus: str) -> m.JobStarted:
+def recorded_command(record: RunRecord) -> dict[str, Any]:
+    """The argument list and environment the attempt was started with (from its run dir)."""
+    path = Path(record.run_dir) / "command.json"
+    return json.loads(path.read_text()) if path.exists() else {"argv": [], "env": {}}
+
+
+def started_event(record: RunRecord, command: dict[str, Any], gpus: str) -> m.JobStarted:
     # A fixed id: a redelivered start re-reports the same fact, which the commit's dedupe drops.
     return m.JobStarted(
         id=f"{record.job_id}-{record.attempt}-started",
@@ -67,7 +74,8 @@ def started_event(record: RunRecord, argv: list[str], gpus: str) -> m.JobStarted
         pid=record.pid,
         pgid=record.pgid,
         run_dir=record.run_dir,
-        argv=argv,
+        argv=command["argv"],
+        env=command["env"],
         cuda_visible_devices=gpus,
     )
 
@@ -101,6 +109,7 @@ def record_for(launch: Launch, job_id: str, attempt: int, node: str, pid: int, s
         started_at=started_at,
         deploy=launch.port is not None,
         endpoint=f"http://127.0.0.1:{launch.port}/v1" if launch.port else "",
+        time_limit_s=launch.time_limit_s,
     )
 
 
@@ -209,6 +218,11 @@ class JobRun:
         log.info("stopping job", job_id=self.record.job_id, reason=reason)
         signal_group(self.record.pgid, signal.SIGTERM)
 
+    async def _time_limit(self) -> None:
+        assert self.record.time_limit_s is not None
+        await anyio.sleep(max(0.0, self.record.started_at + self.record.time_limit_s - time.time()))
+        await self.request_stop("timeout")
+
     async def _escalate(self, exited: anyio.Event) -> None:
         await self.stop_requested.wait()
         with anyio.move_on_after(self.stop_grace_s):
@@ -230,6 +244,8 @@ class JobRun:
         async with anyio.create_task_group() as tg:
             tg.start_soon(waiter)
             tg.start_soon(self._escalate, exited)
+            if self.record.time_limit_s is not None:
+                tg.start_soon(self._time_limit)
             await self.pump()
             async for _ in watchfiles.awatch(
                 self.record.run_dir,
@@ -337,7 +353,8 @@ class JobRun:
         stderr_tail = tail_lines(Path(self.record.run_dir) / "stderr.log", STDERR_TAIL_LINES)
         failed = {"exit_code": exit_code, "stderr_tail": stderr_tail, **common}
         if self.stop_reason == "cancel":
-            return m.JobCancelled(exit_code=exit_code, **common)
+            last = self.checkpoints[-1] if self.checkpoints else None
+            return m.JobCancelled(exit_code=exit_code, last_checkpoint=last, **common)
         if self.stop_reason == "timeout":
             return m.JobFailed(reason="timeout", message="time limit reached", **failed)
         rows = read_rows(self.rows.path) if self.version_dir else []

@@ -21,14 +21,25 @@ class Launch:
     run_dir: Path  # the runner's files for this attempt: stdout.log, stderr.log
     output_dir: Path  # where swift writes (a vN-* run directory inside it, for training)
     port: int | None = None
+    time_limit_s: int | None = None
+
+
+def _text(value: object) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def _flag(name: str, value: object) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, bool):
-        value = "true" if value else "false"
-    return [f"--{name}", str(value)]
+    return [] if value is None else [f"--{name}", _text(value)]
+
+
+def extra_flags(extra: dict[str, object]) -> list[str]:
+    """User flags as ``--flag=value``: one token each, so a value is never read as a flag."""
+    return [f"--{name}={_text(value)}" for name, value in sorted(extra.items())]
+
+
+def flags_in(argv: list[str]) -> set[str]:
+    """The flag names an argument list sets."""
+    return {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
 
 
 def train_args(params: TrainParams) -> list[str]:
@@ -104,7 +115,8 @@ def build_launch(
             ]
         else:
             argv += _flag("max_model_len", params.max_model_len)
-        return Launch(argv, env, run_dir, output_dir, port)
+        argv += extra_flags(dict(params.extra_args))
+        return Launch(argv, env, run_dir, output_dir, port, spec.time_limit_s)
 
     params = spec.train_params
     output_dir = Path(spec.output_dir).resolve() if spec.output_dir else job_dir / "output"
@@ -134,7 +146,8 @@ def build_launch(
             *_flag("freeze_llm", mm.freeze_llm),
             *_flag("max_pixels", mm.max_pixels),
         ]
-    return Launch(argv, env, run_dir, output_dir)
+    argv += extra_flags(dict(params.extra_args))
+    return Launch(argv, env, run_dir, output_dir, time_limit_s=spec.time_limit_s)
 
 
 def merged_env(launch: Launch) -> dict[str, str]:
