@@ -149,7 +149,7 @@ def test_a_redis_crash_mid_job_loses_nothing(assets: DemoAssets, tmp_path: Path)
     # Given the system on its own Redis, with AOF, and a job training
     server = RedisServer(tmp_path / "redis")
     server.start()
-    system = System(server.url, tmp_path / "system")
+    system = System(server.url, tmp_path / "system", PATH_ROOTS=str(tmp_path.parent))
     system.start()
     try:
         system.wait_healthy()
