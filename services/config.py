@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     foreign_memory_threshold_mb: int = Field(1024, ge=0)
 
     swift_bin: str = "swift"
+    deploy_port_range: str = Field("20000-20999", pattern=r"^\d{2,5}-\d{2,5}$")
     job_omp_num_threads: int = Field(1, ge=1)
     job_log_maxlen: int = Field(10_000, ge=100)
     telemetry_maxlen: int = Field(10_000, ge=100)
@@ -95,6 +96,11 @@ class Settings(BaseSettings):
     def roots(self) -> list[Path]:
         listed = [Path(p).expanduser().resolve() for p in self.path_roots.split(":") if p]
         return listed or [self.data_dir.resolve(), Path.cwd().resolve()]
+
+    @property
+    def deploy_ports(self) -> range:
+        low, high = (int(part) for part in self.deploy_port_range.split("-"))
+        return range(low, high + 1)
 
     @property
     def runs_dir(self) -> Path:

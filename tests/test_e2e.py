@@ -4,11 +4,14 @@ model built offline, watch it live over SSE, find the merged model, and replay t
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from httpx_sse import ServerSentEvent
 
 from services.demo.tinymodel import DemoAssets
 from tests.conftest import RedisServer
@@ -98,26 +101,79 @@ def test_a_reconnect_with_last_event_id_resumes_exactly_after_it(system: System,
     assert [e.id for e in again] == [e["entry_id"] for e in history[len(history) // 2 + 1 :]]
 
 
-def test_a_deploy_job_serves_an_openai_api_until_cancelled(system: System, assets: DemoAssets) -> None:
-    # Given a deploy job of the tiny model
-    body = {
-        "task_type": "deploy",
-        "model_path": str(assets.model_dir),
-        "deploy_params": {"model_type": "qwen2", "template": "qwen2_5", "served_model_name": "tiny"},
-    }
-    job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
-    url = f"{system.base}/jobs/{job_id}/stream"
-    events = read_stream(url, seen("job.serving"))
-    # Then it serves an OpenAI-compatible API at the endpoint it reports
+def finish(system: System, body: dict[str, object], until: str = "job.succeeded") -> tuple[str, list[ServerSentEvent]]:
+    """Submit a job and read its stream until ``until``."""
+    response = httpx.post(f"{system.base}/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    return job_id, read_stream(f"{system.base}/jobs/{job_id}/stream", seen(until))
+
+
+def steps(events: list[ServerSentEvent]) -> list[int]:
+    return [json.loads(e.data)["payload"]["step"] for e in events if e.event == "job.progress"]
+
+
+def test_a_deploy_of_a_trained_model_serves_an_openai_api_until_cancelled(system: System, assets: DemoAssets) -> None:
+    # Given a LoRA job trained and merged
+    source, _ = finish(system, job_body(assets, max_steps=4, save_steps=4), until="export.completed")
+    # When its exported model is deployed
+    body = {"task_type": "deploy", "source_job_id": source, "deploy_params": {"served_model_name": "tiny"}}
+    job_id, events = finish(system, body, until="job.serving")
+    job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+    assert job["spec"]["model_path"] == httpx.get(f"{system.base}/jobs/{source}").json()["export"]["path"]
+    # Then it serves an OpenAI-compatible API at the endpoint it reports, on a port of the pool
     endpoint = json.loads(events[-1].data)["payload"]["endpoint"]
+    port = int(endpoint.rsplit(":", 1)[1].split("/")[0])
+    assert 20000 <= port <= 20999
     assert httpx.get(f"{endpoint}/models").json()["data"][0]["id"] == "tiny"
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "What is 2 plus 2?"}], "max_tokens": 4}
     answer = httpx.post(f"{endpoint}/chat/completions", json=chat, timeout=60).json()
     assert answer["usage"]["completion_tokens"] >= 1
-    # And cancelling it stops the server and frees its GPU
+    # And cancelling it stops the server, frees its port and its GPU
     assert httpx.post(f"{system.base}/jobs/{job_id}/cancel").status_code == 202
-    read_stream(url, seen("job.cancelled"), last_event_id=events[-1].id)
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{endpoint}/models", timeout=2)
+    read_stream(f"{system.base}/jobs/{job_id}/stream", seen("job.cancelled"), last_event_id=events[-1].id)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))
     gpus = httpx.get(f"{system.base}/gpus").json()["nodes"][0]["gpus"]
     assert all(gpu["held_by"] is None for gpu in gpus)
+
+
+def test_a_full_fine_tuning_job_completes(system: System, assets: DemoAssets) -> None:
+    job_id, events = finish(system, job_body(assets, train_type="full", max_steps=6, save_steps=6))
+    assert steps(events) == sorted(steps(events)) and steps(events)[-1] == 6
+    job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+    assert job["last_checkpoint"].endswith("checkpoint-6")
+    assert (Path(job["last_checkpoint"]) / "model.safetensors").is_file()  # the whole model, no adapter
+    assert job["export"]["status"] == "none"
+
+
+def test_a_two_gpu_job_runs_through_torchrun(system: System, assets: DemoAssets) -> None:
+    body = {**job_body(assets, max_steps=6, save_steps=6), "gpu_count": 2, "auto_export": False}
+    job_id, events = finish(system, body)
+    assert steps(events)[-1] == 6
+    command = httpx.get(f"{system.base}/jobs/{job_id}/command").json()
+    assert command["started"] and command["env"]["NPROC_PER_NODE"] == "2"
+    assert command["env"]["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_a_dataset_gone_at_start_fails_with_dataset_not_found(
+    system: System, assets: DemoAssets, tmp_path: Path
+) -> None:
+    dataset = tmp_path / "train.jsonl"
+    shutil.copy(assets.dataset_path, dataset)
+    body = {**job_body(assets), "data_path": str(dataset)}
+    response = httpx.post(f"{system.base}/jobs", json=body)
+    dataset.unlink()  # before the trainer, still importing, reads it
+    job_id = response.json()["job_id"]
+    read_stream(f"{system.base}/jobs/{job_id}/stream", seen("job.failed"))
+    job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+    assert job["reason"] == "dataset_not_found" and job["exit_code"] == 1
+    assert any("does not exist" in line for line in job["stderr_tail"])
+
+
+def test_a_job_over_its_time_limit_fails_with_reason_timeout(system: System, assets: DemoAssets) -> None:
+    body = {**job_body(assets, max_steps=100_000, save_steps=100_000), "time_limit_s": 20, "auto_export": False}
+    job_id, events = finish(system, body, until="job.failed")
+    job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+    assert job["reason"] == "timeout"
+    assert "job.progress" in [e.event for e in events]  # it was training when stopped

@@ -112,7 +112,10 @@ def test_cancel_of_a_running_job_stops_every_process_and_frees_its_gpu(system: S
         os.killpg(job["pid"], 0)
     gpus = httpx.get(f"{system.base}/gpus").json()["nodes"][0]["gpus"]
     assert all(gpu["held_by"] is None for gpu in gpus)
-    assert httpx.get(f"{system.base}/jobs/{job_id}").json()["status"] == "cancelled"
+    cancelled = httpx.get(f"{system.base}/jobs/{job_id}").json()
+    assert cancelled["status"] == "cancelled"
+    # with the checkpoint saved on the way out (SIGTERM, with a jit checkpoint)
+    assert cancelled["last_checkpoint"] and Path(cancelled["last_checkpoint"]).is_dir()
     # And a second cancel is refused with the state it is in
     again = httpx.post(f"{system.base}/jobs/{job_id}/cancel")
     assert again.status_code == 409 and "cancelled" in again.json()["error"]["message"]
@@ -171,3 +174,23 @@ def test_a_redis_crash_mid_job_loses_nothing(assets: DemoAssets, tmp_path: Path)
         codes = system.stop()
         server.stop()
     assert all(code == 0 for code in codes.values()), codes
+
+
+def test_a_job_that_dies_while_its_runner_is_down_is_reported_failed(system: System, assets: DemoAssets) -> None:
+    body = {**job_body(assets, max_steps=100_000, save_steps=100_000), "auto_export": False}
+    job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
+    url = f"{system.base}/jobs/{job_id}/stream"
+    first = read_stream(url, seen("job.started"))
+    # Given the runner and then the job's whole process group are SIGKILLed
+    system.stop("runner", sig=signal.SIGKILL)
+    pgid = httpx.get(f"{system.base}/jobs/{job_id}").json()["pid"]
+    os.killpg(pgid, signal.SIGKILL)
+    wait_for(lambda: not alive(pgid), 10, "the trainer to be gone")
+    # When a runner comes back
+    system.start("runner")
+    # Then it reports the job failed: never left running
+    read_stream(url, seen("job.failed"), last_event_id=first[-1].id)
+    job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["reason"] == "runner_lost"
+    gpus = httpx.get(f"{system.base}/gpus").json()["nodes"][0]["gpus"]
+    assert all(gpu["held_by"] is None for gpu in gpus)

@@ -127,3 +127,17 @@ def test_progress_rows_become_progress_fields() -> None:
 )
 def test_failures_are_classified_from_exit_status_and_output(exit_code: int, stderr: list[str], reason: str) -> None:
     assert classify_failure(exit_code, stderr, stopped_by_us=False) == reason
+
+
+@pytest.mark.parametrize(
+    ("recording", "reason"),
+    [
+        ("stderr-local-dataset-missing.txt", "dataset_not_found"),
+        ("stderr-hub-dataset-unreachable.txt", "dataset_not_found"),
+        ("stderr-hub-model-unreachable.txt", "model_not_found"),
+    ],
+)
+def test_recorded_ms_swift_failures_are_classified(recording: str, reason: str) -> None:
+    # Real stderr of `swift sft` 4.6 on a machine without hub access (last lines, paths shortened).
+    lines = (Path(__file__).parent / "data" / recording).read_text().splitlines()
+    assert classify_failure(1, lines, stopped_by_us=False) == reason

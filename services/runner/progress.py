@@ -121,30 +121,40 @@ def tail_lines(path: Path, count: int, *, max_bytes: int = 65536) -> list[str]:
     return lines[-count:]
 
 
+# A download that failed: the hub answered "no such repository", or could not be reached.
+_HUB_FAILURE = re.compile(
+    r"RepositoryNotFound|RevisionNotFound|EntryNotFound|NotExistError|modelscope_hub\.errors|"
+    r"DownloadDeadline|Max retries exceeded|LocalEntryNotFound|404 Client Error|offline mode",
+    re.I,
+)
 _REASONS = [
-    ("oom", re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|MemoryError", re.I)),
+    ("oom", re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|\bMemoryError", re.I)),
     ("bad_argument", re.compile(r"remaining_argv|unrecognized arguments|error: argument|invalid choice", re.I)),
     (
         "dataset_not_found",
-        re.compile(
-            r"dataset.*(not found|does not exist|doesn't exist)|DatasetNotFound|No such file.*(jsonl|json|csv)", re.I
-        ),
+        re.compile(r"does not exist, dataset_id|DatasetNotFound|dataset.*(not found|does not exist)", re.I),
     ),
-    (
-        "model_not_found",
-        re.compile(
-            r"(model|repo).*(not found|does not exist|doesn't exist)|RepositoryNotFound|is not a local folder", re.I
-        ),
-    ),
+    ("model_not_found", re.compile(r"is not a local folder|model.*(not found|does not exist)", re.I)),
 ]
 
 
 def classify_failure(exit_code: int | None, stderr_tail: list[str], *, stopped_by_us: bool) -> str:
-    """A reason code for a failed run from its exit status and last output lines."""
+    """A reason code for a failed run from its exit status and last output lines (give enough
+    lines for the whole traceback: the frames tell a dataset download from a model's)."""
     text = "\n".join(stderr_tail)
+    # Error messages, not the source lines a traceback quotes (indented).
+    messages = "\n".join(line for line in stderr_tail if not line[:1].isspace())
     for reason, pattern in _REASONS:
-        if pattern.search(text):
+        if pattern.search(messages):
             return reason
+    if _HUB_FAILURE.search(text):
+        # Which of ms-swift's loaders the failing download came from: the innermost frame.
+        frames = [line for line in stderr_tail if line.lstrip().startswith('File "')]
+        for frame in reversed(frames):
+            if "swift/dataset/" in frame:
+                return "dataset_not_found"
+            if "swift/model/" in frame or "hub_utils" in frame:
+                return "model_not_found"
     if exit_code is not None and (exit_code < 0 or exit_code in (137, 143)) and not stopped_by_us:
         return "killed"
     return "unknown"

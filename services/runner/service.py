@@ -38,10 +38,18 @@ from services.swift import swift_executable
 log = structlog.get_logger("runner")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def free_port(ports: range, taken: set[int]) -> int:
+    """A port of the deploy pool that no job of ours holds and nothing else listens on."""
+    for port in ports:
+        if port in taken:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise OSError(f"no free port left in the deploy pool {ports.start}-{ports.stop - 1}")
 
 
 class Runner:
@@ -138,6 +146,14 @@ class Runner:
         started = started_event(run.record, recorded, ",".join(str(i) for i in command.gpu_ids))
         return Outcome([Append(self.bus.keys.events, started)], committed=run.committed)
 
+    def _deploy_port(self) -> int:
+        taken = {
+            int(run.record.endpoint.rsplit(":", 1)[1].split("/")[0])
+            for run in self.runs.values()
+            if run.record.endpoint
+        }
+        return free_port(self.settings.deploy_ports, taken)
+
     def _launch(self, command: m.StartJob) -> tuple[RunRecord, subprocess.Popen[bytes] | None]:
         """Start the attempt's process, or find it running: the runner may have died after
         starting it and before recording it, and a job must never run twice."""
@@ -150,7 +166,7 @@ class Runner:
             gpu_ids=command.gpu_ids,
             runs_dir=self.settings.runs_dir,
             omp_num_threads=self.settings.job_omp_num_threads,
-            port=free_port() if command.spec.task_type == "deploy" else None,
+            port=self._deploy_port() if command.spec.task_type == "deploy" else None,
         )
         running = find_running(job_tag(job_id, command.attempt))
         if running is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import psutil
 import structlog
 import watchfiles
@@ -31,9 +32,10 @@ from services.runner.progress import JsonlTail, LineTail, classify_failure, prog
 log = structlog.get_logger("runner")
 
 STDERR_TAIL_LINES = 30
+CLASSIFY_LINES = 300
 GROUP_EXIT_TIMEOUT_S = 15.0  # after the wrapper exits, how long the rest of its group may linger
 _GROUP_CHECK_S = 0.1
-_SERVING = ("Uvicorn running on", "Application startup complete")
+READY_PROBE_S = 0.5  # how often a starting server's /v1/models is asked whether it is ready
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ class JobRun:
         self.version_dir: Path | None = Path(saved["jsonl_path"]).parent if saved.get("jsonl_path") else None
         self.checkpoints: list[str] = json.loads(saved.get("checkpoints", "[]"))
         self.serving = saved.get("serving") == "1"
+        self.ready = self.serving  # the server answered /v1/models
         if saved.get("stop_reason"):  # a stop asked of a runner that died before the job ended
             self.stop_reason = saved["stop_reason"]
             self.stop_requested.set()
@@ -217,6 +220,19 @@ class JobRun:
         self.stop_requested.set()
         log.info("stopping job", job_id=self.record.job_id, reason=reason)
         signal_group(self.record.pgid, signal.SIGTERM)
+
+    async def _await_ready(self, exited: anyio.Event) -> None:
+        """A deploy job is serving once its OpenAI-compatible API lists its models."""
+        async with httpx.AsyncClient(timeout=2) as client:
+            while not exited.is_set():
+                try:
+                    if (await client.get(f"{self.record.endpoint}/models")).status_code == 200:
+                        self.ready = True
+                        await self.pump()
+                        return
+                except httpx.TransportError:
+                    pass  # not listening yet
+                await anyio.sleep(READY_PROBE_S)
 
     async def _time_limit(self) -> None:
         assert self.record.time_limit_s is not None
@@ -246,6 +262,8 @@ class JobRun:
             tg.start_soon(self._escalate, exited)
             if self.record.time_limit_s is not None:
                 tg.start_soon(self._time_limit)
+            if self.record.deploy and not self.serving:
+                tg.start_soon(self._await_ready, exited)
             await self.pump()
             async for _ in watchfiles.awatch(
                 self.record.run_dir,
@@ -267,7 +285,7 @@ class JobRun:
         lines = [("stdout", line) for line in out] + [("stderr", line) for line in err]
         facts: list[m.Message] = []
         serving = self.serving
-        if self.record.deploy and not serving and any(s in line for _, line in lines for s in _SERVING):
+        if self.record.deploy and not serving and self.ready:
             serving = True
             facts.append(m.JobServing(attempt=self.record.attempt, endpoint=self.record.endpoint, **self.common()))
         progress, rows_end, checkpoints = self._progress()
@@ -350,7 +368,9 @@ class JobRun:
             "attempt": self.record.attempt,
             **self.common(),
         }
-        stderr_tail = tail_lines(Path(self.record.run_dir) / "stderr.log", STDERR_TAIL_LINES)
+        # Enough lines for a whole traceback to classify the failure; the event keeps the last ones.
+        stderr = tail_lines(Path(self.record.run_dir) / "stderr.log", CLASSIFY_LINES)
+        stderr_tail = stderr[-STDERR_TAIL_LINES:]
         failed = {"exit_code": exit_code, "stderr_tail": stderr_tail, **common}
         if self.stop_reason == "cancel":
             last = self.checkpoints[-1] if self.checkpoints else None
@@ -372,7 +392,7 @@ class JobRun:
                 **common,
             )
         # Without an exit status (the job ended while no runner watched it) the cause is unknown.
-        reason = "runner_lost" if exit_code is None else classify_failure(exit_code, stderr_tail, stopped_by_us=False)
+        reason = "runner_lost" if exit_code is None else classify_failure(exit_code, stderr, stopped_by_us=False)
         message = next((line for line in reversed(stderr_tail) if "Error" in line), "")
         return m.JobFailed(reason=reason, message=message[:2000], **failed)
 
