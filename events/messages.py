@@ -301,8 +301,10 @@ class GpuProcess(BaseModel):
 
 class GpuSample(GpuInfo):
     memory_used_mb: int
+    memory_free_mb: int | None = None
     utilization_pct: int | None = None
     temperature_c: int | None = None
+    power_w: float | None = None
     processes: list[GpuProcess] = Field(default_factory=list)
 
 
@@ -311,6 +313,7 @@ class NodeHeartbeat(Telemetry):
     node: str
     simulated: bool  # True when no NVML driver: the inventory is made up for laptops and CI
     gpus: list[GpuSample]
+    degraded: str | None = None  # what NVML could not read; the inventory may be incomplete
 
 
 class ServiceHeartbeat(Telemetry):

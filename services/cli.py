@@ -60,6 +60,27 @@ def run_redis(settings: Settings) -> None:
     os.execv(argv[0], argv)
 
 
+def check_gpus() -> int:
+    """Read the GPUs once through NVML and print what the gpu-monitor would report."""
+    import pynvml
+
+    from services.gpu_monitor.nvml import NvmlSource
+
+    try:
+        source = NvmlSource()
+    except pynvml.NVMLError as exc:
+        print(f"NVML is not available here ({exc}): the gpu-monitor would report a simulated inventory")
+        return 1
+    try:
+        reading = source.sample()
+    finally:
+        source.close()
+    print(json.dumps({"degraded": reading.degraded, "gpus": [g.model_dump() for g in reading.gpus]}, indent=2))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    print(f"{len(reading.gpus)} GPU(s) through NVML; CUDA_VISIBLE_DEVICES={visible!r}")
+    return 0 if reading.gpus and not reading.degraded else 1
+
+
 def run_demo(settings: Settings, root: Path) -> None:
     from services.demo.tinymodel import build_demo_assets
 
@@ -100,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("redis", help="run the embedded Redis (when no REDIS_URL/REDIS_HOST is set)")
     demo = sub.add_parser("demo", help="build a tiny model and dataset offline; print the curl to train it")
     demo.add_argument("--dir", type=Path, default=Path("demo"))
+    sub.add_parser("gpus", help="read the GPUs once through NVML (checks the driver path on a GPU machine)")
     rep = sub.add_parser("replay", help="print the log in order as JSON lines, or the state it folds to")
     rep.add_argument("--job", help="only this job's events (or, with --state, only its record)")
     rep.add_argument("--state", action="store_true", help="print the state rebuilt by the fold")
@@ -110,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"swift-trainer: {exc}", file=sys.stderr)
         return 2
+    if args.command == "gpus":
+        return check_gpus()
     commands: dict[str, Callable[[], object]] = {
         "redis": lambda: run_redis(settings),
         "demo": lambda: run_demo(settings, args.dir),

@@ -21,8 +21,12 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
     log.info("monitoring", node=settings.node_name, simulated=source.simulated)
     try:
         while True:
-            gpus = await anyio.to_thread.run_sync(source.sample)
-            beat = NodeHeartbeat(node=settings.node_name, simulated=source.simulated, gpus=gpus)
+            reading = await anyio.to_thread.run_sync(source.sample)
+            if reading.degraded:
+                log.warning("degraded GPU reading", problems=reading.degraded)
+            beat = NodeHeartbeat(
+                node=settings.node_name, simulated=source.simulated, gpus=reading.gpus, degraded=reading.degraded
+            )
             await bus.append(bus.keys.telemetry, beat, maxlen=settings.telemetry_maxlen)
             await anyio.sleep(settings.heartbeat_interval_s)
     finally:

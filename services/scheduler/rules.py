@@ -114,12 +114,19 @@ def on_event(
 
 
 def node_changes(state: State, heartbeat: m.NodeHeartbeat) -> list[m.Message]:
-    """A node.joined fact when a node is new, returns, or reports a different inventory."""
+    """A node.joined fact when a node is new, returns, or reports a different inventory. A
+    degraded reading (NVML errors) says nothing about the inventory, and GPUs that jobs still
+    hold cannot leave it."""
+    if heartbeat.degraded:
+        return []
     known = state.nodes.get(heartbeat.node)
     inventory = [
         m.GpuInfo(index=g.index, uuid=g.uuid, name=g.name, memory_total_mb=g.memory_total_mb) for g in heartbeat.gpus
     ]
     if known is not None and known.up and known.gpus == inventory and known.simulated == heartbeat.simulated:
+        return []
+    held = {int(key.split("/")[1]) for key in state.allocations if key.split("/")[0] == heartbeat.node}
+    if not held <= {gpu.index for gpu in inventory}:
         return []
     return [m.NodeJoined(node=heartbeat.node, simulated=heartbeat.simulated, gpus=inventory)]
 
@@ -131,7 +138,12 @@ def usable_gpus(
     usable: dict[str, list[int]] = {}
     for name, node in sorted(state.nodes.items()):
         beat = heartbeats.get(name)
-        if not node.up or beat is None or now - beat.at > timedelta(seconds=limits.heartbeat_timeout_s):
+        if (
+            not node.up
+            or beat is None
+            or beat.degraded
+            or now - beat.at > timedelta(seconds=limits.heartbeat_timeout_s)
+        ):
             continue
         samples = {gpu.index: gpu for gpu in beat.gpus}
         usable[name] = [
