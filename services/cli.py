@@ -64,7 +64,7 @@ def check_gpus() -> int:
     """Read the GPUs once through NVML and print what the gpu-monitor would report."""
     import pynvml
 
-    from services.gpu_monitor.nvml import NvmlSource
+    from services.nvml import NvmlSource
 
     try:
         source = NvmlSource()

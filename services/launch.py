@@ -87,6 +87,9 @@ def build_launch(
     run_dir = job_dir / f"attempt-{attempt}"
     env = {
         "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids),
+        # CUDA numbers GPUs fastest first unless told otherwise; NVML (and so the scheduler)
+        # numbers them by PCI bus id.
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "OMP_NUM_THREADS": str(omp_num_threads),
         "PYTHONUNBUFFERED": "1",
         TAG_VARIABLE: f"{job_id}:{attempt}",  # tags every process of the attempt

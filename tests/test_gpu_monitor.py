@@ -10,7 +10,7 @@ import pynvml
 import pytest
 
 from events import messages as m
-from services.gpu_monitor.nvml import NvmlSource, SimulatedSource
+from services.nvml import NvmlSource, SimulatedSource
 from services.scheduler import rules
 from tests.test_scheduler_rules import LIMITS, NOW, Cluster
 

@@ -141,3 +141,39 @@ def test_recorded_ms_swift_failures_are_classified(recording: str, reason: str) 
     # Real stderr of `swift sft` 4.6 on a machine without hub access (last lines, paths shortened).
     lines = (Path(__file__).parent / "data" / recording).read_text().splitlines()
     assert classify_failure(1, lines, stopped_by_us=False) == reason
+
+
+async def test_gpus_are_released_only_once_nvml_lists_none_of_the_jobs_processes(bus: Bus, tmp_path: Path) -> None:
+    # A stand-in for `swift`: a process that lives a moment (the mechanics under test are the
+    # runner's, not ms-swift's).
+    stand_in = tmp_path / "swift"
+    stand_in.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(1.5)\n")
+    stand_in.chmod(0o755)
+    listed: list[set[int]] = []
+    seen_after_exit = 3  # NVML keeps listing the job's process this many times after it is gone
+
+    def probe(indices: list[int]) -> set[int]:
+        nonlocal seen_after_exit
+        assert indices == [0]
+        job_pids = runner.runs["job-1"].pids
+        if seen_after_exit:
+            seen_after_exit -= 1
+            listed.append(set(job_pids))
+            return set(job_pids)
+        return {1}  # someone else's process
+
+    settings = load_settings(
+        namespace=bus.keys.namespace, data_dir=tmp_path / "data", node_name="n1", swift_bin=str(stand_in)
+    )
+    async with anyio.create_task_group() as tg:
+        runner = Runner(settings, bus, tg, gpu_probe=probe)
+        outcome = await runner.handle(deliver(start_command(tmp_path)))
+        assert isinstance(outcome, Outcome) and outcome.committed is not None
+        outcome.committed.set()
+        with anyio.fail_after(30):
+            while "job-1" in runner.runs:
+                await anyio.sleep(0.05)
+    assert seen_after_exit == 0 and all(listed)  # it waited through every listing of its processes
+    [(_, final)] = await bus.redis.xrange(bus.keys.events)
+    # The stand-in exits 0 without ms-swift's closing row: not a finished training.
+    assert final["type"] == "job.failed" and '"reason":"killed"' in final["data"]

@@ -9,7 +9,7 @@ import structlog
 from events.bus import Bus
 from events.messages import NodeHeartbeat
 from services.config import Settings
-from services.gpu_monitor.nvml import open_source
+from services.nvml import open_source
 
 log = structlog.get_logger("gpu-monitor")
 

@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Sequence
 
 import anyio
+import pynvml
 import redis.asyncio as aioredis
 import structlog
 from anyio.abc import TaskGroup
@@ -22,7 +23,9 @@ from events.consumer import Delivery, GroupConsumer, Outcome
 from events.keys import RUNNER_GROUP
 from services.config import Settings
 from services.launch import build_launch
+from services.nvml import NvmlSource
 from services.runner.supervisor import (
+    GpuProbe,
     JobRun,
     RunRecord,
     find_running,
@@ -53,10 +56,11 @@ def free_port(ports: range, taken: set[int]) -> int:
 
 
 class Runner:
-    def __init__(self, settings: Settings, bus: Bus, tg: TaskGroup) -> None:
+    def __init__(self, settings: Settings, bus: Bus, tg: TaskGroup, gpu_probe: GpuProbe | None = None) -> None:
         self.settings = settings
         self.bus = bus
         self.tg = tg
+        self.gpu_probe = gpu_probe
         self.runs: dict[str, JobRun] = {}
 
     def _track(
@@ -69,6 +73,7 @@ class Runner:
             stop_grace_s=self.settings.stop_grace_s,
             saved=saved,
             process=process,
+            gpu_probe=self.gpu_probe,
         )
         self.runs[record.job_id] = run
 
@@ -177,13 +182,27 @@ class Runner:
         return record, process
 
 
+def nvml_probe() -> GpuProbe | None:
+    """Which processes NVML lists on given GPUs; None without an NVIDIA driver."""
+    try:
+        source = NvmlSource()
+    except pynvml.NVMLError:
+        return None
+
+    def pids_on(indices: list[int]) -> set[int]:
+        reading = source.sample()
+        return {p.pid for gpu in reading.gpus if gpu.index in indices for p in gpu.processes}
+
+    return pids_on
+
+
 async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
     reader = connect(settings.resolved_redis_url, block_ms=5000)
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
     log.info("running jobs", node=settings.node_name, runs_dir=str(settings.runs_dir.resolve()), pid=os.getpid())
     try:
         async with anyio.create_task_group() as tg:
-            runner = Runner(settings, bus, tg)
+            runner = Runner(settings, bus, tg, await anyio.to_thread.run_sync(nvml_probe))
             consumer = GroupConsumer(
                 bus,
                 reader,

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from services.runner.progress import JsonlTail, LineTail, classify_failure, prog
 
 log = structlog.get_logger("runner")
 
+GPU_RELEASE_TIMEOUT_S = 30.0
 STDERR_TAIL_LINES = 30
 CLASSIFY_LINES = 300
 GROUP_EXIT_TIMEOUT_S = 15.0  # after the wrapper exits, how long the rest of its group may linger
@@ -51,6 +53,7 @@ class RunRecord:
     deploy: bool
     endpoint: str = ""
     time_limit_s: float | None = None
+    gpus: str = ""  # CUDA_VISIBLE_DEVICES: NVML indices
 
     def to_redis(self) -> dict[str, str]:
         return {"record": json.dumps(asdict(self))}
@@ -112,6 +115,7 @@ def record_for(launch: Launch, job_id: str, attempt: int, node: str, pid: int, s
         deploy=launch.port is not None,
         endpoint=f"http://127.0.0.1:{launch.port}/v1" if launch.port else "",
         time_limit_s=launch.time_limit_s,
+        gpus=launch.env.get("CUDA_VISIBLE_DEVICES", ""),
     )
 
 
@@ -131,6 +135,18 @@ def spawn(launch: Launch, job_id: str, attempt: int, node: str) -> tuple[RunReco
             start_new_session=True,
         )
     return record_for(launch, job_id, attempt, node, process.pid, time.time()), process
+
+
+GpuProbe = Callable[[list[int]], set[int]]  # GPU indices -> pids NVML lists on them
+
+
+def process_tree(pid: int) -> set[int]:
+    """A process and all its descendants (torchrun's workers, dataloader workers)."""
+    try:
+        root = psutil.Process(pid)
+        return {pid, *(child.pid for child in root.children(recursive=True))}
+    except psutil.Error:
+        return set()
 
 
 def group_alive(pgid: int) -> bool:
@@ -186,11 +202,14 @@ class JobRun:
         stop_grace_s: float,
         saved: dict[str, str] | None = None,
         process: subprocess.Popen[bytes] | None = None,
+        gpu_probe: GpuProbe | None = None,
     ) -> None:
         saved = saved or {}
         self.bus = bus
         self.record = record
         self.process = process  # held, so that only we reap it and its exit code is ours
+        self.gpu_probe = gpu_probe
+        self.pids: set[int] = set()  # every process of the job seen so far
         self.log_maxlen = log_maxlen
         self.stop_grace_s = stop_grace_s
         self.committed = anyio.Event()  # set once job.started is known to be in the log
@@ -280,6 +299,8 @@ class JobRun:
 
     async def pump(self, *, final: bool = False) -> None:
         """Store new output lines, progress facts and checkpoints, with the new offsets."""
+        if self.gpu_probe is not None and not final:
+            self.pids |= await anyio.to_thread.run_sync(process_tree, self.record.pid)
         out, out_end = self.stdout.peek(final=final)
         err, err_end = self.stderr.peek(final=final)
         lines = [("stdout", line) for line in out] + [("stderr", line) for line in err]
@@ -344,6 +365,18 @@ class JobRun:
                 )
         return facts, end, checkpoints
 
+    async def _gpus_released(self) -> None:
+        """Where NVML can tell, wait (bounded) until the job's GPUs list none of its processes:
+        the driver may hold a context for a moment after a process is gone."""
+        gpus = [int(i) for i in self.record.gpus.split(",") if i.strip().isdigit()]
+        if self.gpu_probe is None or not gpus or not self.pids:
+            return
+        with anyio.move_on_after(GPU_RELEASE_TIMEOUT_S):
+            while await anyio.to_thread.run_sync(self.gpu_probe, gpus) & self.pids:
+                await anyio.sleep(_GROUP_CHECK_S)
+            return
+        log.warning("the job's GPUs still list its processes; releasing them anyway", job_id=self.record.job_id)
+
     async def finish(self, exit_code: int | None) -> None:
         """Wait until no process of the job remains, then report how it ended."""
         with anyio.move_on_after(GROUP_EXIT_TIMEOUT_S):
@@ -354,6 +387,7 @@ class JobRun:
             signal_group(self.record.pgid, signal.SIGKILL)
             while group_alive(self.record.pgid):
                 await anyio.sleep(_GROUP_CHECK_S)
+        await self._gpus_released()
         await self.pump(final=True)
         final = await anyio.to_thread.run_sync(self.outcome, exit_code)
         # The final fact has a fixed id: reporting it twice (a crash before the record is deleted)
@@ -381,16 +415,18 @@ class JobRun:
         last_row = next((row for row in reversed(rows) if "last_model_checkpoint" in row), None)
         if self.record.deploy and (exit_code == 0 or exit_code is None):
             return m.JobFailed(reason="unknown", message="the server exited", **failed)
-        if exit_code == 0 or (exit_code is None and last_row is not None):
-            last_checkpoint = (last_row or {}).get("last_model_checkpoint") or (
-                self.checkpoints[-1] if self.checkpoints else None
-            )
+        if last_row is not None and exit_code in (0, None):
             return m.JobSucceeded(
                 exit_code=0,
                 run_dir=str(self.version_dir or self.record.output_dir),
-                last_checkpoint=last_checkpoint,
+                last_checkpoint=last_row.get("last_model_checkpoint")
+                or (self.checkpoints[-1] if self.checkpoints else None),
                 **common,
             )
+        if exit_code == 0:
+            # ms-swift exits 0 after a SIGTERM too (it saves a checkpoint): without its closing row
+            # the training did not finish, and nobody here asked it to stop.
+            return m.JobFailed(reason="killed", message="stopped from outside before training finished", **failed)
         # Without an exit status (the job ended while no runner watched it) the cause is unknown.
         reason = "runner_lost" if exit_code is None else classify_failure(exit_code, stderr, stopped_by_us=False)
         message = next((line for line in reversed(stderr_tail) if "Error" in line), "")
