@@ -113,30 +113,45 @@ class DeployParams(_Strict):
     _check_extra = field_validator("extra_args")(_extra_args)
 
 
-class _JobBase(_Strict):
+class JobBase(_Strict):
     model_path: str = Field(min_length=1, max_length=4096)
     output_dir: str | None = Field(None, max_length=4096)
     priority: int = Field(5, ge=0, le=10, description="0-10, higher starts first")
     gpu_count: int = Field(1, ge=1, le=64)
     name: str | None = Field(None, max_length=200)
     time_limit_s: int | None = Field(None, ge=1, description="stop the job (reason timeout) after this long")
+    min_gpu_memory_mb: int | None = Field(None, ge=1, description="free memory each GPU must have")
+    gpu_model: str | None = Field(None, min_length=1, max_length=100, description="a part of the GPU name, e.g. H100")
+    node: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", max_length=200, description="run on this node only")
+    gpu_ids: list[int] | None = Field(None, min_length=1, max_length=64, description="these GPUs of `node`")
+
+    @model_validator(mode="after")
+    def _placement(self) -> JobBase:
+        if self.gpu_ids is not None:
+            if self.node is None:
+                raise ValueError("gpu_ids needs node: GPU ids are per node")
+            if len(set(self.gpu_ids)) != len(self.gpu_ids) or min(self.gpu_ids) < 0:
+                raise ValueError("gpu_ids must be distinct indices")
+            if len(self.gpu_ids) != self.gpu_count:
+                raise ValueError(f"gpu_count is {self.gpu_count} but {len(self.gpu_ids)} gpu_ids are given")
+        return self
 
 
-class LanguageModelJob(_JobBase):
+class LanguageModelJob(JobBase):
     task_type: Literal[TaskType.language_model]
     data_path: str = Field(min_length=1, max_length=4096)
     train_params: LanguageModelTrainParams = LanguageModelTrainParams()
     auto_export: bool = Field(True, description="merge LoRA adapters when training completes")
 
 
-class MultiModalJob(_JobBase):
+class MultiModalJob(JobBase):
     task_type: Literal[TaskType.multimodal]
     data_path: str = Field(min_length=1, max_length=4096)
     train_params: MultiModalTrainParams = MultiModalTrainParams()
     auto_export: bool = True
 
 
-class DeployJob(_JobBase):
+class DeployJob(JobBase):
     task_type: Literal[TaskType.deploy]
     model_path: str = Field("", max_length=4096, description="the model to serve, or give source_job_id")
     source_job_id: str | None = Field(

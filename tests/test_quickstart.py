@@ -83,15 +83,19 @@ def test_honcho_start_runs_everything_on_an_embedded_redis_and_keeps_jobs_across
         nodes = httpx.get(f"{base}/gpus").json()["nodes"]
         assert nodes and all(node["simulated"] for node in nodes) and len(nodes[0]["gpus"]) == 2
         assert any("appendonly" in p.name for p in (tmp_path / "redis").iterdir())  # AOF is on
-        # When a job is accepted (it asks for more GPUs than the node has, so it is decided at once)
+        # A request no node could ever satisfy is refused at once, naming the reason
         body = {
             "task_type": "language_model",
             "model_path": str(tmp_path / "model"),
             "data_path": str(tmp_path / "data.jsonl"),
-            "gpu_count": 3,
         }
+        refused = httpx.post(f"{base}/jobs", json={**body, "gpu_count": 3})
+        assert refused.status_code == 422 and "3 GPUs" in refused.text
+        # When a job is accepted and runs (its empty model directory makes ms-swift fail)
         created = httpx.post(f"{base}/jobs", json=body).json()
-        assert created["status"] == "failed" and "3 GPUs" in created["message"]
+        job_url = f"{base}/jobs/{created['job_id']}"
+        wait_for(lambda: httpx.get(job_url).json()["status"] == "failed", 90, "the job to fail")
+        before = httpx.get(job_url).json()
     finally:
         stop(process, tmp_path)
     # And everything is restarted
@@ -99,7 +103,6 @@ def test_honcho_start_runs_everything_on_an_embedded_redis_and_keeps_jobs_across
     try:
         wait_for(lambda: healthy(base), 90, "the system to report healthy again", interval_s=0.3)
         # Then the job is still there, as it was
-        job = httpx.get(f"{base}/jobs/{created['job_id']}").json()
-        assert job["status"] == "failed" and job["reason"] == "unsatisfiable"
+        assert httpx.get(job_url).json() == before
     finally:
         stop(process, tmp_path)

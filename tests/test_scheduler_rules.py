@@ -44,8 +44,8 @@ class Cluster:
                 commands.append(item.message)
         return commands
 
-    def submit(self, job_id: str, priority: int = 5, gpus: int = 1) -> list[m.Message]:
-        spec = LM.model_copy(update={"priority": priority, "gpu_count": gpus})
+    def submit(self, job_id: str, priority: int = 5, gpus: int = 1, **request: object) -> list[m.Message]:
+        spec = LM.model_validate({**LM.model_dump(), "priority": priority, "gpu_count": gpus, **request})
         command = m.SubmitJob(job_id=job_id, spec=spec, actor="alice")
         return self.fold(rules.submit(self.state, KEYS, command, self.heartbeats, LIMITS, NOW))
 
@@ -159,3 +159,54 @@ def test_a_completed_lora_job_is_exported_once() -> None:
     assert cluster.state.jobs["j"].export.status == "pending"
     again = m.RequestExport(job_id="j")
     assert rules.export(cluster.state, KEYS, cluster.state.jobs["j"], again) == []
+
+
+def mixed_cluster() -> Cluster:
+    """Node a: two A100 of 40 GB; node b: one H100 of 80 GB with 60 GB free, one with 20 GB free."""
+    cluster = Cluster({})
+    specs = {
+        "a": [("NVIDIA A100-SXM4-40GB", 40960, 40000), ("NVIDIA A100-SXM4-40GB", 40960, 39000)],
+        "b": [("NVIDIA H100 80GB HBM3", 81920, 60000), ("NVIDIA H100 80GB HBM3", 81920, 20000)],
+    }
+    for name, gpus in specs.items():
+        samples = [
+            m.GpuSample(
+                index=i, uuid=f"{name}-{i}", name=model, memory_total_mb=total, memory_used_mb=0, memory_free_mb=free
+            )
+            for i, (model, total, free) in enumerate(gpus)
+        ]
+        cluster.heartbeats[name] = m.NodeHeartbeat(node=name, simulated=False, gpus=samples, at=NOW)
+        cluster.fold([Append(KEYS.events, f) for f in rules.node_changes(cluster.state, cluster.heartbeats[name])])
+    return cluster
+
+
+def test_requests_choose_model_memory_node_and_ids() -> None:
+    cluster = mixed_cluster()
+    [h100] = cluster.submit("h100", gpu_model="h100")
+    assert (h100.node, h100.gpu_ids) == ("b", [0])  # the H100 with the most free memory
+    [big] = cluster.submit("big", min_gpu_memory_mb=39500)
+    assert (big.node, big.gpu_ids) == ("a", [0])  # only a/0 has 39.5 GB free (b/0 is taken)
+    [pinned] = cluster.submit("pinned", node="b", gpu_ids=[1])
+    assert (pinned.node, pinned.gpu_ids) == ("b", [1])
+    assert cluster.submit("waits", node="b") == [] and cluster.status("waits") == "queued"
+
+
+def test_placement_is_deterministic_for_the_same_state() -> None:
+    decisions = {(*c.gpu_ids, c.node) for c in (mixed_cluster().submit("j")[0] for _ in range(5))}
+    assert decisions == {(0, "b")}  # both nodes leave one idle: b/0 has the most free memory
+
+
+def test_a_request_that_can_never_fit_is_rejected_with_the_reason() -> None:
+    cluster = mixed_cluster()
+    for job_id, request in [
+        ("model", {"gpu_model": "V100"}),
+        ("memory", {"min_gpu_memory_mb": 100_000}),
+        ("count", {"gpus": 3}),
+        ("node", {"node": "c"}),
+        ("ids", {"node": "a", "gpu_ids": [5]}),
+    ]:
+        assert cluster.submit(job_id, **request) == []
+        job = cluster.state.jobs[job_id]
+        assert (
+            job.status == "failed" and job.reason == "unsatisfiable" and "no node can ever give" in (job.message or "")
+        )

@@ -12,6 +12,7 @@ import anyio
 from pydantic import TypeAdapter, ValidationError
 
 from events.params import DeployJob, JobSpec, TaskType
+from events.placement import never_fits
 from events.state import ExportStatus, State
 from services.gateway.errors import ApiError, validation_details
 from services.launch import Launch, build_launch, flags_in
@@ -82,6 +83,9 @@ def parse_submission(body: Any, state: State, roots: list[Path], flags: dict[str
         if reason:
             problems.append(_problem(field, reason))
     problems += _check_extra_args(spec, flags)
+    impossible = never_fits(spec, state)
+    if impossible:
+        problems.append(_problem("gpu_count", impossible))
     if problems:
         raise _invalid(problems)
     return Submission(spec, dry_run)

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from events import messages as m
 from events.bus import Append
 from events.keys import Keys
+from events.placement import free_mb, matching, never_fits
 from events.state import ExportStatus, Job, JobStatus, State, gpu_key, new_job
 
 
@@ -32,14 +33,10 @@ def submit(
         return []
     spec = command.spec
     common = {"job_id": job_id, "causation_id": command.id, "actor": command.actor}
-    biggest = max((len(node.gpus) for node in state.nodes.values() if node.up), default=None)
     accepted = m.JobAccepted(spec=spec, **common)
-    if biggest is not None and spec.gpu_count > biggest:
-        rejected = m.JobRejected(
-            reason="unsatisfiable",
-            message=f"asks for {spec.gpu_count} GPUs; the largest node has {biggest}",
-            **common,
-        )
+    impossible = never_fits(spec, state)
+    if impossible:
+        rejected = m.JobRejected(reason="unsatisfiable", message=impossible, **common)
         return [Append(keys.events, accepted), Append(keys.events, rejected)]
     ahead = sum(1 for job in state.queue() if job.priority >= spec.priority)
     decided = [
@@ -133,9 +130,10 @@ def node_changes(state: State, heartbeat: m.NodeHeartbeat) -> list[m.Message]:
 
 def usable_gpus(
     state: State, heartbeats: Mapping[str, m.NodeHeartbeat], limits: Limits, now: datetime
-) -> dict[str, list[int]]:
-    """Per node, the GPUs no job of ours holds and no foreign process uses, on nodes heard from."""
-    usable: dict[str, list[int]] = {}
+) -> dict[str, list[m.GpuSample]]:
+    """Per node, the GPUs no job of ours holds and no foreign process uses, as last measured, on
+    nodes heard from recently and fully (a degraded reading offers nothing)."""
+    usable: dict[str, list[m.GpuSample]] = {}
     for name, node in sorted(state.nodes.items()):
         beat = heartbeats.get(name)
         if (
@@ -145,24 +143,31 @@ def usable_gpus(
             or now - beat.at > timedelta(seconds=limits.heartbeat_timeout_s)
         ):
             continue
-        samples = {gpu.index: gpu for gpu in beat.gpus}
+        known = {gpu.index for gpu in node.gpus}
         usable[name] = [
-            gpu.index
-            for gpu in node.gpus
-            if gpu_key(name, gpu.index) not in state.allocations
-            and gpu.index in samples
-            and samples[gpu.index].memory_used_mb <= limits.foreign_memory_threshold_mb
+            sample
+            for sample in beat.gpus
+            if sample.index in known
+            and gpu_key(name, sample.index) not in state.allocations
+            and sample.memory_used_mb <= limits.foreign_memory_threshold_mb
         ]
     return usable
 
 
-def place(job: Job, usable: Mapping[str, list[int]]) -> tuple[str, list[int]] | None:
-    """The node and GPUs for a job: the node that leaves the fewest GPUs idle, then by name."""
-    fits = [(len(gpus) - job.spec.gpu_count, name) for name, gpus in usable.items() if len(gpus) >= job.spec.gpu_count]
-    if not fits:
-        return None
-    _, name = min(fits)
-    return name, sorted(usable[name])[: job.spec.gpu_count]
+def place(job: Job, usable: Mapping[str, list[m.GpuSample]]) -> tuple[str, list[int]] | None:
+    """The node and GPUs that fit the job best: fewest usable GPUs left idle on the node, then the
+    most free memory, then by name and index, so that the same state gives the same answer."""
+    count = job.spec.gpu_count
+    best: tuple[tuple[int, int, str], list[int]] | None = None
+    for name, gpus in usable.items():
+        fitting = matching(job.spec, name, gpus)
+        if len(fitting) < count:
+            continue
+        chosen = sorted(fitting, key=lambda gpu: (-free_mb(gpu), gpu.index))[:count]
+        score = (len(gpus) - count, -sum(free_mb(gpu) for gpu in chosen), name)
+        if best is None or score < best[0]:
+            best = (score, sorted(gpu.index for gpu in chosen))
+    return None if best is None else (best[0][2], best[1])
 
 
 def schedule(
@@ -187,7 +192,7 @@ def schedule(
         if placement is None:
             break
         node, gpu_ids = placement
-        usable[node] = [g for g in usable[node] if g not in gpu_ids]
+        usable[node] = [gpu for gpu in usable[node] if gpu.index not in gpu_ids]
         attempt = job.attempt + 1
         common = {"job_id": job.job_id, "causation_id": cause.id}
         decisions.append(Append(keys.events, m.JobScheduled(node=node, gpu_ids=gpu_ids, attempt=attempt, **common)))
