@@ -8,6 +8,8 @@ type                    kind       produced by  consumed by
 job.submit              command    gateway      scheduler [{st}:commands]
 job.cancel              command    gateway      scheduler [{st}:commands]
 job.export              command    gateway      scheduler [{st}:commands]
+job.set_priority        command    gateway      scheduler [{st}:commands]
+job.delete              command    gateway      scheduler [{st}:commands]
 queue.process           command    gateway      scheduler [{st}:commands]
 job.start               command    scheduler    runner of the node [{st}:node:<name>]
 job.stop                command    scheduler    runner of the node [{st}:node:<name>]
@@ -17,6 +19,8 @@ job.rejected            event      scheduler    (same for every event below)
 job.queued              event      scheduler
 job.scheduled           event      scheduler
 job.cancel_requested    event      scheduler
+job.priority_changed    event      scheduler
+job.deleted             event      scheduler
 job.cancelled           event      scheduler (queued job), runner (running job)
 export.requested        event      scheduler    exporter's work arrives as export.start
 node.joined             event      scheduler    (from a heartbeat of a new or changed node)
@@ -105,6 +109,15 @@ class SubmitJob(Command):
 class CancelJob(Command):
     type: Literal["job.cancel"] = "job.cancel"
     reason: str | None = None
+
+
+class SetPriority(Command):
+    type: Literal["job.set_priority"] = "job.set_priority"
+    priority: int = Field(ge=0, le=10)
+
+
+class DeleteJob(Command):
+    type: Literal["job.delete"] = "job.delete"
 
 
 class RequestExport(Command):
@@ -232,6 +245,18 @@ class JobFailed(Event):
     stderr_tail: list[str] = Field(default_factory=list)
 
 
+class JobPriorityChanged(Event):
+    type: Literal["job.priority_changed"] = "job.priority_changed"
+    priority: int
+    previous: int
+
+
+class JobDeleted(Event):
+    """A finished job leaves the job list; its history stays in the log."""
+
+    type: Literal["job.deleted"] = "job.deleted"
+
+
 class JobCancelRequested(Event):
     type: Literal["job.cancel_requested"] = "job.cancel_requested"
     reason: str | None = None
@@ -328,6 +353,8 @@ AnyMessage = Annotated[
     SubmitJob
     | CancelJob
     | RequestExport
+    | SetPriority
+    | DeleteJob
     | ProcessQueue
     | StartJob
     | StopJob
@@ -343,6 +370,8 @@ AnyMessage = Annotated[
     | JobSucceeded
     | JobFailed
     | JobCancelRequested
+    | JobPriorityChanged
+    | JobDeleted
     | JobCancelled
     | ExportRequested
     | ExportStarted

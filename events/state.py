@@ -108,6 +108,7 @@ class State(BaseModel):
     allocations: dict[str, str] = Field(default_factory=dict)
     position: str = "0-0"  # entry id of the last event folded in
     accepted: int = 0
+    deleted: set[str] = Field(default_factory=set)  # ids of jobs deleted from the list
     stale_reports: int = 0  # reports from an attempt that is no longer current, ignored
 
     def queue(self) -> list[Job]:
@@ -285,6 +286,20 @@ def _failed(state: State, entry_id: str, event: m.JobFailed) -> None:
     _finish(state, job, entry_id, event, JobStatus.failed)
 
 
+def _priority_changed(state: State, entry_id: str, event: m.JobPriorityChanged) -> None:
+    job = _job(state, event, JobStatus.queued)
+    job.priority = event.priority
+    job.last_entry_id = entry_id
+
+
+def _deleted(state: State, entry_id: str, event: m.JobDeleted) -> None:
+    job = _job(state, event, *TERMINAL)
+    if job.export.status in (ExportStatus.pending, ExportStatus.running):
+        raise IllegalTransition(f"job {job.job_id} is being exported")
+    del state.jobs[job.job_id]
+    state.deleted.add(job.job_id)
+
+
 def _cancel_requested(state: State, entry_id: str, event: m.JobCancelRequested) -> None:
     job = _job(state, event, *HOLDS_GPUS)
     job.cancel_requested = True
@@ -363,6 +378,8 @@ _HANDLERS = {
     m.JobSucceeded: _succeeded,
     m.JobFailed: _failed,
     m.JobCancelRequested: _cancel_requested,
+    m.JobPriorityChanged: _priority_changed,
+    m.JobDeleted: _deleted,
     m.JobCancelled: _cancelled,
     m.ExportRequested: _export_requested,
     m.ExportStarted: _export_started,

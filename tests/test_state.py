@@ -164,3 +164,17 @@ def test_export_only_of_a_completed_job_and_not_twice_at_once() -> None:
     assert log.state.jobs["j"].export.status == ExportStatus.failed
     log.add(request)  # a failed export may be asked for again
     assert log.state.jobs["j"].export.status == ExportStatus.pending
+
+
+def test_a_queued_jobs_priority_changes_its_place_and_a_finished_job_can_be_deleted() -> None:
+    log = Log()
+    for job_id in ("a", "b", "c"):
+        submit(log, job_id, priority=5)
+    log.add(m.JobPriorityChanged(job_id="c", priority=9, previous=5))
+    assert [j.job_id for j in log.state.queue()] == ["c", "a", "b"]
+    with pytest.raises(IllegalTransition):
+        log.add(m.JobDeleted(job_id="a"))  # still queued
+    log.add(m.JobCancelled(job_id="a"), m.JobDeleted(job_id="a"))
+    assert "a" not in log.state.jobs and "a" in log.state.deleted
+    with pytest.raises(IllegalTransition):
+        log.add(m.JobPriorityChanged(job_id="a", priority=1, previous=5))

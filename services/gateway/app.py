@@ -10,6 +10,7 @@ import json
 import re
 import shlex
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -34,6 +35,7 @@ from services.gateway.errors import (
     redis_unavailable,
     server_error,
 )
+from services.gateway.estimates import estimate_queue
 from services.gateway.projection import Projection
 from services.gateway.submit import SwiftFlags, dry_run_launch, parse_submission
 
@@ -61,7 +63,12 @@ def job_view(job: Job, state: State, positions: dict[str, int] | None = None) ->
 
 
 def _job(request: Request) -> Job:
-    job = _projection(request).job(request.path_params["job_id"])
+    projection = _projection(request)
+    job = projection.job(request.path_params["job_id"])
+    if job is None and request.path_params["job_id"] in projection.state.deleted:
+        raise ApiError(
+            404, "job_deleted", f"job {request.path_params['job_id']!r} was deleted (its history stays in the log)"
+        )
     if job is None:
         raise ApiError(404, "job_not_found", f"no job {request.path_params['job_id']!r}")
     return job
@@ -144,6 +151,7 @@ async def create_job(request: Request) -> JSONResponse:
         "job_id": job_id,
         "status": job.status if job else JobStatus.pending,
         "queue_position": projection.state.queue_position(job_id),
+        "estimated_wait_time": _wait(projection.state, job_id),
         "command_position": position,
         "message": _submit_message(job),
     }
@@ -173,6 +181,12 @@ async def job_command(request: Request) -> JSONResponse:
         return JSONResponse({"job_id": job.job_id, "started": True, **command_view(job.argv, job.env)})
     launch = dry_run_launch(job.spec, job.job_id, settings.runs_dir, settings.job_omp_num_threads)
     return JSONResponse({"job_id": job.job_id, "started": False, **command_view(launch.argv, launch.env)})
+
+
+def _wait(state: State, job_id: str) -> float | None:
+    """Seconds until a queued job is expected to start (None when unknown or not queued)."""
+    estimate = estimate_queue(state, datetime.now(UTC)).get(job_id)
+    return None if estimate is None or estimate.start_in_s is None else round(estimate.start_in_s, 1)
 
 
 def _submit_message(job: Job | None) -> str:
@@ -248,12 +262,7 @@ async def cancel_job(request: Request) -> JSONResponse:
             f"job {job.job_id} is already {job.status}",
             [{"field": "status", "message": job.status}],
         )
-    command = m.CancelJob(job_id=job.job_id, actor=ANONYMOUS)
-    [position] = await _bus(request).append(_bus(request).keys.commands, command)
-    return JSONResponse(
-        {"job_id": job.job_id, "status": job.status, "command_position": position, "message": "cancel requested"},
-        status_code=202,
-    )
+    return await _command(request, m.CancelJob(job_id=job.job_id, actor=ANONYMOUS), "cancel requested", job)
 
 
 async def export_job(request: Request) -> JSONResponse:
@@ -272,22 +281,77 @@ async def export_job(request: Request) -> JSONResponse:
     )
 
 
-async def queue(request: Request) -> JSONResponse:
-    state = _projection(request).state
-    return JSONResponse(
+def _queue_entries(state: State) -> list[dict[str, Any]]:
+    now = datetime.now(UTC)
+    estimates = estimate_queue(state, now)
+    return [
         {
-            "queue": [
-                {
-                    "position": i,
-                    "job_id": job.job_id,
-                    "priority": job.priority,
-                    "gpu_count": job.spec.gpu_count,
-                    "submitted_at": job.submitted_at.isoformat(),
-                }
-                for i, job in enumerate(state.queue(), start=1)
-            ]
+            "position": i,
+            "job_id": job.job_id,
+            "name": job.spec.name,
+            "priority": job.priority,
+            "gpu_count": job.spec.gpu_count,
+            "submitted_at": job.submitted_at.isoformat(),
+            "submitted_by": job.submitted_by,
+            **estimates[job.job_id].view(now),
         }
+        for i, job in enumerate(state.queue(), start=1)
+    ]
+
+
+async def queue(request: Request) -> JSONResponse:
+    return JSONResponse({"queue": _queue_entries(_projection(request).state)})
+
+
+async def queue_status(request: Request) -> JSONResponse:
+    job = _job(request)
+    entry = next((e for e in _queue_entries(_projection(request).state) if e["job_id"] == job.job_id), None)
+    return JSONResponse({"job_id": job.job_id, "status": job.status, "queued": entry is not None, **(entry or {})})
+
+
+def _illegal(job: Job, action: str) -> ApiError:
+    return ApiError(
+        409,
+        "illegal_state",
+        f"cannot {action} job {job.job_id}: it is {job.status}",
+        [{"field": "status", "message": job.status}],
     )
+
+
+async def _command(request: Request, command: m.Command, message: str, job: Job) -> JSONResponse:
+    [position] = await _bus(request).append(_bus(request).keys.commands, command)
+    body = {"job_id": job.job_id, "status": job.status, "command_position": position, "message": message}
+    return JSONResponse(body, status_code=202)
+
+
+async def change_priority(request: Request) -> JSONResponse:
+    job = _job(request)
+    body = await read_json(request)
+    priority = body.get("priority") if isinstance(body, dict) else None
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 10:
+        raise ApiError(
+            422, "validation_error", "priority must be an integer 0-10", [{"field": "priority", "message": "0-10"}]
+        )
+    if job.status != JobStatus.queued:
+        raise _illegal(job, "change the priority of")
+    return await _command(
+        request, m.SetPriority(job_id=job.job_id, priority=priority, actor=ANONYMOUS), "priority change requested", job
+    )
+
+
+async def remove_from_queue(request: Request) -> JSONResponse:
+    job = _job(request)
+    if job.status not in (JobStatus.pending, JobStatus.queued):
+        raise _illegal(job, "remove from the queue")
+    command = m.CancelJob(job_id=job.job_id, reason="removed from the queue", actor=ANONYMOUS)
+    return await _command(request, command, "removal requested", job)
+
+
+async def delete_job(request: Request) -> JSONResponse:
+    job = _job(request)
+    if job.status not in TERMINAL or job.export.status in ("pending", "running"):
+        raise _illegal(job, "delete")
+    return await _command(request, m.DeleteJob(job_id=job.job_id, actor=ANONYMOUS), "deletion requested", job)
 
 
 async def process_queue(request: Request) -> JSONResponse:
@@ -419,6 +483,10 @@ def routes(prefix: str) -> list[Route | Mount]:
         Route("/jobs/{job_id}/stop", cancel_job, methods=["POST"]),
         Route("/jobs/{job_id}/export", export_job, methods=["POST"]),
         Route("/queue", queue, methods=["GET"]),
+        Route("/queue/{job_id}/status", queue_status, methods=["GET"]),
+        Route("/queue/{job_id}", change_priority, methods=["PATCH"]),
+        Route("/queue/{job_id}", remove_from_queue, methods=["DELETE"]),
+        Route("/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/queue/process", process_queue, methods=["POST"]),
         Route("/gpus", gpus, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

@@ -10,7 +10,7 @@ from events import messages as m
 from events.bus import Append
 from events.keys import Keys
 from events.placement import free_mb, matching, never_fits
-from events.state import ExportStatus, Job, JobStatus, State, gpu_key, new_job
+from events.state import TERMINAL, ExportStatus, Job, JobStatus, State, gpu_key, new_job
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,21 @@ def cancel(state: State, keys: Keys, command: m.CancelJob) -> list[Append]:
     return [Append(keys.events, m.JobCancelRequested(reason=command.reason, **common)), stop]
 
 
+def set_priority(state: State, keys: Keys, command: m.SetPriority) -> list[Append]:
+    job = state.jobs.get(command.job_id or "")
+    if job is None or job.status != JobStatus.queued or job.priority == command.priority:
+        return []
+    common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
+    return [Append(keys.events, m.JobPriorityChanged(priority=command.priority, previous=job.priority, **common))]
+
+
+def delete(state: State, keys: Keys, command: m.DeleteJob) -> list[Append]:
+    job = state.jobs.get(command.job_id or "")
+    if job is None or job.status not in TERMINAL or job.export.status in (ExportStatus.pending, ExportStatus.running):
+        return []
+    return [Append(keys.events, m.JobDeleted(job_id=job.job_id, causation_id=command.id, actor=command.actor))]
+
+
 def export(state: State, keys: Keys, job: Job, cause: m.Message) -> list[Append]:
     """Merge a completed LoRA job's adapters into its base model."""
     if (
@@ -92,7 +107,15 @@ def react(state: State, keys: Keys, event: m.Message) -> list[Append]:
 
 
 # Facts after which queued jobs may now fit.
-RESCHEDULE_ON = (m.JobQueued, m.JobSucceeded, m.JobFailed, m.JobCancelled, m.NodeJoined, m.NodeLost)
+RESCHEDULE_ON = (
+    m.JobQueued,
+    m.JobPriorityChanged,
+    m.JobSucceeded,
+    m.JobFailed,
+    m.JobCancelled,
+    m.NodeJoined,
+    m.NodeLost,
+)
 
 
 def on_event(

@@ -78,6 +78,10 @@ class Scheduler:
             return rules.submit(self.state, self.keys, message, self.heartbeats, self.limits, now)
         if isinstance(message, m.CancelJob):
             return rules.cancel(self.state, self.keys, message)
+        if isinstance(message, m.SetPriority):
+            return rules.set_priority(self.state, self.keys, message)
+        if isinstance(message, m.DeleteJob):
+            return rules.delete(self.state, self.keys, message)
         if isinstance(message, m.RequestExport):
             job = self.state.jobs.get(message.job_id or "")
             return rules.export(self.state, self.keys, job, message) if job else []

@@ -1,0 +1,74 @@
+"""Queue estimates: simulated from running jobs' ETA or time limit and queued jobs' expected
+durations; unknown when nothing says how long something takes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from events import messages as m
+from services.gateway.estimates import estimate_queue
+from tests.examples import LM
+from tests.test_state import Log, node
+
+NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+
+def submit(log: Log, job_id: str, priority: int = 5, **spec: object) -> None:
+    full = LM.model_validate({**LM.model_dump(), "priority": priority, **spec})
+    log.add(m.JobAccepted(job_id=job_id, spec=full, at=NOW), m.JobQueued(job_id=job_id, position=1))
+
+
+def run(log: Log, job_id: str, gpu: int, *, remaining_s: float | None = None) -> None:
+    log.add(
+        m.JobScheduled(job_id=job_id, node="n1", gpu_ids=[gpu], attempt=1),
+        m.JobStarted(
+            job_id=job_id, attempt=1, node="n1", pid=1, pgid=1, run_dir="/r", argv=[], cuda_visible_devices="", at=NOW
+        ),
+    )
+    if remaining_s is not None:
+        log.add(
+            m.JobProgress(job_id=job_id, attempt=1, step=1, max_steps=10, percent=10, remaining_s=remaining_s, at=NOW)
+        )
+
+
+def test_waits_follow_running_etas_then_queued_time_limits_in_order() -> None:
+    log = Log()
+    log.add(node(gpus=2))
+    submit(log, "r0")
+    run(log, "r0", 0, remaining_s=100)
+    submit(log, "r1")
+    run(log, "r1", 1, remaining_s=300)
+    submit(log, "q1", priority=9, time_limit_s=50)  # GPU 0 frees at 100 s; q1 holds it until 150
+    submit(log, "q2", priority=5)  # then GPU 0 again at 150, before GPU 1 at 300
+    estimates = estimate_queue(log.state, NOW)
+    assert estimates["q1"].start_in_s == 100
+    # q2 has no time limit and no history, but it only needs a GPU: GPU 0 is free again at 150
+    assert estimates["q2"].start_in_s == 150
+
+
+def test_a_running_job_without_eta_or_limit_makes_waits_behind_it_unknown() -> None:
+    log = Log()
+    log.add(node(gpus=1))
+    submit(log, "r0")
+    run(log, "r0", 0)
+    submit(log, "q1")
+    estimate = estimate_queue(log.state, NOW)["q1"]
+    assert estimate.start_in_s is None and "r0" in estimate.basis
+
+
+def test_past_runs_of_the_same_model_give_the_expected_duration() -> None:
+    log = Log()
+    log.add(node(gpus=1))
+    for i, minutes in enumerate((10, 20, 30)):
+        submit(log, f"past{i}")
+        run(log, f"past{i}", 0)
+        log.add(
+            m.JobSucceeded(job_id=f"past{i}", attempt=1, exit_code=0, run_dir="/r", at=NOW + timedelta(minutes=minutes))
+        )
+    submit(log, "r0", time_limit_s=60)
+    run(log, "r0", 0)
+    submit(log, "q1")  # median of past runs: 20 min
+    submit(log, "q2")
+    estimates = estimate_queue(log.state, NOW)
+    assert estimates["q1"].start_in_s == 60
+    assert estimates["q2"].start_in_s == 60 + 20 * 60
