@@ -20,6 +20,7 @@ job.queued              event      scheduler
 job.scheduled           event      scheduler
 job.cancel_requested    event      scheduler
 job.priority_changed    event      scheduler
+job.requeued            event      scheduler    (an attempt lost with its node; retried)
 job.deleted             event      scheduler
 job.cancelled           event      scheduler (queued job), runner (running job)
 export.requested        event      scheduler    exporter's work arrives as export.start
@@ -137,6 +138,7 @@ class StartJob(Command):
     node: str
     gpu_ids: list[int]
     spec: JobSpec
+    resume_from: str | None = None  # a checkpoint of an earlier attempt to continue from
 
 
 class StopJob(Command):
@@ -243,6 +245,14 @@ class JobFailed(Event):
     reason: str  # oom, dataset_not_found, model_not_found, bad_argument, killed, timeout, unknown
     message: str = ""
     stderr_tail: list[str] = Field(default_factory=list)
+
+
+class JobRequeued(Event):
+    """An attempt ended by the infrastructure (its node was lost); the job waits to run again."""
+
+    type: Literal["job.requeued"] = "job.requeued"
+    attempt: int
+    reason: str
 
 
 class JobPriorityChanged(Event):
@@ -371,6 +381,7 @@ AnyMessage = Annotated[
     | JobFailed
     | JobCancelRequested
     | JobPriorityChanged
+    | JobRequeued
     | JobDeleted
     | JobCancelled
     | ExportRequested

@@ -84,6 +84,7 @@ class Job(BaseModel):
     message: str | None = None
     stderr_tail: list[str] = Field(default_factory=list)
     cancel_requested: bool = False
+    retries: int = 0  # attempts ended by the infrastructure and run again
     export: Export = Field(default_factory=Export)
 
     @property
@@ -97,6 +98,7 @@ class Node(BaseModel):
     simulated: bool
     gpus: list[m.GpuInfo]
     up: bool = True
+    epoch: int = 1  # how many times the node has joined
     joined_at: datetime
     lost_at: datetime | None = None
 
@@ -286,6 +288,16 @@ def _failed(state: State, entry_id: str, event: m.JobFailed) -> None:
     _finish(state, job, entry_id, event, JobStatus.failed)
 
 
+def _requeued(state: State, entry_id: str, event: m.JobRequeued) -> None:
+    job = _job(state, event, *HOLDS_GPUS)
+    if event.attempt != job.attempt:
+        raise IllegalTransition(f"job {job.job_id} requeued for attempt {event.attempt}, not {job.attempt}")
+    _release(state, job)
+    job.status = JobStatus.queued
+    job.retries += 1
+    job.last_entry_id = entry_id
+
+
 def _priority_changed(state: State, entry_id: str, event: m.JobPriorityChanged) -> None:
     job = _job(state, event, JobStatus.queued)
     job.priority = event.priority
@@ -355,7 +367,11 @@ def _node_joined(state: State, entry_id: str, event: m.NodeJoined) -> None:
         if not held <= {gpu.index for gpu in event.gpus}:
             raise IllegalTransition(f"node {event.node} rejoined without GPUs its jobs hold")
     state.nodes[event.node] = Node(
-        name=event.node, simulated=event.simulated, gpus=list(event.gpus), joined_at=event.at
+        name=event.node,
+        simulated=event.simulated,
+        gpus=list(event.gpus),
+        joined_at=event.at,
+        epoch=previous.epoch + (0 if previous.up else 1) if previous else 1,
     )
 
 
@@ -363,6 +379,8 @@ def _node_lost(state: State, entry_id: str, event: m.NodeLost) -> None:
     node = state.nodes.get(event.node)
     if node is None or not node.up:
         raise IllegalTransition(f"node.lost for node {event.node} that is not up")
+    if any(key.split("/")[0] == event.node for key in state.allocations):
+        raise IllegalTransition(f"node {event.node} lost while jobs still hold its GPUs")
     node.up, node.lost_at = False, event.at
 
 
@@ -379,6 +397,7 @@ _HANDLERS = {
     m.JobFailed: _failed,
     m.JobCancelRequested: _cancel_requested,
     m.JobPriorityChanged: _priority_changed,
+    m.JobRequeued: _requeued,
     m.JobDeleted: _deleted,
     m.JobCancelled: _cancelled,
     m.ExportRequested: _export_requested,

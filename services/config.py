@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     simulated_gpus: int = Field(2, ge=0, le=64)
     simulated_gpu_memory_mb: int = Field(24_576, ge=1)
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60)
+    node_timeout_s: float = Field(30.0, gt=0)
     foreign_memory_threshold_mb: int = Field(1024, ge=0)
 
     swift_bin: str = "swift"

@@ -82,6 +82,7 @@ def build_launch(
     runs_dir: Path,
     omp_num_threads: int,
     port: int | None = None,
+    resume_from: str | None = None,
 ) -> Launch:
     job_dir = runs_dir.resolve() / job_id
     run_dir = job_dir / f"attempt-{attempt}"
@@ -138,6 +139,7 @@ def build_launch(
         *_flag("check_model", False),  # no hub round trips for a local model
         *_flag("enable_jit_checkpoint", True),  # SIGTERM saves a checkpoint before exiting
         *_flag("report_to", "none"),
+        *_flag("resume_from_checkpoint", resume_from),  # an earlier attempt's, when retried
     ]
     if isinstance(spec, MultiModalJob):
         mm = spec.train_params

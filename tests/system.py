@@ -68,6 +68,16 @@ class System:
                 [sys.executable, "-m", "services.cli", service or name], env=self.env, stdout=log, stderr=log
             )
 
+    def start_on(self, node: str, *services: str) -> None:
+        """Start services as another node of the cluster (their own node name and run dir)."""
+        env = {**self.env, "NODE_NAME": node, "DATA_DIR": str(self.data_dir / node)}
+        for service in services:
+            name = f"{service}@{node}"
+            log = (self.data_dir / f"{name}.log").open("ab")
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", service], env=env, stdout=log, stderr=log
+            )
+
     def wait_healthy(self, timeout_s: float = 60) -> None:
         def healthy() -> bool:
             for name, process in self.processes.items():

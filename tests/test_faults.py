@@ -3,6 +3,7 @@ job is lost, nothing runs or is reported twice, and cancel leaves no process beh
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -194,3 +195,44 @@ def test_a_job_that_dies_while_its_runner_is_down_is_reported_failed(system: Sys
     assert job["status"] == "failed" and job["reason"] == "runner_lost"
     gpus = httpx.get(f"{system.base}/gpus").json()["nodes"][0]["gpus"]
     assert all(gpu["held_by"] is None for gpu in gpus)
+
+
+def test_a_job_on_a_lost_node_runs_again_elsewhere_from_its_checkpoint(
+    redis_server: RedisServer, assets: DemoAssets, tmp_path: Path
+) -> None:
+    # Given two nodes, and a job with one retry training on node-a
+    system = System(redis_server.url, tmp_path / "system", PATH_ROOTS=str(tmp_path.parent), NODE_TIMEOUT_S="5")
+    system.start()
+    system.start_on("node-b", "gpu-monitor", "runner")
+    try:
+        system.wait_healthy()
+        wait_for(lambda: len(httpx.get(f"{system.base}/gpus").json()["nodes"]) == 2, 20, "both nodes")
+        body = {
+            **job_body(assets, max_steps=600, save_steps=20, logging_steps=5),
+            "max_retries": 1,
+            "auto_export": False,
+        }
+        job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
+        url = f"{system.base}/jobs/{job_id}/stream"
+        first = read_stream(url, seen("job.checkpoint_saved"))
+        assert httpx.get(f"{system.base}/jobs/{job_id}").json()["node"] == "node-a"
+        # When node-a dies: its monitor, its runner and the trainer
+        pgid = httpx.get(f"{system.base}/jobs/{job_id}").json()["pid"]
+        system.stop("gpu-monitor", "runner", sig=signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
+        # Then the node is declared lost, and the job runs again on node-b from its checkpoint
+        rest = read_stream(url, seen("job.succeeded"), last_event_id=first[-1].id)
+        assert "job.requeued" in [e.event for e in rest]
+        log = [json.loads(line) for line in system.cli("replay").splitlines()]
+        assert [e["payload"]["node"] for e in log if e["type"] == "node.lost"] == ["node-a"]
+        job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+        assert (job["status"], job["node"], job["attempt"], job["retries"]) == ("completed", "node-b", 2, 1)
+        assert "--resume_from_checkpoint" in job["argv"]
+        resumed = job["argv"][job["argv"].index("--resume_from_checkpoint") + 1]
+        assert resumed == json.loads(first[-1].data)["payload"]["path"] or resumed in job["checkpoints"]
+        second = [json.loads(e.data)["payload"] for e in rest if e.event == "job.progress"]
+        assert second and second[0]["step"] > 20  # continued, not from the start
+        nodes = {n["node"]: n for n in httpx.get(f"{system.base}/gpus").json()["nodes"]}
+        assert nodes["node-a"]["up"] is False
+    finally:
+        system.stop()

@@ -210,3 +210,31 @@ def test_a_request_that_can_never_fit_is_rejected_with_the_reason() -> None:
         assert (
             job.status == "failed" and job.reason == "unsatisfiable" and "no node can ever give" in (job.message or "")
         )
+
+
+def test_a_silent_node_is_lost_its_jobs_retried_from_their_checkpoint_or_failed() -> None:
+    cluster = Cluster({"a": 2, "b": 2})
+    cluster.submit("retried", node="a", max_retries=1)
+    cluster.submit("failed", node="a")
+    started = m.JobStarted(
+        job_id="retried", attempt=1, node="a", pid=1, pgid=1, run_dir="/r", argv=[], cuda_visible_devices="0"
+    )
+    cluster.fold([Append(KEYS.events, started)])
+    cluster.fold([Append(KEYS.events, m.CheckpointSaved(job_id="retried", attempt=1, step=5, path="/r/checkpoint-5"))])
+    heard = {"a": NOW - timedelta(seconds=60), "b": NOW}
+    assert rules.lost_nodes(cluster.state, heard, LIMITS, NOW) == ["a"]
+    stops = cluster.fold(rules.lose_node(cluster.state, KEYS, "a", m.ProcessQueue()))
+    assert {(s.job_id, s.attempt) for s in stops if isinstance(s, m.StopJob)} == {("retried", 1), ("failed", 1)}
+    assert not cluster.state.nodes["a"].up and cluster.state.allocations == {}
+    assert cluster.state.jobs["failed"].status == "failed" and cluster.state.jobs["failed"].reason == "node_lost"
+    retried = cluster.state.jobs["retried"]
+    assert retried.status == "queued" and retried.retries == 1
+    # It needs node a: it waits; when a comes back (a new epoch), it runs again from its checkpoint
+    assert cluster.fold(rules.schedule(cluster.state, KEYS, cluster.heartbeats, LIMITS, NOW, m.ProcessQueue())) == []
+    cluster.fold([Append(KEYS.events, f) for f in rules.node_changes(cluster.state, cluster.heartbeats["a"])])
+    assert cluster.state.nodes["a"].epoch == 2
+    [start] = cluster.fold(rules.schedule(cluster.state, KEYS, cluster.heartbeats, LIMITS, NOW, m.ProcessQueue()))
+    assert (start.attempt, start.resume_from) == (2, "/r/checkpoint-5")
+    # A late report of the first attempt is ignored
+    cluster.fold([Append(KEYS.events, m.JobSucceeded(job_id="retried", attempt=1, exit_code=0, run_dir="/r"))])
+    assert cluster.state.jobs["retried"].status == "scheduled" and cluster.state.stale_reports == 1

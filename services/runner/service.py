@@ -172,6 +172,7 @@ class Runner:
             runs_dir=self.settings.runs_dir,
             omp_num_threads=self.settings.job_omp_num_threads,
             port=self._deploy_port() if command.spec.task_type == "deploy" else None,
+            resume_from=command.resume_from,
         )
         running = find_running(job_tag(job_id, command.attempt))
         if running is not None:

@@ -10,13 +10,14 @@ from events import messages as m
 from events.bus import Append
 from events.keys import Keys
 from events.placement import free_mb, matching, never_fits
-from events.state import TERMINAL, ExportStatus, Job, JobStatus, State, gpu_key, new_job
+from events.state import HOLDS_GPUS, TERMINAL, ExportStatus, Job, JobStatus, State, gpu_key, new_job
 
 
 @dataclass(frozen=True)
 class Limits:
-    heartbeat_timeout_s: float
+    heartbeat_timeout_s: float  # a GPU of a node silent this long is offered to no one
     foreign_memory_threshold_mb: int
+    node_timeout_s: float = 30.0  # a node silent this long is declared lost
 
 
 def submit(
@@ -109,6 +110,7 @@ def react(state: State, keys: Keys, event: m.Message) -> list[Append]:
 # Facts after which queued jobs may now fit.
 RESCHEDULE_ON = (
     m.JobQueued,
+    m.JobRequeued,
     m.JobPriorityChanged,
     m.JobSucceeded,
     m.JobFailed,
@@ -130,6 +132,35 @@ def on_event(
     decided = react(state, keys, event)
     if isinstance(event, RESCHEDULE_ON):
         decided += schedule(state, keys, heartbeats, limits, now, event)
+    return decided
+
+
+def lost_nodes(state: State, last_heard: Mapping[str, datetime], limits: Limits, now: datetime) -> list[str]:
+    """Nodes that are up in the log but have not been heard from for the node timeout."""
+    deadline = timedelta(seconds=limits.node_timeout_s)
+    return [
+        name for name, node in sorted(state.nodes.items()) if node.up and now - last_heard.get(name, now) > deadline
+    ]
+
+
+def lose_node(state: State, keys: Keys, node: str, cause: m.Message) -> list[Append]:
+    """Declare a node lost: each of its jobs runs again elsewhere (from its last checkpoint) while
+    it has retries left, else fails. The node's runner, should it come back, is told to stop the
+    old attempts, whose reports the log ignores anyway."""
+    decided: list[Append] = []
+    for job in sorted(state.jobs.values(), key=lambda j: j.seq):
+        if job.node != node or job.status not in HOLDS_GPUS:
+            continue
+        common = {"job_id": job.job_id, "causation_id": cause.id}
+        if job.retries < job.spec.max_retries:
+            decided.append(Append(keys.events, m.JobRequeued(attempt=job.attempt, reason="node_lost", **common)))
+        else:
+            message = f"node {node} stopped sending heartbeats"
+            decided.append(
+                Append(keys.events, m.JobFailed(attempt=job.attempt, reason="node_lost", message=message, **common))
+            )
+        decided.append(Append(keys.node(node), m.StopJob(attempt=job.attempt, reason="preempt", **common)))
+    decided.append(Append(keys.events, m.NodeLost(node=node, causation_id=cause.id)))
     return decided
 
 
@@ -219,7 +250,8 @@ def schedule(
         attempt = job.attempt + 1
         common = {"job_id": job.job_id, "causation_id": cause.id}
         decisions.append(Append(keys.events, m.JobScheduled(node=node, gpu_ids=gpu_ids, attempt=attempt, **common)))
-        decisions.append(
-            Append(keys.node(node), m.StartJob(attempt=attempt, node=node, gpu_ids=gpu_ids, spec=job.spec, **common))
+        start = m.StartJob(
+            attempt=attempt, node=node, gpu_ids=gpu_ids, spec=job.spec, resume_from=job.last_checkpoint, **common
         )
+        decisions.append(Append(keys.node(node), start))
     return decisions

@@ -55,7 +55,9 @@ class Scheduler:
         self.limits = rules.Limits(
             heartbeat_timeout_s=settings.heartbeat_interval_s * 5,
             foreign_memory_threshold_mb=settings.foreign_memory_threshold_mb,
+            node_timeout_s=settings.node_timeout_s,
         )
+        self.last_heard: dict[str, datetime] = {}
 
     async def catch_up(self) -> None:
         """Fold every event appended since the state's position."""
@@ -67,8 +69,19 @@ class Scheduler:
     async def handle(self, delivery: Delivery) -> Sequence[Append]:
         await self.catch_up()
         message = delivery.message
+        now = datetime.now(UTC)
         if isinstance(message, m.NodeHeartbeat):
             self.heartbeats[message.node] = message
+            self.last_heard[message.node] = now  # by this scheduler's clock: no skew between nodes
+        if delivery.stream == self.keys.telemetry:
+            # Heartbeats arrive every few seconds (this scheduler's own among them): the clock by
+            # which silent nodes are found. A telemetry entry carries no request, so deciding only
+            # the loss of a node this time costs nothing.
+            lost = rules.lost_nodes(self.state, self.last_heard, self.limits, now)
+            if lost:
+                log.warning("node lost", node=lost[0])
+                return rules.lose_node(self.state, self.keys, lost[0], message)
+        if isinstance(message, m.NodeHeartbeat):
             joined = rules.node_changes(self.state, message)
             if joined:
                 return [Append(self.keys.events, fact) for fact in joined]
@@ -108,6 +121,8 @@ class Scheduler:
         """Run as the leader until the lease is lost."""
         self.state = State()
         await self.catch_up()
+        # Every node gets a full timeout from now: this scheduler has not heard anyone yet.
+        self.last_heard = {name: datetime.now(UTC) for name, node in self.state.nodes.items() if node.up}
         log.info("leading", token=self.token, position=self.state.position, jobs=len(self.state.jobs))
         consumer = GroupConsumer(
             self.bus,
