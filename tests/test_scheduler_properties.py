@@ -1,0 +1,156 @@
+"""Property-based: random sequences of submits, cancels, priority changes, completions, failures,
+heartbeats (with foreign processes) and node losses, applied through the scheduler's real rules
+and the fold. After every step: no GPU is held twice, the head of the queue is not left waiting
+on GPUs it fits, every job is in a state consistent with its GPUs, and folding the emitted log
+from scratch gives the same state."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from events import messages as m
+from events.bus import Append
+from events.state import HOLDS_GPUS, JobStatus, State, gpu_key
+from services.scheduler import rules
+from tests.test_scheduler_rules import KEYS, LIMITS, NOW, Cluster
+
+NODES = {"a": 2, "b": 4}
+
+operation = st.one_of(
+    st.tuples(st.just("submit"), st.integers(0, 10), st.integers(1, 4), st.sampled_from([None, "a", "b"])),
+    st.tuples(st.just("cancel"), st.integers(0, 30)),
+    st.tuples(st.just("priority"), st.integers(0, 30), st.integers(0, 10)),
+    st.tuples(st.just("start"), st.integers(0, 30)),
+    st.tuples(st.just("succeed"), st.integers(0, 30)),
+    st.tuples(st.just("fail"), st.integers(0, 30)),
+    st.tuples(st.just("heartbeat"), st.sampled_from(sorted(NODES)), st.sampled_from([0, 5000])),
+    st.tuples(st.just("lose"), st.sampled_from(sorted(NODES))),
+)
+
+
+class Scheduler(Cluster):
+    """The cluster, with every emitted event kept, to be folded again from scratch."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, m.Message]] = []
+        super().__init__(NODES)
+
+    def fold(self, appends: list[Append]) -> list[m.Message]:
+        commands = []
+        for item in appends:
+            if item.stream == KEYS.events:
+                self.n += 1
+                self.state.apply(f"{self.n}-0", item.message)  # raises on an illegal decision
+                self.log.append((f"{self.n}-0", item.message))
+            else:
+                commands.append(item.message)
+        return commands
+
+    def react(self, event: m.Message) -> None:
+        self.fold([Append(KEYS.events, event)])
+        self.fold(rules.on_event(self.state, KEYS, self.heartbeats, LIMITS, NOW, event))
+
+    def job(self, index: int) -> str | None:
+        ids = sorted(self.state.jobs, key=lambda job_id: self.state.jobs[job_id].seq)
+        return ids[index % len(ids)] if ids else None
+
+    def apply(self, op: tuple[object, ...]) -> None:
+        kind = op[0]
+        if kind == "submit":
+            _, priority, gpus, node = op
+            job_id = f"j{self.n}"
+            command = m.SubmitJob(
+                job_id=job_id,
+                spec=_spec(priority, gpus, node),
+                actor="prop",  # type: ignore[arg-type]
+            )
+            self.fold(rules.submit(self.state, KEYS, command, self.heartbeats, LIMITS, NOW))
+            return
+        if kind == "heartbeat":
+            _, node, used = op
+            self.heartbeat(node, NODES[node], used_mb=used)  # type: ignore[arg-type]
+            joined = rules.node_changes(self.state, self.heartbeats[node])  # type: ignore[index]
+            if joined:
+                for fact in joined:
+                    self.react(fact)
+            else:
+                self.fold(rules.schedule(self.state, KEYS, self.heartbeats, LIMITS, NOW, m.ProcessQueue()))
+            return
+        if kind == "lose":
+            node = op[1]
+            if self.state.nodes[node].up:  # type: ignore[index]
+                cause = m.ProcessQueue()
+                self.fold(rules.lose_node(self.state, KEYS, node, cause))  # type: ignore[arg-type]
+                self.heartbeats[node] = self.heartbeats[node].model_copy(update={"at": NOW - timedelta(hours=1)})  # type: ignore[index]
+                self.fold(rules.schedule(self.state, KEYS, self.heartbeats, LIMITS, NOW, cause))
+            return
+        job_id = self.job(op[1])  # type: ignore[arg-type]
+        if job_id is None:
+            return
+        job = self.state.jobs[job_id]
+        if kind == "cancel":
+            stops = self.fold(rules.cancel(self.state, KEYS, m.CancelJob(job_id=job_id)))
+            if stops and job.status == JobStatus.scheduled:  # the runner ends it
+                self.react(m.JobCancelled(job_id=job_id, attempt=job.attempt))
+            elif job.status == JobStatus.cancelled:
+                self.fold(rules.schedule(self.state, KEYS, self.heartbeats, LIMITS, NOW, m.ProcessQueue()))
+        elif kind == "priority":
+            self.fold(rules.set_priority(self.state, KEYS, m.SetPriority(job_id=job_id, priority=op[2])))  # type: ignore[arg-type]
+            self.fold(rules.schedule(self.state, KEYS, self.heartbeats, LIMITS, NOW, m.ProcessQueue()))
+        elif kind == "start" and job.status == JobStatus.scheduled:
+            started = m.JobStarted(
+                job_id=job_id,
+                attempt=job.attempt,
+                node=job.node or "",
+                pid=1,
+                pgid=1,
+                run_dir="/r",
+                argv=[],
+                cuda_visible_devices="",
+            )
+            self.fold([Append(KEYS.events, started)])
+        elif kind == "succeed" and job.status == JobStatus.running:
+            self.react(m.JobSucceeded(job_id=job_id, attempt=job.attempt, exit_code=0, run_dir="/r"))
+        elif kind == "fail" and job.status in HOLDS_GPUS:
+            self.react(m.JobFailed(job_id=job_id, attempt=job.attempt, reason="oom"))
+
+
+def _spec(priority: int, gpus: int, node: str | None) -> object:
+    from tests.examples import LM
+
+    return LM.model_validate({**LM.model_dump(), "priority": priority, "gpu_count": gpus, "node": node})
+
+
+def check_invariants(cluster: Scheduler) -> None:
+    state = cluster.state
+    holders: dict[str, str] = {}
+    for job in state.jobs.values():
+        if job.status in HOLDS_GPUS:
+            for index in job.gpu_ids:
+                key = gpu_key(job.node or "", index)
+                assert key not in holders, f"GPU {key} held by {holders.get(key)} and {job.job_id}"
+                holders[key] = job.job_id
+            assert state.nodes[job.node or ""].up
+    assert holders == state.allocations
+    queue = state.queue()
+    assert [(-j.priority, j.seq) for j in queue] == sorted((-j.priority, j.seq) for j in queue)
+    if queue:  # strict order: the head is never left waiting on GPUs it fits now
+        usable = rules.usable_gpus(state, cluster.heartbeats, LIMITS, NOW)
+        assert rules.place(queue[0], usable) is None, f"{queue[0].job_id} could start now"
+    rebuilt = State()
+    for entry_id, event in cluster.log:
+        rebuilt.apply(entry_id, event)
+    assert rebuilt.model_dump() == state.model_dump()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(operation, max_size=40))
+def test_any_sequence_keeps_the_scheduler_invariants(operations: list[tuple[object, ...]]) -> None:
+    cluster = Scheduler()
+    check_invariants(cluster)
+    for op in operations:
+        cluster.apply(op)
+        check_invariants(cluster)
