@@ -69,6 +69,11 @@ class Keys:
         """The fencing token of the current scheduler leader; every scheduler write checks it."""
         return f"{self.tag}:scheduler:fence"
 
+    @property
+    def snapshot(self) -> str:
+        """The folded state at a log position (hash: position, version, state)."""
+        return f"{self.tag}:snapshot"
+
     def done(self, message_id: str) -> str:
         """Marks a handled message, so that a redelivery has no second effect."""
         return f"{self.tag}:done:{message_id}"

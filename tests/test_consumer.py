@@ -166,3 +166,34 @@ async def test_entries_pages_through_a_long_stream(bus: Bus, redis_client: aiore
     assert len(ids) == 2500 == len(set(ids))
     after = [e.entry_id async for e in bus.entries(bus.keys.events, after=ids[1999])]
     assert after == ids[2000:]
+
+
+async def test_a_snapshot_plus_the_log_after_it_folds_to_the_whole_log(bus: Bus) -> None:
+    from events import snapshot
+    from events.log import catch_up
+    from events.state import State
+    from tests.examples import GPU, LM
+
+    # Given a log, a snapshot of part of it, and more events after the snapshot
+    await bus.append(bus.keys.events, m.NodeJoined(node="n", simulated=True, gpus=[GPU]))
+    for i in range(30):
+        await bus.append(
+            bus.keys.events, m.JobAccepted(job_id=f"j{i}", spec=LM), m.JobQueued(job_id=f"j{i}", position=i + 1)
+        )
+    early = State()
+    await catch_up(bus, early)
+    assert await snapshot.save(bus, early)
+    await bus.append(
+        bus.keys.events, m.JobCancelled(job_id="j3"), m.JobPriorityChanged(job_id="j7", priority=9, previous=5)
+    )
+    # When a reader starts from the snapshot
+    resumed = await snapshot.load(bus)
+    assert resumed.position == early.position
+    await catch_up(bus, resumed)
+    # Then it has the state of the whole log
+    whole = State()
+    await catch_up(bus, whole)
+    assert resumed.model_dump() == whole.model_dump()
+    # And an older snapshot never replaces a newer one
+    assert not await snapshot.save(bus, State())
+    assert (await snapshot.load(bus)).position == early.position

@@ -13,6 +13,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from events import messages as m
+from events import snapshot
 from events.bus import Bus
 from events.codec import DecodeError, decode
 from events.log import apply_entry, catch_up
@@ -84,6 +85,7 @@ class Projection:
 
     async def run(self) -> None:
         await self._recent_telemetry()
+        self.state = await snapshot.load(self.bus)
         await catch_up(self.bus, self.state)
         self.pending.clear()  # filled next, from the submits not decided in the log
         async for entry_id, command in self.bus.messages(self.bus.keys.commands):

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from events import messages as m
+from events import snapshot
 from events.bus import Append, Bus, Fenced, connect
 from events.consumer import CommitGuard, Delivery, GroupConsumer
 from events.keys import SCHEDULER_GROUP
@@ -50,6 +51,7 @@ class Scheduler:
         self.bus = bus
         self.keys = settings.keys
         self.state = State()
+        self.unsaved = 0  # events folded since the last snapshot
         self.heartbeats: dict[str, m.NodeHeartbeat] = {}
         self.token: str | None = None
         self.limits = rules.Limits(
@@ -60,8 +62,11 @@ class Scheduler:
         self.last_heard: dict[str, datetime] = {}
 
     async def catch_up(self) -> None:
-        """Fold every event appended since the state's position."""
-        await catch_up(self.bus, self.state)
+        """Fold every event appended since the state's position; snapshot now and then."""
+        self.unsaved += await catch_up(self.bus, self.state)
+        if self.unsaved >= snapshot.SNAPSHOT_EVERY:
+            await snapshot.save(self.bus, self.state)
+            self.unsaved = 0
 
     def _pass(self, cause: m.Message) -> list[Append]:
         return rules.schedule(self.state, self.keys, self.heartbeats, self.limits, datetime.now(UTC), cause)
@@ -119,7 +124,7 @@ class Scheduler:
 
     async def lead(self, reader: aioredis.Redis) -> None:
         """Run as the leader until the lease is lost."""
-        self.state = State()
+        self.state = await snapshot.load(self.bus)
         await self.catch_up()
         # Every node gets a full timeout from now: this scheduler has not heard anyone yet.
         self.last_heard = {name: datetime.now(UTC) for name, node in self.state.nodes.items() if node.up}

@@ -1,0 +1,48 @@
+"""Snapshots of the folded state (with the log position they cover), so that a reader starts by
+loading one and folding only the log after it."""
+
+from __future__ import annotations
+
+import structlog
+from pydantic import ValidationError
+
+from events.bus import Bus
+from events.state import State
+
+log = structlog.get_logger("events.snapshot")
+
+# Bump when State changes shape: an older snapshot is then ignored and the log folded in full.
+SNAPSHOT_VERSION = "1"
+SNAPSHOT_EVERY = 5000  # events folded between two snapshots
+
+# Only a snapshot further along the log replaces the stored one.
+_SAVE_LUA = """
+local current = redis.call('HGET', KEYS[1], 'position')
+if current then
+  local cm, cs = string.match(current, '(%d+)-(%d+)')
+  local nm, ns = string.match(ARGV[1], '(%d+)-(%d+)')
+  cm, cs, nm, ns = tonumber(cm), tonumber(cs), tonumber(nm), tonumber(ns)
+  if cm > nm or (cm == nm and cs >= ns) then return 0 end
+end
+redis.call('HSET', KEYS[1], 'position', ARGV[1], 'version', ARGV[2], 'state', ARGV[3])
+return 1
+"""
+
+
+async def save(bus: Bus, state: State) -> bool:
+    """Store the state if it is further along the log than the stored snapshot."""
+    script = bus.redis.register_script(_SAVE_LUA)
+    saved = await script(keys=[bus.keys.snapshot], args=[state.position, SNAPSHOT_VERSION, state.model_dump_json()])
+    return bool(saved)
+
+
+async def load(bus: Bus) -> State:
+    """The stored snapshot, or an empty state when there is none (or of an older shape)."""
+    stored = await bus.redis.hgetall(bus.keys.snapshot)
+    if not stored or stored.get("version") != SNAPSHOT_VERSION:
+        return State()
+    try:
+        return State.model_validate_json(stored["state"])
+    except (ValidationError, KeyError) as exc:
+        log.warning("snapshot unreadable; folding the whole log", error=str(exc))
+        return State()
