@@ -13,7 +13,7 @@ log = structlog.get_logger("events.snapshot")
 
 # Bump when State changes shape: an older snapshot is then ignored and the log folded in full.
 SNAPSHOT_VERSION = "1"
-SNAPSHOT_EVERY = 5000  # events folded between two snapshots
+SNAPSHOT_EVERY = 100_000  # events folded between two snapshots (a large state takes a while to write)
 
 # Only a snapshot further along the log replaces the stored one.
 _SAVE_LUA = """

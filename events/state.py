@@ -6,10 +6,14 @@ all build their view with it, so replaying the log rebuilds exactly what the ser
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
+from sortedcontainers import SortedList
 
 from events import messages as m
 from events.params import JobSpec, TrainType
@@ -112,31 +116,48 @@ class State(BaseModel):
     accepted: int = 0
     deleted: set[str] = Field(default_factory=set)  # ids of jobs deleted from the list
     stale_reports: int = 0  # reports from an attempt that is no longer current, ignored
+    # The queue in start order, kept sorted as events arrive: (-priority, seq, job id).
+    _queued: SortedList = PrivateAttr(default_factory=SortedList)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._queued = SortedList(filter(None, map(queue_key, self.jobs.values())))
+
+    def queue_iter(self) -> Iterator[Job]:
+        """Queued jobs in start order: higher priority first, FIFO within a priority."""
+        return (self.jobs[job_id] for _, _, job_id in self._queued)
 
     def queue(self) -> list[Job]:
-        """Queued jobs in start order: higher priority first, FIFO within a priority."""
-        waiting = [job for job in self.jobs.values() if job.status == JobStatus.queued]
-        return sorted(waiting, key=lambda job: (-job.priority, job.seq))
+        return list(self.queue_iter())
 
     def queue_position(self, job_id: str) -> int | None:
-        for position, job in enumerate(self.queue(), start=1):
-            if job.job_id == job_id:
-                return position
-        return None
+        key = queue_key(self.jobs.get(job_id))
+        return None if key is None else self._queued.index(key) + 1
 
-    def free_gpus(self, node: str) -> list[int]:
-        found = self.nodes.get(node)
-        if found is None or not found.up:
-            return []
-        return [gpu.index for gpu in found.gpus if gpu_key(node, gpu.index) not in self.allocations]
+    def queued_ahead_of(self, priority: int) -> int:
+        """How many queued jobs a new job of this priority would wait behind."""
+        return self._queued.bisect_left((-priority, math.inf, ""))
 
     def apply(self, entry_id: str, event: m.Message) -> None:
         """Fold one event in. Raises IllegalTransition, leaving the state unchanged."""
         handler = _HANDLERS.get(type(event))
         if handler is None:
             raise IllegalTransition(f"{event.type} is not an event of the log")
+        before = queue_key(self.jobs.get(event.job_id or ""))
         handler(self, entry_id, event)
+        after = queue_key(self.jobs.get(event.job_id or ""))
+        if before != after:
+            if before is not None:
+                self._queued.remove(before)
+            if after is not None:
+                self._queued.add(after)
         self.position = entry_id
+
+
+def queue_key(job: Job | None) -> tuple[int, int, str] | None:
+    """A queued job's place in the queue; None for a job that is not queued."""
+    if job is None or job.status != JobStatus.queued:
+        return None
+    return (-job.priority, job.seq, job.job_id)
 
 
 def gpu_key(node: str, index: int) -> str:

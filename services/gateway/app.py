@@ -35,7 +35,7 @@ from services.gateway.errors import (
     redis_unavailable,
     server_error,
 )
-from services.gateway.estimates import estimate_queue
+from services.gateway.estimates import Estimate
 from services.gateway.projection import Projection
 from services.gateway.submit import SwiftFlags, dry_run_launch, parse_submission
 
@@ -151,7 +151,7 @@ async def create_job(request: Request) -> JSONResponse:
         "job_id": job_id,
         "status": job.status if job else JobStatus.pending,
         "queue_position": projection.state.queue_position(job_id),
-        "estimated_wait_time": _wait(projection.state, job_id),
+        "estimated_wait_time": _wait(projection, job_id),
         "command_position": position,
         "message": _submit_message(job),
     }
@@ -183,10 +183,14 @@ async def job_command(request: Request) -> JSONResponse:
     return JSONResponse({"job_id": job.job_id, "started": False, **command_view(launch.argv, launch.env)})
 
 
-def _wait(state: State, job_id: str) -> float | None:
+def _wait(projection: Projection, job_id: str) -> float | None:
     """Seconds until a queued job is expected to start (None when unknown or not queued)."""
-    estimate = estimate_queue(state, datetime.now(UTC)).get(job_id)
-    return None if estimate is None or estimate.start_in_s is None else round(estimate.start_in_s, 1)
+    computed_at, estimates = projection.estimates()
+    estimate = estimates.get(job_id)
+    if estimate is None:
+        return None
+    wait = estimate.view(computed_at, datetime.now(UTC))["estimated_wait_s"]
+    return wait if isinstance(wait, float) else None
 
 
 def _submit_message(job: Job | None) -> str:
@@ -281,9 +285,11 @@ async def export_job(request: Request) -> JSONResponse:
     )
 
 
-def _queue_entries(state: State) -> list[dict[str, Any]]:
+def _queue_entries(projection: Projection) -> list[dict[str, Any]]:
+    state = projection.state
     now = datetime.now(UTC)
-    estimates = estimate_queue(state, now)
+    computed_at, estimates = projection.estimates(fresh=True)
+    unknown = Estimate(None, "not estimated yet")
     return [
         {
             "position": i,
@@ -293,19 +299,19 @@ def _queue_entries(state: State) -> list[dict[str, Any]]:
             "gpu_count": job.spec.gpu_count,
             "submitted_at": job.submitted_at.isoformat(),
             "submitted_by": job.submitted_by,
-            **estimates[job.job_id].view(now),
+            **estimates.get(job.job_id, unknown).view(computed_at, now),
         }
         for i, job in enumerate(state.queue(), start=1)
     ]
 
 
 async def queue(request: Request) -> JSONResponse:
-    return JSONResponse({"queue": _queue_entries(_projection(request).state)})
+    return JSONResponse({"queue": _queue_entries(_projection(request))})
 
 
 async def queue_status(request: Request) -> JSONResponse:
     job = _job(request)
-    entry = next((e for e in _queue_entries(_projection(request).state) if e["job_id"] == job.job_id), None)
+    entry = next((e for e in _queue_entries(_projection(request)) if e["job_id"] == job.job_id), None)
     return JSONResponse({"job_id": job.job_id, "status": job.status, "queued": entry is not None, **(entry or {})})
 
 

@@ -20,10 +20,12 @@ class Estimate:
     start_in_s: float | None  # None: not known
     basis: str  # how it was estimated, or why it cannot be
 
-    def view(self, now: datetime) -> dict[str, object]:
-        start = None if self.start_in_s is None else (now + timedelta(seconds=self.start_in_s)).isoformat()
-        wait = None if self.start_in_s is None else round(self.start_in_s, 1)
-        return {"estimated_start_at": start, "estimated_wait_s": wait, "estimate_basis": self.basis}
+    def view(self, computed_at: datetime, now: datetime) -> dict[str, object]:
+        if self.start_in_s is None:
+            return {"estimated_start_at": None, "estimated_wait_s": None, "estimate_basis": self.basis}
+        start = computed_at + timedelta(seconds=self.start_in_s)
+        wait = round(max(0.0, (start - now).total_seconds()), 1)
+        return {"estimated_start_at": start.isoformat(), "estimated_wait_s": wait, "estimate_basis": self.basis}
 
 
 def remaining_s(job: Job, now: datetime) -> float:

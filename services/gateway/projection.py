@@ -18,11 +18,13 @@ from events.bus import Bus
 from events.codec import DecodeError, decode
 from events.log import apply_entry, catch_up
 from events.state import Job, State, new_job
+from services.gateway.estimates import Estimate, estimate_queue
 from services.runtime import REDIS_LOST, wait_for_redis
 
 log = structlog.get_logger("gateway.projection")
 
 SUBSCRIBER_BUFFER = 1000  # events a slow client may fall behind before it is disconnected
+ESTIMATE_REFRESH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Projection:
     commands_position: str = "0-0"
     subscribers: set[Subscription] = field(default_factory=set)
     ready: anyio.Event = field(default_factory=anyio.Event)
+    _estimates: tuple[datetime, str, dict[str, Estimate]] | None = None
     _advanced: anyio.Event = field(default_factory=anyio.Event)
 
     def subscribe(self) -> Subscription:
@@ -73,6 +76,20 @@ class Projection:
                 await self._advanced.wait()
             return True
         return bool(predicate())  # type: ignore[operator]
+
+    def estimates(self, *, fresh: bool = False) -> tuple[datetime, dict[str, Estimate]]:
+        """Queue estimates as of when they were computed: simulating a long queue costs time, so
+        it is redone only when the log has moved on, and (unless ``fresh``) at most every
+        ESTIMATE_REFRESH_S: a burst of submissions does not simulate the queue once each."""
+        now = datetime.now(UTC)
+        cached = self._estimates
+        stale = cached is None or (
+            cached[1] != self.state.position and (fresh or now - cached[0] >= timedelta(seconds=ESTIMATE_REFRESH_S))
+        )
+        if stale:
+            self._estimates = (now, self.state.position, estimate_queue(self.state, now))
+        assert self._estimates is not None
+        return self._estimates[0], self._estimates[2]
 
     def job(self, job_id: str) -> Job | None:
         """A job from the log, or a pending one from its submit command."""

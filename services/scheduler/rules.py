@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import heapq
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -39,7 +40,7 @@ def submit(
     if impossible:
         rejected = m.JobRejected(reason="unsatisfiable", message=impossible, **common)
         return [Append(keys.events, accepted), Append(keys.events, rejected)]
-    ahead = sum(1 for job in state.queue() if job.priority >= spec.priority)
+    ahead = state.queued_ahead_of(spec.priority)
     decided = [
         Append(keys.events, accepted),
         Append(keys.events, m.JobQueued(position=ahead + 1, **common)),
@@ -47,7 +48,7 @@ def submit(
     # The queue as it will be once these facts are folded in, to place the new job right away.
     job = new_job(accepted, state.accepted + 1, "0-0")
     job.status = JobStatus.queued
-    queue = sorted([*state.queue(), job], key=lambda j: (-j.priority, j.seq))
+    queue = heapq.merge(state.queue_iter(), [job], key=lambda j: (-j.priority, j.seq))
     return decided + schedule(state, keys, heartbeats, limits, now, command, queue=queue)
 
 
@@ -232,13 +233,11 @@ def schedule(
     now: datetime,
     cause: m.Message,
     *,
-    queue: list[Job] | None = None,
+    queue: Iterable[Job] | None = None,
 ) -> list[Append]:
     """One scheduling pass: start queued jobs in order while they fit; the first that does not
     fit blocks those behind it (strict priority order)."""
-    queue = state.queue() if queue is None else queue
-    if not queue:
-        return []
+    queue = state.queue_iter() if queue is None else queue
     usable = {name: list(gpus) for name, gpus in usable_gpus(state, heartbeats, limits, now).items()}
     decisions: list[Append] = []
     for job in queue:

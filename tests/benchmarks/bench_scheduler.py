@@ -1,0 +1,219 @@
+"""Scheduler benchmark: prints numbers, asserts nothing.
+
+    python -m tests.benchmarks.bench_scheduler [--queued 10000] [--submits 500]
+
+Runs a throwaway redis-server and the real scheduler and gateway processes, with one simulated
+GPU held by a running job and ``--queued`` jobs already waiting. Prints, in one run: the raw Redis
+round trip and a raw batched XREADGROUP/XACK loop (the floor), then submit -> decision latency,
+sustained decisions per second, and accepted submissions per second over REST.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+import httpx
+import redis
+
+from events import messages as m
+from events.codec import encode
+from events.keys import Keys
+from events.params import LanguageModelJob
+from services import embedded_redis
+from tests.conftest import free_port, wait_for
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def raw_redis(client: redis.Redis, keys: Keys) -> None:
+    rtts = []
+    for _ in range(2000):
+        start = time.perf_counter()
+        client.ping()
+        rtts.append((time.perf_counter() - start) * 1000)
+    print(f"raw redis PING round trip:        p50 {percentile(rtts, 0.5):.3f} ms  p99 {percentile(rtts, 0.99):.3f} ms")
+    stream = f"{keys.tag}:bench"
+    pipe = client.pipeline(transaction=False)
+    for i in range(100_000):
+        pipe.xadd(stream, {"i": i})
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+    client.xgroup_create(stream, "g", id="0")
+    start = time.perf_counter()
+    moved = 0
+    while True:
+        reply = client.xreadgroup("g", "c", {stream: ">"}, count=100)
+        if not reply:
+            break
+        ids = [entry_id for entry_id, _ in reply[0][1]]
+        client.xack(stream, "g", *ids)
+        moved += len(ids)
+    rate = moved / (time.perf_counter() - start)
+    print(f"raw XREADGROUP COUNT 100 + XACK:  {rate:,.0f} msg/s")
+    client.delete(stream)
+
+
+def prefill(client: redis.Redis, keys: Keys, queued: int, job: LanguageModelJob) -> None:
+    """A node with one GPU, a job running on it, and ``queued`` jobs waiting behind it."""
+    gpu = m.GpuInfo(index=0, uuid="SIM-bench-0", name="Simulated GPU (no NVML)", memory_total_mb=24576)
+    facts: list[m.Message] = [
+        m.NodeJoined(node="bench", simulated=True, gpus=[gpu]),
+        m.JobAccepted(job_id="running", spec=job),
+        m.JobQueued(job_id="running", position=1),
+        m.JobScheduled(job_id="running", node="bench", gpu_ids=[0], attempt=1),
+        m.JobStarted(
+            job_id="running", attempt=1, node="bench", pid=1, pgid=1, run_dir="/r", argv=[], cuda_visible_devices="0"
+        ),
+    ]
+    for i in range(queued):
+        facts += [m.JobAccepted(job_id=f"q{i}", spec=job), m.JobQueued(job_id=f"q{i}", position=i + 1)]
+    pipe = client.pipeline(transaction=False)
+    for i, fact in enumerate(facts):
+        pipe.xadd(keys.events, encode(fact))
+        if i % 2000 == 1999:
+            pipe.execute()
+    pipe.execute()
+
+
+def decision_latency(client: redis.Redis, keys: Keys, job: LanguageModelJob, submits: int) -> None:
+    last = client.xrevrange(keys.events, count=1)[0][0]
+    latencies = []
+    for _ in range(submits):
+        job_id = uuid.uuid4().hex
+        start = time.perf_counter()
+        client.xadd(keys.commands, encode(m.SubmitJob(job_id=job_id, spec=job)))
+        while True:
+            reply = client.xread({keys.events: last}, block=5000, count=100)
+            assert reply, "no decision within 5 s"
+            for entry_id, fields in reply[0][1]:
+                last = entry_id
+                if fields[b"job_id"].decode() == job_id and fields[b"type"] == b"job.queued":
+                    latencies.append((time.perf_counter() - start) * 1000)
+            if len(latencies) and fields[b"job_id"].decode() == job_id:
+                break
+    print(
+        f"submit -> decision latency:       p50 {percentile(latencies, 0.5):.2f} ms  p99 {percentile(latencies, 0.99):.2f} ms  ({submits} submits)"
+    )
+
+
+def sustained(client: redis.Redis, keys: Keys, job: LanguageModelJob, count: int) -> None:
+    ids = [uuid.uuid4().hex for _ in range(count)]
+    start = time.perf_counter()
+    pipe = client.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.xadd(keys.commands, encode(m.SubmitJob(job_id=job_id, spec=job)))
+    pipe.execute()
+    last = client.xrevrange(keys.events, count=1)[0][0]
+    remaining = set(ids)
+    while remaining:
+        reply = client.xread({keys.events: last}, block=4000, count=1000)
+        assert reply, "decisions stalled"
+        for entry_id, fields in reply[0][1]:
+            last = entry_id
+            if fields[b"type"] == b"job.queued":
+                remaining.discard(fields[b"job_id"].decode())
+    rate = count / (time.perf_counter() - start)
+    print(f"sustained decisions:              {rate:,.0f} submits decided/s ({count} submits)")
+
+
+async def rest(base: str, body: dict[str, object], count: int, concurrency: int) -> None:
+    accepted = 0
+    limiter = anyio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def one() -> None:
+            nonlocal accepted
+            async with limiter:
+                response = await client.post(f"{base}/jobs", json=body)
+                accepted += response.status_code == 202
+
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(one)
+        rate = accepted / (time.perf_counter() - start)
+    print(f"REST POST /jobs accepted:         {rate:,.0f} /s ({accepted} of {count}, {concurrency} concurrent)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--queued", type=int, default=10_000)
+    parser.add_argument("--submits", type=int, default=500)
+    parser.add_argument("--sustained", type=int, default=5000)
+    parser.add_argument("--rest", type=int, default=2000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "model").mkdir()
+        (root / "data.jsonl").write_text("{}\n")
+        job = LanguageModelJob(
+            task_type="language_model", model_path=str(root / "model"), data_path=str(root / "data.jsonl")
+        )
+        port = free_port()
+        server = embedded_redis.start(root / "redis", port, stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=port)
+        wait_for(lambda: _ping(client), 10, "redis")
+        keys = Keys("bench")
+        print(f"machine: {os.cpu_count()} CPUs; {args.queued:,} jobs queued behind a running one")
+        raw_redis(client, keys)
+        prefill(client, keys, args.queued, job)
+        app_port = free_port()
+        env = {
+            **os.environ,
+            "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "NAMESPACE": "bench",
+            "APP_PORT": str(app_port),
+            "DATA_DIR": str(root),
+            "PATH_ROOTS": str(root),
+            "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+            "SUBMIT_WAIT_S": "2",
+            "NODE_TIMEOUT_S": "3600",
+        }
+        processes = [
+            subprocess.Popen([sys.executable, "-m", "services.cli", name], env=env) for name in ("scheduler", "gateway")
+        ]
+        try:
+            wait_for(lambda: client.get(keys.leader), 60, "a scheduler leader", interval_s=0.2)
+            decision_latency(client, keys, job, 20)  # warm up
+            decision_latency(client, keys, job, args.submits)
+            sustained(client, keys, job, args.sustained)
+            base = f"http://127.0.0.1:{app_port}/api/v1/training"
+            wait_for(lambda: _up(base), 60, "the gateway", interval_s=0.2)
+            body = job.model_dump(mode="json")
+            anyio.run(rest, base, body, args.rest, 64)
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait(timeout=30)
+            server.terminate()
+            server.wait()
+
+
+def _ping(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def _up(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/queue", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
