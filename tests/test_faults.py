@@ -236,3 +236,48 @@ def test_a_job_on_a_lost_node_runs_again_elsewhere_from_its_checkpoint(
         assert nodes["node-a"]["up"] is False
     finally:
         system.stop()
+
+
+def test_killing_the_leader_while_jobs_are_submitted_loses_and_doubles_nothing(
+    system: System, assets: DemoAssets
+) -> None:
+    # Given a standby scheduler, and GPU 0 held by a long job
+    system.start("standby=scheduler")
+    long = {
+        **job_body(assets, max_steps=100_000, save_steps=100_000),
+        "auto_export": False,
+        "node": "node-a",
+        "gpu_ids": [0],
+    }
+    running = httpx.post(f"{system.base}/jobs", json=long).json()["job_id"]
+    read_stream(f"{system.base}/jobs/{running}/stream", seen("job.started"))
+    keys = Keys(system.namespace)
+    client = redis.Redis.from_url(system.env["REDIS_URL"], decode_responses=True)
+    leader = client.get(keys.leader)
+    leader_name = next(name for name, p in system.processes.items() if leader and leader.endswith(f"-{p.pid}"))
+    # When jobs for that GPU are submitted and the leader is SIGKILLed in the middle
+    submitted = []
+    for i in range(24):
+        if i == 8:
+            system.stop(leader_name, sig=signal.SIGKILL)
+        response = httpx.post(f"{system.base}/jobs", json={**long, "name": f"w{i}"})
+        assert response.status_code == 202
+        submitted.append(response.json()["job_id"])
+    # Then every job is decided exactly once, none is placed on the busy GPU, and the log folds cleanly
+    wait_for(
+        lambda: all(httpx.get(f"{system.base}/jobs/{j}").json()["status"] == "queued" for j in submitted),
+        60,
+        "all decided",
+    )
+    log = [json.loads(line) for line in system.cli("replay").splitlines()]
+    for job_id in submitted:
+        types = [e["type"] for e in log if e["job_id"] == job_id]
+        assert types == ["job.accepted", "job.queued"], (job_id, types)
+    scheduled = [e for e in log if e["type"] == "job.scheduled"]
+    assert [e["job_id"] for e in scheduled] == [running]
+    state = json.loads(system.cli("replay", "--state"))
+    assert state["allocations"] == {"node-a/0": running}
+    assert [j["job_id"] for j in httpx.get(f"{system.base}/queue").json()["queue"]] == submitted
+    client.close()
+    for job_id in [running, *submitted]:
+        httpx.post(f"{system.base}/jobs/{job_id}/cancel")
