@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     simulated_gpu_memory_mb: int = Field(24_576, ge=1)
     heartbeat_interval_s: float = Field(2.0, gt=0, le=60)
     node_timeout_s: float = Field(30.0, gt=0)
+    backfill: bool = False  # start short jobs ahead of a blocked one when they end before it could start
     foreign_memory_threshold_mb: int = Field(1024, ge=0)
 
     swift_bin: str = "swift"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from events import messages as m
-from services.gateway.estimates import estimate_queue
+from events.estimates import estimate_queue
 from tests.examples import LM
 from tests.test_state import Log, node
 

@@ -238,3 +238,21 @@ def test_a_silent_node_is_lost_its_jobs_retried_from_their_checkpoint_or_failed(
     # A late report of the first attempt is ignored
     cluster.fold([Append(KEYS.events, m.JobSucceeded(job_id="retried", attempt=1, exit_code=0, run_dir="/r"))])
     assert cluster.state.jobs["retried"].status == "scheduled" and cluster.state.stale_reports == 1
+
+
+def test_backfill_starts_a_short_job_only_when_it_ends_before_the_blocked_one_could_start() -> None:
+    backfilling = rules.Limits(heartbeat_timeout_s=10, foreign_memory_threshold_mb=1024, backfill=True)
+    for limits, expected in ((LIMITS, []), (backfilling, ["short"])):
+        cluster = Cluster({"a": 2})
+        cluster.submit("running")  # GPU 0, ends in 600 s by its progress ETA
+        started = m.JobStarted(
+            job_id="running", attempt=1, node="a", pid=1, pgid=1, run_dir="/r", argv=[], cuda_visible_devices="0"
+        )
+        eta = m.JobProgress(job_id="running", attempt=1, step=1, max_steps=10, percent=10, remaining_s=600, at=NOW)
+        cluster.fold([Append(KEYS.events, started), Append(KEYS.events, eta)])
+        cluster.submit("big", priority=9, gpus=2)  # blocked until GPU 0 frees: in 600 s
+        cluster.submit("long", priority=1, time_limit_s=3600)  # would outlast that: never backfilled
+        cluster.submit("short", priority=1, time_limit_s=300)  # ends before: backfilled when allowed
+        cluster.submit("unlimited", priority=1)  # no time limit: never backfilled
+        decided = cluster.fold(rules.schedule(cluster.state, KEYS, cluster.heartbeats, limits, NOW, m.ProcessQueue()))
+        assert [c.job_id for c in decided if isinstance(c, m.StartJob)] == expected

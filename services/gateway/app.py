@@ -25,6 +25,7 @@ from starlette.routing import Mount, Route
 
 from events import messages as m
 from events.bus import Bus, entry_id_key
+from events.estimates import Estimate
 from events.params import JobSpec
 from events.state import TERMINAL, Job, JobStatus, State
 from services.config import Settings
@@ -35,7 +36,6 @@ from services.gateway.errors import (
     redis_unavailable,
     server_error,
 )
-from services.gateway.estimates import Estimate
 from services.gateway.projection import Projection
 from services.gateway.submit import SwiftFlags, dry_run_launch, parse_submission
 

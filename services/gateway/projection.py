@@ -16,9 +16,9 @@ from events import messages as m
 from events import snapshot
 from events.bus import Bus
 from events.codec import DecodeError, decode
+from events.estimates import Estimate, estimate_queue
 from events.log import apply_entry, catch_up
 from events.state import Job, State, new_job
-from services.gateway.estimates import Estimate, estimate_queue
 from services.runtime import REDIS_LOST, wait_for_redis
 
 log = structlog.get_logger("gateway.projection")

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from events import messages as m
 from events.bus import Append
+from events.estimates import estimate_queue
 from events.keys import Keys
 from events.placement import free_mb, matching, never_fits
 from events.state import HOLDS_GPUS, TERMINAL, ExportStatus, Job, JobStatus, State, gpu_key, new_job
+
+BACKFILL_SCAN = 1000  # queued jobs looked at behind a blocked one, when backfilling
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,7 @@ class Limits:
     heartbeat_timeout_s: float  # a GPU of a node silent this long is offered to no one
     foreign_memory_threshold_mb: int
     node_timeout_s: float = 30.0  # a node silent this long is declared lost
+    backfill: bool = False  # let short jobs (by time limit) start ahead of a blocked one
 
 
 def submit(
@@ -236,14 +241,25 @@ def schedule(
     queue: Iterable[Job] | None = None,
 ) -> list[Append]:
     """One scheduling pass: start queued jobs in order while they fit; the first that does not
-    fit blocks those behind it (strict priority order)."""
-    queue = state.queue_iter() if queue is None else queue
+    fit blocks those behind it (strict priority order). With backfill on, a job behind it may
+    still start if its time limit ends before the blocked job's estimated start."""
+    queue = iter(state.queue_iter() if queue is None else queue)
     usable = {name: list(gpus) for name, gpus in usable_gpus(state, heartbeats, limits, now).items()}
     decisions: list[Append] = []
+    backfill_until: float | None = None  # seconds from now by which a backfilled job must end
     for job in queue:
+        if backfill_until is not None and (job.spec.time_limit_s is None or job.spec.time_limit_s > backfill_until):
+            continue  # it might outlast the blocked job's start
         placement = place(job, usable)
+        if placement is None and backfill_until is not None:
+            continue  # a backfill candidate that does not fit
         if placement is None:
-            break
+            blocked = estimate_queue(state, now).get(job.job_id) if limits.backfill else None
+            if blocked is None or blocked.start_in_s is None:
+                break  # strict order (or nothing proves that a job behind would not delay it)
+            backfill_until = blocked.start_in_s
+            queue = itertools.islice(queue, BACKFILL_SCAN)
+            continue
         node, gpu_ids = placement
         usable[node] = [gpu for gpu in usable[node] if gpu.index not in gpu_ids]
         attempt = job.attempt + 1

@@ -58,6 +58,7 @@ class Scheduler:
             heartbeat_timeout_s=settings.heartbeat_interval_s * 5,
             foreign_memory_threshold_mb=settings.foreign_memory_threshold_mb,
             node_timeout_s=settings.node_timeout_s,
+            backfill=settings.backfill,
         )
         self.last_heard: dict[str, datetime] = {}
 
