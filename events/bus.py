@@ -201,10 +201,6 @@ class Bus:
             pipe.xack(entry.stream, group, entry.entry_id)
             await pipe.execute()
 
-    async def last_id(self, stream: str) -> str:
-        last = await self.redis.xrevrange(stream, count=1)
-        return str(last[0][0]) if last else "0-0"
-
     async def entries(self, stream: str, after: str = "0-0", until: str = "+") -> AsyncIterator[Entry]:
         """Every entry after ``after`` (exclusive) up to ``until``, in pages."""
         start = f"({after}" if after not in ("0", "0-0", "-") else "-"
