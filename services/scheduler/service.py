@@ -64,7 +64,10 @@ class Scheduler:
 
     async def catch_up(self) -> None:
         """Fold every event appended since the state's position; snapshot now and then."""
+        stale = self.state.stale_reports
         self.unsaved += await catch_up(self.bus, self.state)
+        if self.state.stale_reports > stale:
+            log.warning("ignored reports of superseded attempts", count=self.state.stale_reports - stale)
         if self.unsaved >= snapshot.SNAPSHOT_EVERY:
             await snapshot.save(self.bus, self.state)
             self.unsaved = 0
