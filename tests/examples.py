@@ -54,3 +54,10 @@ def examples() -> list[m.Message]:
         m.NodeHeartbeat(node="n1", simulated=False, gpus=[SAMPLE]),
         m.ServiceHeartbeat(service="runner", instance="h-1", started_at=m.utcnow(), interval_s=2.0),
     ]
+
+
+def started(job_id: str, attempt: int = 1, node: str = "n1", gpus: str = "") -> m.JobStarted:
+    """A runner's report that an attempt started (for tests that drive the fold by hand)."""
+    return m.JobStarted(
+        job_id=job_id, attempt=attempt, node=node, pid=1, pgid=1, run_dir="/r", argv=[], cuda_visible_devices=gpus
+    )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -135,3 +136,17 @@ def read_stream(
 
 def seen(event_type: str) -> Callable[[list[ServerSentEvent]], bool]:
     return lambda events: any(e.event == event_type for e in events)
+
+
+@contextlib.contextmanager
+def running(redis_url: str, data_dir: Path, *, clean_exits: bool = False, **settings: str) -> Iterator[System]:
+    """The whole system, healthy, stopped with SIGTERM afterwards (``clean_exits``: each exits 0)."""
+    system = System(redis_url, data_dir, **settings)
+    system.start()
+    try:
+        system.wait_healthy()
+        yield system
+    finally:
+        codes = system.stop()
+    if clean_exits:
+        assert all(code == 0 for code in codes.values()), f"unclean exits: {codes}"

@@ -15,21 +15,15 @@ from httpx_sse import ServerSentEvent
 
 from services.demo.tinymodel import DemoAssets
 from tests.conftest import RedisServer
-from tests.system import System, job_body, read_stream, seen
+from tests.system import System, job_body, read_stream, running, seen
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def system(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    system = System(redis_server.url, tmp_path_factory.mktemp("system"))
-    system.start()
-    try:
-        system.wait_healthy()
+    with running(redis_server.url, tmp_path_factory.mktemp("system"), clean_exits=True) as system:
         yield system
-    finally:
-        codes = system.stop()
-    assert all(code == 0 for code in codes.values()), f"unclean exits: {codes}"
 
 
 def test_a_lora_job_trains_live_exports_and_replays(system: System, assets: DemoAssets) -> None:

@@ -16,20 +16,15 @@ import redis
 from events.keys import Keys
 from services.demo.tinymodel import DemoAssets
 from tests.conftest import RedisServer, wait_for
-from tests.system import System, job_body, read_stream, seen
+from tests.system import System, job_body, read_stream, running, seen
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def system(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    system = System(redis_server.url, tmp_path_factory.mktemp("faults"), STOP_GRACE_S="10")
-    system.start()
-    try:
-        system.wait_healthy()
+    with running(redis_server.url, tmp_path_factory.mktemp("faults"), STOP_GRACE_S="10") as system:
         yield system
-    finally:
-        system.stop()
 
 
 def history(system: System, job_id: str) -> list[dict[str, object]]:

@@ -10,20 +10,15 @@ import pytest
 
 from services.demo.tinymodel import DemoAssets
 from tests.conftest import RedisServer, wait_for
-from tests.system import System, job_body, read_stream, seen
+from tests.system import System, job_body, read_stream, running, seen
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def system(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    system = System(redis_server.url, tmp_path_factory.mktemp("queue"), SIMULATED_GPUS="1", STOP_GRACE_S="5")
-    system.start()
-    try:
-        system.wait_healthy()
+    with running(redis_server.url, tmp_path_factory.mktemp("queue"), SIMULATED_GPUS="1", STOP_GRACE_S="5") as system:
         yield system
-    finally:
-        system.stop()
 
 
 def test_priorities_order_the_queue_and_the_highest_starts_next(system: System, assets: DemoAssets) -> None:

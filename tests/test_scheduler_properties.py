@@ -15,6 +15,7 @@ from events import messages as m
 from events.bus import Append
 from events.state import HOLDS_GPUS, JobStatus, State, gpu_key
 from services.scheduler import rules
+from tests.examples import started
 from tests.test_scheduler_rules import KEYS, LIMITS, NOW, Cluster
 
 NODES = {"a": 2, "b": 4}
@@ -101,17 +102,8 @@ class Scheduler(Cluster):
             self.fold(rules.set_priority(self.state, KEYS, m.SetPriority(job_id=job_id, priority=op[2])))  # type: ignore[arg-type]
             self.fold(rules.schedule(self.state, KEYS, self.heartbeats, LIMITS, NOW, m.ProcessQueue()))
         elif kind == "start" and job.status == JobStatus.scheduled:
-            started = m.JobStarted(
-                job_id=job_id,
-                attempt=job.attempt,
-                node=job.node or "",
-                pid=1,
-                pgid=1,
-                run_dir="/r",
-                argv=[],
-                cuda_visible_devices="",
-            )
-            self.fold([Append(KEYS.events, started)])
+            start_report = started(job_id, job.attempt, job.node or "", "")
+            self.fold([Append(KEYS.events, start_report)])
         elif kind == "succeed" and job.status == JobStatus.running:
             self.react(m.JobSucceeded(job_id=job_id, attempt=job.attempt, exit_code=0, run_dir="/r"))
         elif kind == "fail" and job.status in HOLDS_GPUS:

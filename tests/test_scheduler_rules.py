@@ -9,7 +9,7 @@ from events.bus import Append
 from events.keys import Keys
 from events.state import State
 from services.scheduler import rules
-from tests.examples import GPU, LM
+from tests.examples import GPU, LM, started
 
 KEYS = Keys("t")
 LIMITS = rules.Limits(heartbeat_timeout_s=10, foreign_memory_threshold_mb=1024)
@@ -55,16 +55,7 @@ class Cluster:
             [
                 Append(
                     KEYS.events,
-                    m.JobStarted(
-                        job_id=job_id,
-                        attempt=job.attempt,
-                        node=job.node or "",
-                        pid=1,
-                        pgid=1,
-                        run_dir="/r",
-                        argv=[],
-                        cuda_visible_devices="",
-                    ),
+                    started(job_id, job.attempt, job.node or "", ""),
                 )
             ]
         )
@@ -216,10 +207,8 @@ def test_a_silent_node_is_lost_its_jobs_retried_from_their_checkpoint_or_failed(
     cluster = Cluster({"a": 2, "b": 2})
     cluster.submit("retried", node="a", max_retries=1)
     cluster.submit("failed", node="a")
-    started = m.JobStarted(
-        job_id="retried", attempt=1, node="a", pid=1, pgid=1, run_dir="/r", argv=[], cuda_visible_devices="0"
-    )
-    cluster.fold([Append(KEYS.events, started)])
+    start_report = started("retried", 1, "a", "0")
+    cluster.fold([Append(KEYS.events, start_report)])
     cluster.fold([Append(KEYS.events, m.CheckpointSaved(job_id="retried", attempt=1, step=5, path="/r/checkpoint-5"))])
     heard = {"a": NOW - timedelta(seconds=60), "b": NOW}
     assert rules.lost_nodes(cluster.state, heard, LIMITS, NOW) == ["a"]
@@ -245,11 +234,9 @@ def test_backfill_starts_a_short_job_only_when_it_ends_before_the_blocked_one_co
     for limits, expected in ((LIMITS, []), (backfilling, ["short"])):
         cluster = Cluster({"a": 2})
         cluster.submit("running")  # GPU 0, ends in 600 s by its progress ETA
-        started = m.JobStarted(
-            job_id="running", attempt=1, node="a", pid=1, pgid=1, run_dir="/r", argv=[], cuda_visible_devices="0"
-        )
+        start_report = started("running", 1, "a", "0")
         eta = m.JobProgress(job_id="running", attempt=1, step=1, max_steps=10, percent=10, remaining_s=600, at=NOW)
-        cluster.fold([Append(KEYS.events, started), Append(KEYS.events, eta)])
+        cluster.fold([Append(KEYS.events, start_report), Append(KEYS.events, eta)])
         cluster.submit("big", priority=9, gpus=2)  # blocked until GPU 0 frees: in 600 s
         cluster.submit("long", priority=1, time_limit_s=3600)  # would outlast that: never backfilled
         cluster.submit("short", priority=1, time_limit_s=300)  # ends before: backfilled when allowed

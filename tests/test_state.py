@@ -6,7 +6,7 @@ import pytest
 
 from events import messages as m
 from events.state import ExportStatus, IllegalTransition, JobStatus, State
-from tests.examples import GPU, LM
+from tests.examples import GPU, LM, started
 
 
 class Log:
@@ -72,7 +72,7 @@ def test_queue_is_by_priority_then_submit_order() -> None:
 @pytest.mark.parametrize(
     "event",
     [
-        m.JobStarted(job_id="j", attempt=0, node="n1", pid=1, pgid=1, run_dir="/r", argv=[], cuda_visible_devices=""),
+        started("j", 0, "n1", ""),
         m.JobSucceeded(job_id="j", attempt=0, exit_code=0, run_dir="/r"),
         m.JobQueued(job_id="j", position=1),
         m.ExportStarted(job_id="j", argv=[]),
@@ -154,7 +154,7 @@ def test_export_only_of_a_completed_job_and_not_twice_at_once() -> None:
         log.add(request)
     log.add(
         m.JobScheduled(job_id="j", node="n1", gpu_ids=[0], attempt=1),
-        m.JobStarted(job_id="j", attempt=1, node="n1", pid=5, pgid=5, run_dir="/r", argv=[], cuda_visible_devices="0"),
+        started("j", 1, "n1", "0"),
         m.JobSucceeded(job_id="j", attempt=1, exit_code=0, run_dir="/r"),
         request,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -36,7 +37,7 @@ GPU_RELEASE_TIMEOUT_S = 30.0
 STDERR_TAIL_LINES = 30
 CLASSIFY_LINES = 300
 GROUP_EXIT_TIMEOUT_S = 15.0  # after the wrapper exits, how long the rest of its group may linger
-_GROUP_CHECK_S = 0.1
+_NVML_CHECK_S = 0.25  # NVML has no change notification: it is asked again after this long
 READY_PROBE_S = 0.5  # how often a starting server's /v1/models is asked whether it is ready
 
 
@@ -149,19 +150,31 @@ def process_tree(pid: int) -> set[int]:
         return set()
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signum)
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of a process group."""
+    members = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process.pid)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return members
+
+
+async def wait_group_exit(pgid: int, timeout_s: float) -> bool:
+    """Wait until no process of the group is left (each exit wakes us through a pidfd);
+    False if some are still there after the timeout."""
+    with anyio.move_on_after(timeout_s):
+        while members := await anyio.to_thread.run_sync(group_members, pgid):
+            await wait_exit(members[0], None)
+        return True
+    return False
 
 
 async def wait_exit(pid: int, process: subprocess.Popen[bytes] | None) -> int | None:
@@ -373,20 +386,16 @@ class JobRun:
             return
         with anyio.move_on_after(GPU_RELEASE_TIMEOUT_S):
             while await anyio.to_thread.run_sync(self.gpu_probe, gpus) & self.pids:
-                await anyio.sleep(_GROUP_CHECK_S)
+                await anyio.sleep(_NVML_CHECK_S)
             return
         log.warning("the job's GPUs still list its processes; releasing them anyway", job_id=self.record.job_id)
 
     async def finish(self, exit_code: int | None) -> None:
         """Wait until no process of the job remains, then report how it ended."""
-        with anyio.move_on_after(GROUP_EXIT_TIMEOUT_S):
-            while group_alive(self.record.pgid):
-                await anyio.sleep(_GROUP_CHECK_S)
-        if group_alive(self.record.pgid):
+        if not await wait_group_exit(self.record.pgid, GROUP_EXIT_TIMEOUT_S):
             log.warning("processes of the job outlived it; killing the group", job_id=self.record.job_id)
             signal_group(self.record.pgid, signal.SIGKILL)
-            while group_alive(self.record.pgid):
-                await anyio.sleep(_GROUP_CHECK_S)
+            await wait_group_exit(self.record.pgid, math.inf)
         await self._gpus_released()
         await self.pump(final=True)
         final = await anyio.to_thread.run_sync(self.outcome, exit_code)
