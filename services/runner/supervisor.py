@@ -37,6 +37,7 @@ GPU_RELEASE_TIMEOUT_S = 30.0
 STDERR_TAIL_LINES = 30
 CLASSIFY_LINES = 300
 GROUP_EXIT_TIMEOUT_S = 15.0  # after the wrapper exits, how long the rest of its group may linger
+_REAP_WAIT_S = 0.05  # no notification tells when another process reaps its child
 _NVML_CHECK_S = 0.25  # NVML has no change notification: it is asked again after this long
 READY_PROBE_S = 0.5  # how often a starting server's /v1/models is asked whether it is ready
 
@@ -155,24 +156,29 @@ def signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-def group_members(pgid: int) -> list[int]:
-    """The live processes of a process group."""
+def group_members(pgid: int) -> list[tuple[int, bool]]:
+    """The processes of a process group, each with whether it has exited (a zombie not yet
+    reaped by its parent, which still counts as a member)."""
     members = []
     for process in psutil.process_iter(["status"]):
         try:
-            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
-                members.append(process.pid)
+            if os.getpgid(process.pid) == pgid:
+                members.append((process.pid, process.info["status"] == psutil.STATUS_ZOMBIE))
         except (psutil.Error, ProcessLookupError):
             continue
-    return members
+    return sorted(members, key=lambda member: member[1])  # running ones first
 
 
 async def wait_group_exit(pgid: int, timeout_s: float) -> bool:
-    """Wait until no process of the group is left (each exit wakes us through a pidfd);
-    False if some are still there after the timeout."""
+    """Wait until no process of the group is left: a running one wakes us through a pidfd when it
+    exits; an exited one only has to be reaped by its parent, which takes a moment."""
     with anyio.move_on_after(timeout_s):
         while members := await anyio.to_thread.run_sync(group_members, pgid):
-            await wait_exit(members[0], None)
+            pid, exited = members[0]
+            if exited:
+                await anyio.sleep(_REAP_WAIT_S)
+            else:
+                await wait_exit(pid, None)
         return True
     return False
 
