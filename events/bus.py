@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,8 +29,83 @@ DEDUPE_TTL_S = 7 * 24 * 3600
 PAGE = 1000
 log = structlog.get_logger("events.bus")
 
-_COMMIT_LUA = """
--- KEYS: fence, events, ack_stream, dedupe, then one stream per append
+# Appends to the log go through this: each entry carries ``prev`` (the previous entry's hash) and
+# ``hash`` = SHA-1 of (prev, entry id, fields), computed inside Redis so that concurrent writers
+# cannot fork the chain. The entry id is chosen here (as XADD * would) so that it is hashed too.
+_CHAIN_LUA = """
+local function last_generated(events)
+  local info = redis.pcall('XINFO', 'STREAM', events)
+  if info.err then return '0-0' end
+  for i = 1, #info, 2 do if info[i] == 'last-generated-id' then return info[i + 1] end end
+  return '0-0'
+end
+
+local function chain_open(events, chain)
+  local head = redis.call('HMGET', chain, 'id', 'hash')
+  local last_id = head[1] or last_generated(events)
+  local t = redis.call('TIME')
+  local ms, seq = string.match(last_id, '^(%d+)-(%d+)$')
+  return {events = events, key = chain, prev = head[2] or '', last_ms = tonumber(ms),
+          last_seq = tonumber(seq), now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+end
+
+local function chain_add(c, fields)
+  local id
+  if c.now > c.last_ms then
+    c.last_ms, c.last_seq = c.now, 0
+  else
+    c.last_seq = c.last_seq + 1
+  end
+  id = string.format('%.0f-%.0f', c.last_ms, c.last_seq)
+  local parts = {c.prev, id}
+  local args = {c.events, id}
+  for i = 1, #fields, 2 do
+    local name, value = fields[i], fields[i + 1]
+    parts[#parts + 1] = #name .. ':' .. name .. '=' .. #value .. ':' .. value
+    args[#args + 1] = name; args[#args + 1] = value
+  end
+  local hash = redis.sha1hex(table.concat(parts, '\\n'))
+  args[#args + 1] = 'prev'; args[#args + 1] = c.prev
+  args[#args + 1] = 'hash'; args[#args + 1] = hash
+  local ok = redis.pcall('XADD', unpack(args))
+  if type(ok) == 'table' and ok.err then
+    -- an entry appended outside the chain holds a later id: go on after it
+    local ms, seq = string.match(last_generated(c.events), '^(%d+)-(%d+)$')
+    c.last_ms, c.last_seq, c.now = tonumber(ms), tonumber(seq), 0
+    return chain_add(c, fields)
+  end
+  c.prev, c.id = hash, id
+  return id
+end
+
+local function chain_close(c)
+  if c.id then redis.call('HSET', c.key, 'id', c.id, 'hash', c.prev) end
+end
+"""
+
+_APPEND_LUA = (
+    _CHAIN_LUA
+    + """
+-- KEYS: events, chain; ARGV: per entry: n_fields, field, value, ...
+local c = chain_open(KEYS[1], KEYS[2])
+local reply = {}
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i]) * 2
+  local fields = {}
+  for f = 1, n do fields[f] = ARGV[i + f] end
+  i = i + n + 1
+  reply[#reply + 1] = chain_add(c, fields)
+end
+chain_close(c)
+return reply
+"""
+)
+
+_COMMIT_LUA = (
+    _CHAIN_LUA
+    + """
+-- KEYS: fence, events, ack_stream, dedupe, chain, then one stream per append
 -- ARGV: token, expected_last, group, ack_id, dedupe_ttl, n_appends,
 --       then per append: maxlen, n_fields, field, value, ...
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -48,21 +124,33 @@ if ARGV[5] ~= '' then
   end
 end
 local reply = {'OK'}
+local chain = nil
 local i = 7
 for a = 1, tonumber(ARGV[6]) do
-  local args = {KEYS[4 + a]}
-  if ARGV[i] ~= '0' then
-    table.insert(args, 'MAXLEN'); table.insert(args, '~'); table.insert(args, ARGV[i])
+  local stream = KEYS[5 + a]
+  local maxlen = ARGV[i]
+  local n = tonumber(ARGV[i + 1]) * 2
+  local fields = {}
+  for f = 1, n do fields[f] = ARGV[i + 1 + f] end
+  i = i + n + 2
+  if stream == KEYS[2] then
+    if chain == nil then chain = chain_open(KEYS[2], KEYS[5]) end
+    table.insert(reply, chain_add(chain, fields))
+  else
+    local args = {stream}
+    if maxlen ~= '0' then
+      table.insert(args, 'MAXLEN'); table.insert(args, '~'); table.insert(args, maxlen)
+    end
+    table.insert(args, '*')
+    for f = 1, n do table.insert(args, fields[f]) end
+    table.insert(reply, redis.call('XADD', unpack(args)))
   end
-  table.insert(args, '*')
-  local n = tonumber(ARGV[i + 1])
-  i = i + 2
-  for f = 1, n * 2 do table.insert(args, ARGV[i]); i = i + 1 end
-  table.insert(reply, redis.call('XADD', unpack(args)))
 end
+if chain ~= nil then chain_close(chain) end
 if ARGV[3] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
 return reply
 """
+)
 
 
 class BusError(Exception):
@@ -122,17 +210,31 @@ def entry_id_key(entry_id: str) -> tuple[int, int]:
 
 
 class Bus:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, source: str) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, source: str, archive_dir: Path | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.source = source
+        self.archive_dir = archive_dir  # where entries trimmed from the log were archived
         self._commit = redis.register_script(_COMMIT_LUA)
+        self._append_events = redis.register_script(_APPEND_LUA)
 
     def stamp(self, message: Message) -> Message:
         """The message with this process as its source."""
         return message if message.source else message.model_copy(update={"source": self.source})
 
+    def append_events(self, messages: Sequence[Message], client: Any = None) -> Any:
+        """Append facts to the log, on its hash chain, in one step (``client``: a pipeline)."""
+        args: list[Any] = []
+        for message in messages:
+            fields = encode(self.stamp(message))
+            args.append(len(fields))
+            for name, value in fields.items():
+                args += [name, value]
+        return self._append_events(keys=[self.keys.events, self.keys.chain], args=args, client=client)
+
     async def append(self, stream: str, *messages: Message, maxlen: int = 0) -> list[str]:
+        if stream == self.keys.events:
+            return [str(entry_id) for entry_id in await self.append_events(messages)]
         async with self.redis.pipeline(transaction=True) as pipe:
             for message in messages:
                 if maxlen:
@@ -158,6 +260,7 @@ class Bus:
             self.keys.events,
             ack.stream if ack else self.keys.events,
             self.keys.done(dedupe_id) if dedupe_id else self.keys.done("-"),
+            self.keys.chain,
         ]
         args: list[Any] = [
             fence_token or "",

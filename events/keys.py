@@ -28,6 +28,12 @@ class Keys:
         return f"{self.tag}:events"
 
     @property
+    def chain(self) -> str:
+        """The head of the log's hash chain (``id``, ``hash``), and where the live log begins once
+        older entries were archived (``archived_id``, ``archived_hash``)."""
+        return f"{self.tag}:events:chain"
+
+    @property
     def commands(self) -> str:
         """Requests for the scheduler (submit, cancel, export, process)."""
         return f"{self.tag}:commands"

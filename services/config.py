@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(5, ge=1)
     submit_wait_s: float = Field(2.0, ge=0, le=30)
 
+    # Retention of the log (the audit trail): keep everything unless a limit is set. Entries past
+    # a limit are archived (compressed JSON lines under ARCHIVE_DIR) and then trimmed from Redis.
+    audit_max_age_s: float | None = Field(None, gt=0)
+    audit_max_entries: int | None = Field(None, ge=1000)
+    archive_dir_: Path | None = Field(None, alias="archive_dir")
+    retention_interval_s: float = Field(60.0, gt=0)
+
     @field_validator("api_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
@@ -103,6 +110,14 @@ class Settings(BaseSettings):
     def deploy_ports(self) -> range:
         low, high = (int(part) for part in self.deploy_port_range.split("-"))
         return range(low, high + 1)
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.archive_dir_ or self.data_dir / "archive"
+
+    @property
+    def retention(self) -> bool:
+        return self.audit_max_age_s is not None or self.audit_max_entries is not None
 
     @property
     def runs_dir(self) -> Path:

@@ -119,7 +119,7 @@ async def serve(settings: Settings, service: str, main: ServiceMain, *, heartbea
     Redis at start (the runner re-adopts its jobs), so a Redis restart costs a pause, not a crash."""
     log = structlog.get_logger()
     redis = connect(settings.resolved_redis_url)
-    bus = Bus(redis, settings.keys, f"{service}@{settings.instance}")
+    bus = Bus(redis, settings.keys, f"{service}@{settings.instance}", settings.archive_dir)
     try:
         async with anyio.create_task_group() as outer:
             outer.start_soon(_stop_on_signal, outer.cancel_scope)

@@ -27,7 +27,6 @@ import watchfiles
 
 from events import messages as m
 from events.bus import Append, Bus
-from events.codec import encode
 from services.launch import TAG_VARIABLE, Launch, merged_env
 from services.runner.progress import JsonlTail, LineTail, classify_failure, progress_fields, read_rows, tail_lines
 
@@ -336,8 +335,8 @@ class JobRun:
         async with self.bus.redis.pipeline(transaction=True) as pipe:
             for fd, line in lines:
                 pipe.xadd(logs_key, {"fd": fd, "line": line[:8192]}, maxlen=self.log_maxlen, approximate=True)
-            for fact in facts:
-                pipe.xadd(self.bus.keys.events, encode(self.bus.stamp(fact)))
+            if facts:
+                await self.bus.append_events(facts, client=pipe)
             pipe.hset(
                 self.bus.keys.run(self.record.job_id),
                 mapping={
