@@ -293,3 +293,54 @@ async def archive_and_trim(bus: Bus, *, max_age_s: float | None, max_entries: in
             pipe.xtrim(events, minid=kept_from, approximate=False)
             await pipe.execute()
     return Archived(tuple(written), count, kept_from, held_back)
+
+
+# --- queries ------------------------------------------------------------------------------------
+
+MAX_SEQ = 2**64 - 1
+
+
+def _key(entry_id: str, open_end: tuple[int, int]) -> tuple[int, int]:
+    return open_end if entry_id in ("+", "-") else entry_id_key(entry_id)
+
+
+@dataclass(frozen=True)
+class Query:
+    """Which entries of the history to read: by job, type, time and entry-id range."""
+
+    job_id: str | None = None
+    types: tuple[str, ...] = ()  # exact types, or prefixes ending in '*' ("job.*")
+    since_ms: int | None = None  # append time, inclusive
+    until_ms: int | None = None  # append time, inclusive
+    after: str = "0-0"  # entry id, exclusive
+    until: str = "+"  # entry id, inclusive
+
+    def bounds(self) -> tuple[str, str]:
+        after, until = self.after, self.until
+        if self.since_ms is not None and self.since_ms > 0:
+            since = f"{self.since_ms - 1}-{MAX_SEQ}"
+            if entry_id_key(since) > _key(after, (0, 0)):
+                after = since
+        if self.until_ms is not None:
+            limit = f"{self.until_ms}-{MAX_SEQ}"
+            if entry_id_key(limit) < _key(until, (MAX_SEQ, MAX_SEQ)):
+                until = limit
+        return after, until
+
+    def matches(self, entry: Entry) -> bool:
+        if self.job_id is not None and entry.fields.get("job_id") != self.job_id:
+            return False
+        if self.types:
+            type_ = entry.fields.get("type", "")
+            return any(type_ == t or (t.endswith("*") and type_.startswith(t[:-1])) for t in self.types)
+        return True
+
+
+async def query(bus: Bus, q: Query) -> AsyncIterator[Entry]:
+    """The entries of the history (archives, then the live log) that ``q`` selects, in order."""
+    after, until = q.bounds()
+    if _key(after, (0, 0)) >= _key(until, (MAX_SEQ, MAX_SEQ)):
+        return
+    async for entry in history(bus, after=after, until=until):
+        if q.matches(entry):
+            yield entry

@@ -82,3 +82,12 @@ def decode(fields: Fields) -> Message:
         return _ADAPTER.validate_python({**envelope, **payload})
     except ValidationError as exc:
         raise DecodeError(f"invalid {type_}: {exc.errors(include_url=False)}") from exc
+
+
+# --- upcasters: one per change of a payload's shape ---
+
+
+@upcaster("job.queued", 1)
+def _queued_names_the_job_ahead(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 names the job it was queued behind; a v1 entry did not record it."""
+    return {**payload, "behind_job_id": None}

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import structlog
 
+from events.audit import history
 from events.bus import Bus
 from events.codec import DecodeError, decode
 from events.messages import Message
@@ -28,9 +29,10 @@ def apply_entry(state: State, entry_id: str, fields: Mapping[str, str]) -> Messa
 
 
 async def catch_up(bus: Bus, state: State, until: str = "+") -> int:
-    """Fold every entry after the state's position; returns how many were read."""
+    """Fold every entry after the state's position (from the archives too, where the live log
+    was trimmed past it); returns how many were read."""
     count = 0
-    async for entry in bus.entries(bus.keys.events, after=state.position, until=until):
+    async for entry in history(bus, after=state.position, until=until):
         apply_entry(state, entry.entry_id, entry.fields)
         count += 1
     return count

@@ -173,7 +173,9 @@ class JobRejected(Event):
 
 class JobQueued(Event):
     type: Literal["job.queued"] = "job.queued"
+    v: int = 2  # v2 adds behind_job_id
     position: int  # 1-based place in the queue when queued
+    behind_job_id: str | None = None  # the job right ahead of it then (None: first in line)
 
 
 class JobScheduled(Event):

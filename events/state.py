@@ -133,6 +133,10 @@ class State(BaseModel):
         key = queue_key(self.jobs.get(job_id))
         return None if key is None else self._queued.index(key) + 1
 
+    def queued_at(self, position: int) -> str:
+        """The id of the job at a 1-based position of the queue."""
+        return self._queued[position - 1][2]
+
     def queued_ahead_of(self, priority: int) -> int:
         """How many queued jobs a new job of this priority would wait behind."""
         return self._queued.bisect_left((-priority, math.inf, ""))

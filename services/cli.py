@@ -14,12 +14,10 @@ from pathlib import Path
 import anyio
 import structlog
 
-from events.bus import Bus, connect
-from events.log import apply_entry
-from events.state import State
+from events.audit import Query
 from services import embedded_redis
 from services.config import ConfigError, Settings, load_settings
-from services.runtime import ServiceMain, configure_logging, serve, wait_for_redis
+from services.runtime import ServiceMain, configure_logging, serve
 
 
 def _service(name: str) -> ServiceMain:
@@ -93,26 +91,6 @@ def run_demo(settings: Settings, root: Path) -> None:
     print(f"Then watch it live:  curl -N {url}/<job_id>/stream")
 
 
-async def replay(settings: Settings, job_id: str | None, as_state: bool) -> None:
-    redis = connect(settings.resolved_redis_url)
-    try:
-        await wait_for_redis(redis, timeout_s=10)
-        bus = Bus(redis, settings.keys, "replay")
-        state = State()
-        async for entry in bus.entries(bus.keys.events):
-            if as_state:
-                apply_entry(state, entry.entry_id, entry.fields)
-            elif job_id is None or entry.fields.get("job_id") == job_id:
-                print(json.dumps({"entry_id": entry.entry_id, **json.loads(entry.fields["data"])}))
-        if as_state:
-            dumped = state.model_dump(mode="json")
-            if job_id is not None:
-                dumped = dumped["jobs"].get(job_id)
-            print(json.dumps(dumped, indent=2))
-    finally:
-        await redis.aclose()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swift-trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,9 +100,22 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="build a tiny model and dataset offline; print the curl to train it")
     demo.add_argument("--dir", type=Path, default=Path("demo"))
     sub.add_parser("gpus", help="read the GPUs once through NVML (checks the driver path on a GPU machine)")
-    rep = sub.add_parser("replay", help="print the log in order as JSON lines, or the state it folds to")
-    rep.add_argument("--job", help="only this job's events (or, with --state, only its record)")
-    rep.add_argument("--state", action="store_true", help="print the state rebuilt by the fold")
+    rep = sub.add_parser("replay", help="print the history (archives and the live log) in order, or its fold")
+    rep.add_argument("--job", help="only this job's entries (or, with --state, only its record)")
+    rep.add_argument("--type", action="append", default=[], help="only this type (repeatable; 'job.*' for a prefix)")
+    rep.add_argument("--since", help="appended at or after: ISO 8601 time, or a duration back (15m, 6h, 7d)")
+    rep.add_argument("--until", help="appended at or before: ISO 8601 time, or a duration back")
+    rep.add_argument("--after-id", default="0-0", help="entries after this entry id")
+    rep.add_argument("--until-id", default="+", help="entries up to and including this entry id")
+    rep.add_argument("--format", choices=("json", "table"), default="json", help="JSON lines, or a table to read")
+    rep.add_argument("--follow", "-f", action="store_true", help="then keep printing new entries as they land")
+    rep.add_argument("--state", action="store_true", help="print the state the fold rebuilds instead")
+    aud = sub.add_parser("audit", help="check the log's hash chain, rebuild the state, or archive old entries")
+    aud_sub = aud.add_subparsers(dest="audit_command", required=True)
+    aud_sub.add_parser("verify", help="walk the archives and the log; report the first break of the chain")
+    rebuild = aud_sub.add_parser("rebuild", help="fold the history and compare it with the running services")
+    rebuild.add_argument("--gateway", help="the gateway's state URL (default: from APP_HOST, APP_PORT, API_PREFIX)")
+    aud_sub.add_parser("archive", help="apply the retention policy now: archive, then trim")
     args = parser.parse_args(argv)
 
     try:
@@ -134,16 +125,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "gpus":
         return check_gpus()
+    if args.command in ("replay", "audit"):
+        configure_logging(settings, args.command)
+        try:
+            return anyio.run(_history_command, settings, args)
+        except ValueError as exc:
+            print(f"swift-trainer: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
     commands: dict[str, Callable[[], object]] = {
         "redis": lambda: run_redis(settings),
         "demo": lambda: run_demo(settings, args.dir),
-        "replay": lambda: configure_logging(settings, "replay") or anyio.run(replay, settings, args.job, args.state),
     }
     command = commands.get(args.command) or (lambda: run_service(settings, args.command))
     try:
         command()
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+async def _history_command(settings: Settings, args: argparse.Namespace) -> int:
+    from services import audit as commands
+
+    if args.command == "audit":
+        if args.audit_command == "verify":
+            return await commands.verify(settings)
+        if args.audit_command == "rebuild":
+            return await commands.rebuild(settings, args.gateway)
+        return await commands.archive(settings)
+    q = Query(
+        job_id=args.job,
+        types=tuple(args.type),
+        since_ms=commands.parse_time(args.since) if args.since else None,
+        until_ms=commands.parse_time(args.until) if args.until else None,
+        after=args.after_id,
+        until=args.until_id,
+    )
+    await commands.replay(settings, q, args.format, args.follow, args.state)
     return 0
 
 

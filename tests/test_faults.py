@@ -229,8 +229,50 @@ def test_a_job_on_a_lost_node_runs_again_elsewhere_from_its_checkpoint(
         assert second and second[0]["step"] > 20  # continued, not from the start
         nodes = {n["node"]: n for n in httpx.get(f"{system.base}/gpus").json()["nodes"]}
         assert nodes["node-a"]["up"] is False
+        # And the audit trail tells it all, beside a failure and a cancel
+        check_audit_trail(system, assets, job_id, tmp_path)
     finally:
         system.stop()
+
+
+def check_audit_trail(system: System, assets: DemoAssets, retried: str, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("this is not json\n")
+    failing = httpx.post(f"{system.base}/jobs", json={**job_body(assets), "data_path": str(broken)}).json()["job_id"]
+    cancelled = httpx.post(f"{system.base}/jobs", json=job_body(assets, max_steps=600)).json()["job_id"]
+    assert httpx.post(f"{system.base}/jobs/{cancelled}/cancel").status_code == 202
+    status = lambda job_id: httpx.get(f"{system.base}/jobs/{job_id}").json()["status"]  # noqa: E731
+    wait_for(lambda: status(failing) == "failed", 120, "the job with a broken dataset to fail")
+    wait_for(lambda: status(cancelled) == "cancelled", 60, "the cancelled job to stop")
+
+    # The state folded from the whole log equals what the gateway shows
+    rebuilt = system.cli("audit", "rebuild")  # exits non-zero on any difference
+    assert "gateway" in rebuilt and "identical to the log" in rebuilt, rebuilt
+    assert system.cli("audit", "verify").startswith("intact: ")
+
+    # The retried job's timeline reads in order, with who asked and why
+    timeline = httpx.get(f"{system.base}/jobs/{retried}/timeline").json()["timeline"]
+    ids = [item["entry_id"] for item in timeline]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    types = [item["type"] for item in timeline]
+    assert types[:4] == ["job.accepted", "job.queued", "job.scheduled", "job.started"], types
+    assert types[-1] == "job.succeeded" and types.count("job.scheduled") == 2
+    assert types.index("job.requeued") < len(types) - 1 - types[::-1].index("job.scheduled")
+    texts = [item["text"] for item in timeline]
+    assert texts[0].startswith("submitted by anonymous: language_model")
+    assert [t for t in texts if t.startswith("placed on")] == [
+        "placed on node node-a, GPU 0 (attempt 1)",
+        f"placed on node node-b, GPU {httpx.get(f'{system.base}/jobs/{retried}').json()['gpu_ids'][0]} (attempt 2)",
+    ]
+    assert any(t.startswith("attempt 1 lost (node_lost)") for t in texts)
+    assert any(t.startswith("trained: step ") for t in texts)
+    assert timeline[0]["actor"] == "anonymous" and timeline[-1]["source"].startswith("runner@")
+    stopped = httpx.get(f"{system.base}/jobs/{cancelled}/timeline").json()["timeline"]
+    assert any(item["actor"] == "anonymous" and item["text"].startswith("cancel") for item in stopped)
+
+    # Replay filters by job and type, as a table
+    table = system.cli("replay", "--job", failing, "--type", "job.f*", "--format", "table").splitlines()
+    assert len(table) == 2 and "job.failed" in table[1] and "failed (" in table[1]
 
 
 def test_killing_the_leader_while_jobs_are_submitted_loses_and_doubles_nothing(

@@ -36,6 +36,7 @@ from services.gateway.errors import (
     redis_unavailable,
     server_error,
 )
+from services.gateway.history import audit_routes, before, job_routes
 from services.gateway.projection import Projection
 from services.gateway.submit import SwiftFlags, dry_run_launch, parse_submission
 
@@ -238,16 +239,6 @@ async def job_progress(request: Request) -> JSONResponse:
     return JSONResponse({"job_id": job.job_id, "status": job.status, "progress": progress})
 
 
-async def job_events(request: Request) -> JSONResponse:
-    job = _job(request)
-    bus = _bus(request)
-    found = []
-    async for entry in bus.entries(bus.keys.events, after=_before(job.first_entry_id)):
-        if entry.fields.get("job_id") == job.job_id:
-            found.append({"entry_id": entry.entry_id, **json.loads(entry.fields["data"])})
-    return JSONResponse({"job_id": job.job_id, "events": found})
-
-
 async def job_logs(request: Request) -> JSONResponse:
     job = _job(request)
     tail = _int_param(request, "tail", 200, 1, 10_000)
@@ -427,12 +418,6 @@ def is_entry_id(text: str) -> bool:
     return found is not None and all(int(part) < 2**64 for part in found.groups())
 
 
-def _before(entry_id: str) -> str:
-    """The id just before an entry, so that a range after it includes the entry."""
-    ms, seq = entry_id_key(entry_id)
-    return f"{ms}-{seq - 1}" if seq else (f"{ms - 1}-{2**64 - 1}" if ms else "0-0")
-
-
 async def job_stream(request: Request) -> EventSourceResponse:
     job = _job(request)
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("since")
@@ -443,7 +428,7 @@ async def job_stream(request: Request) -> EventSourceResponse:
             "Last-Event-ID is not a stream entry id",
             [{"field": "Last-Event-ID", "message": "expected <ms>-<seq>"}],
         )
-    after = last_event_id or _before(job.first_entry_id)
+    after = last_event_id or before(job.first_entry_id)
     return EventSourceResponse(
         _job_events(request, job.job_id, after),
         ping=SSE_PING_S,
@@ -481,7 +466,7 @@ def routes(prefix: str) -> list[Route | Mount]:
         Route("/jobs", list_jobs, methods=["GET"]),
         Route("/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/jobs/{job_id}/progress", job_progress, methods=["GET"]),
-        Route("/jobs/{job_id}/events", job_events, methods=["GET"]),
+        *job_routes(),
         Route("/jobs/{job_id}/logs", job_logs, methods=["GET"]),
         Route("/jobs/{job_id}/command", job_command, methods=["GET"]),
         Route("/jobs/{job_id}/stream", job_stream, methods=["GET"]),
@@ -497,7 +482,7 @@ def routes(prefix: str) -> list[Route | Mount]:
         Route("/gpus", gpus, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
-    return [Mount(f"{prefix}/training", routes=training)]
+    return [Mount(f"{prefix}/training", routes=training), Mount(f"{prefix}/audit", routes=audit_routes())]
 
 
 def create_app(

@@ -48,7 +48,10 @@ def submit(
     ahead = state.queued_ahead_of(spec.priority)
     decided = [
         Append(keys.events, accepted),
-        Append(keys.events, m.JobQueued(position=ahead + 1, **common)),
+        Append(
+            keys.events,
+            m.JobQueued(position=ahead + 1, behind_job_id=state.queued_at(ahead) if ahead else None, **common),
+        ),
     ]
     # The queue as it will be once these facts are folded in, to place the new job right away.
     job = new_job(accepted, state.accepted + 1, "0-0")

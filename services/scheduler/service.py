@@ -8,6 +8,7 @@ and that entry id, so a stale leader, or a decision on an out-of-date state, can
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -15,8 +16,8 @@ import anyio
 import redis.asyncio as aioredis
 import structlog
 
+from events import audit, snapshot
 from events import messages as m
-from events import snapshot
 from events.bus import Append, Bus, Fenced, connect
 from events.consumer import CommitGuard, Delivery, GroupConsumer
 from events.keys import SCHEDULER_GROUP
@@ -149,6 +150,28 @@ class Scheduler:
         await self.commit_pass()
         await consumer.run()
 
+    async def retain(self) -> None:
+        """Apply the log's retention policy now and then: archive, then trim. The snapshot is
+        saved first, so that nothing a restarting reader needs is trimmed."""
+        while True:
+            await anyio.sleep(self.settings.retention_interval_s)
+            await snapshot.save(self.bus, self.state)
+            self.unsaved = 0
+            done = await audit.archive_and_trim(
+                self.bus,
+                max_age_s=self.settings.audit_max_age_s,
+                max_entries=self.settings.audit_max_entries,
+                now_ms=int(time.time() * 1000),
+            )
+            if done.entries or done.held_back:
+                log.info(
+                    "log archived",
+                    entries=done.entries,
+                    files=[str(f) for f in done.files],
+                    kept_from=done.kept_from,
+                    held_back=done.held_back,
+                )
+
 
 async def _renew(redis: aioredis.Redis, settings: Settings) -> None:
     renew = redis.register_script(_RENEW_LUA)
@@ -174,6 +197,8 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_renew, redis, settings)
+                    if settings.retention:
+                        tg.start_soon(scheduler.retain)
                     await scheduler.lead(reader)
             except* (LostLeadership, Fenced):
                 log.warning("lost the leadership; standing by")

@@ -1,0 +1,113 @@
+"""Log entries in words, for the timeline and the replay table: who did what, and why."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from events import messages as m
+from events.bus import Entry
+from events.codec import DecodeError, decode, encode
+
+
+def _by(message: m.Message) -> str:
+    return f" by {message.actor}" if message.actor else ""
+
+
+def _short(job_id: str | None) -> str:
+    return (job_id or "?")[:12]
+
+
+def _gpus(gpu_ids: list[int]) -> str:
+    return f"GPU{'s' if len(gpu_ids) != 1 else ''} {', '.join(map(str, gpu_ids))}"
+
+
+def _accepted(e: m.JobAccepted) -> str:
+    spec = e.spec
+    return (
+        f"submitted{_by(e)}: {spec.task_type}, model {spec.model_path}, priority {spec.priority}, "
+        f"{spec.gpu_count} GPU{'s' if spec.gpu_count != 1 else ''}"
+    )
+
+
+def _queued(e: m.JobQueued) -> str:
+    behind = f", behind job {_short(e.behind_job_id)}" if e.behind_job_id else ", first in line"
+    return f"queued at position {e.position}{behind}"
+
+
+def _scheduled(e: m.JobScheduled) -> str:
+    return f"placed on node {e.node}, {_gpus(e.gpu_ids)} (attempt {e.attempt})"
+
+
+def _started(e: m.JobStarted) -> str:
+    return (
+        f"started on {e.node} as pid {e.pid} with CUDA_VISIBLE_DEVICES={e.cuda_visible_devices} (attempt {e.attempt})"
+    )
+
+
+def _progress(e: m.JobProgress) -> str:
+    loss = f", loss {e.loss:.4g}" if e.loss is not None else ""
+    return f"step {e.step}/{e.max_steps}{loss}"
+
+
+def _failed(e: m.JobFailed) -> str:
+    message = f": {e.message}" if e.message else ""
+    return f"failed ({e.reason}, exit code {e.exit_code}){message}"
+
+
+def _cancelled(e: m.JobCancelled) -> str:
+    checkpoint = f", checkpoint kept at {e.last_checkpoint}" if e.last_checkpoint else ""
+    return f"cancelled{_by(e) if e.attempt is None else ''}{checkpoint}"
+
+
+def _cancel_requested(e: m.JobCancelRequested) -> str:
+    return f"cancel requested{_by(e)}" + (f": {e.reason}" if e.reason else "")
+
+
+_TEXT: dict[type[m.Message], Callable[[Any], str]] = {
+    m.JobAccepted: _accepted,
+    m.JobRejected: lambda e: f"rejected ({e.reason}): {e.message}",
+    m.JobQueued: _queued,
+    m.JobScheduled: _scheduled,
+    m.JobStarted: _started,
+    m.JobProgress: _progress,
+    m.CheckpointSaved: lambda e: f"checkpoint at step {e.step}: {e.path}",
+    m.JobServing: lambda e: f"serving at {e.endpoint}",
+    m.JobSucceeded: lambda e: f"completed (exit code {e.exit_code})",
+    m.JobFailed: _failed,
+    m.JobRequeued: lambda e: f"attempt {e.attempt} lost ({e.reason}); queued again to retry",
+    m.JobPriorityChanged: lambda e: f"priority changed from {e.previous} to {e.priority}{_by(e)}",
+    m.JobDeleted: lambda e: f"deleted{_by(e)}",
+    m.JobCancelRequested: _cancel_requested,
+    m.JobCancelled: _cancelled,
+    m.ExportRequested: lambda e: f"export requested{_by(e)}: merge {e.checkpoint}",
+    m.ExportStarted: lambda e: "export started",
+    m.ExportCompleted: lambda e: f"exported to {e.path}",
+    m.ExportFailed: lambda e: f"export failed: {e.message}",
+    m.NodeJoined: lambda e: f"node {e.node} joined with {len(e.gpus)} GPU{'s' if len(e.gpus) != 1 else ''}",
+    m.NodeLost: lambda e: f"node {e.node} lost (no heartbeat)",
+}
+
+
+def describe(message: m.Message) -> str:
+    text = _TEXT.get(type(message))
+    return text(message) if text else message.type
+
+
+def render(entry: Entry) -> dict[str, Any]:
+    """An entry as a JSON object: its id, the message as this release reads it (older versions
+    upcast), and its chain hash. An entry this release cannot read is shown raw, with the reason."""
+    try:
+        message = decode(entry.fields)
+    except DecodeError as exc:
+        return {
+            "entry_id": entry.entry_id,
+            "type": entry.fields.get("type"),
+            "undecodable": str(exc),
+            "raw": entry.fields,
+        }
+    record: dict[str, Any] = {"entry_id": entry.entry_id, **json.loads(encode(message)["data"])}
+    if "hash" in entry.fields:
+        record["hash"] = entry.fields["hash"]
+    return record

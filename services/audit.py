@@ -1,0 +1,209 @@
+"""`swift-trainer replay` and `swift-trainer audit …`: read, check and rebuild the history."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import httpx
+from pydantic import ValidationError
+
+from events import audit, snapshot
+from events.bus import Bus, Entry, connect
+from events.codec import DecodeError, decode
+from events.describe import describe, render
+from events.log import apply_entry
+from events.state import State
+from services.config import Settings
+from services.runtime import wait_for_redis
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, now: float | None = None) -> int:
+    """Milliseconds since the epoch from an ISO 8601 time (UTC unless it says otherwise) or a
+    duration back from now (``90s``, ``15m``, ``6h``, ``7d``)."""
+    relative = _RELATIVE.match(text.strip())
+    if relative:
+        seconds = float(relative[1]) * _UNIT_S[relative[2]]
+        return int(((time.time() if now is None else now) - seconds) * 1000)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"not a time: {text!r} (use ISO 8601, or a duration such as 15m, 6h, 7d)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _row(entry: Entry) -> str:
+    at = datetime.fromtimestamp(int(entry.entry_id.split("-")[0]) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    try:
+        message = decode(entry.fields)
+    except DecodeError as exc:
+        return f"{entry.entry_id:<16}  {at}  {entry.fields.get('type', '?'):<22}  (unreadable: {exc})"
+    job = (message.job_id or "-")[:12]
+    return f"{entry.entry_id:<16}  {at}  {message.type:<22}  {job:<12}  {message.actor or '-':<10}  {describe(message)}"
+
+
+def _print(entry: Entry, fmt: str, out: TextIO) -> None:
+    out.write((_row(entry) if fmt == "table" else json.dumps(render(entry))) + "\n")
+
+
+async def replay(settings: Settings, q: audit.Query, fmt: str, follow: bool, as_state: bool) -> None:
+    redis = connect(settings.resolved_redis_url)
+    reader = connect(settings.resolved_redis_url, block_ms=5000) if follow else None
+    try:
+        await wait_for_redis(redis, timeout_s=10)
+        bus = Bus(redis, settings.keys, "replay", settings.archive_dir)
+        if as_state:
+            state = State()
+            async for entry in audit.history(bus, until=q.bounds()[1]):
+                apply_entry(state, entry.entry_id, entry.fields)
+            dumped: Any = state.model_dump(mode="json")
+            if q.job_id is not None:
+                dumped = dumped["jobs"].get(q.job_id)
+            print(json.dumps(dumped, indent=2))
+            return
+        if fmt == "table":
+            print(f"{'entry id':<16}  {'time (UTC)':<23}  {'type':<22}  {'job':<12}  {'actor':<10}  what happened")
+        last = q.bounds()[0]
+        async for entry in audit.query(bus, q):
+            _print(entry, fmt, sys.stdout)
+            last = entry.entry_id
+        sys.stdout.flush()
+        if reader is not None:
+            last = (await redis.xinfo_stream(bus.keys.events))["last-generated-id"] if last == "0-0" else last
+            while True:  # until interrupted
+                for _, entries in await reader.xread({bus.keys.events: last}, count=1000, block=5000) or []:
+                    for entry_id, fields in entries:
+                        entry = Entry(bus.keys.events, entry_id, fields)
+                        if q.matches(entry):
+                            _print(entry, fmt, sys.stdout)
+                        last = entry_id
+                sys.stdout.flush()
+    finally:
+        await redis.aclose()
+        if reader is not None:
+            await reader.aclose()
+
+
+async def verify(settings: Settings) -> int:
+    redis = connect(settings.resolved_redis_url)
+    try:
+        await wait_for_redis(redis, timeout_s=10)
+        bus = Bus(redis, settings.keys, "audit", settings.archive_dir)
+        result = await audit.verify(bus)
+    finally:
+        await redis.aclose()
+    checked = f"{result.checked} entries checked"
+    if result.unchained:
+        checked += f" ({result.unchained} earlier entries predate the chain)"
+    if result.starts_after:
+        checked += f"; history before {result.starts_after} is archived, not found in {settings.archive_dir}"
+    if result.first_break is not None:
+        where = "" if result.first_break.where == audit.LIVE else f" in {result.first_break.where}"
+        print(
+            f"BROKEN at entry {result.first_break.entry_id}{where}: {result.first_break.reason}. {checked} before it."
+        )
+        return 1
+    print(f"intact: {checked}; head {result.head_id} {result.head_hash}")
+    return 0
+
+
+def differences(log: Any, service: Any, path: str = "") -> Iterator[str]:
+    """Field-by-field differences between two JSON values."""
+    if isinstance(log, dict) and isinstance(service, dict):
+        for key in sorted(set(log) | set(service), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in service:
+                yield f"{where}: in the log, missing from the service"
+            elif key not in log:
+                yield f"{where}: shown by the service, not in the log"
+            else:
+                yield from differences(log[key], service[key], where)
+    elif isinstance(log, list) and isinstance(service, list) and len(log) == len(service):
+        for index, (a, b) in enumerate(zip(log, service, strict=True)):
+            yield from differences(a, b, f"{path}[{index}]")
+    elif log != service:
+        yield f"{path}: log={json.dumps(log)} service={json.dumps(service)}"
+
+
+async def _fold_until(bus: Bus, position: str) -> State:
+    state = State()
+    async for entry in audit.history(bus, until=position):
+        apply_entry(state, entry.entry_id, entry.fields)
+    return state
+
+
+async def rebuild(settings: Settings, gateway_url: str | None) -> int:
+    """Fold the whole history and compare it with what the services hold: the gateway's live
+    projection and the scheduler's snapshot, each at its own position in the log."""
+    url = gateway_url or f"http://{settings.app_host}:{settings.app_port}{settings.api_prefix}/audit/state"
+    redis = connect(settings.resolved_redis_url)
+    total = 0
+    try:
+        await wait_for_redis(redis, timeout_s=10)
+        bus = Bus(redis, settings.keys, "audit", settings.archive_dir)
+        services: list[tuple[str, dict[str, Any]]] = []
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                response = await client.get(url)
+            response.raise_for_status()
+            services.append((f"gateway ({url})", response.json()))
+        except (httpx.HTTPError, ValueError) as exc:
+            print(f"gateway: not compared ({exc})")
+        stored = await redis.hgetall(bus.keys.snapshot)
+        if stored.get("version") == snapshot.SNAPSHOT_VERSION:
+            try:
+                services.append(
+                    ("scheduler snapshot", State.model_validate_json(stored["state"]).model_dump(mode="json"))
+                )
+            except ValidationError as exc:
+                print(f"scheduler snapshot: unreadable ({exc.error_count()} errors)")
+        else:
+            print("scheduler snapshot: none yet")
+        for name, shown in services:
+            position = shown.get("position", "0-0")
+            folded = (await _fold_until(bus, position)).model_dump(mode="json")
+            found = list(differences(folded, shown))
+            total += len(found)
+            jobs = len(folded.get("jobs", {}))
+            if found:
+                print(f"{name} at {position}: {len(found)} difference(s) from the log")
+                for line in found:
+                    print(f"  {line}")
+            else:
+                print(f"{name} at {position}: identical to the log ({jobs} jobs)")
+    finally:
+        await redis.aclose()
+    return 1 if total else 0
+
+
+async def archive(settings: Settings) -> int:
+    """Apply the retention policy once."""
+    if not settings.retention:
+        print("no retention policy set (AUDIT_MAX_AGE_S, AUDIT_MAX_ENTRIES): everything is kept")
+        return 0
+    redis = connect(settings.resolved_redis_url)
+    try:
+        await wait_for_redis(redis, timeout_s=10)
+        bus = Bus(redis, settings.keys, "audit", settings.archive_dir)
+        done = await audit.archive_and_trim(
+            bus,
+            max_age_s=settings.audit_max_age_s,
+            max_entries=settings.audit_max_entries,
+            now_ms=int(time.time() * 1000),
+        )
+    finally:
+        await redis.aclose()
+    print(f"archived {done.entries} entries to {[str(f) for f in done.files]}; live log kept from {done.kept_from}")
+    if done.held_back:
+        print(f"held back: {done.held_back}")
+    return 0
