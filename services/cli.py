@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:  # the reader (head, less) went away
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     commands: dict[str, Callable[[], object]] = {
         "redis": lambda: run_redis(settings),
         "demo": lambda: run_demo(settings, args.dir),

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from events import audit, snapshot
 from events import messages as m
 from events.bus import Append, Bus, entry_id_key
+from events.codec import decode
 from events.keys import Keys
 from events.log import catch_up
 from events.state import State
@@ -224,3 +225,20 @@ async def test_a_log_from_before_the_chain_verifies_and_the_chain_begins_after_i
     report = await audit.verify(bus)
     assert report.intact and report.unchained == len(old) and report.checked == len(new)
     assert entry_id_key(new[0]) > entry_id_key(old[-1])
+
+
+async def test_a_log_of_the_first_release_replays_under_this_one(bus: Bus) -> None:
+    # Given the log of a run under the first release: a job trained and exported, one failed and
+    # was deleted, one was cancelled while queued (job.queued was v1 then)
+    await load_recorded(bus, "log-release-1.jsonl")
+    # When this release folds it
+    state = State()
+    assert await catch_up(bus, state) == 22
+    # Then every entry applies, older versions upcast, and the jobs end as they did
+    assert state.stale_reports == 0
+    statuses = {job_id[:6]: (job.status, job.export.status) for job_id, job in state.jobs.items()}
+    assert statuses == {"3ba102": ("completed", "completed"), "7fb956": ("cancelled", "none")}
+    assert [d[:6] for d in state.deleted] == ["5283e9"]
+    queued = [decode(fields) for _, fields in await bus.redis.xrange(bus.keys.events)]
+    queued = [q for q in queued if isinstance(q, m.JobQueued)]
+    assert len(queued) == 3 and all(q.v == 2 and q.behind_job_id is None for q in queued)
