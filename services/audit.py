@@ -7,7 +7,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import httpx
@@ -39,7 +39,7 @@ def parse_time(text: str, now: float | None = None) -> int:
         raise ValueError(f"not a time: {text!r} (use ISO 8601, or a duration such as 15m, 6h, 7d)") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
 
 
 def _row(entry: Entry) -> str:

@@ -48,7 +48,14 @@ def job_log(job_id: str) -> list[m.Message]:
         m.JobQueued(position=1, actor="alice", **common),
         m.JobScheduled(node="n1", gpu_ids=[0], attempt=1, **common),
         m.JobStarted(
-            attempt=1, node="n1", pid=10, pgid=10, run_dir="/r", argv=["swift", "sft"], cuda_visible_devices="0", **common
+            attempt=1,
+            node="n1",
+            pid=10,
+            pgid=10,
+            run_dir="/r",
+            argv=["swift", "sft"],
+            cuda_visible_devices="0",
+            **common,
         ),
     ]
     steps = PER_JOB - len(facts) - 2
@@ -144,7 +151,7 @@ async def main(events: int) -> None:
         start = time.perf_counter()
         gpu = m.GpuInfo(index=0, uuid="GPU-0", name="bench", memory_total_mb=80_000)
         await bus.append_events([m.NodeJoined(node="n1", simulated=True, gpus=[gpu])])
-        for j in range(jobs):
+        for _ in range(jobs):
             await bus.append_events(job_log(uuid.uuid4().hex))
         print(f"Built a log of {events:,} entries in {time.perf_counter() - start:.0f} s")
         used = (await client.info("memory"))["used_memory"] - before
