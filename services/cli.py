@@ -125,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "gpus":
         return check_gpus()
+    if args.command == "gateway":
+        from services.gateway.auth import check_startup
+
+        try:
+            check_startup(settings)
+        except ConfigError as exc:
+            print(f"swift-trainer gateway: {exc}", file=sys.stderr)
+            return 2
     if args.command in ("replay", "audit"):
         configure_logging(settings, args.command)
         try:

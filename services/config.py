@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events.keys import Keys
@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     claim_idle_ms: int = Field(60_000, ge=100)
     max_deliveries: int = Field(5, ge=1)
     submit_wait_s: float = Field(2.0, ge=0, le=30)
+
+    # Access control: "name:admin|user:key" entries (key in clear, or sha256:<hex>); none: off,
+    # which the gateway allows only on a loopback address. AUTH_SECRET signs browsers' short-lived
+    # tokens (random per gateway process when unset: set it when running several gateways).
+    api_keys: SecretStr = SecretStr("")
+    auth_secret: SecretStr | None = None
+    auth_token_ttl_s: float = Field(300.0, gt=0)
 
     # Retention of the log (the audit trail): keep everything unless a limit is set. Entries past
     # a limit are archived (compressed JSON lines under ARCHIVE_DIR) and then trimmed from Redis.

@@ -19,6 +19,8 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
@@ -29,6 +31,7 @@ from events.estimates import Estimate
 from events.params import JobSpec
 from events.state import TERMINAL, Job, JobStatus, State
 from services.config import Settings
+from services.gateway.auth import Auth, RequireAuth, issue_token, may_see, principal, unauthorized, whoami
 from services.gateway.errors import (
     ApiError,
     api_error,
@@ -43,7 +46,6 @@ from services.gateway.submit import SwiftFlags, dry_run_launch, parse_submission
 MAX_BODY_BYTES = 1024 * 1024
 SSE_PING_S = 15
 SSE_RETRY_MS = 2000
-ANONYMOUS = "anonymous"
 
 _SPEC = TypeAdapter(JobSpec)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*(#\d+)?$")
@@ -70,9 +72,13 @@ def _job(request: Request) -> Job:
         raise ApiError(
             404, "job_deleted", f"job {request.path_params['job_id']!r} was deleted (its history stays in the log)"
         )
-    if job is None:
+    if job is None or not may_see(request, job.submitted_by):  # another user's job is not theirs to know of
         raise ApiError(404, "job_not_found", f"no job {request.path_params['job_id']!r}")
     return job
+
+
+def _actor(request: Request) -> str:
+    return principal(request).name
 
 
 def _projection(request: Request) -> Projection:
@@ -138,7 +144,7 @@ async def create_job(request: Request) -> JSONResponse:
             submission.spec, runs_dir=settings.runs_dir, omp_num_threads=settings.job_omp_num_threads
         )
         return JSONResponse({"dry_run": True, **command_view(launch.argv, launch.env)})
-    command = m.SubmitJob(job_id=m.new_id(), spec=submission.spec, actor=ANONYMOUS)
+    command = m.SubmitJob(job_id=m.new_id(), spec=submission.spec, actor=_actor(request))
     [position] = await _bus(request).append(_bus(request).keys.commands, command)
     job_id = command.job_id or ""
 
@@ -215,7 +221,14 @@ async def list_jobs(request: Request) -> JSONResponse:
     size = _int_param(request, "size", 50, 1, 500)
     projection = _projection(request)
     everything = [*state.jobs.values(), *filter(None, map(projection.job, list(projection.pending)))]
-    jobs = [job for job in everything if status is None or job.status == status]
+    owner = request.query_params.get("owner")
+    jobs = [
+        job
+        for job in everything
+        if (status is None or job.status == status)
+        and (owner is None or job.submitted_by == owner)
+        and may_see(request, job.submitted_by)
+    ]
     jobs.sort(key=lambda job: job.submitted_at, reverse=True)
     chunk = jobs[(page - 1) * size : page * size]
     positions = {job.job_id: i for i, job in enumerate(state.queue(), start=1)}
@@ -257,7 +270,7 @@ async def cancel_job(request: Request) -> JSONResponse:
             f"job {job.job_id} is already {job.status}",
             [{"field": "status", "message": job.status}],
         )
-    return await _command(request, m.CancelJob(job_id=job.job_id, actor=ANONYMOUS), "cancel requested", job)
+    return await _command(request, m.CancelJob(job_id=job.job_id, actor=_actor(request)), "cancel requested", job)
 
 
 async def export_job(request: Request) -> JSONResponse:
@@ -269,7 +282,7 @@ async def export_job(request: Request) -> JSONResponse:
             "only a completed LoRA job with a checkpoint can be exported",
             [{"field": "status", "message": job.status}],
         )
-    command = m.RequestExport(job_id=job.job_id, actor=ANONYMOUS)
+    command = m.RequestExport(job_id=job.job_id, actor=_actor(request))
     [position] = await _bus(request).append(_bus(request).keys.commands, command)
     return JSONResponse(
         {"job_id": job.job_id, "command_position": position, "message": "export requested"}, status_code=202
@@ -297,7 +310,9 @@ def _queue_entries(projection: Projection) -> list[dict[str, Any]]:
 
 
 async def queue(request: Request) -> JSONResponse:
-    return JSONResponse({"queue": _queue_entries(_projection(request))})
+    """Queued jobs in start order; a user sees their own, with their places in the whole queue."""
+    entries = [e for e in _queue_entries(_projection(request)) if may_see(request, e["submitted_by"])]
+    return JSONResponse({"queue": entries})
 
 
 async def queue_status(request: Request) -> JSONResponse:
@@ -332,7 +347,10 @@ async def change_priority(request: Request) -> JSONResponse:
     if job.status != JobStatus.queued:
         raise _illegal(job, "change the priority of")
     return await _command(
-        request, m.SetPriority(job_id=job.job_id, priority=priority, actor=ANONYMOUS), "priority change requested", job
+        request,
+        m.SetPriority(job_id=job.job_id, priority=priority, actor=_actor(request)),
+        "priority change requested",
+        job,
     )
 
 
@@ -340,7 +358,7 @@ async def remove_from_queue(request: Request) -> JSONResponse:
     job = _job(request)
     if job.status not in (JobStatus.pending, JobStatus.queued):
         raise _illegal(job, "remove from the queue")
-    command = m.CancelJob(job_id=job.job_id, reason="removed from the queue", actor=ANONYMOUS)
+    command = m.CancelJob(job_id=job.job_id, reason="removed from the queue", actor=_actor(request))
     return await _command(request, command, "removal requested", job)
 
 
@@ -348,11 +366,11 @@ async def delete_job(request: Request) -> JSONResponse:
     job = _job(request)
     if job.status not in TERMINAL or job.export.status in ("pending", "running"):
         raise _illegal(job, "delete")
-    return await _command(request, m.DeleteJob(job_id=job.job_id, actor=ANONYMOUS), "deletion requested", job)
+    return await _command(request, m.DeleteJob(job_id=job.job_id, actor=_actor(request)), "deletion requested", job)
 
 
 async def process_queue(request: Request) -> JSONResponse:
-    [position] = await _bus(request).append(_bus(request).keys.commands, m.ProcessQueue(actor=ANONYMOUS))
+    [position] = await _bus(request).append(_bus(request).keys.commands, m.ProcessQueue(actor=_actor(request)))
     return JSONResponse({"command_position": position, "message": "scheduling pass requested"}, status_code=202)
 
 
@@ -482,14 +500,25 @@ def routes(prefix: str) -> list[Route | Mount]:
         Route("/gpus", gpus, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
-    return [Mount(f"{prefix}/training", routes=training), Mount(f"{prefix}/audit", routes=audit_routes())]
+    auth = [Route("/token", issue_token, methods=["POST"]), Route("/me", whoami, methods=["GET"])]
+    return [
+        Mount(f"{prefix}/training", routes=training),
+        Mount(f"{prefix}/audit", routes=audit_routes()),
+        Mount(f"{prefix}/auth", routes=auth),
+    ]
 
 
 def create_app(
     settings: Settings, bus: Bus, projection: Projection, swift_flags: SwiftFlags | None = None
 ) -> Starlette:
+    auth = Auth(settings)
+    open_paths = {f"{settings.api_prefix}/training/health", "/docs", "/openapi.json"}
     app = Starlette(
         routes=routes(settings.api_prefix),
+        middleware=[
+            Middleware(AuthenticationMiddleware, backend=auth, on_error=unauthorized),
+            Middleware(RequireAuth, open_paths=open_paths),
+        ],
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,
@@ -498,6 +527,7 @@ def create_app(
         },
     )
     app.state.settings = settings
+    app.state.auth = auth
     app.state.bus = bus
     app.state.projection = projection
     app.state.swift_flags = swift_flags or SwiftFlags(settings.data_dir)

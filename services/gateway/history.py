@@ -16,6 +16,7 @@ from events.bus import Bus, Entry, entry_id_key
 from events.codec import DecodeError, decode
 from events.describe import describe, render
 from services.audit import parse_time
+from services.gateway.auth import may_see, principal, require_admin
 from services.gateway.errors import ApiError
 
 _ENTRY_ID = r"^\d{1,20}(-\d{1,20})?$"
@@ -37,10 +38,10 @@ def job_query(request: Request) -> audit.Query:
     projection = request.app.state.projection
     job_id = request.path_params["job_id"]
     job = projection.state.jobs.get(job_id)
-    if job is not None:
+    if job is not None and may_see(request, job.submitted_by):
         return audit.Query(job_id=job_id, after=before(job.first_entry_id), until=job.last_entry_id)
-    if job_id in projection.state.deleted:
-        return audit.Query(job_id=job_id)
+    if job is None and job_id in projection.state.deleted and principal(request).is_admin:
+        return audit.Query(job_id=job_id)  # its owner is no longer at hand: admins only
     raise ApiError(404, "job_not_found", f"no job {job_id!r}")
 
 
@@ -103,7 +104,8 @@ def _param(request: Request, name: str, pattern: str | None = None) -> str | Non
 
 async def audit_events(request: Request) -> JSONResponse:
     """The history (archives and the live log) with filters and a cursor: pass ``next_cursor``
-    back as ``cursor`` for the next page."""
+    back as ``cursor`` for the next page. Admins only."""
+    require_admin(request)
     times: dict[str, int | None] = {}
     for name in ("since", "until"):
         value = _param(request, name)
@@ -134,7 +136,8 @@ async def audit_events(request: Request) -> JSONResponse:
 
 
 async def audit_state(request: Request) -> JSONResponse:
-    """The state this gateway folded from the log, at its position."""
+    """The state this gateway folded from the log, at its position. Admins only."""
+    require_admin(request)
     return JSONResponse(request.app.state.projection.state.model_dump(mode="json"))
 
 
