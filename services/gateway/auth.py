@@ -106,7 +106,8 @@ class Auth(AuthenticationBackend):
     def __init__(self, settings: Settings) -> None:
         self.keys = parse_keys(settings.api_keys.get_secret_value())
         self.ttl_s = settings.auth_token_ttl_s
-        secret = settings.auth_secret.get_secret_value() if settings.auth_secret else secrets.token_hex(32)
+        configured = settings.auth_secret.get_secret_value() if settings.auth_secret else ""
+        secret = configured or secrets.token_hex(32)  # unset or empty: one of our own
         self.signer = URLSafeTimedSerializer(secret, salt="stream")
 
     @property
