@@ -90,11 +90,11 @@ def read_archive(path: Path) -> Iterator[list[Entry]]:
         yield batch
 
 
-def _after(entry_id: str, bound: str) -> bool:
+def is_after(entry_id: str, bound: str) -> bool:
     return bound in ("0", "0-0", "-") or entry_id_key(entry_id) > entry_id_key(bound)
 
 
-def _within(entry_id: str, until: str) -> bool:
+def is_within(entry_id: str, until: str) -> bool:
     return until == "+" or entry_id_key(entry_id) <= entry_id_key(until)
 
 
@@ -104,16 +104,16 @@ async def history(bus: Bus, after: str = "0-0", until: str = "+") -> AsyncIterat
     archived_to = after
     for path in archive_files(bus.archive_dir):
         first, last = archive_range(path)
-        if not _after(last, after):
+        if not is_after(last, after):
             continue
-        if not _within(first, until):
+        if not is_within(first, until):
             break
         batches = read_archive(path)
         while batch := await anyio.to_thread.run_sync(next, batches, None):
             for entry in batch:
-                if _after(entry.entry_id, after) and _within(entry.entry_id, until):
+                if is_after(entry.entry_id, after) and is_within(entry.entry_id, until):
                     yield entry
-        if _after(last, archived_to):
+        if is_after(last, archived_to):
             archived_to = last
     async for entry in bus.entries(bus.keys.events, after=archived_to, until=until):
         yield entry
@@ -157,7 +157,7 @@ class Verification:
             self.unchained += 1
             self.head_id = entry.entry_id
             return True
-        if self.head_id is not None and not _after(entry.entry_id, self.head_id):
+        if self.head_id is not None and not is_after(entry.entry_id, self.head_id):
             return self._broken(entry, where, f"is out of order: it comes after {self.head_id}")
         if entry_hash(prev, entry.entry_id, entry.fields) != stated:
             return self._broken(entry, where, "does not match its hash: the entry was altered")
@@ -194,7 +194,7 @@ async def verify(bus: Bus) -> Verification:
     result = Verification()
     files = archive_files(bus.archive_dir)
     archived_id = chain.get("archived_id")
-    if archived_id and not any(_within(archived_id, archive_range(p)[1]) for p in files):
+    if archived_id and not any(is_within(archived_id, archive_range(p)[1]) for p in files):
         result.expect_start(archived_id, chain.get("archived_hash", ""))
         after = archived_id
     else:
@@ -251,7 +251,7 @@ async def archive_and_trim(bus: Bus, *, max_age_s: float | None, max_entries: in
     chain = await bus.redis.hgetall(bus.keys.chain)
     archived_to = chain.get("archived_id", "0-0")
     files = archive_files(bus.archive_dir)
-    if files and _after(archive_range(files[-1])[1], archived_to):
+    if files and is_after(archive_range(files[-1])[1], archived_to):
         archived_to = archive_range(files[-1])[1]
     bound, bound_reason = await _readers_bound(bus)
     age_cutoff = (now_ms - int(max_age_s * 1000), 0) if max_age_s is not None else None

@@ -60,6 +60,11 @@ def decode(fields: Fields) -> Message:
         envelope = json.loads(_text(raw))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DecodeError(f"data is not JSON: {exc}") from exc
+    return decode_envelope(envelope)
+
+
+def decode_envelope(envelope: Any) -> Message:
+    """A message from its parsed ``data`` envelope."""
     if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), dict):
         raise DecodeError("data is not an envelope with a payload object")
     type_ = envelope.get("type")
@@ -76,6 +81,8 @@ def decode(fields: Fields) -> Message:
         payload = lift(payload)
         version += 1
     envelope["v"] = version
+    if "id" not in envelope or "at" not in envelope:  # defaults would differ at every read
+        raise DecodeError(f"{type_} envelope lacks its id or time")
     if set(payload) & set(envelope):
         raise DecodeError("payload repeats envelope fields")
     try:

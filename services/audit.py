@@ -17,7 +17,7 @@ from events import audit, snapshot
 from events.bus import Bus, Entry, connect
 from events.codec import DecodeError, decode
 from events.describe import describe, render
-from events.log import apply_entry
+from events.log import catch_up
 from events.state import State
 from services.config import Settings
 from services.runtime import wait_for_redis
@@ -64,8 +64,7 @@ async def replay(settings: Settings, q: audit.Query, fmt: str, follow: bool, as_
         bus = Bus(redis, settings.keys, "replay", settings.archive_dir)
         if as_state:
             state = State()
-            async for entry in audit.history(bus, until=q.bounds()[1]):
-                apply_entry(state, entry.entry_id, entry.fields)
+            await catch_up(bus, state, until=q.bounds()[1])
             dumped: Any = state.model_dump(mode="json")
             if q.job_id is not None:
                 dumped = dumped["jobs"].get(q.job_id)
@@ -137,8 +136,7 @@ def differences(log: Any, service: Any, path: str = "") -> Iterator[str]:
 
 async def _fold_until(bus: Bus, position: str) -> State:
     state = State()
-    async for entry in audit.history(bus, until=position):
-        apply_entry(state, entry.entry_id, entry.fields)
+    await catch_up(bus, state, until=position)
     return state
 
 

@@ -29,6 +29,9 @@ def test_every_message_type_round_trips(message: m.Message) -> None:
     assert codec.decode(raw) == message
 
 
+STAMP = {"v": 1, "id": "e1", "at": "2026-01-01T00:00:00Z"}
+
+
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
@@ -37,8 +40,9 @@ def test_every_message_type_round_trips(message: m.Message) -> None:
         ({"data": "[1, 2]"}, "not an envelope"),
         ({"data": json.dumps({"type": "job.exploded", "v": 1, "payload": {}})}, "unknown message type"),
         ({"data": json.dumps({"type": "job.queued", "v": 9, "payload": {"position": 1}})}, "unsupported version"),
-        ({"data": json.dumps({"type": "job.queued", "v": 1, "payload": {"position": "first"}})}, "invalid job.queued"),
-        ({"data": json.dumps({"type": "job.queued", "v": 1, "payload": {"position": 1, "type": "x"}})}, "repeats"),
+        ({"data": json.dumps({"type": "job.queued", "v": 2, "payload": {"position": 1}})}, "lacks its id or time"),
+        ({"data": json.dumps({**STAMP, "type": "job.queued", "payload": {"position": "first"}})}, "invalid job.queued"),
+        ({"data": json.dumps({**STAMP, "type": "job.queued", "payload": {"position": 1, "type": "x"}})}, "repeats"),
     ],
 )
 def test_bad_entries_are_refused_with_a_reason(fields: dict[str, str], reason: str) -> None:

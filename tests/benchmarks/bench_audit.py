@@ -30,7 +30,7 @@ from events import messages as m
 from events.bus import Bus, Entry
 from events.codec import decode, encode
 from events.keys import Keys
-from events.log import apply_entry
+from events.log import apply_entry, catch_up
 from events.params import LanguageModelJob
 from events.state import State
 from services import embedded_redis
@@ -120,6 +120,11 @@ async def read_rates(bus: Bus, count: int, where: str) -> None:
 
     async def rebuild() -> None:
         state = State()
+        await catch_up(bus, state)
+        assert len(state.jobs) == count // PER_JOB, len(state.jobs)
+
+    async def rebuild_entry_by_entry() -> None:
+        state = State()
         async for entry in audit.history(bus):
             apply_entry(state, entry.entry_id, entry.fields)
         assert len(state.jobs) == count // PER_JOB, len(state.jobs)
@@ -130,6 +135,7 @@ async def read_rates(bus: Bus, count: int, where: str) -> None:
 
     await timed("replay (read and decode)", count, replay)
     await timed("rebuild (read and fold into the state)", count, rebuild)
+    await timed("  (the same, decoding every entry)", count, rebuild_entry_by_entry)
     await timed("verify (read and check the hash chain)", count, verify)
 
 
