@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from events.codec import DecodeError, decode, encode
@@ -217,6 +218,13 @@ class Bus:
         self.archive_dir = archive_dir  # where entries trimmed from the log were archived
         self._commit = redis.register_script(_COMMIT_LUA)
         self._append_events = redis.register_script(_APPEND_LUA)
+        self._scripts: dict[str, AsyncScript] = {}
+
+    def script(self, source: str) -> AsyncScript:
+        """A Lua script, registered once per bus."""
+        if source not in self._scripts:
+            self._scripts[source] = self.redis.register_script(source)
+        return self._scripts[source]
 
     def stamp(self, message: Message) -> Message:
         """The message with this process as its source."""

@@ -17,13 +17,17 @@ from each line's leading fields.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import gzip
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import anyio
 import structlog
 
 from events.audit import archive_files, archive_range, is_after, is_within
@@ -34,46 +38,59 @@ from events.state import IllegalTransition, State
 
 log = structlog.get_logger("events.log")
 
-PAGE = 2000
+PAGE = 1000
 PROGRESS = "job.progress"
 
 _FOLD_PAGE_LUA = """
 -- KEYS[1]: the log. ARGV: min ('-' or '(<id>'), max ('+' or an id), count.
 -- Returns {last id read, entries read, JSON array of [id, data, superseded, first id of run, job]}.
+-- Our entries start with type, job_id, data; any other layout is read field by field.
 local page = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[3]))
-local kept, open, open_attempt = {}, {}, {}
-for _, e in ipairs(page) do
-  local fields, kind, job, data = e[2], '', '', 'null'
-  for j = 1, #fields, 2 do
-    local name = fields[j]
-    if name == 'type' then kind = fields[j + 1]
-    elseif name == 'job_id' then job = fields[j + 1]
-    elseif name == 'data' then data = fields[j + 1] end
+local n = #page
+local ids, datas, sup, firsts, jobs, alive = {}, {}, {}, {}, {}, {}
+local open, open_attempt = {}, {}
+local k = 0
+for idx = 1, n do
+  local e = page[idx]
+  local f = e[2]
+  local kind, job, data
+  if f[1] == 'type' and f[3] == 'job_id' and f[5] == 'data' then
+    kind, job, data = f[2], f[4], f[6]
+  else
+    kind, job, data = '', '', 'null'
+    for j = 1, #f, 2 do
+      local name = f[j]
+      if name == 'type' then kind = f[j + 1]
+      elseif name == 'job_id' then job = f[j + 1]
+      elseif name == 'data' then data = f[j + 1] end
+    end
   end
-  local item = {e[1], data, 0, e[1], job}
+  k = k + 1
+  local id = e[1]
+  ids[k], datas[k], sup[k], firsts[k], jobs[k], alive[k] = id, data, 0, id, job, true
   if kind == 'job.progress' and job ~= '' then
-    local attempt = string.match(data, '"attempt":(%d+)}}$')
+    local attempt = string.match(string.sub(data, -32), '"attempt":(%d+)}}$')
     local i = open[job]
     if i and attempt and open_attempt[job] == attempt then
-      item[3], item[4] = kept[i][3] + 1, kept[i][4]
-      kept[i] = false
+      sup[k], firsts[k] = sup[i] + 1, firsts[i]
+      alive[i] = false
     end
-    kept[#kept + 1] = item
-    if attempt then open[job], open_attempt[job] = #kept, attempt else open[job] = nil end
+    if attempt then open[job], open_attempt[job] = k, attempt else open[job] = nil end
+  elseif job ~= '' then
+    open[job] = nil
   else
-    kept[#kept + 1] = item
-    if job ~= '' then open[job] = nil else open, open_attempt = {}, {} end
+    open, open_attempt = {}, {}
   end
 end
 local out = {}
-for _, item in ipairs(kept) do
-  if item then
-    out[#out + 1] = '["' .. item[1] .. '",' .. item[2] .. ',' .. item[3] .. ',"' .. item[4] .. '","' .. item[5] .. '"]'
+for i = 1, k do
+  if alive[i] then
+    out[#out + 1] = '["' .. ids[i] .. '",' .. datas[i] .. ',' .. sup[i] .. ',"' .. firsts[i] .. '","' .. jobs[i] .. '"]'
   end
 end
 local last = ''
-if #page > 0 then last = page[#page][1] end
-return {last, #page, '[' .. table.concat(out, ',') .. ']'}
+if n > 0 then last = page[n][1] end
+return {last, n, '[' .. table.concat(out, ',') .. ']'}
 """
 
 
@@ -122,35 +139,59 @@ def _fold_kept(state: State, item: Kept) -> bool:
     return True
 
 
+Page = tuple[str, str, int, str]  # the range's start, its last id, entries read, the entries to fold
+
+
+async def _fold_page(bus: Bus, state: State, page: Page) -> None:
+    start, last, _, kept = page
+    try:
+        items = json.loads(kept)
+    except ValueError:  # an entry whose data is not JSON: fold this page entry by entry
+        items = None
+    if items is None:
+        async for entry in bus.entries(bus.keys.events, after=start.removeprefix("("), until=last):
+            apply_entry(state, entry.entry_id, entry.fields)
+    else:
+        for entry_id, data, superseded, first_id, job_id in items:
+            if not _fold_kept(state, Kept(entry_id, data, superseded, first_id, job_id)):
+                async for entry in bus.entries(bus.keys.events, after=_just_before(first_id), until=entry_id):
+                    if entry.fields.get("job_id") == job_id and entry.fields.get("type") == PROGRESS:
+                        apply_entry(state, entry.entry_id, entry.fields)
+    state.position = last
+
+
+async def _read_page(bus: Bus, start: str, until: str) -> Page:
+    last, read, kept = await bus.script(_FOLD_PAGE_LUA)(keys=[bus.keys.events], args=[start, until, PAGE])
+    return start, str(last), int(read), kept
+
+
 async def _fold_live(bus: Bus, state: State, after: str, until: str) -> int:
-    script = bus.redis.register_script(_FOLD_PAGE_LUA)
-    events = bus.keys.events
-    start = "-" if after in ("0", "0-0", "-") else f"({after}"
-    count = 0
-    while True:
-        last, read, page = await script(keys=[events], args=[start, until, PAGE])
-        read = int(read)
-        if not read:
-            return count
-        try:
-            items = json.loads(page)
-        except ValueError:  # an entry whose data is not JSON: fold this page entry by entry
-            items = None
-        if items is None:
-            async for entry in bus.entries(events, after=start.removeprefix("("), until=last):
-                apply_entry(state, entry.entry_id, entry.fields)
-        else:
-            for entry_id, data, superseded, first_id, job_id in items:
-                kept = Kept(entry_id, data, superseded, first_id, job_id)
-                if not _fold_kept(state, kept):
-                    async for entry in bus.entries(events, after=_just_before(first_id), until=entry_id):
-                        if entry.fields.get("job_id") == job_id and entry.fields.get("type") == PROGRESS:
-                            apply_entry(state, entry.entry_id, entry.fields)
-        state.position = str(last)
-        count += read
-        if read < PAGE:
-            return count
-        start = f"({last}"
+    """Fold the live log page by page; past the first page, Redis collapses the next page while
+    this process folds the current one."""
+    page = await _read_page(bus, "-" if after in ("0", "0-0", "-") else f"({after}", until)
+    if page[2]:
+        await _fold_page(bus, state, page)
+    if page[2] < PAGE:
+        return page[2]
+    send, receive = anyio.create_memory_object_stream[Page](1)
+
+    async def read_ahead(start: str) -> None:
+        async with send:
+            while True:
+                page = await _read_page(bus, start, until)
+                await send.send(page)
+                if page[2] < PAGE:
+                    return
+                start = f"({page[1]}"
+
+    count = page[2]
+    async with anyio.create_task_group() as tg, receive:
+        tg.start_soon(read_ahead, f"({page[1]}")
+        async for page in receive:
+            if page[2]:
+                await _fold_page(bus, state, page)
+            count += page[2]
+    return count
 
 
 def _just_before(entry_id: str) -> str:
@@ -164,8 +205,7 @@ _LINE = re.compile(r'^\{"id":"(\d+-\d+)","fields":\{"type":"([^"\\]*)","job_id":
 _ATTEMPT = re.compile(r'\\"attempt\\":(\d+)\}\}","prev"')
 
 
-@dataclass
-class _Line:
+class _Line(NamedTuple):
     entry_id: str
     kind: str
     job_id: str
@@ -177,10 +217,12 @@ def _parse(raw: str) -> _Line:
     found = _LINE.match(raw)
     if found is None:  # not as written here: read it whole, and never pass it over
         record = json.loads(raw)
-        fields = record["fields"]
-        return _Line(record["id"], "", fields.get("job_id", ""), None, raw)
-    attempt = _ATTEMPT.search(raw) if found[2] == PROGRESS else None
-    return _Line(found[1], found[2], found[3], attempt[1] if attempt else None, raw)
+        return _Line(record["id"], "", record["fields"].get("job_id", ""), None, raw)
+    entry_id, kind, job_id = found.groups()
+    if kind != PROGRESS:
+        return _Line(entry_id, kind, job_id, None, raw)
+    attempt = _ATTEMPT.search(raw, max(0, len(raw) - 200))  # near the end: prev and hash follow
+    return _Line(entry_id, kind, job_id, attempt[1] if attempt else None, raw)
 
 
 def collapse(lines: Iterable[_Line]) -> Iterator[tuple[_Line, int, str]]:
@@ -211,11 +253,30 @@ def collapse(lines: Iterable[_Line]) -> Iterator[tuple[_Line, int, str]]:
     return (item for item in kept if item is not None)
 
 
+@contextlib.contextmanager
+def _bulk() -> Iterator[None]:
+    """No cyclic garbage collection while many small, long-lived objects are made (it would
+    scan them again and again, for nothing: they form no cycles)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _fold_archive(path: Path, state: State, after: str, until: str) -> int:
+    with _bulk():
+        return _fold_archive_lines(path, state, after, until)
+
+
+def _fold_archive_lines(path: Path, state: State, after: str, until: str) -> int:
     with gzip.open(path, "rt", encoding="utf-8") as handle:
-        lines = [_parse(raw) for raw in handle]
-    chosen = [line for line in lines if is_after(line.entry_id, after) and is_within(line.entry_id, until)]
-    by_id = {line.entry_id: line for line in chosen}
+        chosen = [_parse(raw) for raw in handle]
+    first, last = archive_range(path)
+    if not (is_after(first, after) and is_within(last, until)):  # only part of this file
+        chosen = [line for line in chosen if is_after(line.entry_id, after) and is_within(line.entry_id, until)]
     for line, superseded, first_id in collapse(chosen):
         record = json.loads(line.raw)
         data = record["fields"].get("data")
@@ -223,7 +284,8 @@ def _fold_archive(path: Path, state: State, after: str, until: str) -> int:
         if data is None:
             apply_entry(state, line.entry_id, record["fields"])
         elif not _fold_kept(state, kept):
-            for run_line in chosen[chosen.index(by_id[first_id]) : chosen.index(line) + 1]:
+            ids = [each.entry_id for each in chosen]
+            for run_line in chosen[ids.index(first_id) : ids.index(line.entry_id) + 1]:
                 if run_line.job_id == line.job_id and run_line.kind == PROGRESS:
                     apply_entry(state, run_line.entry_id, json.loads(run_line.raw)["fields"])
     if chosen:
