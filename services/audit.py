@@ -140,7 +140,7 @@ async def _fold_until(bus: Bus, position: str) -> State:
     return state
 
 
-async def rebuild(settings: Settings, gateway_url: str | None) -> int:
+async def rebuild(settings: Settings, gateway_url: str | None, api_key: str | None) -> int:
     """Fold the whole history and compare it with what the services hold: the gateway's live
     projection and the scheduler's snapshot, each at its own position in the log."""
     url = gateway_url or f"http://{settings.app_host}:{settings.app_port}{settings.api_prefix}/audit/state"
@@ -151,7 +151,8 @@ async def rebuild(settings: Settings, gateway_url: str | None) -> int:
         bus = Bus(redis, settings.keys, "audit", settings.archive_dir)
         services: list[tuple[str, dict[str, Any]]] = []
         try:
-            async with httpx.AsyncClient(timeout=30) as client:
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            async with httpx.AsyncClient(timeout=30, headers=headers) as client:
                 response = await client.get(url)
             response.raise_for_status()
             services.append((f"gateway ({url})", response.json()))

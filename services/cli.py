@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     aud_sub.add_parser("verify", help="walk the archives and the log; report the first break of the chain")
     rebuild = aud_sub.add_parser("rebuild", help="fold the history and compare it with the running services")
     rebuild.add_argument("--gateway", help="the gateway's state URL (default: from APP_HOST, APP_PORT, API_PREFIX)")
+    rebuild.add_argument(
+        "--api-key",
+        default=os.environ.get("SWIFT_TRAINER_API_KEY"),
+        help="an admin's API key for the gateway (default: $SWIFT_TRAINER_API_KEY)",
+    )
     aud_sub.add_parser("archive", help="apply the retention policy now: archive, then trim")
     args = parser.parse_args(argv)
 
@@ -164,7 +169,7 @@ async def _history_command(settings: Settings, args: argparse.Namespace) -> int:
         if args.audit_command == "verify":
             return await commands.verify(settings)
         if args.audit_command == "rebuild":
-            return await commands.rebuild(settings, args.gateway)
+            return await commands.rebuild(settings, args.gateway, args.api_key)
         return await commands.archive(settings)
     q = Query(
         job_id=args.job,

@@ -114,10 +114,14 @@ def job_body(assets: DemoAssets, **params: object) -> dict[str, object]:
 
 
 def read_stream(
-    url: str, until: Callable[[list[ServerSentEvent]], bool], last_event_id: str | None = None
+    url: str,
+    until: Callable[[list[ServerSentEvent]], bool],
+    last_event_id: str | None = None,
+    auth: dict[str, str] | None = None,
 ) -> list[ServerSentEvent]:
     """Events with an id from an SSE stream, until ``until`` holds for what was read."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    headers.update(auth or {})
     deadline = time.monotonic() + TRAINING_TIMEOUT_S
     events: list[ServerSentEvent] = []
     with (

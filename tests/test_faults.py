@@ -192,42 +192,54 @@ def test_a_job_that_dies_while_its_runner_is_down_is_reported_failed(system: Sys
     assert all(gpu["held_by"] is None for gpu in gpus)
 
 
+ALICE_KEY, OPS_KEY = "alice-0123456789abcdef", "ops-0123456789abcdef0"
+AS_ALICE, AS_OPS = {"Authorization": f"Bearer {ALICE_KEY}"}, {"Authorization": f"Bearer {OPS_KEY}"}
+
+
 def test_a_job_on_a_lost_node_runs_again_elsewhere_from_its_checkpoint(
     redis_server: RedisServer, assets: DemoAssets, tmp_path: Path
 ) -> None:
-    # Given two nodes, and a job with one retry training on node-a
-    system = System(redis_server.url, tmp_path / "system", PATH_ROOTS=str(tmp_path.parent), NODE_TIMEOUT_S="5")
+    # Given two nodes, access control with a user and an admin, and a job of the user's with one
+    # retry training on node-a
+    system = System(
+        redis_server.url,
+        tmp_path / "system",
+        PATH_ROOTS=str(tmp_path.parent),
+        NODE_TIMEOUT_S="5",
+        API_KEYS=f"alice:user:{ALICE_KEY},ops:admin:{OPS_KEY}",
+        SWIFT_TRAINER_API_KEY=OPS_KEY,  # for `swift-trainer audit rebuild`
+    )
     system.start()
     system.start_on("node-b", "gpu-monitor", "runner")
     try:
         system.wait_healthy()
-        wait_for(lambda: len(httpx.get(f"{system.base}/gpus").json()["nodes"]) == 2, 20, "both nodes")
+        wait_for(lambda: len(httpx.get(f"{system.base}/gpus", headers=AS_OPS).json()["nodes"]) == 2, 20, "both nodes")
         body = {
             **job_body(assets, max_steps=600, save_steps=20, logging_steps=5),
             "max_retries": 1,
             "auto_export": False,
         }
-        job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
+        job_id = httpx.post(f"{system.base}/jobs", json=body, headers=AS_ALICE).json()["job_id"]
         url = f"{system.base}/jobs/{job_id}/stream"
-        first = read_stream(url, seen("job.checkpoint_saved"))
-        assert httpx.get(f"{system.base}/jobs/{job_id}").json()["node"] == "node-a"
+        first = read_stream(url, seen("job.checkpoint_saved"), auth=AS_ALICE)
+        job = httpx.get(f"{system.base}/jobs/{job_id}", headers=AS_ALICE).json()
+        assert job["node"] == "node-a"
         # When node-a dies: its monitor, its runner and the trainer
-        pgid = httpx.get(f"{system.base}/jobs/{job_id}").json()["pid"]
         system.stop("gpu-monitor", "runner", sig=signal.SIGKILL)
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(job["pid"], signal.SIGKILL)
         # Then the node is declared lost, and the job runs again on node-b from its checkpoint
-        rest = read_stream(url, seen("job.succeeded"), last_event_id=first[-1].id)
+        rest = read_stream(url, seen("job.succeeded"), last_event_id=first[-1].id, auth=AS_OPS)
         assert "job.requeued" in [e.event for e in rest]
         log = [json.loads(line) for line in system.cli("replay").splitlines()]
         assert [e["payload"]["node"] for e in log if e["type"] == "node.lost"] == ["node-a"]
-        job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+        job = httpx.get(f"{system.base}/jobs/{job_id}", headers=AS_ALICE).json()
         assert (job["status"], job["node"], job["attempt"], job["retries"]) == ("completed", "node-b", 2, 1)
         assert "--resume_from_checkpoint" in job["argv"]
         resumed = job["argv"][job["argv"].index("--resume_from_checkpoint") + 1]
         assert resumed == json.loads(first[-1].data)["payload"]["path"] or resumed in job["checkpoints"]
         second = [json.loads(e.data)["payload"] for e in rest if e.event == "job.progress"]
         assert second and second[0]["step"] > 20  # continued, not from the start
-        nodes = {n["node"]: n for n in httpx.get(f"{system.base}/gpus").json()["nodes"]}
+        nodes = {n["node"]: n for n in httpx.get(f"{system.base}/gpus", headers=AS_OPS).json()["nodes"]}
         assert nodes["node-a"]["up"] is False
         # And the audit trail tells it all, beside a failure and a cancel
         check_audit_trail(system, assets, job_id, tmp_path)
@@ -236,12 +248,14 @@ def test_a_job_on_a_lost_node_runs_again_elsewhere_from_its_checkpoint(
 
 
 def check_audit_trail(system: System, assets: DemoAssets, retried: str, tmp_path: Path) -> None:
+    api = system.base
     broken = tmp_path / "broken.jsonl"
     broken.write_text("this is not json\n")
-    failing = httpx.post(f"{system.base}/jobs", json={**job_body(assets), "data_path": str(broken)}).json()["job_id"]
-    cancelled = httpx.post(f"{system.base}/jobs", json=job_body(assets, max_steps=600)).json()["job_id"]
-    assert httpx.post(f"{system.base}/jobs/{cancelled}/cancel").status_code == 202
-    status = lambda job_id: httpx.get(f"{system.base}/jobs/{job_id}").json()["status"]  # noqa: E731
+    body = {**job_body(assets), "data_path": str(broken)}
+    failing = httpx.post(f"{api}/jobs", json=body, headers=AS_ALICE).json()["job_id"]
+    cancelled = httpx.post(f"{api}/jobs", json=job_body(assets, max_steps=600), headers=AS_ALICE).json()["job_id"]
+    assert httpx.post(f"{api}/jobs/{cancelled}/cancel", headers=AS_OPS).status_code == 202
+    status = lambda job_id: httpx.get(f"{api}/jobs/{job_id}", headers=AS_ALICE).json()["status"]  # noqa: E731
     wait_for(lambda: status(failing) == "failed", 120, "the job with a broken dataset to fail")
     wait_for(lambda: status(cancelled) == "cancelled", 60, "the cancelled job to stop")
 
@@ -251,7 +265,7 @@ def check_audit_trail(system: System, assets: DemoAssets, retried: str, tmp_path
     assert system.cli("audit", "verify").startswith("intact: ")
 
     # The retried job's timeline reads in order, with who asked and why
-    timeline = httpx.get(f"{system.base}/jobs/{retried}/timeline").json()["timeline"]
+    timeline = httpx.get(f"{api}/jobs/{retried}/timeline", headers=AS_ALICE).json()["timeline"]
     ids = [item["entry_id"] for item in timeline]
     assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
     types = [item["type"] for item in timeline]
@@ -259,16 +273,20 @@ def check_audit_trail(system: System, assets: DemoAssets, retried: str, tmp_path
     assert types[-1] == "job.succeeded" and types.count("job.scheduled") == 2
     assert types.index("job.requeued") < len(types) - 1 - types[::-1].index("job.scheduled")
     texts = [item["text"] for item in timeline]
-    assert texts[0].startswith("submitted by anonymous: language_model")
+    assert texts[0].startswith("submitted by alice: language_model")
+    gpu_b = httpx.get(f"{api}/jobs/{retried}", headers=AS_ALICE).json()["gpu_ids"][0]
     assert [t for t in texts if t.startswith("placed on")] == [
         "placed on node node-a, GPU 0 (attempt 1)",
-        f"placed on node node-b, GPU {httpx.get(f'{system.base}/jobs/{retried}').json()['gpu_ids'][0]} (attempt 2)",
+        f"placed on node node-b, GPU {gpu_b} (attempt 2)",
     ]
     assert any(t.startswith("attempt 1 lost (node_lost)") for t in texts)
     assert any(t.startswith("trained: step ") for t in texts)
-    assert timeline[0]["actor"] == "anonymous" and timeline[-1]["source"].startswith("runner@")
-    stopped = httpx.get(f"{system.base}/jobs/{cancelled}/timeline").json()["timeline"]
-    assert any(item["actor"] == "anonymous" and item["text"].startswith("cancel") for item in stopped)
+    assert timeline[0]["actor"] == "alice" and timeline[-1]["source"].startswith("runner@")
+    stopped = httpx.get(f"{api}/jobs/{cancelled}/timeline", headers=AS_ALICE).json()["timeline"]
+    assert stopped[0]["actor"] == "alice"
+    assert any(
+        item["actor"] == "ops" and item["text"].startswith("cancel") and "by ops" in item["text"] for item in stopped
+    )
 
     # Replay filters by job and type, as a table
     table = system.cli("replay", "--job", failing, "--type", "job.f*", "--format", "table").splitlines()
