@@ -69,6 +69,7 @@ _TEXT: dict[type[m.Message], Callable[[Any], str]] = {
     m.JobAccepted: _accepted,
     m.JobRejected: lambda e: f"rejected ({e.reason}): {e.message}",
     m.JobQueued: _queued,
+    m.JobHeld: lambda e: "held: it is queued once released (POST /jobs/{id}/start)",
     m.JobScheduled: _scheduled,
     m.JobStarted: _started,
     m.JobProgress: _progress,

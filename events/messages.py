@@ -10,6 +10,7 @@ job.cancel              command    gateway      scheduler [{st}:commands]
 job.export              command    gateway      scheduler [{st}:commands]
 job.set_priority        command    gateway      scheduler [{st}:commands]
 job.delete              command    gateway      scheduler [{st}:commands]
+job.release             command    gateway      scheduler [{st}:commands]
 queue.process           command    gateway      scheduler [{st}:commands]
 job.start               command    scheduler    runner of the node [{st}:node:<name>]
 job.stop                command    scheduler    runner of the node [{st}:node:<name>]
@@ -22,6 +23,7 @@ job.cancel_requested    event      scheduler
 job.priority_changed    event      scheduler
 job.requeued            event      scheduler    (an attempt lost with its node; retried)
 job.deleted             event      scheduler
+job.held                event      scheduler    (submitted with hold: waits for job.release)
 job.cancelled           event      scheduler (queued job), runner (running job)
 export.requested        event      scheduler    exporter's work arrives as export.start
 node.joined             event      scheduler    (from a heartbeat of a new or changed node)
@@ -115,6 +117,12 @@ class CancelJob(Command):
 class SetPriority(Command):
     type: Literal["job.set_priority"] = "job.set_priority"
     priority: int = Field(ge=0, le=10)
+
+
+class ReleaseJob(Command):
+    """Let a job submitted with ``hold`` be queued (``POST /jobs/{id}/start``)."""
+
+    type: Literal["job.release"] = "job.release"
 
 
 class DeleteJob(Command):
@@ -263,6 +271,12 @@ class JobPriorityChanged(Event):
     previous: int
 
 
+class JobHeld(Event):
+    """Accepted with ``hold``: not queued, never scheduled, until released."""
+
+    type: Literal["job.held"] = "job.held"
+
+
 class JobDeleted(Event):
     """A finished job leaves the job list; its history stays in the log."""
 
@@ -367,6 +381,7 @@ AnyMessage = Annotated[
     | RequestExport
     | SetPriority
     | DeleteJob
+    | ReleaseJob
     | ProcessQueue
     | StartJob
     | StopJob
@@ -385,6 +400,7 @@ AnyMessage = Annotated[
     | JobPriorityChanged
     | JobRequeued
     | JobDeleted
+    | JobHeld
     | JobCancelled
     | ExportRequested
     | ExportStarted

@@ -125,6 +125,7 @@ class JobBase(_Strict):
     node: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", max_length=200, description="run on this node only")
     gpu_ids: list[int] | None = Field(None, min_length=1, max_length=64, description="these GPUs of `node`")
     max_retries: int = Field(0, ge=0, le=10, description="runs again after its node is lost, from its last checkpoint")
+    hold: bool = Field(False, description="accept, but queue only once released by POST /jobs/{id}/start")
 
     @model_validator(mode="after")
     def _placement(self) -> JobBase:

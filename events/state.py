@@ -21,6 +21,7 @@ from events.params import JobSpec, TrainType
 
 class JobStatus(StrEnum):
     pending = "pending"  # accepted by the gateway, not yet decided by the scheduler
+    held = "held"  # accepted with hold: waits to be released (POST /jobs/{id}/start)
     queued = "queued"  # waiting for GPUs
     scheduled = "scheduled"  # GPUs allocated, start command sent to the node's runner
     running = "running"  # the swift process runs
@@ -137,9 +138,10 @@ class State(BaseModel):
         """The id of the job at a 1-based position of the queue."""
         return self._queued[position - 1][2]
 
-    def queued_ahead_of(self, priority: int) -> int:
-        """How many queued jobs a new job of this priority would wait behind."""
-        return self._queued.bisect_left((-priority, math.inf, ""))
+    def queued_ahead_of(self, priority: int, seq: float = math.inf) -> int:
+        """How many queued jobs a job of this priority would wait behind: a new one, or (by its
+        submit order) one submitted earlier and queued only now."""
+        return self._queued.bisect_left((-priority, seq, ""))
 
     def apply(self, entry_id: str, event: m.Message) -> None:
         """Fold one event in. Raises IllegalTransition, leaving the state unchanged."""
@@ -232,8 +234,14 @@ def _rejected(state: State, entry_id: str, event: m.JobRejected) -> None:
     _finish(state, job, entry_id, event, JobStatus.failed)
 
 
-def _queued(state: State, entry_id: str, event: m.JobQueued) -> None:
+def _held(state: State, entry_id: str, event: m.JobHeld) -> None:
     job = _job(state, event, JobStatus.pending)
+    job.status = JobStatus.held
+    job.last_entry_id = entry_id
+
+
+def _queued(state: State, entry_id: str, event: m.JobQueued) -> None:
+    job = _job(state, event, JobStatus.pending, JobStatus.held)
     job.status = JobStatus.queued
     job.queue_position_at_submit = event.position
     job.last_entry_id = entry_id
@@ -413,6 +421,7 @@ _HANDLERS = {
     m.JobAccepted: _accepted,
     m.JobRejected: _rejected,
     m.JobQueued: _queued,
+    m.JobHeld: _held,
     m.JobScheduled: _scheduled,
     m.JobStarted: _started,
     m.JobProgress: _progress,

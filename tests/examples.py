@@ -24,6 +24,8 @@ def examples() -> list[m.Message]:
         m.RequestExport(**job),
         m.SetPriority(priority=9, **job),
         m.DeleteJob(**job),
+        m.ReleaseJob(**job),
+        m.JobHeld(**job),
         m.JobPriorityChanged(priority=9, previous=5, **job),
         m.JobDeleted(**job),
         m.JobRequeued(attempt=1, reason="node_lost", **job),

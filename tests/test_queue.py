@@ -65,3 +65,53 @@ def test_priorities_order_the_queue_and_the_highest_starts_next(system: System, 
     assert any(line for line in system.cli("replay", "--job", running).splitlines())
     for job_id in [ids["p10"], ids["p0b"], ids["p5b"], ids["p0a"]]:
         httpx.post(f"{system.base}/jobs/{job_id}/cancel")
+
+
+def test_requests_written_for_the_original_api_work_unchanged(system: System, assets: DemoAssets) -> None:
+    api = system.base
+    long = {**job_body(assets, max_steps=100_000, save_steps=100_000), "auto_export": False}
+    busy = httpx.post(f"{api}/jobs", json=long).json()["job_id"]
+    read_stream(f"{api}/jobs/{busy}/stream", seen("job.started"))
+    # A create body as the original took it: no task_type (multimodal), its parameter names
+    original = {
+        "data_path": str(assets.dataset_path),
+        "model_path": str(assets.model_dir),
+        "output_dir": str(system.data_dir / "original-out"),
+        "priority": 3,
+        "train_params": {"num_epochs": 2, "batch_size": 1, "learning_rate": 1e-4, "vit_lr": 2e-5},
+    }
+    created = httpx.post(f"{api}/jobs", json=original)
+    assert created.status_code == 202, created.text
+    body = created.json()
+    assert {"job_id", "status", "message", "queue_position", "estimated_wait_time"} <= set(body)
+    assert (body["status"], body["queue_position"]) == ("queued", 1)
+    first = body["job_id"]
+    assert httpx.get(f"{api}/jobs/{first}").json()["task_type"] == "multimodal"
+    # "hold": true is accepted and never scheduled until POST /jobs/{id}/start releases it
+    held = httpx.post(f"{api}/jobs", json={**original, "hold": True}).json()
+    assert held["status"] == "held" and held["queue_position"] is None
+    status = httpx.get(f"{api}/queue/{held['job_id']}/status").json()
+    assert (status["status"], status["queued"]) == ("held", False)
+    assert httpx.post(f"{api}/jobs/{held['job_id']}/start").status_code == 202
+
+    def queue_status() -> dict[str, object]:
+        return httpx.get(f"{api}/queue/{held['job_id']}/status").json()
+
+    wait_for(lambda: queue_status()["queued"] is True, 10, "the released job to be queued")
+    assert queue_status()["position"] == 2
+    again = httpx.post(f"{api}/jobs/{held['job_id']}/start")
+    assert again.status_code == 409 and again.json()["error"]["details"] == [{"field": "status", "message": "queued"}]
+    # The queue processor's status
+    processor = httpx.get(f"{api}/queue/processor/status").json()
+    assert processor["running"] is True and processor["leader"] and processor["schedulers"]
+    # Stop, and paging through jobs by status, newest first
+    for job_id in (first, held["job_id"]):
+        assert httpx.post(f"{api}/jobs/{job_id}/stop").status_code == 202
+
+    def cancelled(page: int) -> dict[str, object]:
+        return httpx.get(f"{api}/jobs", params={"page": page, "size": 1, "status": "cancelled"}).json()
+
+    wait_for(lambda: cancelled(1)["total"] == 2, 10, "both jobs to be cancelled")
+    assert [job["job_id"] for job in cancelled(1)["jobs"]] == [held["job_id"]]
+    assert [job["job_id"] for job in cancelled(2)["jobs"]] == [first]
+    httpx.post(f"{api}/jobs/{busy}/stop")

@@ -243,3 +243,34 @@ def test_backfill_starts_a_short_job_only_when_it_ends_before_the_blocked_one_co
         cluster.submit("unlimited", priority=1)  # no time limit: never backfilled
         decided = cluster.fold(rules.schedule(cluster.state, KEYS, cluster.heartbeats, limits, NOW, m.ProcessQueue()))
         assert [c.job_id for c in decided if isinstance(c, m.StartJob)] == expected
+
+
+def test_a_held_job_is_never_scheduled_until_released_and_then_keeps_its_submit_order() -> None:
+    # Given one GPU, busy, and a held job submitted before two queued ones of its priority
+    cluster = Cluster({"a": 1})
+    cluster.submit("busy")
+    assert cluster.submit("held", hold=True) == []
+    cluster.submit("second")
+    cluster.submit("third")
+    assert cluster.status("held") == "held"
+    assert [job.job_id for job in cluster.state.queue()] == ["second", "third"]
+    # When it is released
+    release = m.ReleaseJob(job_id="held", actor="alice")
+    [queued] = rules.release(cluster.state, KEYS, release)
+    assert isinstance(queued.message, m.JobQueued)
+    assert (queued.message.position, queued.message.behind_job_id) == (1, None)
+    cluster.fold([queued])
+    # Then it waits ahead of the jobs submitted after it, and starts when the GPU frees
+    assert [job.job_id for job in cluster.state.queue()] == ["held", "second", "third"]
+    [start] = [c for c in cluster.finish("busy") if isinstance(c, m.StartJob)]
+    assert start.job_id == "held"
+    # And releasing a job that is not held does nothing
+    assert rules.release(cluster.state, KEYS, release) == []
+
+
+def test_a_held_job_can_be_cancelled() -> None:
+    cluster = Cluster({"a": 1})
+    cluster.submit("held", hold=True)
+    [cancelled] = rules.cancel(cluster.state, KEYS, m.CancelJob(job_id="held", actor="bob"))
+    cluster.fold([cancelled])
+    assert cluster.status("held") == "cancelled"

@@ -31,6 +31,7 @@ from events.estimates import Estimate
 from events.params import JobSpec
 from events.state import TERMINAL, Job, JobStatus, State
 from services.config import Settings
+from services.gateway import catalog
 from services.gateway.auth import Auth, RequireAuth, issue_token, may_see, principal, unauthorized, whoami
 from services.gateway.errors import (
     ApiError,
@@ -207,6 +208,8 @@ def _submit_message(job: Job | None) -> str:
         return f"rejected: {job.message}"
     if job.status == JobStatus.queued:
         return "queued: waiting for free GPUs"
+    if job.status == JobStatus.held:
+        return "held: POST /jobs/{id}/start queues it"
     return f"{job.status} on {job.node} GPUs {job.gpu_ids}"
 
 
@@ -271,6 +274,14 @@ async def cancel_job(request: Request) -> JSONResponse:
             [{"field": "status", "message": job.status}],
         )
     return await _command(request, m.CancelJob(job_id=job.job_id, actor=_actor(request)), "cancel requested", job)
+
+
+async def start_job(request: Request) -> JSONResponse:
+    """Release a job submitted with ``hold``: it joins the queue by its priority and submit order."""
+    job = _job(request)
+    if job.status != JobStatus.held:
+        raise _illegal(job, "start")
+    return await _command(request, m.ReleaseJob(job_id=job.job_id, actor=_actor(request)), "released to the queue", job)
 
 
 async def export_job(request: Request) -> JSONResponse:
@@ -480,6 +491,7 @@ async def _job_events(request: Request, job_id: str, after: str) -> AsyncIterato
 
 def routes(prefix: str) -> list[Route | Mount]:
     training = [
+        *catalog.routes(),  # first: /queue/processor/status is not a job's status
         Route("/jobs", create_job, methods=["POST"]),
         Route("/jobs", list_jobs, methods=["GET"]),
         Route("/jobs/{job_id}", get_job, methods=["GET"]),
@@ -490,6 +502,7 @@ def routes(prefix: str) -> list[Route | Mount]:
         Route("/jobs/{job_id}/stream", job_stream, methods=["GET"]),
         Route("/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
         Route("/jobs/{job_id}/stop", cancel_job, methods=["POST"]),
+        Route("/jobs/{job_id}/start", start_job, methods=["POST"]),
         Route("/jobs/{job_id}/export", export_job, methods=["POST"]),
         Route("/queue", queue, methods=["GET"]),
         Route("/queue/{job_id}/status", queue_status, methods=["GET"]),

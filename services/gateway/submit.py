@@ -67,6 +67,7 @@ def parse_submission(body: Any, state: State, roots: list[Path], flags: dict[str
             422, "validation_error", "request body must be a JSON object", [_problem("body", "not an object")]
         )
     body = dict(body)
+    body.setdefault("task_type", TaskType.multimodal.value)  # as the original tool did
     dry_run = body.pop("dry_run", False)
     if not isinstance(dry_run, bool):
         raise _invalid([_problem("dry_run", "must be true or false")])

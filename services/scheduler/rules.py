@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -45,14 +46,9 @@ def submit(
     if impossible:
         rejected = m.JobRejected(reason="unsatisfiable", message=impossible, **common)
         return [Append(keys.events, accepted), Append(keys.events, rejected)]
-    ahead = state.queued_ahead_of(spec.priority)
-    decided = [
-        Append(keys.events, accepted),
-        Append(
-            keys.events,
-            m.JobQueued(position=ahead + 1, behind_job_id=state.queued_at(ahead) if ahead else None, **common),
-        ),
-    ]
+    if spec.hold:
+        return [Append(keys.events, accepted), Append(keys.events, m.JobHeld(**common))]
+    decided = [Append(keys.events, accepted), Append(keys.events, _queued(state, spec.priority, common))]
     # The queue as it will be once these facts are folded in, to place the new job right away.
     job = new_job(accepted, state.accepted + 1, "0-0")
     job.status = JobStatus.queued
@@ -60,12 +56,26 @@ def submit(
     return decided + schedule(state, keys, heartbeats, limits, now, command, queue=queue)
 
 
+def _queued(state: State, priority: int, common: dict[str, str | None], seq: float = math.inf) -> m.JobQueued:
+    ahead = state.queued_ahead_of(priority, seq)
+    return m.JobQueued(position=ahead + 1, behind_job_id=state.queued_at(ahead) if ahead else None, **common)
+
+
+def release(state: State, keys: Keys, command: m.ReleaseJob) -> list[Append]:
+    """Queue a held job; the scheduling pass that follows job.queued may start it."""
+    job = state.jobs.get(command.job_id or "")
+    if job is None or job.status != JobStatus.held:
+        return []
+    common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
+    return [Append(keys.events, _queued(state, job.priority, common, job.seq))]
+
+
 def cancel(state: State, keys: Keys, command: m.CancelJob) -> list[Append]:
     job = state.jobs.get(command.job_id or "")
     if job is None or job.status not in (set(JobStatus) - {JobStatus.completed, JobStatus.failed, JobStatus.cancelled}):
         return []
     common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
-    if job.status in (JobStatus.pending, JobStatus.queued):
+    if job.status in (JobStatus.pending, JobStatus.held, JobStatus.queued):
         return [Append(keys.events, m.JobCancelled(**common))]
     stop = Append(keys.node(job.node or ""), m.StopJob(attempt=job.attempt, reason="cancel", **common))
     if job.cancel_requested:

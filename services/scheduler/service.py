@@ -105,6 +105,8 @@ class Scheduler:
             return rules.set_priority(self.state, self.keys, message)
         if isinstance(message, m.DeleteJob):
             return rules.delete(self.state, self.keys, message)
+        if isinstance(message, m.ReleaseJob):
+            return rules.release(self.state, self.keys, message)
         if isinstance(message, m.RequestExport):
             job = self.state.jobs.get(message.job_id or "")
             return rules.export(self.state, self.keys, job, message) if job else []
