@@ -80,3 +80,23 @@ async def test_system_status_shows_nodes_redis_consumers_and_jobs(api: httpx.Asy
     processor = (await api.get("/queue/processor/status")).json()
     assert processor["leader"] == "scheduler-1" and processor["running"] is True
     assert 0 < processor["lease_ms_left"] <= 5000
+
+
+async def test_jobs_list_filters_and_pages_with_a_cursor(api: httpx.AsyncClient) -> None:
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        page = (await api.get("/jobs", params={"size": 1, **({"cursor": cursor} if cursor else {})})).json()
+        seen += [job["job_id"] for job in page["jobs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == ["broken", "busy", "done"] and len(seen) == 3
+    assert seen == [job["job_id"] for job in (await api.get("/jobs")).json()["jobs"]]  # newest first, both ways
+    assert (await api.get("/jobs", params={"task_type": "deploy"})).json()["total"] == 0
+    assert (await api.get("/jobs", params={"task_type": "language_model", "priority": 5})).json()["total"] == 3
+    assert (await api.get("/jobs", params={"owner": "bob"})).json()["total"] == 0
+    for params in ({"priority": 11}, {"task_type": "painting"}, {"cursor": "nope"}, {"status": "asleep"}):
+        response = await api.get("/jobs", params=params)
+        assert response.status_code == 400, params
+        assert response.json()["error"]["details"][0]["field"] == next(iter(params))

@@ -28,7 +28,7 @@ from starlette.routing import Mount, Route
 from events import messages as m
 from events.bus import Bus, entry_id_key
 from events.estimates import Estimate
-from events.params import JobSpec
+from events.params import JobSpec, TaskType
 from events.state import TERMINAL, Job, JobStatus, State
 from services.config import Settings
 from services.gateway import catalog
@@ -213,34 +213,57 @@ def _submit_message(job: Job | None) -> str:
     return f"{job.status} on {job.node} GPUs {job.gpu_ids}"
 
 
-async def list_jobs(request: Request) -> JSONResponse:
-    state = _projection(request).state
-    status = request.query_params.get("status")
-    if status is not None and status not in JobStatus.__members__:
+def _choice(request: Request, name: str, allowed: set[str]) -> str | None:
+    value = request.query_params.get(name)
+    if value is not None and value not in allowed:
         raise ApiError(
-            400, "bad_parameter", f"unknown status {status!r}", [{"field": "status", "message": "unknown status"}]
+            400, "bad_parameter", f"unknown {name} {value!r}", [{"field": name, "message": f"one of {sorted(allowed)}"}]
         )
+    return value
+
+
+async def list_jobs(request: Request) -> JSONResponse:
+    """Jobs newest first, filtered by status, task type, priority and owner; paged by ``page``
+    and ``size``, or by ``cursor`` (the ``next_cursor`` of the previous page)."""
+    projection = _projection(request)
+    state = projection.state
+    status = _choice(request, "status", set(JobStatus.__members__))
+    task_type = _choice(request, "task_type", set(TaskType.__members__))
+    priority = _int_param(request, "priority", -1, 0, 10) if "priority" in request.query_params else None
+    owner = request.query_params.get("owner")
     page = _int_param(request, "page", 1, 1, 1_000_000)
     size = _int_param(request, "size", 50, 1, 500)
-    projection = _projection(request)
     everything = [*state.jobs.values(), *filter(None, map(projection.job, list(projection.pending)))]
-    owner = request.query_params.get("owner")
     jobs = [
         job
         for job in everything
         if (status is None or job.status == status)
+        and (task_type is None or job.spec.task_type == task_type)
+        and (priority is None or job.priority == priority)
         and (owner is None or job.submitted_by == owner)
         and may_see(request, job.submitted_by)
     ]
-    jobs.sort(key=lambda job: job.submitted_at, reverse=True)
-    chunk = jobs[(page - 1) * size : page * size]
+    jobs.sort(key=lambda job: (job.submitted_at, job.job_id), reverse=True)
+    cursor = request.query_params.get("cursor")
+    if cursor is not None:
+        ids = [job.job_id for job in jobs]
+        if cursor not in ids:
+            raise ApiError(
+                400, "bad_parameter", "cursor is not a job of this listing", [{"field": "cursor", "message": "unknown"}]
+            )
+        start = ids.index(cursor) + 1
+    else:
+        start = (page - 1) * size
+    chunk = jobs[start : start + size]
     positions = {job.job_id: i for i, job in enumerate(state.queue(), start=1)}
+    more = start + size < len(jobs)
     return JSONResponse(
         {
             "jobs": [job_view(job, state, positions) for job in chunk],
             "total": len(jobs),
             "page": page,
             "size": size,
+            "next_cursor": chunk[-1].job_id if more and chunk else None,
         }
     )
 
