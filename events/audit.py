@@ -330,10 +330,12 @@ class Query:
     def matches(self, entry: Entry) -> bool:
         if self.job_id is not None and entry.fields.get("job_id") != self.job_id:
             return False
-        if self.types:
-            type_ = entry.fields.get("type", "")
-            return any(type_ == t or (t.endswith("*") and type_.startswith(t[:-1])) for t in self.types)
-        return True
+        return type_matches(self.types, entry.fields.get("type", ""))
+
+
+def type_matches(patterns: tuple[str, ...], type_: str) -> bool:
+    """No patterns match every type; a pattern is a type, or a prefix ending in '*'."""
+    return not patterns or any(type_ == p or (p.endswith("*") and type_.startswith(p[:-1])) for p in patterns)
 
 
 async def query(bus: Bus, q: Query) -> AsyncIterator[Entry]:

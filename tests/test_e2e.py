@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from httpx_sse import ServerSentEvent
+from httpx_sse import ServerSentEvent, connect_sse
 
 from services.demo.tinymodel import DemoAssets
 from tests.conftest import RedisServer
@@ -93,6 +93,28 @@ def test_a_reconnect_with_last_event_id_resumes_exactly_after_it(system: System,
     middle = history[len(history) // 2]["entry_id"]
     again = read_stream(url, seen("job.succeeded"), last_event_id=middle)
     assert [e.id for e in again] == [e["entry_id"] for e in history[len(history) // 2 + 1 :]]
+    # And the stream of all events, filtered to this job, replays the same from the start
+    everything = read_stream(f"{system.base}/events/stream?since=0-0&job_id={job_id}", seen("job.succeeded"))
+    assert [e.id for e in everything] == [e["entry_id"] for e in history]
+
+
+def test_the_all_events_stream_delivers_live_events_by_type(system: System, assets: DemoAssets) -> None:
+    # Given a browser following every job.accepted from now on
+    url = f"{system.base}/events/stream?type=job.acc*"
+    events, ids = [], []
+    with httpx.Client(timeout=httpx.Timeout(10, read=60)) as client, connect_sse(client, "GET", url) as source:
+        for sse in source.iter_sse():
+            if sse.retry is not None and not ids:
+                # When, once the stream is open, two jobs are submitted
+                ids = [httpx.post(f"{system.base}/jobs", json=job_body(assets)).json()["job_id"] for _ in range(2)]
+            elif sse.data:
+                events.append(sse)
+                if len(events) == 2:
+                    break
+    # Then both acceptances arrive, and nothing else
+    assert [(e.event, json.loads(e.data)["job_id"]) for e in events] == [("job.accepted", i) for i in ids]
+    for job_id in ids:
+        httpx.post(f"{system.base}/jobs/{job_id}/cancel")
 
 
 def finish(system: System, body: dict[str, object], until: str = "job.succeeded") -> tuple[str, list[ServerSentEvent]]:

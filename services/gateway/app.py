@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
+from events import audit
 from events import messages as m
 from events.bus import Bus, entry_id_key
 from events.estimates import Estimate
@@ -470,8 +471,7 @@ def is_entry_id(text: str) -> bool:
     return found is not None and all(int(part) < 2**64 for part in found.groups())
 
 
-async def job_stream(request: Request) -> EventSourceResponse:
-    job = _job(request)
+def _resume_from(request: Request) -> str | None:
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("since")
     if last_event_id is not None and not is_entry_id(last_event_id):
         raise ApiError(
@@ -480,16 +480,40 @@ async def job_stream(request: Request) -> EventSourceResponse:
             "Last-Event-ID is not a stream entry id",
             [{"field": "Last-Event-ID", "message": "expected <ms>-<seq>"}],
         )
-    after = last_event_id or before(job.first_entry_id)
+    return last_event_id
+
+
+def _sse(events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
     return EventSourceResponse(
-        _job_events(request, job.job_id, after),
-        ping=SSE_PING_S,
-        send_timeout=30,
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        events, ping=SSE_PING_S, send_timeout=30, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     )
 
 
-async def _job_events(request: Request, job_id: str, after: str) -> AsyncIterator[ServerSentEvent]:
+async def job_stream(request: Request) -> EventSourceResponse:
+    job = _job(request)
+    after = _resume_from(request) or before(job.first_entry_id)
+    return _sse(_events(request, after, lambda job_id, _: job_id == job.job_id))
+
+
+async def events_stream(request: Request) -> EventSourceResponse:
+    """Every event of the log, live (from now, or after ``Last-Event-ID``/``since``), filtered by
+    ``job_id`` and ``type`` (repeatable; ``job.*`` for a prefix). A user gets the events of their
+    own jobs and those of no job (nodes joining or lost)."""
+    query = audit.Query(job_id=request.query_params.get("job_id"), types=tuple(request.query_params.getlist("type")))
+    state = _projection(request).state
+
+    def wanted(job_id: str, type_: str) -> bool:
+        if query.job_id is not None and job_id != query.job_id:
+            return False
+        if not audit.type_matches(query.types, type_):
+            return False
+        job = state.jobs.get(job_id)
+        return not job_id or may_see(request, job.submitted_by if job else None)
+
+    return _sse(_events(request, _resume_from(request) or state.position, wanted))
+
+
+async def _events(request: Request, after: str, wanted: Callable[[str, str], bool]) -> AsyncIterator[ServerSentEvent]:
     """History after ``after`` from Redis, then live events from the shared reader, without a gap
     or a repeat: subscribe first, read history, then skip live events the history covered."""
     projection = _projection(request)
@@ -500,10 +524,10 @@ async def _job_events(request: Request, job_id: str, after: str) -> AsyncIterato
         last = after
         async for entry in bus.entries(bus.keys.events, after=after):
             last = entry.entry_id
-            if entry.fields.get("job_id") == job_id:
+            if wanted(entry.fields.get("job_id", ""), entry.fields.get("type", "")):
                 yield ServerSentEvent(data=entry.fields["data"], event=entry.fields.get("type"), id=entry.entry_id)
         async for event in subscription.receive:
-            if event.job_id != job_id or entry_id_key(event.entry_id) <= entry_id_key(last):
+            if entry_id_key(event.entry_id) <= entry_id_key(last) or not wanted(event.job_id, event.type):
                 continue
             yield ServerSentEvent(data=event.data, event=event.type, id=event.entry_id)
         if subscription.overflowed:
@@ -533,6 +557,7 @@ def routes(prefix: str) -> list[Route | Mount]:
         Route("/queue/{job_id}", remove_from_queue, methods=["DELETE"]),
         Route("/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/queue/process", process_queue, methods=["POST"]),
+        Route("/events/stream", events_stream, methods=["GET"]),
         Route("/gpus", gpus, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
