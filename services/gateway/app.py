@@ -32,7 +32,7 @@ from events.estimates import Estimate
 from events.params import JobSpec, TaskType
 from events.state import TERMINAL, Job, JobStatus, State
 from services.config import Settings
-from services.gateway import catalog
+from services.gateway import catalog, openapi
 from services.gateway.auth import Auth, RequireAuth, issue_token, may_see, principal, unauthorized, whoami
 from services.gateway.errors import (
     ApiError,
@@ -563,6 +563,7 @@ def routes(prefix: str) -> list[Route | Mount]:
     ]
     auth = [Route("/token", issue_token, methods=["POST"]), Route("/me", whoami, methods=["GET"])]
     return [
+        *openapi.routes(),
         Mount(f"{prefix}/training", routes=training),
         Mount(f"{prefix}/audit", routes=audit_routes()),
         Mount(f"{prefix}/auth", routes=auth),
@@ -573,7 +574,7 @@ def create_app(
     settings: Settings, bus: Bus, projection: Projection, swift_flags: SwiftFlags | None = None
 ) -> Starlette:
     auth = Auth(settings)
-    open_paths = {f"{settings.api_prefix}/training/health", "/docs", "/openapi.json"}
+    open_paths = {f"{settings.api_prefix}/training/health", "/docs", "/docs/assets/", "/openapi.json"}
     app = Starlette(
         routes=routes(settings.api_prefix),
         middleware=[

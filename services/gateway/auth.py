@@ -146,15 +146,19 @@ def unauthorized(conn: HTTPConnection, exc: Exception) -> JSONResponse:
 
 
 class RequireAuth:
-    """Every path but the open ones needs an authenticated caller (ASGI middleware, after
-    AuthenticationMiddleware has set ``scope["user"]``)."""
+    """Every path but the open ones (a path, or a prefix ending in '/') needs an authenticated
+    caller (ASGI middleware, after AuthenticationMiddleware has set ``scope["user"]``)."""
 
     def __init__(self, app: ASGIApp, open_paths: set[str]) -> None:
         self.app = app
-        self.open_paths = open_paths
+        self.open_paths = {p for p in open_paths if not p.endswith("/")}
+        self.open_prefixes = tuple(p for p in open_paths if p.endswith("/"))
+
+    def _open(self, path: str) -> bool:
+        return path in self.open_paths or path.startswith(self.open_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.open_paths and not scope["user"].is_authenticated:
+        if scope["type"] == "http" and not self._open(scope["path"]) and not scope["user"].is_authenticated:
             response = unauthorized(HTTPConnection(scope), AuthenticationError("an API key is required"))
             await response(scope, receive, send)
             return
