@@ -98,6 +98,23 @@ def test_a_reconnect_with_last_event_id_resumes_exactly_after_it(system: System,
     assert [e.id for e in everything] == [e["entry_id"] for e in history]
 
 
+def test_a_jobs_output_lines_stream_live_and_resume_without_gaps(system: System, assets: DemoAssets) -> None:
+    # Given a job whose output is followed live, from its next line on
+    body = {**job_body(assets, max_steps=8, save_steps=4), "auto_export": False}
+    job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
+    url = f"{system.base}/jobs/{job_id}/logs/stream?tail=0"
+    first = read_stream(url, lambda lines: len(lines) >= 3)
+    # When the browser reconnects with the last line it saw, while the job goes on
+    done = lambda lines: any("last_model_checkpoint" in json.loads(e.data)["line"] for e in lines)  # noqa: E731
+    rest = read_stream(url, done, last_event_id=first[-1].id)
+    # Then the lines it got are exactly the job's lines from where it started, in order, once each
+    stored = [line["entry_id"] for line in httpx.get(f"{system.base}/jobs/{job_id}/logs?tail=10000").json()["lines"]]
+    start = stored.index(first[0].id)
+    got = [e.id for e in first + rest]
+    assert got == stored[start : start + len(got)]
+    assert all(e.event == "log" and {"fd", "line"} == set(json.loads(e.data)) for e in first + rest)
+
+
 def test_the_all_events_stream_delivers_live_events_by_type(system: System, assets: DemoAssets) -> None:
     # Given a browser following every job.accepted from now on
     url = f"{system.base}/events/stream?type=job.acc*"

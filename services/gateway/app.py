@@ -495,6 +495,43 @@ async def job_stream(request: Request) -> EventSourceResponse:
     return _sse(_events(request, after, lambda job_id, _: job_id == job.job_id))
 
 
+async def job_log_stream(request: Request) -> EventSourceResponse:
+    """A job's output lines: the last ``tail`` (default 200), or those after ``Last-Event-ID``,
+    then live as the job writes them."""
+    job = _job(request)
+    resume = _resume_from(request)
+    tail = _int_param(request, "tail", 200, 0, 10_000)
+    return _sse(_log_lines(request, job.job_id, resume, tail))
+
+
+async def _log_lines(request: Request, job_id: str, resume: str | None, tail: int) -> AsyncIterator[ServerSentEvent]:
+    projection = _projection(request)
+    bus = _bus(request)
+    key = bus.keys.logs(job_id)
+    yield ServerSentEvent(retry=SSE_RETRY_MS, comment="stream open")
+    if resume is not None:
+        history = [(entry.entry_id, entry.fields) async for entry in bus.entries(key, after=resume)]
+        last = resume
+    else:
+        newest = await bus.redis.xrevrange(key, count=max(tail, 1))
+        history = list(reversed(newest))[-tail:] if tail else []
+        last = str(newest[0][0]) if newest else "0-0"
+    for entry_id, fields in history:
+        last = str(entry_id)
+        line = json.dumps({"fd": fields.get("fd"), "line": fields.get("line")})
+        yield ServerSentEvent(data=line, event="log", id=last)
+    # The shared reader reads on from the last line sent: nothing is missed in between.
+    subscription = projection.subscribe_logs(job_id, last)
+    try:
+        async for event in subscription.receive:
+            if entry_id_key(event.entry_id) > entry_id_key(last):
+                yield ServerSentEvent(data=event.data, event="log", id=event.entry_id)
+        if subscription.overflowed:
+            yield ServerSentEvent(event="overflow", data='{"reason":"client too slow"}')
+    finally:
+        projection.unsubscribe_logs(job_id, subscription)
+
+
 async def events_stream(request: Request) -> EventSourceResponse:
     """Every event of the log, live (from now, or after ``Last-Event-ID``/``since``), filtered by
     ``job_id`` and ``type`` (repeatable; ``job.*`` for a prefix). A user gets the events of their
@@ -547,6 +584,7 @@ def routes(prefix: str) -> list[Route | Mount]:
         Route("/jobs/{job_id}/logs", job_logs, methods=["GET"]),
         Route("/jobs/{job_id}/command", job_command, methods=["GET"]),
         Route("/jobs/{job_id}/stream", job_stream, methods=["GET"]),
+        Route("/jobs/{job_id}/logs/stream", job_log_stream, methods=["GET"]),
         Route("/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
         Route("/jobs/{job_id}/stop", cancel_job, methods=["POST"]),
         Route("/jobs/{job_id}/start", start_job, methods=["POST"]),

@@ -88,6 +88,7 @@ _OPERATIONS: list[tuple[str, str, str, str, str | None, dict[int, str | None]]] 
     ("get", "/training/jobs/{job_id}/timeline", "jobs", "A job's life, in sentences", None, {200: None}),
     ("get", "/training/jobs/{job_id}/command", "jobs", "The command line a job runs", None, {200: None}),
     ("get", "/training/jobs/{job_id}/stream", "streams", "A job's events, live (SSE)", None, {200: None}),
+    ("get", "/training/jobs/{job_id}/logs/stream", "streams", "A job's output lines, live (SSE)", None, {200: None}),
     ("post", "/training/jobs/{job_id}/cancel", "jobs", "Cancel a job", None, {202: "CommandAccepted"}),
     ("post", "/training/jobs/{job_id}/stop", "jobs", "Cancel a job (alias)", None, {202: "CommandAccepted"}),
     ("post", "/training/jobs/{job_id}/start", "jobs", "Release a held job", None, {202: "CommandAccepted"}),

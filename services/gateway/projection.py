@@ -4,6 +4,7 @@ with the shared fold, and fans every event out to the live streams of all client
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -14,7 +15,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from events import messages as m
 from events import snapshot
-from events.bus import Bus
+from events.bus import Bus, entry_id_key
 from events.codec import DecodeError, decode
 from events.estimates import Estimate, estimate_queue
 from events.log import apply_entry, catch_up
@@ -25,6 +26,7 @@ log = structlog.get_logger("gateway.projection")
 
 SUBSCRIBER_BUFFER = 1000  # events a slow client may fall behind before it is disconnected
 ESTIMATE_REFRESH_S = 1.0
+LOG_TURN_MS = 1000  # how soon a newly followed job's output joins the shared read
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Projection:
     pending: dict[str, tuple[str, m.SubmitJob]] = field(default_factory=dict)
     commands_position: str = "0-0"
     subscribers: set[Subscription] = field(default_factory=set)
+    # Output lines of the jobs someone follows: where the shared reader is in each job's stream
+    log_positions: dict[str, str] = field(default_factory=dict)
+    log_subscribers: dict[str, set[Subscription]] = field(default_factory=dict)
     ready: anyio.Event = field(default_factory=anyio.Event)
     _estimates: tuple[datetime, str, dict[str, Estimate]] | None = None
     _advanced: anyio.Event = field(default_factory=anyio.Event)
@@ -66,6 +71,26 @@ class Projection:
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self.subscribers.discard(subscription)
+        subscription.send.close()
+        subscription.receive.close()
+
+    def subscribe_logs(self, job_id: str, after: str) -> Subscription:
+        """Follow a job's output lines after ``after``; the shared reader picks the job's stream
+        up within a second (it reads on from the earliest position anyone asked for)."""
+        send, receive = anyio.create_memory_object_stream[LiveEvent](SUBSCRIBER_BUFFER)
+        subscription = Subscription(send, receive)
+        self.log_subscribers.setdefault(job_id, set()).add(subscription)
+        known = self.log_positions.get(job_id)
+        if known is None or entry_id_key(after) < entry_id_key(known):
+            self.log_positions[job_id] = after
+        return subscription
+
+    def unsubscribe_logs(self, job_id: str, subscription: Subscription) -> None:
+        followers = self.log_subscribers.get(job_id, set())
+        followers.discard(subscription)
+        if not followers:
+            self.log_subscribers.pop(job_id, None)
+            self.log_positions.pop(job_id, None)
         subscription.send.close()
         subscription.receive.close()
 
@@ -111,15 +136,14 @@ class Projection:
         self._signal()
         while True:
             try:
-                reply = await self.reader.xread(
-                    {
-                        self.bus.keys.events: self.state.position,
-                        self.bus.keys.telemetry: self.telemetry_position,
-                        self.bus.keys.commands: self.commands_position,
-                    },
-                    count=500,
-                    block=5000,
-                )
+                streams = {
+                    self.bus.keys.events: self.state.position,
+                    self.bus.keys.telemetry: self.telemetry_position,
+                    self.bus.keys.commands: self.commands_position,
+                    **{self.bus.keys.logs(job): position for job, position in self.log_positions.items()},
+                }
+                # Followed jobs' output streams join the read at its next turn: turn often then.
+                reply = await self.reader.xread(streams, count=500, block=LOG_TURN_MS if self.log_positions else 5000)
             except REDIS_LOST as exc:
                 # The state is intact: once Redis is back, reading on from the same positions
                 # continues exactly where the projection stopped.
@@ -145,6 +169,13 @@ class Projection:
             self.pending[command.job_id] = (entry_id, command)
 
     def _take(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
+        if stream.startswith(self._logs_prefix):
+            job_id = stream.removeprefix(self._logs_prefix)
+            if job_id in self.log_positions:
+                self.log_positions[job_id] = entry_id
+                line = json.dumps({"fd": fields.get("fd"), "line": fields.get("line")})
+                self._publish(LiveEvent(entry_id, job_id, "log", line), self.log_subscribers.get(job_id, set()))
+            return
         if stream == self.bus.keys.telemetry:
             self.telemetry_position = entry_id
         elif stream == self.bus.keys.commands:
@@ -168,18 +199,23 @@ class Projection:
         elif stream == self.bus.keys.commands:
             self._note_command(entry_id, message)
 
-    def _publish(self, event: LiveEvent) -> None:
-        for subscription in list(self.subscribers):
+    @property
+    def _logs_prefix(self) -> str:
+        return self.bus.keys.logs("")
+
+    def _publish(self, event: LiveEvent, subscribers: set[Subscription] | None = None) -> None:
+        subscribers = self.subscribers if subscribers is None else subscribers
+        for subscription in list(subscribers):
             try:
                 subscription.send.send_nowait(event)
             except anyio.WouldBlock:
                 # A client that cannot keep up is cut off rather than slowing everyone else: it
                 # gets what is buffered, then the end of its stream (and reconnects from there).
                 subscription.overflowed = True
-                self.subscribers.discard(subscription)
+                subscribers.discard(subscription)
                 subscription.send.close()
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self.subscribers.discard(subscription)
+                subscribers.discard(subscription)
 
     def _signal(self) -> None:
         self._advanced.set()
