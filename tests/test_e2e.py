@@ -9,10 +9,15 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from httpx_sse import ServerSentEvent, connect_sse
 
+from events import messages as m
+from events.bus import Bus
+from events.keys import Keys
 from services.demo.tinymodel import DemoAssets
 from tests.conftest import RedisServer
 from tests.system import System, job_body, read_stream, running, seen
@@ -210,3 +215,36 @@ def test_a_job_over_its_time_limit_fails_with_reason_timeout(system: System, ass
     job = httpx.get(f"{system.base}/jobs/{job_id}").json()
     assert job["reason"] == "timeout"
     assert "job.progress" in [e.event for e in events]  # it was training when stopped
+
+
+async def flood_of_events(url: str, namespace: str, count: int) -> None:
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    bus = Bus(client, Keys(namespace), "test")
+    for _ in range(count // 500):
+        await bus.append_events([m.NodeJoined(node="flood", simulated=True, gpus=[]) for _ in range(500)])
+    await client.aclose()
+
+
+def test_a_client_that_never_reads_is_cut_off_while_others_keep_receiving(system: System) -> None:
+    # Given a client that opens the all-events stream and then never reads
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", system.port))
+    stalled.sendall(b"GET /api/v1/training/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    position = httpx.get(f"{system.base}/health").json()["log_position"]
+    # When a flood of events lands: far more than a client may fall behind by, and than the
+    # network buffers between the gateway and the stalled client hold
+    flood = 30_000
+    anyio.run(flood_of_events, system.env["REDIS_URL"], system.namespace, flood)
+    # Then a client reading as it should gets every one of them, in order, once
+    url = f"{system.base}/events/stream?since={position}&type=node.joined"
+    got = read_stream(url, lambda events: len(events) >= flood)
+    assert len({e.id for e in got}) == flood
+    # And the stalled one was cut off: its stream ends, short, however much it then reads
+    stalled.settimeout(60)
+    received = b""
+    while chunk := stalled.recv(1 << 16):
+        received += chunk
+    stalled.close()
+    assert received.startswith(b"HTTP/1.1 200") and received.count(b"event: node.joined") < flood
+    assert b"event: overflow" in received[-300:] and received.endswith(b"0\r\n\r\n")  # told why; stream ended
