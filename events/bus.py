@@ -28,6 +28,7 @@ from events.messages import Message
 
 DEDUPE_TTL_S = 7 * 24 * 3600
 PAGE = 1000
+MAX_CONNECTIONS = 64  # per client: commands beyond wait their turn
 log = structlog.get_logger("events.bus")
 
 # Appends to the log go through this: each entry carries ``prev`` (the previous entry's hash) and
@@ -201,8 +202,12 @@ def connect(url: str, *, block_ms: int | None = None) -> aioredis.Redis:
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
     options: dict[str, Any] = {"decode_responses": True, "retry": retry, "health_check_interval": 30}
     if block_ms is not None:
-        options.update(socket_timeout=block_ms / 1000 + 10, max_connections=4)
-    return aioredis.Redis.from_url(url, **options)
+        options.update(socket_timeout=block_ms / 1000 + 10)
+    # A bounded pool that makes a burst of commands wait for a connection instead of failing.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=4 if block_ms is not None else MAX_CONNECTIONS, timeout=30, **options
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 def entry_id_key(entry_id: str) -> tuple[int, int]:
