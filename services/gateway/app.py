@@ -492,7 +492,7 @@ def _sse(events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
 async def job_stream(request: Request) -> EventSourceResponse:
     job = _job(request)
     after = _resume_from(request) or before(job.first_entry_id)
-    return _sse(_events(request, after, lambda job_id, _: job_id == job.job_id))
+    return _sse(_events(request, after, job.job_id, lambda job_id, _: job_id == job.job_id))
 
 
 async def job_log_stream(request: Request) -> EventSourceResponse:
@@ -529,7 +529,7 @@ async def _log_lines(request: Request, job_id: str, resume: str | None, tail: in
         if subscription.overflowed:
             yield ServerSentEvent(event="overflow", data='{"reason":"client too slow"}')
     finally:
-        projection.unsubscribe_logs(job_id, subscription)
+        projection.unsubscribe_logs(subscription)
 
 
 async def events_stream(request: Request) -> EventSourceResponse:
@@ -547,15 +547,17 @@ async def events_stream(request: Request) -> EventSourceResponse:
         job = state.jobs.get(job_id)
         return not job_id or may_see(request, job.submitted_by if job else None)
 
-    return _sse(_events(request, _resume_from(request) or state.position, wanted))
+    return _sse(_events(request, _resume_from(request) or state.position, query.job_id, wanted))
 
 
-async def _events(request: Request, after: str, wanted: Callable[[str, str], bool]) -> AsyncIterator[ServerSentEvent]:
+async def _events(
+    request: Request, after: str, job_id: str | None, wanted: Callable[[str, str], bool]
+) -> AsyncIterator[ServerSentEvent]:
     """History after ``after`` from Redis, then live events from the shared reader, without a gap
     or a repeat: subscribe first, read history, then skip live events the history covered."""
     projection = _projection(request)
     bus = _bus(request)
-    subscription = projection.subscribe()
+    subscription = projection.subscribe(job_id)  # only this job's events, or all of them
     try:
         yield ServerSentEvent(retry=SSE_RETRY_MS, comment="stream open")
         last = after

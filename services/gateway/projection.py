@@ -4,6 +4,7 @@ with the shared fold, and fans every event out to the live streams of all client
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -39,9 +40,56 @@ class LiveEvent:
 
 @dataclass(eq=False)
 class Subscription:
+    topic: str  # a job id, or ALL
     send: MemoryObjectSendStream[LiveEvent]
     receive: MemoryObjectReceiveStream[LiveEvent]
     overflowed: bool = False
+
+
+ALL = "*"  # the topic of a subscription to every event
+
+
+class Topics:
+    """Subscriptions by topic, so that an event is handed only to those following its job (and
+    to those following everything), not offered to every client to filter."""
+
+    def __init__(self) -> None:
+        self.by_topic: dict[str, set[Subscription]] = {}
+
+    def add(self, topic: str) -> Subscription:
+        send, receive = anyio.create_memory_object_stream[LiveEvent](SUBSCRIBER_BUFFER)
+        subscription = Subscription(topic, send, receive)
+        self.by_topic.setdefault(topic, set()).add(subscription)
+        return subscription
+
+    def remove(self, subscription: Subscription) -> bool:
+        """Drop a subscription; True when its topic has no subscribers left."""
+        followers = self.by_topic.get(subscription.topic, set())
+        followers.discard(subscription)
+        subscription.send.close()
+        subscription.receive.close()
+        if not followers:
+            self.by_topic.pop(subscription.topic, None)
+            return True
+        return False
+
+    def publish(self, event: LiveEvent) -> None:
+        for topic in (event.job_id, ALL):
+            followers = self.by_topic.get(topic)
+            for subscription in list(followers or ()):
+                try:
+                    subscription.send.send_nowait(event)
+                except anyio.WouldBlock:
+                    # A client that cannot keep up is cut off rather than slowing everyone else:
+                    # it gets what is buffered, then the end of its stream (it resumes from there).
+                    subscription.overflowed = True
+                    followers.discard(subscription)  # type: ignore[union-attr]
+                    subscription.send.close()
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    followers.discard(subscription)  # type: ignore[union-attr]
+
+    def __len__(self) -> int:
+        return sum(len(followers) for followers in self.by_topic.values())
 
 
 @dataclass
@@ -55,44 +103,33 @@ class Projection:
     # Submits the scheduler has not decided on yet: job id -> (command entry id, command)
     pending: dict[str, tuple[str, m.SubmitJob]] = field(default_factory=dict)
     commands_position: str = "0-0"
-    subscribers: set[Subscription] = field(default_factory=set)
+    subscribers: Topics = field(default_factory=Topics)
     # Output lines of the jobs someone follows: where the shared reader is in each job's stream
     log_positions: dict[str, str] = field(default_factory=dict)
-    log_subscribers: dict[str, set[Subscription]] = field(default_factory=dict)
+    log_subscribers: Topics = field(default_factory=Topics)
     ready: anyio.Event = field(default_factory=anyio.Event)
     _estimates: tuple[datetime, str, dict[str, Estimate]] | None = None
     _advanced: anyio.Event = field(default_factory=anyio.Event)
 
-    def subscribe(self) -> Subscription:
-        send, receive = anyio.create_memory_object_stream[LiveEvent](SUBSCRIBER_BUFFER)
-        subscription = Subscription(send, receive)
-        self.subscribers.add(subscription)
-        return subscription
+    def subscribe(self, job_id: str | None = None) -> Subscription:
+        """Follow one job's events, or (None) every event."""
+        return self.subscribers.add(job_id or ALL)
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        self.subscribers.discard(subscription)
-        subscription.send.close()
-        subscription.receive.close()
+        self.subscribers.remove(subscription)
 
     def subscribe_logs(self, job_id: str, after: str) -> Subscription:
         """Follow a job's output lines after ``after``; the shared reader picks the job's stream
         up within a second (it reads on from the earliest position anyone asked for)."""
-        send, receive = anyio.create_memory_object_stream[LiveEvent](SUBSCRIBER_BUFFER)
-        subscription = Subscription(send, receive)
-        self.log_subscribers.setdefault(job_id, set()).add(subscription)
+        subscription = self.log_subscribers.add(job_id)
         known = self.log_positions.get(job_id)
         if known is None or entry_id_key(after) < entry_id_key(known):
             self.log_positions[job_id] = after
         return subscription
 
-    def unsubscribe_logs(self, job_id: str, subscription: Subscription) -> None:
-        followers = self.log_subscribers.get(job_id, set())
-        followers.discard(subscription)
-        if not followers:
-            self.log_subscribers.pop(job_id, None)
-            self.log_positions.pop(job_id, None)
-        subscription.send.close()
-        subscription.receive.close()
+    def unsubscribe_logs(self, subscription: Subscription) -> None:
+        if self.log_subscribers.remove(subscription):
+            self.log_positions.pop(subscription.topic, None)
 
     async def wait_until(self, predicate: object, timeout_s: float) -> bool:
         """Wait until ``predicate()`` holds for the state, or the timeout passes."""
@@ -132,6 +169,9 @@ class Projection:
         self.pending.clear()  # filled next, from the submits not decided in the log
         async for entry_id, command in self.bus.messages(self.bus.keys.commands):
             self._note_command(entry_id, command)
+        # What was folded so far lives as long as the process: keep the collector from walking it
+        # again at every full collection (with many jobs, such pauses delay every live stream).
+        gc.freeze()
         self.ready.set()
         self._signal()
         while True:
@@ -174,7 +214,7 @@ class Projection:
             if job_id in self.log_positions:
                 self.log_positions[job_id] = entry_id
                 line = json.dumps({"fd": fields.get("fd"), "line": fields.get("line")})
-                self._publish(LiveEvent(entry_id, job_id, "log", line), self.log_subscribers.get(job_id, set()))
+                self.log_subscribers.publish(LiveEvent(entry_id, job_id, "log", line))
             return
         if stream == self.bus.keys.telemetry:
             self.telemetry_position = entry_id
@@ -185,7 +225,7 @@ class Projection:
             if isinstance(event, m.JobAccepted):
                 self.pending.pop(event.job_id or "", None)
             if event is not None:
-                self._publish(LiveEvent(entry_id, fields.get("job_id", ""), event.type, fields["data"]))
+                self.subscribers.publish(LiveEvent(entry_id, fields.get("job_id", ""), event.type, fields["data"]))
             return
         try:
             message = decode(fields)
@@ -202,20 +242,6 @@ class Projection:
     @property
     def _logs_prefix(self) -> str:
         return self.bus.keys.logs("")
-
-    def _publish(self, event: LiveEvent, subscribers: set[Subscription] | None = None) -> None:
-        subscribers = self.subscribers if subscribers is None else subscribers
-        for subscription in list(subscribers):
-            try:
-                subscription.send.send_nowait(event)
-            except anyio.WouldBlock:
-                # A client that cannot keep up is cut off rather than slowing everyone else: it
-                # gets what is buffered, then the end of its stream (and reconnects from there).
-                subscription.overflowed = True
-                subscribers.discard(subscription)
-                subscription.send.close()
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                subscribers.discard(subscription)
 
     def _signal(self) -> None:
         self._advanced.set()
