@@ -523,7 +523,7 @@ async def _log_lines(request: Request, job_id: str, resume: str | None, tail: in
     # The shared reader reads on from the last line sent: nothing is missed in between.
     subscription = projection.subscribe_logs(job_id, last)
     try:
-        async for event in subscription.receive:
+        async for event in subscription:
             if entry_id_key(event.entry_id) > entry_id_key(last):
                 yield ServerSentEvent(data=event.data, event="log", id=event.entry_id)
         if subscription.overflowed:
@@ -565,7 +565,7 @@ async def _events(
             last = entry.entry_id
             if wanted(entry.fields.get("job_id", ""), entry.fields.get("type", "")):
                 yield ServerSentEvent(data=entry.fields["data"], event=entry.fields.get("type"), id=entry.entry_id)
-        async for event in subscription.receive:
+        async for event in subscription:
             if entry_id_key(event.entry_id) <= entry_id_key(last) or not wanted(event.job_id, event.type):
                 continue
             yield ServerSentEvent(data=event.data, event=event.type, id=event.entry_id)

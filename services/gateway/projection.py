@@ -4,15 +4,16 @@ with the shared fold, and fans every event out to the live streams of all client
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import anyio
 import redis.asyncio as aioredis
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from events import messages as m
 from events import snapshot
@@ -40,10 +41,17 @@ class LiveEvent:
 
 @dataclass(eq=False)
 class Subscription:
+    """A client's bounded buffer of live events. (An asyncio queue: the gateway runs on asyncio,
+    and a queue costs a fraction of a memory object stream per event, which counts at thousands
+    of clients.)"""
+
     topic: str  # a job id, or ALL
-    send: MemoryObjectSendStream[LiveEvent]
-    receive: MemoryObjectReceiveStream[LiveEvent]
-    overflowed: bool = False
+    queue: asyncio.Queue[LiveEvent] = field(default_factory=lambda: asyncio.Queue(SUBSCRIBER_BUFFER))
+    overflowed: bool = False  # cut off for falling too far behind: ends once drained
+
+    async def __aiter__(self) -> AsyncIterator[LiveEvent]:
+        while not (self.overflowed and self.queue.empty()):
+            yield await self.queue.get()
 
 
 ALL = "*"  # the topic of a subscription to every event
@@ -57,8 +65,7 @@ class Topics:
         self.by_topic: dict[str, set[Subscription]] = {}
 
     def add(self, topic: str) -> Subscription:
-        send, receive = anyio.create_memory_object_stream[LiveEvent](SUBSCRIBER_BUFFER)
-        subscription = Subscription(topic, send, receive)
+        subscription = Subscription(topic)
         self.by_topic.setdefault(topic, set()).add(subscription)
         return subscription
 
@@ -66,8 +73,6 @@ class Topics:
         """Drop a subscription; True when its topic has no subscribers left."""
         followers = self.by_topic.get(subscription.topic, set())
         followers.discard(subscription)
-        subscription.send.close()
-        subscription.receive.close()
         if not followers:
             self.by_topic.pop(subscription.topic, None)
             return True
@@ -78,14 +83,11 @@ class Topics:
             followers = self.by_topic.get(topic)
             for subscription in list(followers or ()):
                 try:
-                    subscription.send.send_nowait(event)
-                except anyio.WouldBlock:
+                    subscription.queue.put_nowait(event)
+                except asyncio.QueueFull:
                     # A client that cannot keep up is cut off rather than slowing everyone else:
                     # it gets what is buffered, then the end of its stream (it resumes from there).
                     subscription.overflowed = True
-                    followers.discard(subscription)  # type: ignore[union-attr]
-                    subscription.send.close()
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                     followers.discard(subscription)  # type: ignore[union-attr]
 
     def __len__(self) -> int:

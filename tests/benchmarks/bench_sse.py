@@ -43,6 +43,7 @@ from tests.conftest import free_port, wait_for
 SPEC = LanguageModelJob(task_type="language_model", model_path="/models/tiny", data_path="/data/train.jsonl")
 _AT = re.compile(rb'"at":"([^"]+)"')
 ALL_EVENTS_CLIENTS = 10
+reconnects: dict[str, int] = defaultdict(int)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -138,24 +139,37 @@ def serve_bare(port: int, redis_url: str, namespace: str) -> None:
 async def follow(
     host: str, port: int, path: str, opened: list[int], latencies: list[float], counts: dict[str, int], key: str
 ) -> None:
-    """One SSE client on a raw connection, recording each event's delay since it was appended."""
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
-    await writer.drain()
-    try:
-        while line := await reader.readline():
-            if line.startswith(b"retry:"):
-                opened.append(1)
-            elif line.startswith(b"data:"):
-                found = _AT.search(line)
-                if found:
-                    sent = datetime.fromisoformat(found[1].decode()).timestamp()
-                    latencies.append(time.time() - sent)
-                    counts[key] += 1
-    except (ConnectionError, asyncio.CancelledError):
-        pass
-    finally:
-        writer.close()
+    """One SSE client on a raw connection, recording each event's delay since it was appended;
+    when the server ends the stream (a client too slow), it reconnects with Last-Event-ID, as a
+    browser's EventSource does."""
+    last_id = ""
+    first = True
+    while True:
+        reader, writer = await asyncio.open_connection(host, port)
+        resume = f"Last-Event-ID: {last_id}\r\n" if last_id else ""
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n{resume}\r\n"
+        writer.write(request.encode())
+        await writer.drain()
+        try:
+            while line := await reader.readline():
+                if line.startswith(b"retry:") and first:
+                    opened.append(1)
+                    first = False
+                elif line.startswith(b"id:"):
+                    last_id = line[3:].strip().decode()
+                elif line.startswith(b"data:"):
+                    found = _AT.search(line)
+                    if found:
+                        sent = datetime.fromisoformat(found[1].decode()).timestamp()
+                        latencies.append(time.time() - sent)
+                        counts[key] += 1
+        except ConnectionError:
+            pass
+        except asyncio.CancelledError:
+            return
+        finally:
+            writer.close()
+        reconnects[key] += 1
 
 
 async def append_load(url: str, namespace: str, jobs: list[str], rate: int, seconds: float) -> dict[str, int]:
@@ -206,7 +220,8 @@ async def load(args: argparse.Namespace, port: int, prefix: str, jobs: list[str]
     ms = [x * 1000 for x in latencies]
     print(
         f"  appended {total_sent} events in {args.seconds:.0f} s; delivered {received} of {expected}"
-        f" ({expected - received} lost); latency p50 {percentile(ms, 0.5):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms"
+        f" ({expected - received} lost); latency p50 {percentile(ms, 0.5):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms;"
+        f" {sum(reconnects.values())} reconnects after being cut off"
     )
 
 
