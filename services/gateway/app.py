@@ -6,6 +6,7 @@ and, for a submit, wait briefly for the scheduler's decision.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shlex
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import structlog
 from pydantic import TypeAdapter
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -24,6 +26,7 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from events import audit
 from events import messages as m
@@ -45,9 +48,12 @@ from services.gateway.history import audit_routes, before, job_routes
 from services.gateway.projection import Projection
 from services.gateway.submit import SwiftFlags, dry_run_launch, parse_submission
 
+log = structlog.get_logger("gateway")
+
 MAX_BODY_BYTES = 1024 * 1024
 SSE_PING_S = 15
 SSE_RETRY_MS = 2000
+CUT_OFF_GRACE_S = 5.0  # how long a client cut off for falling behind keeps its connection
 
 _SPEC = TypeAdapter(JobSpec)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*(#\d+)?$")
@@ -483,16 +489,38 @@ def _resume_from(request: Request) -> str | None:
     return last_event_id
 
 
-def _sse(events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
-    return EventSourceResponse(
-        events, ping=SSE_PING_S, send_timeout=30, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-    )
+class LiveResponse(EventSourceResponse):
+    """A live stream that is dropped soon after its client fell too far behind, even while a
+    write to it is stuck on a client that stopped reading. (Cheaper than a timeout around every
+    write, which counts at thousands of clients.)"""
+
+    def __init__(self, events: AsyncIterator[ServerSentEvent], cut: asyncio.Event) -> None:
+        super().__init__(events, ping=SSE_PING_S, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        self.cut = cut
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def drop_when_cut() -> None:
+                await self.cut.wait()
+                await anyio.sleep(CUT_OFF_GRACE_S)  # a slow reader gets the rest and the reason
+                log.info("live stream dropped: the client fell too far behind", path=scope.get("path"))
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(drop_when_cut)
+            await super().__call__(scope, receive, send)
+            tg.cancel_scope.cancel()
+
+
+def _sse(make: Callable[[asyncio.Event], AsyncIterator[ServerSentEvent]]) -> LiveResponse:
+    cut = asyncio.Event()
+    return LiveResponse(make(cut), cut)
 
 
 async def job_stream(request: Request) -> EventSourceResponse:
     job = _job(request)
     after = _resume_from(request) or before(job.first_entry_id)
-    return _sse(_events(request, after, job.job_id, lambda job_id, _: job_id == job.job_id))
+    return _sse(lambda cut: _events(request, after, job.job_id, lambda job_id, _: job_id == job.job_id, cut))
 
 
 async def job_log_stream(request: Request) -> EventSourceResponse:
@@ -501,10 +529,12 @@ async def job_log_stream(request: Request) -> EventSourceResponse:
     job = _job(request)
     resume = _resume_from(request)
     tail = _int_param(request, "tail", 200, 0, 10_000)
-    return _sse(_log_lines(request, job.job_id, resume, tail))
+    return _sse(lambda cut: _log_lines(request, job.job_id, resume, tail, cut))
 
 
-async def _log_lines(request: Request, job_id: str, resume: str | None, tail: int) -> AsyncIterator[ServerSentEvent]:
+async def _log_lines(
+    request: Request, job_id: str, resume: str | None, tail: int, cut: asyncio.Event
+) -> AsyncIterator[ServerSentEvent]:
     projection = _projection(request)
     bus = _bus(request)
     key = bus.keys.logs(job_id)
@@ -521,7 +551,7 @@ async def _log_lines(request: Request, job_id: str, resume: str | None, tail: in
         line = json.dumps({"fd": fields.get("fd"), "line": fields.get("line")})
         yield ServerSentEvent(data=line, event="log", id=last)
     # The shared reader reads on from the last line sent: nothing is missed in between.
-    subscription = projection.subscribe_logs(job_id, last)
+    subscription = projection.subscribe_logs(job_id, last, cut)
     try:
         async for event in subscription:
             if entry_id_key(event.entry_id) > entry_id_key(last):
@@ -547,17 +577,17 @@ async def events_stream(request: Request) -> EventSourceResponse:
         job = state.jobs.get(job_id)
         return not job_id or may_see(request, job.submitted_by if job else None)
 
-    return _sse(_events(request, _resume_from(request) or state.position, query.job_id, wanted))
+    return _sse(lambda cut: _events(request, _resume_from(request) or state.position, query.job_id, wanted, cut))
 
 
 async def _events(
-    request: Request, after: str, job_id: str | None, wanted: Callable[[str, str], bool]
+    request: Request, after: str, job_id: str | None, wanted: Callable[[str, str], bool], cut: asyncio.Event
 ) -> AsyncIterator[ServerSentEvent]:
     """History after ``after`` from Redis, then live events from the shared reader, without a gap
     or a repeat: subscribe first, read history, then skip live events the history covered."""
     projection = _projection(request)
     bus = _bus(request)
-    subscription = projection.subscribe(job_id)  # only this job's events, or all of them
+    subscription = projection.subscribe(job_id, cut)  # only this job's events, or all of them
     try:
         yield ServerSentEvent(retry=SSE_RETRY_MS, comment="stream open")
         last = after

@@ -46,8 +46,13 @@ class Subscription:
     of clients.)"""
 
     topic: str  # a job id, or ALL
+    cut: asyncio.Event = field(default_factory=asyncio.Event)  # set when it falls too far behind
     queue: asyncio.Queue[LiveEvent] = field(default_factory=lambda: asyncio.Queue(SUBSCRIBER_BUFFER))
-    overflowed: bool = False  # cut off for falling too far behind: ends once drained
+
+    @property
+    def overflowed(self) -> bool:
+        """Cut off for falling too far behind: it ends once drained."""
+        return self.cut.is_set()
 
     async def __aiter__(self) -> AsyncIterator[LiveEvent]:
         while not (self.overflowed and self.queue.empty()):
@@ -64,8 +69,8 @@ class Topics:
     def __init__(self) -> None:
         self.by_topic: dict[str, set[Subscription]] = {}
 
-    def add(self, topic: str) -> Subscription:
-        subscription = Subscription(topic)
+    def add(self, topic: str, cut: asyncio.Event | None = None) -> Subscription:
+        subscription = Subscription(topic, cut or asyncio.Event())
         self.by_topic.setdefault(topic, set()).add(subscription)
         return subscription
 
@@ -87,7 +92,7 @@ class Topics:
                 except asyncio.QueueFull:
                     # A client that cannot keep up is cut off rather than slowing everyone else:
                     # it gets what is buffered, then the end of its stream (it resumes from there).
-                    subscription.overflowed = True
+                    subscription.cut.set()
                     followers.discard(subscription)  # type: ignore[union-attr]
 
     def __len__(self) -> int:
@@ -113,17 +118,17 @@ class Projection:
     _estimates: tuple[datetime, str, dict[str, Estimate]] | None = None
     _advanced: anyio.Event = field(default_factory=anyio.Event)
 
-    def subscribe(self, job_id: str | None = None) -> Subscription:
-        """Follow one job's events, or (None) every event."""
-        return self.subscribers.add(job_id or ALL)
+    def subscribe(self, job_id: str | None = None, cut: asyncio.Event | None = None) -> Subscription:
+        """Follow one job's events, or (None) every event; ``cut`` is set if it falls behind."""
+        return self.subscribers.add(job_id or ALL, cut)
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self.subscribers.remove(subscription)
 
-    def subscribe_logs(self, job_id: str, after: str) -> Subscription:
+    def subscribe_logs(self, job_id: str, after: str, cut: asyncio.Event | None = None) -> Subscription:
         """Follow a job's output lines after ``after``; the shared reader picks the job's stream
         up within a second (it reads on from the earliest position anyone asked for)."""
-        subscription = self.log_subscribers.add(job_id)
+        subscription = self.log_subscribers.add(job_id, cut)
         known = self.log_positions.get(job_id)
         if known is None or entry_id_key(after) < entry_id_key(known):
             self.log_positions[job_id] = after
