@@ -47,7 +47,11 @@ class Subscription:
 
     topic: str  # a job id, or ALL
     cut: asyncio.Event = field(default_factory=asyncio.Event)  # set when it falls too far behind
-    queue: asyncio.Queue[LiveEvent] = field(default_factory=lambda: asyncio.Queue(SUBSCRIBER_BUFFER))
+    queue: asyncio.Queue[LiveEvent] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Following everything takes every event: such a client may fall further behind
+        self.queue = asyncio.Queue(SUBSCRIBER_BUFFER * (10 if self.topic == ALL else 1))
 
     @property
     def overflowed(self) -> bool:
