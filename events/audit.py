@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from events.bus import Bus, Entry, entry_id_key
+from events.bus import MAX_SEQ, Bus, Entry, entry_id_key, next_id
 
 CHAIN_FIELDS = ("prev", "hash")
 ARCHIVE_BATCH = 2000  # archived entries read per step off the event loop
@@ -219,11 +219,6 @@ class Archived:
     held_back: str = ""  # why fewer entries than the policy allows were archived
 
 
-def next_id(entry_id: str) -> str:
-    ms, seq = entry_id_key(entry_id)
-    return f"{ms}-{seq + 1}"
-
-
 async def _readers_bound(bus: Bus) -> tuple[str, str]:
     """The oldest entry some reader may still need: no consumer group's undelivered or pending
     entry, and nothing after the stored snapshot, may leave the live log (a reader starting
@@ -296,8 +291,6 @@ async def archive_and_trim(bus: Bus, *, max_age_s: float | None, max_entries: in
 
 
 # --- queries ------------------------------------------------------------------------------------
-
-MAX_SEQ = 2**64 - 1
 
 
 def _key(entry_id: str, open_end: tuple[int, int]) -> tuple[int, int]:

@@ -210,9 +210,24 @@ def connect(url: str, *, block_ms: int | None = None) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
+MAX_SEQ = 2**64 - 1  # the largest sequence part of an entry id
+
+
 def entry_id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def previous_id(entry_id: str) -> str:
+    """The id just before an entry, so that a range after it includes the entry."""
+    ms, seq = entry_id_key(entry_id)
+    return f"{ms}-{seq - 1}" if seq else (f"{ms - 1}-{MAX_SEQ}" if ms else "0-0")
+
+
+def next_id(entry_id: str) -> str:
+    """The id just after an entry, so that a range from it excludes the entry."""
+    ms, seq = entry_id_key(entry_id)
+    return f"{ms}-{seq + 1}"
 
 
 class Bus:

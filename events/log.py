@@ -31,7 +31,7 @@ import anyio
 import structlog
 
 from events.audit import archive_files, archive_range, is_after, is_within
-from events.bus import Bus
+from events.bus import Bus, entry_id_key, previous_id
 from events.codec import DecodeError, decode, decode_envelope
 from events.messages import Message
 from events.state import IllegalTransition, State
@@ -154,7 +154,7 @@ async def _fold_page(bus: Bus, state: State, page: Page) -> None:
     else:
         for entry_id, data, superseded, first_id, job_id in items:
             if not _fold_kept(state, Kept(entry_id, data, superseded, first_id, job_id)):
-                async for entry in bus.entries(bus.keys.events, after=_just_before(first_id), until=entry_id):
+                async for entry in bus.entries(bus.keys.events, after=previous_id(first_id), until=entry_id):
                     if entry.fields.get("job_id") == job_id and entry.fields.get("type") == PROGRESS:
                         apply_entry(state, entry.entry_id, entry.fields)
     state.position = last
@@ -192,11 +192,6 @@ async def _fold_live(bus: Bus, state: State, after: str, until: str) -> int:
                 await _fold_page(bus, state, page)
             count += page[2]
     return count
-
-
-def _just_before(entry_id: str) -> str:
-    ms, _, seq = entry_id.partition("-")
-    return f"{ms}-{int(seq) - 1}" if int(seq or 0) else f"{int(ms) - 1}-{2**64 - 1}"
 
 
 # An archive line as written by events.audit.write_archive: the leading fields, found without
@@ -305,5 +300,5 @@ async def catch_up(bus: Bus, state: State, until: str = "+") -> int:
         if not is_within(first, until):
             break
         count += _fold_archive(path, state, state.position, until)  # at start-up: blocking is fine
-        archived_to = max(archived_to, last, key=lambda i: tuple(map(int, i.split("-"))))
+        archived_to = max(archived_to, last, key=entry_id_key)
     return count + await _fold_live(bus, state, archived_to, until)

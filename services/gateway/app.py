@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from events import audit
 from events import messages as m
-from events.bus import Bus, entry_id_key
+from events.bus import Bus, entry_id_key, previous_id
 from events.estimates import Estimate
 from events.params import JobSpec, TaskType
 from events.state import TERMINAL, Job, JobStatus, State
@@ -44,7 +44,7 @@ from services.gateway.errors import (
     redis_unavailable,
     server_error,
 )
-from services.gateway.history import audit_routes, before, job_routes
+from services.gateway.history import audit_routes, job_routes
 from services.gateway.projection import Projection
 from services.gateway.submit import SwiftFlags, dry_run_launch, parse_submission
 
@@ -519,7 +519,7 @@ def _sse(make: Callable[[asyncio.Event], AsyncIterator[ServerSentEvent]]) -> Liv
 
 async def job_stream(request: Request) -> EventSourceResponse:
     job = _job(request)
-    after = _resume_from(request) or before(job.first_entry_id)
+    after = _resume_from(request) or previous_id(job.first_entry_id)
     return _sse(lambda cut: _events(request, after, job.job_id, lambda job_id, _: job_id == job.job_id, cut))
 
 

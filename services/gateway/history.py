@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from events import audit
 from events import messages as m
-from events.bus import Bus, Entry, entry_id_key
+from events.bus import Bus, Entry, previous_id
 from events.codec import DecodeError, decode
 from events.describe import describe, render
 from services.audit import parse_time
@@ -26,12 +26,6 @@ def _bus(request: Request) -> Bus:
     return request.app.state.bus  # type: ignore[no-any-return]
 
 
-def before(entry_id: str) -> str:
-    """The id just before an entry, so that a range after it includes the entry."""
-    ms, seq = entry_id_key(entry_id)
-    return f"{ms}-{seq - 1}" if seq else (f"{ms - 1}-{2**64 - 1}" if ms else "0-0")
-
-
 def job_query(request: Request) -> audit.Query:
     """Where a job's entries lie in the history: from its first entry to its latest one (the
     whole history for a deleted job, which the projection no longer holds)."""
@@ -39,7 +33,7 @@ def job_query(request: Request) -> audit.Query:
     job_id = request.path_params["job_id"]
     job = projection.state.jobs.get(job_id)
     if job is not None and may_see(request, job.submitted_by):
-        return audit.Query(job_id=job_id, after=before(job.first_entry_id), until=job.last_entry_id)
+        return audit.Query(job_id=job_id, after=previous_id(job.first_entry_id), until=job.last_entry_id)
     if job is None and job_id in projection.state.deleted and principal(request).is_admin:
         return audit.Query(job_id=job_id)  # its owner is no longer at hand: admins only
     raise ApiError(404, "job_not_found", f"no job {job_id!r}")
