@@ -32,7 +32,7 @@ def served(routes: list[object], prefix: str = "") -> set[tuple[str, str]]:
     for route in routes:
         if isinstance(route, Mount) and route.routes:
             found |= served(list(route.routes), prefix + route.path)
-        elif isinstance(route, Route) and route.path not in ("/openapi.json", "/docs"):
+        elif isinstance(route, Route) and route.include_in_schema:  # not the docs, nor the dashboard
             found |= {(method.lower(), prefix + route.path) for method in route.methods or () if method != "HEAD"}
     return found
 

@@ -35,8 +35,17 @@ from events.estimates import Estimate
 from events.params import JobSpec, TaskType
 from events.state import TERMINAL, Job, JobStatus, State
 from services.config import Settings
-from services.gateway import catalog, openapi
-from services.gateway.auth import Auth, RequireAuth, issue_token, may_see, principal, unauthorized, whoami
+from services.gateway import catalog, dashboard, openapi
+from services.gateway.auth import (
+    Auth,
+    RequireAuth,
+    forget_token,
+    issue_token,
+    may_see,
+    principal,
+    unauthorized,
+    whoami,
+)
 from services.gateway.errors import (
     ApiError,
     api_error,
@@ -54,6 +63,7 @@ MAX_BODY_BYTES = 1024 * 1024
 SSE_PING_S = 15
 SSE_RETRY_MS = 2000
 CUT_OFF_GRACE_S = 5.0  # how long a client cut off for falling behind keeps its connection
+GPU_STREAM_MIN_S = 0.5
 
 _SPEC = TypeAdapter(JobSpec)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*(#\d+)?$")
@@ -415,8 +425,8 @@ async def process_queue(request: Request) -> JSONResponse:
     return JSONResponse({"command_position": position, "message": "scheduling pass requested"}, status_code=202)
 
 
-async def gpus(request: Request) -> JSONResponse:
-    projection = _projection(request)
+def gpus_view(projection: Projection) -> dict[str, Any]:
+    """Nodes and their GPUs, as the last heartbeats saw them, and the job that holds each."""
     state = projection.state
     nodes = []
     for name, node in sorted(state.nodes.items()):
@@ -441,7 +451,35 @@ async def gpus(request: Request) -> JSONResponse:
                 ],
             }
         )
-    return JSONResponse({"nodes": nodes})
+    return {"nodes": nodes}
+
+
+async def gpus(request: Request) -> JSONResponse:
+    return JSONResponse(gpus_view(_projection(request)))
+
+
+async def gpus_stream(request: Request) -> EventSourceResponse:
+    """The GPUs view, live: sent at once, then whenever a heartbeat or an allocation changes it
+    (at most every GPU_STREAM_MIN_S)."""
+    return _sse(lambda cut: _gpu_views(_projection(request)))
+
+
+def _moved_on(projection: Projection) -> Callable[[], bool]:
+    """Whether a heartbeat or an event has been read since now."""
+    positions = (projection.telemetry_position, projection.state.position)
+    return lambda: (projection.telemetry_position, projection.state.position) != positions
+
+
+async def _gpu_views(projection: Projection) -> AsyncIterator[ServerSentEvent]:
+    yield ServerSentEvent(retry=SSE_RETRY_MS, comment="stream open")
+    sent = None
+    while True:
+        view = json.dumps(gpus_view(projection), separators=(",", ":"))
+        if view != sent:
+            sent = view
+            yield ServerSentEvent(data=view, event="gpus")
+        await projection.wait_until(_moved_on(projection), SSE_PING_S)
+        await anyio.sleep(GPU_STREAM_MIN_S)  # heartbeats of many nodes: one update for a burst of them
 
 
 REQUIRED_SERVICES = ("gateway", "scheduler", "gpu-monitor", "runner", "exporter")
@@ -629,11 +667,17 @@ def routes(prefix: str) -> list[Route | Mount]:
         Route("/queue/process", process_queue, methods=["POST"]),
         Route("/events/stream", events_stream, methods=["GET"]),
         Route("/gpus", gpus, methods=["GET"]),
+        Route("/gpus/stream", gpus_stream, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
-    auth = [Route("/token", issue_token, methods=["POST"]), Route("/me", whoami, methods=["GET"])]
+    auth = [
+        Route("/token", issue_token, methods=["POST"]),
+        Route("/token", forget_token, methods=["DELETE"]),
+        Route("/me", whoami, methods=["GET"]),
+    ]
     return [
         *openapi.routes(),
+        *dashboard.routes(),
         Mount(f"{prefix}/training", routes=training),
         Mount(f"{prefix}/audit", routes=audit_routes()),
         Mount(f"{prefix}/auth", routes=auth),
@@ -644,12 +688,13 @@ def create_app(
     settings: Settings, bus: Bus, projection: Projection, swift_flags: SwiftFlags | None = None
 ) -> Starlette:
     auth = Auth(settings)
-    open_paths = {f"{settings.api_prefix}/training/health", "/docs", "/docs/assets/", "/openapi.json"}
+    open_paths = {f"{settings.api_prefix}/training/health", "/docs", "/openapi.json", *dashboard.OPEN_PATHS}
+    open_prefixes = ("/docs/assets/", *dashboard.OPEN_PREFIXES)
     app = Starlette(
         routes=routes(settings.api_prefix),
         middleware=[
             Middleware(AuthenticationMiddleware, backend=auth, on_error=unauthorized),
-            Middleware(RequireAuth, open_paths=open_paths),
+            Middleware(RequireAuth, open_paths=open_paths, open_prefixes=open_prefixes),
         ],
         exception_handlers={
             ApiError: api_error,

@@ -146,13 +146,17 @@ def unauthorized(conn: HTTPConnection, exc: Exception) -> JSONResponse:
 
 
 class RequireAuth:
-    """Every path but the open ones (a path, or a prefix ending in '/') needs an authenticated
-    caller (ASGI middleware, after AuthenticationMiddleware has set ``scope["user"]``)."""
+    """Every path but the open ones (exact paths, and paths under open prefixes) needs an
+    authenticated caller (ASGI middleware, after AuthenticationMiddleware has set
+    ``scope["user"]``)."""
 
-    def __init__(self, app: ASGIApp, open_paths: set[str]) -> None:
+    def __init__(self, app: ASGIApp, open_paths: set[str], open_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
-        self.open_paths = {p for p in open_paths if not p.endswith("/")}
-        self.open_prefixes = tuple(p for p in open_paths if p.endswith("/"))
+        self.open_paths = frozenset(open_paths)
+        # A prefix is a folder ("/docs/assets/"): never "/", which would open everything.
+        if any(not p.endswith("/") or p == "/" for p in open_prefixes):
+            raise ValueError(f"open prefixes must be folders other than '/': {open_prefixes}")
+        self.open_prefixes = open_prefixes
 
     def _open(self, path: str) -> bool:
         return path in self.open_paths or path.startswith(self.open_prefixes)
@@ -205,3 +209,11 @@ async def whoami(request: Request) -> JSONResponse:
     who = principal(request)
     auth: Auth = request.app.state.auth
     return JSONResponse({"name": who.name, "role": who.role, "access_control": auth.enabled})
+
+
+async def forget_token(request: Request) -> JSONResponse:
+    """Sign a browser out: its cookie is removed. (The token itself stays valid until it expires
+    minutes later; it was never shown to the page's scripts.)"""
+    response = JSONResponse({"signed_out": True})
+    response.delete_cookie(TOKEN_COOKIE, httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    return response

@@ -101,6 +101,7 @@ _OPERATIONS: list[tuple[str, str, str, str, str | None, dict[int, str | None]]] 
     ("get", "/training/queue/processor/status", "queue", "The scheduler's leader and lease", None, {200: None}),
     ("get", "/training/events/stream", "streams", "Every event, live (SSE)", None, {200: None}),
     ("get", "/training/gpus", "cluster", "Nodes and GPUs, and who holds each", None, {200: None}),
+    ("get", "/training/gpus/stream", "streams", "Nodes and GPUs, live (SSE)", None, {200: None}),
     ("get", "/training/system/status", "cluster", "Nodes, Redis, consumers, jobs by status", None, {200: None}),
     (
         "get",
@@ -115,6 +116,7 @@ _OPERATIONS: list[tuple[str, str, str, str, str | None, dict[int, str | None]]] 
     ("get", "/audit/events", "audit", "The history, with filters and a cursor (admin)", None, {200: None}),
     ("get", "/audit/state", "audit", "The state this gateway folded from the log (admin)", None, {200: None}),
     ("post", "/auth/token", "auth", "A short-lived token for browsers' streams", None, {200: None}),
+    ("delete", "/auth/token", "auth", "Sign a browser out (removes the token's cookie)", None, {200: None}),
     ("get", "/auth/me", "auth", "Who you are", None, {200: None}),
 ]
 _OPEN = {"/training/health"}
@@ -209,7 +211,7 @@ async def docs(request: Request) -> HTMLResponse:
 
 def routes() -> list[Route | Mount]:
     return [
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"], include_in_schema=False),
+        Route("/docs", docs, methods=["GET"], include_in_schema=False),
         Mount("/docs/assets", app=StaticFiles(directory=SWAGGER_ASSETS), name="docs-assets"),
     ]
