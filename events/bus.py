@@ -2,8 +2,8 @@
 
 ``Bus.commit`` runs one Lua script that, in a single step: checks the scheduler's fencing token
 (optional), checks that nothing was appended to the log since the caller's state was built
-(optional, optimistic concurrency), skips a message already handled (dedupe key), appends the
-facts and commands, and acknowledges the consumed entry. Effects and acknowledgement land together
+(optional, optimistic concurrency), skips messages already handled (dedupe keys), appends the
+facts and commands, and acknowledges the consumed entries. Effects and acknowledgements land together
 or not at all.
 """
 
@@ -107,9 +107,9 @@ return reply
 _COMMIT_LUA = (
     _CHAIN_LUA
     + """
--- KEYS: fence, events, ack_stream, dedupe, chain, then one stream per append
--- ARGV: token, expected_last, group, ack_id, dedupe_ttl, n_appends,
---       then per append: maxlen, n_fields, field, value, ...
+-- KEYS: fence, events, chain, then one key per dedupe id, one stream per ack, one per append
+-- ARGV: token, expected_last, dedupe_ttl, n_dedupe, n_acks, n_appends,
+--       then per ack: group, id; then per append: maxlen, n_fields, field, value, ...
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED the fencing token moved on: this scheduler is no longer the leader')
 end
@@ -119,24 +119,38 @@ if ARGV[2] ~= '' then
   if #last > 0 then last_id = last[1][1] end
   if last_id ~= ARGV[2] then return {'CONFLICT', last_id} end
 end
-if ARGV[5] ~= '' then
-  if redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) == false then
-    if ARGV[3] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
+local n_dedupe, n_acks, n_appends = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local acks_from = 3 + n_dedupe
+local function ack_all()
+  for a = 1, n_acks do
+    redis.call('XACK', KEYS[acks_from + a], ARGV[5 + 2 * a], ARGV[6 + 2 * a])
+  end
+end
+if n_dedupe > 0 then
+  local seen = {}
+  for d = 1, n_dedupe do
+    if redis.call('EXISTS', KEYS[3 + d]) == 1 then seen[#seen + 1] = d - 1 end
+  end
+  if #seen == n_dedupe then
+    ack_all()
     return {'DUPLICATE'}
   end
+  if #seen > 0 then return {'SOME_DUPLICATE', unpack(seen)} end
+  for d = 1, n_dedupe do redis.call('SET', KEYS[3 + d], '1', 'EX', ARGV[3]) end
 end
 local reply = {'OK'}
 local chain = nil
-local i = 7
-for a = 1, tonumber(ARGV[6]) do
-  local stream = KEYS[5 + a]
+local i = 7 + 2 * n_acks
+local streams_from = acks_from + n_acks
+for a = 1, n_appends do
+  local stream = KEYS[streams_from + a]
   local maxlen = ARGV[i]
   local n = tonumber(ARGV[i + 1]) * 2
   local fields = {}
   for f = 1, n do fields[f] = ARGV[i + 1 + f] end
   i = i + n + 2
   if stream == KEYS[2] then
-    if chain == nil then chain = chain_open(KEYS[2], KEYS[5]) end
+    if chain == nil then chain = chain_open(KEYS[2], KEYS[3]) end
     table.insert(reply, chain_add(chain, fields))
   else
     local args = {stream}
@@ -149,7 +163,7 @@ for a = 1, tonumber(ARGV[6]) do
   end
 end
 if chain ~= nil then chain_close(chain) end
-if ARGV[3] ~= '' then redis.call('XACK', KEYS[3], ARGV[3], ARGV[4]) end
+ack_all()
 return reply
 """
 )
@@ -179,9 +193,12 @@ class Ack:
 
 @dataclass(frozen=True)
 class CommitResult:
-    status: str  # OK, CONFLICT (log moved on: rebuild and retry) or DUPLICATE (already handled)
+    # OK; CONFLICT (the log moved on: rebuild and retry); DUPLICATE (all already handled);
+    # SOME_DUPLICATE (some already handled: nothing committed)
+    status: str
     entry_ids: tuple[str, ...] = ()
     last_id: str | None = None  # on CONFLICT: the log's last entry id
+    duplicates: tuple[int, ...] = ()  # on SOME_DUPLICATE: indices into the dedupe ids
 
 
 @dataclass(frozen=True)
@@ -276,30 +293,33 @@ class Bus:
         appends: Sequence[Append],
         *,
         ack: Ack | None = None,
+        acks: Sequence[Ack] = (),
         fence_token: str | None = None,
         expect_last: str | None = None,
         dedupe_id: str | None = None,
+        dedupe_ids: Sequence[str] = (),
     ) -> CommitResult:
-        """Commit effects (and an acknowledgement) atomically. ``dedupe_id`` names the handling
-        of one message by one group (``<group>:<message id>``): a second commit under it appends
-        nothing."""
-        keys = [
-            self.keys.fence,
-            self.keys.events,
-            ack.stream if ack else self.keys.events,
-            self.keys.done(dedupe_id) if dedupe_id else self.keys.done("-"),
-            self.keys.chain,
-        ]
+        """Commit effects and acknowledgements atomically. A dedupe id names the handling of one
+        message by one group (``<group>:<message id>``): when every one given was committed
+        before, only the acknowledgements land (DUPLICATE); when some were, nothing lands and
+        ``duplicates`` holds their indices (SOME_DUPLICATE)."""
+        all_acks = [*([ack] if ack else []), *acks]
+        all_dedupe = [*([dedupe_id] if dedupe_id else []), *dedupe_ids]
+        keys = [self.keys.fence, self.keys.events, self.keys.chain]
+        keys += [self.keys.done(d) for d in all_dedupe]
+        keys += [a.stream for a in all_acks]
+        keys += [item.stream for item in appends]
         args: list[Any] = [
             fence_token or "",
             expect_last or "",
-            ack.group if ack else "",
-            ack.entry_id if ack else "",
-            DEDUPE_TTL_S if dedupe_id else "",
+            DEDUPE_TTL_S,
+            len(all_dedupe),
+            len(all_acks),
             len(appends),
         ]
+        for a in all_acks:
+            args += [a.group, a.entry_id]
         for item in appends:
-            keys.append(item.stream)
             fields = encode(self.stamp(item.message))
             args += [item.maxlen, len(fields)]
             for name, value in fields.items():
@@ -313,6 +333,8 @@ class Bus:
         status = str(reply[0])
         if status == "CONFLICT":
             return CommitResult(status, last_id=str(reply[1]))
+        if status == "SOME_DUPLICATE":
+            return CommitResult(status, duplicates=tuple(int(x) for x in reply[1:]))
         return CommitResult(status, tuple(str(x) for x in reply[1:]))
 
     async def dead_letter(self, entry: Entry, group: str, reason: str) -> None:

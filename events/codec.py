@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
+from pydantic_core import to_json
 
 from events.messages import ENVELOPE_FIELDS, AnyMessage, Message, message_types
 
@@ -39,12 +40,13 @@ def upcaster(type_: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
 
 
 def encode(message: Message) -> dict[str, str]:
-    envelope = message.model_dump(mode="json", include=set(ENVELOPE_FIELDS))
-    envelope["payload"] = message.payload()
+    payload = message.model_dump(mode="json")
+    envelope = {name: payload.pop(name) for name in ENVELOPE_FIELDS}
+    envelope["payload"] = payload
     return {
         "type": message.type,
         "job_id": message.job_id or "",
-        "data": json.dumps(envelope, separators=(",", ":")),
+        "data": to_json(envelope).decode(),  # compact JSON, serialized in Rust
     }
 
 

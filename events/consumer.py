@@ -26,7 +26,6 @@ from events.messages import Message
 log = structlog.get_logger("events.consumer")
 
 _DONE, _FAILED, _ACK_OWED = "done", "failed", "ack owed"
-MAX_CONFLICT_RETRIES = 50  # optimistic-concurrency retries of one message before giving up
 
 
 @dataclass(frozen=True)
@@ -46,14 +45,10 @@ class Outcome:
 
 
 Handler = Callable[[Delivery], Awaitable[Sequence[Append] | Outcome | None]]
-
-
-@dataclass(frozen=True)
-class CommitGuard:
-    """Optional checks the commit makes for a handler (used by the scheduler)."""
-
-    fence_token: Callable[[], str | None] = lambda: None
-    expect_last: Callable[[], str | None] = lambda: None
+# Handles a whole read at once: the decoded deliveries, and entries owed only an acknowledgement.
+# It commits the acknowledgement of each one with its effects, and returns how many deliveries it
+# left pending (they are redelivered after the idle threshold).
+BatchHandler = Callable[[list[Delivery], list[Entry]], Awaitable[int]]
 
 
 async def ensure_group(redis: aioredis.Redis, stream: str, group: str, start: str = "0") -> None:
@@ -72,16 +67,19 @@ class GroupConsumer:
         streams: Sequence[str],
         group: str,
         consumer: str,
-        handler: Handler,
+        handler: Handler | None,
         *,
         block_ms: int = 5000,
         count: int = 100,
         claim_idle_ms: int = 60_000,
         max_deliveries: int = 5,
-        guard: CommitGuard | None = None,
         on_idle: Callable[[], Awaitable[None]] | None = None,
         group_start: str = "0",
+        batch: BatchHandler | None = None,
+        skip: Callable[[Entry], bool] = lambda entry: False,
     ) -> None:
+        """``handler`` handles one entry at a time; with ``batch``, each read is handed over
+        whole instead. ``skip`` picks entries to acknowledge without decoding them."""
         self.bus = bus
         self.reader = reader
         self.streams = list(streams)
@@ -92,9 +90,10 @@ class GroupConsumer:
         self.count = count
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
-        self.guard = guard or CommitGuard()
         self.on_idle = on_idle
         self.group_start = group_start
+        self.batch = batch
+        self.skip = skip
         self._last_claim = 0.0
 
     async def setup(self) -> None:
@@ -125,6 +124,12 @@ class GroupConsumer:
             entries = [e for e in _entries(reply) if e.fields]
             if not entries:
                 return handled
+            if self.batch is not None:
+                counts = [await self._delivery_count(entry) for entry in entries]
+                if await self._handle_batch(entries, counts):
+                    return handled  # as below: what failed waits for the idle-time reclaim
+                handled += len(entries)
+                continue
             for entry in entries:
                 if await self._handle(entry, await self._delivery_count(entry)) == _FAILED:
                     # Re-reading history counts as a delivery: leave a failing entry to the
@@ -145,6 +150,10 @@ class GroupConsumer:
         entries = _entries(reply)
         if not entries and not handled and self.on_idle is not None:
             await self.on_idle()
+        if self.batch is not None:
+            if entries:
+                await self._handle_batch(entries, [1] * len(entries))
+            return handled + len(entries)
         acks: list[Entry] = []
         for entry in entries:
             if await self._handle(entry, 1, defer_ack=True) == _ACK_OWED:
@@ -159,6 +168,7 @@ class GroupConsumer:
             return 0
         self._last_claim = now
         handled = 0
+        claimed: list[Entry] = []
         for stream in self.streams:
             reply = await self.bus.redis.execute_command(
                 "XAUTOCLAIM",
@@ -179,9 +189,45 @@ class GroupConsumer:
                 if not entry.fields:  # deleted from the stream while pending
                     await self.bus.redis.xack(stream, self.group, entry.entry_id)
                     continue
+                if self.batch is not None:
+                    claimed.append(entry)
+                    continue
                 await self._handle(entry, await self._delivery_count(entry))
                 handled += 1
-        return handled
+        if claimed:
+            await self._handle_batch(claimed, [await self._delivery_count(entry) for entry in claimed])
+        return handled + len(claimed)
+
+    async def _handle_batch(self, entries: Sequence[Entry], deliveries: Sequence[int]) -> int:
+        """Decode a read and hand it to the batch handler; returns how many were left pending."""
+        assert self.batch is not None
+        batch: list[Delivery] = []
+        acks: list[Entry] = []
+        for entry, count in zip(entries, deliveries, strict=True):
+            if self.skip(entry):
+                acks.append(entry)
+                continue
+            delivery = await self._decoded(entry, count)
+            if delivery is not None:
+                batch.append(delivery)
+        return await self.batch(batch, acks)
+
+    async def _decoded(self, entry: Entry, deliveries: int) -> Delivery | None:
+        """The entry as a delivery; None when it was dead-lettered instead (undecodable, or
+        delivered too often)."""
+        try:
+            message = decode(entry.fields)
+        except DecodeError as exc:
+            log.warning(
+                "dead-lettered undecodable entry", stream=entry.stream, entry_id=entry.entry_id, reason=str(exc)
+            )
+            await self.bus.dead_letter(entry, self.group, f"undecodable: {exc}")
+            return None
+        if deliveries > self.max_deliveries:
+            log.error("dead-lettered entry delivered too often", entry_id=entry.entry_id, deliveries=deliveries)
+            await self.bus.dead_letter(entry, self.group, f"delivered {deliveries} times without success")
+            return None
+        return Delivery(entry.stream, entry.entry_id, message, deliveries)
 
     async def _delivery_count(self, entry: Entry) -> int:
         info = await self.bus.redis.xpending_range(
@@ -199,48 +245,34 @@ class GroupConsumer:
     async def _handle(self, entry: Entry, deliveries: int, *, defer_ack: bool = False) -> str:
         """Handle one entry: _DONE, _FAILED (left pending), or _ACK_OWED (with ``defer_ack``, when
         only a plain acknowledgement is still owed)."""
-        try:
-            message = decode(entry.fields)
-        except DecodeError as exc:
-            log.warning(
-                "dead-lettered undecodable entry", stream=entry.stream, entry_id=entry.entry_id, reason=str(exc)
-            )
-            await self.bus.dead_letter(entry, self.group, f"undecodable: {exc}")
+        delivery = await self._decoded(entry, deliveries)
+        if delivery is None:
             return _DONE
-        if deliveries > self.max_deliveries:
-            log.error("dead-lettered entry delivered too often", entry_id=entry.entry_id, deliveries=deliveries)
-            await self.bus.dead_letter(entry, self.group, f"delivered {deliveries} times without success")
-            return _DONE
-        delivery = Delivery(entry.stream, entry.entry_id, message, deliveries)
+        message = delivery.message
         with structlog.contextvars.bound_contextvars(job_id=message.job_id, message_type=message.type):
-            for _ in range(MAX_CONFLICT_RETRIES):
-                try:
-                    reply = await self.handler(delivery)
-                except (RedisConnectionError, RedisTimeoutError):
-                    raise  # not the entry's fault: the service restarts once Redis is back
-                except Exception:
-                    # Left pending: reclaimed after the idle threshold, dead-lettered when too often.
-                    log.exception("handler failed; entry left pending", entry_id=entry.entry_id)
-                    return _FAILED
-                outcome = reply if isinstance(reply, Outcome) else Outcome(reply or ())
-                appends = outcome.appends
-                if not appends and self.guard.fence_token() is None:
-                    if defer_ack:
-                        return _ACK_OWED
-                    await self._ack([entry])
-                    return _DONE
-                result = await self.bus.commit(
-                    appends or (),
-                    ack=Ack(entry.stream, self.group, entry.entry_id),
-                    fence_token=self.guard.fence_token(),
-                    expect_last=self.guard.expect_last() if appends else None,
-                    dedupe_id=f"{self.group}:{message.id}" if appends else None,
-                )
-                if result.status != "CONFLICT":
-                    if outcome.committed is not None:
-                        outcome.committed.set()
-                    return _DONE
-            raise RuntimeError(f"entry {entry.entry_id} conflicted {MAX_CONFLICT_RETRIES} times")
+            assert self.handler is not None
+            try:
+                reply = await self.handler(delivery)
+            except (RedisConnectionError, RedisTimeoutError):
+                raise  # not the entry's fault: the service restarts once Redis is back
+            except Exception:
+                # Left pending: reclaimed after the idle threshold, dead-lettered when too often.
+                log.exception("handler failed; entry left pending", entry_id=entry.entry_id)
+                return _FAILED
+            outcome = reply if isinstance(reply, Outcome) else Outcome(reply or ())
+            if not outcome.appends:
+                if defer_ack:
+                    return _ACK_OWED
+                await self._ack([entry])
+                return _DONE
+            await self.bus.commit(
+                outcome.appends,
+                ack=Ack(entry.stream, self.group, entry.entry_id),
+                dedupe_id=f"{self.group}:{message.id}",
+            )
+            if outcome.committed is not None:
+                outcome.committed.set()
+            return _DONE
 
 
 def _pairs(fields: object) -> dict[str, str]:

@@ -7,7 +7,8 @@ all build their view with it, so replaying the log rebuilds exactly what the ser
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -119,6 +120,7 @@ class State(BaseModel):
     stale_reports: int = 0  # reports from an attempt that is no longer current, ignored
     # The queue in start order, kept sorted as events arrive: (-priority, seq, job id).
     _queued: SortedList = PrivateAttr(default_factory=SortedList)
+    _journal: Journal | None = PrivateAttr(default=None)
 
     def model_post_init(self, context: Any, /) -> None:
         self._queued = SortedList(filter(None, map(queue_key, self.jobs.values())))
@@ -148,6 +150,8 @@ class State(BaseModel):
         handler = _HANDLERS.get(type(event))
         if handler is None:
             raise IllegalTransition(f"{event.type} is not an event of the log")
+        if self._journal is not None:
+            self._journal.keep(self, event)
         before = queue_key(self.jobs.get(event.job_id or ""))
         handler(self, entry_id, event)
         after = queue_key(self.jobs.get(event.job_id or ""))
@@ -157,6 +161,83 @@ class State(BaseModel):
             if after is not None:
                 self._queued.add(after)
         self.position = entry_id
+
+    # --- savepoints: fold facts before they are in the log, and take them back if they never land
+
+    def savepoint(self) -> None:
+        """Remember the state as it is now. Facts folded from here on (under stand-in entry ids)
+        are taken back by :meth:`rollback`, or kept, with their real ids, by :meth:`release`."""
+        self._journal = Journal(self.position, self.accepted, self.stale_reports, dict(self.allocations))
+
+    def rollback(self) -> None:
+        """Back to the savepoint."""
+        journal = self._journal
+        if journal is None:
+            return
+        self._journal = None
+        for job_id, saved in journal.jobs.items():
+            key = queue_key(self.jobs.get(job_id))
+            if key is not None:
+                self._queued.remove(key)
+            if saved is None:
+                self.jobs.pop(job_id, None)
+                continue
+            self.jobs[job_id] = saved
+            key = queue_key(saved)
+            if key is not None:
+                self._queued.add(key)
+        for name, node in journal.nodes.items():
+            if node is None:
+                self.nodes.pop(name, None)
+            else:
+                self.nodes[name] = node
+        self.deleted.difference_update(journal.deleted)
+        self.allocations = journal.allocations
+        self.position, self.accepted, self.stale_reports = journal.position, journal.accepted, journal.stale_reports
+
+    def release(self, entry_ids: Mapping[str, str]) -> None:
+        """Keep what was folded since the savepoint; ``entry_ids`` maps each stand-in id used
+        since then to the id the entry got in the log."""
+        journal = self._journal
+        if journal is None:
+            return
+        self._journal = None
+        for job_id in journal.jobs:
+            job = self.jobs.get(job_id)
+            if job is not None:
+                job.first_entry_id = entry_ids.get(job.first_entry_id, job.first_entry_id)
+                job.last_entry_id = entry_ids.get(job.last_entry_id, job.last_entry_id)
+        self.position = entry_ids.get(self.position, self.position)
+
+
+@dataclass
+class Journal:
+    """What a savepoint needs to restore: scalars and allocations as they were, and each job or
+    node as it was before the first fact about it since then."""
+
+    position: str
+    accepted: int
+    stale_reports: int
+    allocations: dict[str, str]
+    jobs: dict[str, Job | None] = field(default_factory=dict)
+    nodes: dict[str, Node | None] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
+
+    def keep(self, state: State, event: m.Message) -> None:
+        job_id = event.job_id
+        if job_id and job_id not in self.jobs:
+            job = state.jobs.get(job_id)
+            # Folding replaces a job's fields, except its checkpoints list and export record.
+            self.jobs[job_id] = (
+                None
+                if job is None
+                else job.model_copy(update={"checkpoints": list(job.checkpoints), "export": job.export.model_copy()})
+            )
+        if isinstance(event, (m.NodeJoined, m.NodeLost)) and event.node not in self.nodes:
+            node = state.nodes.get(event.node)
+            self.nodes[event.node] = None if node is None else node.model_copy()
+        if isinstance(event, m.JobDeleted) and job_id:
+            self.deleted.add(job_id)
 
 
 def queue_key(job: Job | None) -> tuple[int, int, str] | None:

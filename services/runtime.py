@@ -3,6 +3,7 @@ clean stop on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import math
@@ -63,6 +64,20 @@ def configure_logging(settings: Settings, service: str) -> None:
 
 
 REDIS_LOST = (RedisConnectionError, RedisTimeoutError, ConnectionError)
+
+
+GC_THRESHOLDS = (100_000, 50, 100)  # allocations before a young collection; then older ones
+
+
+def settle_heap() -> None:
+    """Call once a service has folded the log at start-up. What was folded lives as long as the
+    process: keep the collector from walking it again at every full collection, and collect far
+    less often. With thousands of jobs, each full collection paused the service for tens of
+    milliseconds (every live stream of the gateway; every decision of the scheduler); the objects
+    made per event form no cycles, so fewer collections cost little memory."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def wait_for_redis(client: aioredis.Redis, *, timeout_s: float = math.inf) -> None:

@@ -5,7 +5,6 @@ with the shared fold, and fans every event out to the live streams of all client
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,13 +21,12 @@ from events.codec import DecodeError, decode
 from events.estimates import Estimate, estimate_queue
 from events.log import apply_entry, catch_up
 from events.state import Job, State, new_job
-from services.runtime import REDIS_LOST, wait_for_redis
+from services.runtime import REDIS_LOST, settle_heap, wait_for_redis
 
 log = structlog.get_logger("gateway.projection")
 
 SUBSCRIBER_BUFFER = 1000  # events a slow client may fall behind before it is disconnected
 ESTIMATE_REFRESH_S = 1.0
-GC_THRESHOLDS = (100_000, 50, 100)  # allocations before a young collection; then older ones
 LOG_TURN_MS = 1000  # how soon a newly followed job's output joins the shared read
 
 
@@ -181,13 +179,7 @@ class Projection:
         self.pending.clear()  # filled next, from the submits not decided in the log
         async for entry_id, command in self.bus.messages(self.bus.keys.commands):
             self._note_command(entry_id, command)
-        # What was folded so far lives as long as the process: keep the collector from walking it
-        # again at every full collection, and collect far less often. With thousands of streams
-        # and jobs, each full collection paused every live stream (p99 250 ms against 17 ms
-        # without collections, in tests/benchmarks/bench_sse.py); the objects made per event
-        # form no cycles, so fewer collections cost little memory.
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
+        settle_heap()  # full collections paused every live stream: p99 250 ms against 17 ms
         self.ready.set()
         self._signal()
         while True:

@@ -139,6 +139,11 @@ RESCHEDULE_ON = (
 )
 
 
+def reschedules(event: m.Message) -> bool:
+    """Whether queued jobs may fit after this fact."""
+    return isinstance(event, RESCHEDULE_ON)
+
+
 def on_event(
     state: State,
     keys: Keys,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -18,13 +19,13 @@ import structlog
 
 from events import audit, snapshot
 from events import messages as m
-from events.bus import Append, Bus, Fenced, connect
-from events.consumer import CommitGuard, Delivery, GroupConsumer
+from events.bus import Ack, Append, Bus, Entry, Fenced, connect, entry_id_key
+from events.consumer import Delivery, GroupConsumer
 from events.keys import SCHEDULER_GROUP
 from events.log import catch_up
 from events.state import State
 from services.config import Settings
-from services.runtime import REDIS_LOST
+from services.runtime import REDIS_LOST, settle_heap
 from services.scheduler import rules
 
 log = structlog.get_logger("scheduler")
@@ -42,8 +43,45 @@ return 0
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
+MAX_UNACKED = 1000  # acknowledgements that may wait for a commit to ride along with
+MAX_CONFLICT_RETRIES = 50  # a read decided again on a log that moved on, before giving up
+
+
 class LostLeadership(Exception):
     """The lease expired or another scheduler took it."""
+
+
+class UndecidedBatch(Exception):
+    """Deciding a read raised: the state is as it was, nothing was committed."""
+
+
+class Plan:
+    """The decisions on one read, each event folded into the state as it is decided, under a
+    stand-in id until the commit gives it its place in the log."""
+
+    def __init__(self, state: State, events: str) -> None:
+        self.state = state
+        self.events = events
+        self.appends: list[Append] = []
+        self.stand_ins: list[str] = []
+        self.dedupe_ids: list[str] = []
+        self.marks: list[int] = []  # for each dedupe id, the index of its delivery
+
+    def fold(self, decided: Sequence[Append]) -> list[m.Message]:
+        """Add decisions; returns the facts among them (folded in)."""
+        facts = []
+        for item in decided:
+            self.appends.append(item)
+            if item.stream == self.events:
+                stand_in = f"~{len(self.stand_ins)}"
+                self.state.apply(stand_in, item.message)  # an illegal decision raises: nothing lands
+                self.stand_ins.append(stand_in)
+                facts.append(item.message)
+        return facts
+
+    def dedupe(self, dedupe_id: str, index: int) -> None:
+        self.dedupe_ids.append(dedupe_id)
+        self.marks.append(index)
 
 
 class Scheduler:
@@ -62,6 +100,8 @@ class Scheduler:
             backfill=settings.backfill,
         )
         self.last_heard: dict[str, datetime] = {}
+        self.own: deque[str] = deque()  # ids of facts committed here, not yet read back
+        self.unacked: list[Ack] = []  # entries read and done with, whose acknowledgement waits
 
     async def catch_up(self) -> None:
         """Fold every event appended since the state's position; snapshot now and then."""
@@ -76,46 +116,151 @@ class Scheduler:
     def _pass(self, cause: m.Message) -> list[Append]:
         return rules.schedule(self.state, self.keys, self.heartbeats, self.limits, datetime.now(UTC), cause)
 
-    async def handle(self, delivery: Delivery) -> Sequence[Append]:
-        await self.catch_up()
+    def decide(self, delivery: Delivery, now: datetime) -> tuple[list[Append], m.Message | None]:
+        """What a delivery decides directly, and the cause of the scheduling pass it calls for
+        (None: no pass, or one is part of the decision already)."""
         message = delivery.message
-        now = datetime.now(UTC)
         if isinstance(message, m.NodeHeartbeat):
             self.heartbeats[message.node] = message
             self.last_heard[message.node] = now  # by this scheduler's clock: no skew between nodes
         if delivery.stream == self.keys.telemetry:
             # Heartbeats arrive every few seconds (this scheduler's own among them): the clock by
-            # which silent nodes are found. A telemetry entry carries no request, so deciding only
-            # the loss of a node this time costs nothing.
+            # which silent nodes are found.
             lost = rules.lost_nodes(self.state, self.last_heard, self.limits, now)
             if lost:
                 log.warning("node lost", node=lost[0])
-                return rules.lose_node(self.state, self.keys, lost[0], message)
-        if isinstance(message, m.NodeHeartbeat):
+                return rules.lose_node(self.state, self.keys, lost[0], message), None
+            if not isinstance(message, m.NodeHeartbeat):
+                return [], None
             joined = rules.node_changes(self.state, message)
-            if joined:
-                return [Append(self.keys.events, fact) for fact in joined]
-            return self._pass(message)
-        if isinstance(message, m.SubmitJob):
-            now = datetime.now(UTC)
-            return rules.submit(self.state, self.keys, message, self.heartbeats, self.limits, now)
+            return [Append(self.keys.events, fact) for fact in joined], None if joined else message
+        if isinstance(message, m.SubmitJob):  # placed at once when it fits: the pass is included
+            return rules.submit(self.state, self.keys, message, self.heartbeats, self.limits, now), None
         if isinstance(message, m.CancelJob):
-            return rules.cancel(self.state, self.keys, message)
+            return rules.cancel(self.state, self.keys, message), None
         if isinstance(message, m.SetPriority):
-            return rules.set_priority(self.state, self.keys, message)
+            return rules.set_priority(self.state, self.keys, message), None
         if isinstance(message, m.DeleteJob):
-            return rules.delete(self.state, self.keys, message)
+            return rules.delete(self.state, self.keys, message), None
         if isinstance(message, m.ReleaseJob):
-            return rules.release(self.state, self.keys, message)
+            return rules.release(self.state, self.keys, message), None
         if isinstance(message, m.RequestExport):
             job = self.state.jobs.get(message.job_id or "")
-            return rules.export(self.state, self.keys, job, message) if job else []
+            return (rules.export(self.state, self.keys, job, message) if job else []), None
         if isinstance(message, m.ProcessQueue):
-            return self._pass(message)
+            return [], message
         if delivery.stream == self.keys.events:
+            return rules.react(self.state, self.keys, message), message if rules.reschedules(message) else None
+        return [], None
+
+    def plan(self, deliveries: Sequence[Delivery]) -> Plan:
+        """Decide a whole read, folding each decision's facts in (under stand-in ids) before the
+        next delivery is decided, exactly as if each had been committed and read back alone. A
+        fact of this scheduler's calls for the same reactions as when it is read from the log
+        (then skipped): the pass after it runs here, once per delivery."""
+        plan = Plan(self.state, self.keys.events)
+        for index, delivery in enumerate(deliveries):
+            before = len(plan.appends)
             now = datetime.now(UTC)
-            return rules.on_event(self.state, self.keys, self.heartbeats, self.limits, now, message)
-        return []
+            decided, cause = self.decide(delivery, now)
+            # A submit's decision places the job already: its job.queued calls for no other pass.
+            passed = isinstance(delivery.message, m.SubmitJob)
+            while decided:
+                facts = plan.fold(decided)
+                if not passed:
+                    cause = next((f for f in reversed(facts) if rules.reschedules(f)), cause)
+                decided = [r for fact in facts for r in rules.react(self.state, self.keys, fact)]
+            if cause is not None:
+                plan.fold(rules.schedule(self.state, self.keys, self.heartbeats, self.limits, now, cause))
+            if len(plan.appends) > before:
+                plan.dedupe(f"{SCHEDULER_GROUP}:{delivery.message.id}", index)
+        return plan
+
+    async def handle_batch(self, deliveries: list[Delivery], acks: list[Entry]) -> int:
+        """Decide a read and commit every decision and acknowledgement in one step. A read that
+        cannot be decided is split, so that one bad entry is left pending alone. Entries owed
+        only an acknowledgement (facts of this scheduler, read back) ride along with the next
+        commit, or are acknowledged when the streams fall quiet: left pending by a crash, they
+        would only be decided again, to no effect."""
+        self.unacked += [Ack(e.stream, SCHEDULER_GROUP, e.entry_id) for e in acks]
+        if not deliveries:
+            if len(self.unacked) >= MAX_UNACKED:
+                await self.flush_acks()
+            return 0
+        try:
+            await self._commit_batch(deliveries)
+            return 0
+        except UndecidedBatch:
+            if len(deliveries) <= 1:
+                return len(deliveries)
+        return sum([await self.handle_batch([delivery], []) for delivery in deliveries])
+
+    async def flush_acks(self) -> None:
+        if self.unacked:
+            await self.bus.commit([], acks=self.unacked, fence_token=self.token)
+            self.unacked = []
+
+    async def _commit_batch(self, deliveries: list[Delivery]) -> None:
+        position = entry_id_key(self.state.position)
+        behind = any(d.stream == self.keys.events and entry_id_key(d.entry_id) > position for d in deliveries)
+        owed = [Ack(d.stream, SCHEDULER_GROUP, d.entry_id) for d in deliveries] + self.unacked
+        duplicates: set[int] = set()
+        for _ in range(MAX_CONFLICT_RETRIES):
+            if behind:
+                await self.catch_up()
+            expect_last = self.state.position
+            self.state.savepoint()
+            try:
+                try:
+                    plan = self.plan([d for i, d in enumerate(deliveries) if i not in duplicates])
+                except Exception as exc:
+                    log.exception("deciding failed; entries left pending", entries=[d.entry_id for d in deliveries])
+                    raise UndecidedBatch from exc
+                result = await self.bus.commit(
+                    plan.appends,
+                    acks=owed,
+                    fence_token=self.token,
+                    expect_last=expect_last if plan.appends else None,
+                    dedupe_ids=plan.dedupe_ids,
+                )
+            except BaseException:
+                self.state.rollback()
+                raise
+            if result.status in ("OK", "DUPLICATE"):
+                self.unacked = []
+            if result.status == "OK":
+                self.own.extend(self.state_ids(plan, result.entry_ids))
+                self.unsaved += len(plan.stand_ins)
+                if self.unsaved >= snapshot.SNAPSHOT_EVERY:
+                    await snapshot.save(self.bus, self.state)
+                    self.unsaved = 0
+                return
+            self.state.rollback()
+            if result.status == "DUPLICATE":
+                return  # every decision had been committed before; the acknowledgements landed
+            if result.status == "SOME_DUPLICATE":
+                redone = [i for i in range(len(deliveries)) if i not in duplicates]
+                duplicates.update(redone[plan.marks[k]] for k in result.duplicates)
+            behind = True
+        raise RuntimeError(f"a read of {len(deliveries)} entries conflicted {MAX_CONFLICT_RETRIES} times")
+
+    def state_ids(self, plan: Plan, entry_ids: Sequence[str]) -> list[str]:
+        """Keep the folded facts under the ids they got; returns those ids."""
+        ids = [entry_id for item, entry_id in zip(plan.appends, entry_ids, strict=True) if item.stream == plan.events]
+        self.state.release(dict(zip(plan.stand_ins, ids, strict=True)))
+        return ids
+
+    def is_own(self, entry: Entry) -> bool:
+        """A fact this scheduler committed (and reacted to) itself: acknowledged unread."""
+        if entry.stream != self.keys.events:
+            return False
+        key = entry_id_key(entry.entry_id)
+        while self.own and entry_id_key(self.own[0]) < key:
+            self.own.popleft()
+        if self.own and self.own[0] == entry.entry_id:
+            self.own.popleft()
+            return True
+        return False
 
     async def commit_pass(self) -> None:
         """A scheduling pass outside any delivery (on taking the lead)."""
@@ -132,7 +277,10 @@ class Scheduler:
     async def lead(self, reader: aioredis.Redis) -> None:
         """Run as the leader until the lease is lost."""
         self.state = await snapshot.load(self.bus)
+        self.own.clear()
+        self.unacked = []
         await self.catch_up()
+        settle_heap()
         # Every node gets a full timeout from now: this scheduler has not heard anyone yet.
         self.last_heard = {name: datetime.now(UTC) for name, node in self.state.nodes.items() if node.up}
         log.info("leading", token=self.token, position=self.state.position, jobs=len(self.state.jobs))
@@ -142,11 +290,13 @@ class Scheduler:
             [self.keys.commands, self.keys.events, self.keys.telemetry],
             SCHEDULER_GROUP,
             CONSUMER,
-            self.handle,
+            None,
             block_ms=1000,
             claim_idle_ms=self.settings.claim_idle_ms,
             max_deliveries=self.settings.max_deliveries,
-            guard=CommitGuard(fence_token=lambda: self.token, expect_last=lambda: self.state.position),
+            batch=self.handle_batch,
+            skip=self.is_own,
+            on_idle=self.flush_acks,
         )
         await consumer.setup()
         await self.commit_pass()
