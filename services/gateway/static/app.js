@@ -51,16 +51,17 @@
     };
   }
 
-  /** Calls fn once per animation frame at most, however often it is asked for. */
-  function perFrame(fn) {
-    let asked = false;
+  /** Calls fn at most every ms, however often it is asked for, and always after the last ask.
+   * (A timer, not an animation frame: a tab in a window's background still draws its chart.) */
+  function throttle(fn, ms) {
+    let timer = null;
     return () => {
-      if (asked) return;
-      asked = true;
-      requestAnimationFrame(() => {
-        asked = false;
-        fn();
-      });
+      if (timer === null) {
+        timer = setTimeout(() => {
+          timer = null;
+          fn();
+        }, ms);
+      }
     };
   }
 
@@ -573,7 +574,8 @@
 
     estimate(entry) {
       if (!entry.estimated_start_at) {
-        return el("span", { class: "muted", title: entry.estimate_basis || "", text: "unknown" }, el("div", { class: "job-id", text: entry.estimate_basis || "" }));
+        // The basis says why, naming the job it waits on: "unknown: job … has no ETA, …".
+        return el("span", { class: "basis", text: entry.estimate_basis || "unknown" });
       }
       const inSeconds = (Date.parse(entry.estimated_start_at) - Date.now()) / 1000;
       return el("span", { title: `${localTime(entry.estimated_start_at)} (${entry.estimate_basis || ""})`, text: inSeconds > 1 ? `in ${duration(inSeconds)}` : "any moment" });
@@ -776,7 +778,7 @@
       chart.dataset.evalPoints = String(evaluated);
     },
 
-    drawChart: null, // set below: at most once per frame
+    drawChart: null, // set below: at most ten times a second
 
     draw() {
       const steps = [...this.losses.keys()].sort((a, b) => a - b);
@@ -821,17 +823,17 @@
       if ($("#logs-follow").checked) this.scrollLogs();
     },
 
-    scrollLogs: null, // set below: at most once per frame
+    scrollLogs: null, // set below: at most ten times a second
 
     resize() {
       if (this.chart) this.chart.setSize({ width: Math.max(300, $("#loss-chart").clientWidth), height: 300 });
     },
   };
-  jobPage.drawChart = perFrame(() => jobPage.draw());
-  jobPage.scrollLogs = perFrame(() => {
+  jobPage.drawChart = throttle(() => jobPage.draw(), 100);
+  jobPage.scrollLogs = throttle(() => {
     const pre = $("#job-logs");
     pre.scrollTop = pre.scrollHeight;
-  });
+  }, 100);
   window.addEventListener("resize", debounce(() => jobPage.resize(), 150));
 
   async function jobAction(action, button) {
