@@ -9,12 +9,14 @@ or not at all.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
@@ -256,6 +258,8 @@ class Bus:
         self._commit = redis.register_script(_COMMIT_LUA)
         self._append_events = redis.register_script(_APPEND_LUA)
         self._scripts: dict[str, AsyncScript] = {}
+        self._outbox: list[tuple[str, dict[str, str], asyncio.Future[str]]] = []
+        self._sending = anyio.Lock()
 
     def script(self, source: str) -> AsyncScript:
         """A Lua script, registered once per bus."""
@@ -263,15 +267,11 @@ class Bus:
             self._scripts[source] = self.redis.register_script(source)
         return self._scripts[source]
 
-    def stamp(self, message: Message) -> Message:
-        """The message with this process as its source."""
-        return message if message.source else message.model_copy(update={"source": self.source})
-
     def append_events(self, messages: Sequence[Message], client: Any = None) -> Any:
         """Append facts to the log, on its hash chain, in one step (``client``: a pipeline)."""
         args: list[Any] = []
         for message in messages:
-            fields = encode(self.stamp(message))
+            fields = encode(message, self.source)
             args.append(len(fields))
             for name, value in fields.items():
                 args += [name, value]
@@ -280,13 +280,41 @@ class Bus:
     async def append(self, stream: str, *messages: Message, maxlen: int = 0) -> list[str]:
         if stream == self.keys.events:
             return [str(entry_id) for entry_id in await self.append_events(messages)]
+        if len(messages) == 1:
+            entry_id = await self.redis.xadd(
+                stream, encode(messages[0], self.source), maxlen=maxlen or None, approximate=bool(maxlen)
+            )
+            return [str(entry_id)]
         async with self.redis.pipeline(transaction=True) as pipe:
             for message in messages:
                 if maxlen:
-                    pipe.xadd(stream, encode(self.stamp(message)), maxlen=maxlen, approximate=True)
+                    pipe.xadd(stream, encode(message, self.source), maxlen=maxlen, approximate=True)
                 else:
-                    pipe.xadd(stream, encode(self.stamp(message)))
+                    pipe.xadd(stream, encode(message, self.source))
             return [str(entry_id) for entry_id in await pipe.execute()]
+
+    async def send(self, stream: str, message: Message) -> str:
+        """Append one message to a stream other than the log, sharing the round trip with the
+        messages concurrent callers send meanwhile: while one batch is written, the next one
+        gathers, and goes out in one pipeline."""
+        sent: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._outbox.append((stream, encode(message, self.source), sent))
+        async with self._sending:
+            if not sent.done():
+                batch, self._outbox = self._outbox, []
+                try:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for target, fields, _ in batch:
+                            pipe.xadd(target, fields)
+                        ids = await pipe.execute()
+                except BaseException as exc:
+                    for _, _, waiter in batch:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    raise
+                for (_, _, waiter), entry_id in zip(batch, ids, strict=True):
+                    waiter.set_result(str(entry_id))
+        return await sent
 
     async def commit(
         self,
@@ -320,7 +348,7 @@ class Bus:
         for a in all_acks:
             args += [a.group, a.entry_id]
         for item in appends:
-            fields = encode(self.stamp(item.message))
+            fields = encode(item.message, self.source)
             args += [item.maxlen, len(fields)]
             for name, value in fields.items():
                 args += [name, value]

@@ -7,12 +7,11 @@ An entry has three fields: ``type`` and ``job_id`` (so readers can filter withou
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from pydantic_core import to_json
+from pydantic_core import from_json, to_json
 
 from events.messages import ENVELOPE_FIELDS, AnyMessage, Message, message_types
 
@@ -39,9 +38,12 @@ def upcaster(type_: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
     return register
 
 
-def encode(message: Message) -> dict[str, str]:
+def encode(message: Message, source: str = "") -> dict[str, str]:
+    """The entry of a message; ``source`` names the sender when the message does not."""
     payload = message.model_dump(mode="json")
     envelope = {name: payload.pop(name) for name in ENVELOPE_FIELDS}
+    if source and not envelope["source"]:
+        envelope["source"] = source
     envelope["payload"] = payload
     return {
         "type": message.type,
@@ -59,8 +61,8 @@ def decode(fields: Fields) -> Message:
     if raw is None:
         raise DecodeError("entry has no 'data' field")
     try:
-        envelope = json.loads(_text(raw))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        envelope = from_json(raw)  # parsed in Rust
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise DecodeError(f"data is not JSON: {exc}") from exc
     return decode_envelope(envelope)
 

@@ -55,6 +55,13 @@ def durations(state: State) -> dict[tuple[str, str], list[float]]:
     return found
 
 
+def placement_request(job: Job) -> tuple[object, ...]:
+    """What decides which GPUs a job may use."""
+    spec = job.spec
+    ids = None if spec.gpu_ids is None else tuple(spec.gpu_ids)
+    return (spec.gpu_count, spec.node, spec.gpu_model, spec.min_gpu_memory_mb, ids)
+
+
 def estimate_queue(state: State, now: datetime) -> dict[str, Estimate]:
     """An estimate for every queued job, in start order (strict: none starts before the one ahead)."""
     free_at: dict[str, float] = {}  # GPU -> seconds from now until it is free
@@ -73,7 +80,15 @@ def estimate_queue(state: State, now: datetime) -> dict[str, Estimate]:
     history = durations(state)
     estimates: dict[str, Estimate] = {}
     not_before = 0.0
-    for job in state.queue():
+    # Once one job's start is unknown, no GPU's time changes and every job behind it is unknown
+    # too, for a reason that depends only on what it asks for: worked out once per request.
+    unknown: dict[tuple[object, ...], Estimate] = {}
+    for job in state.queue_iter():
+        if not_before == UNKNOWN:
+            request = placement_request(job)
+            if request in unknown:
+                estimates[job.job_id] = unknown[request]
+                continue
         best: tuple[float, list[str]] | None = None
         for name, node in sorted(state.nodes.items()):
             if not node.up:
@@ -94,6 +109,8 @@ def estimate_queue(state: State, now: datetime) -> dict[str, Estimate]:
                 else "no GPU it could use will be free at a known time"
             )
             estimates[job.job_id] = Estimate(None, f"unknown: {reason}")
+            if not_before == UNKNOWN:
+                unknown[placement_request(job)] = estimates[job.job_id]
             not_before = UNKNOWN
             continue
         start, chosen_keys = best

@@ -50,7 +50,7 @@ older versions are upcast on decode (see :mod:`events.codec`).
 
 from __future__ import annotations
 
-import uuid
+import os
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal
 
@@ -62,7 +62,8 @@ ENVELOPE_FIELDS = ("type", "v", "id", "at", "source", "causation_id", "job_id", 
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits, as 32 hex digits."""
+    return os.urandom(16).hex()
 
 
 def utcnow() -> datetime:

@@ -122,44 +122,47 @@ class State(BaseModel):
     _queued: SortedList = PrivateAttr(default_factory=SortedList)
     _journal: Journal | None = PrivateAttr(default=None)
 
+    # Private attributes are read through ``__pydantic_private__`` on the hot paths: a plain
+    # ``self._queued`` goes through BaseModel.__getattr__, which costs a microsecond each time.
+
     def model_post_init(self, context: Any, /) -> None:
         self._queued = SortedList(filter(None, map(queue_key, self.jobs.values())))
 
     def queue_iter(self) -> Iterator[Job]:
         """Queued jobs in start order: higher priority first, FIFO within a priority."""
-        return (self.jobs[job_id] for _, _, job_id in self._queued)
+        return (self.jobs[job_id] for _, _, job_id in self.__pydantic_private__["_queued"])
 
     def queue(self) -> list[Job]:
         return list(self.queue_iter())
 
     def queue_position(self, job_id: str) -> int | None:
         key = queue_key(self.jobs.get(job_id))
-        return None if key is None else self._queued.index(key) + 1
+        return None if key is None else self.__pydantic_private__["_queued"].index(key) + 1
 
     def queued_at(self, position: int) -> str:
         """The id of the job at a 1-based position of the queue."""
-        return self._queued[position - 1][2]
+        return self.__pydantic_private__["_queued"][position - 1][2]
 
     def queued_ahead_of(self, priority: int, seq: float = math.inf) -> int:
         """How many queued jobs a job of this priority would wait behind: a new one, or (by its
         submit order) one submitted earlier and queued only now."""
-        return self._queued.bisect_left((-priority, seq, ""))
+        return self.__pydantic_private__["_queued"].bisect_left((-priority, seq, ""))
 
     def apply(self, entry_id: str, event: m.Message) -> None:
         """Fold one event in. Raises IllegalTransition, leaving the state unchanged."""
         handler = _HANDLERS.get(type(event))
         if handler is None:
             raise IllegalTransition(f"{event.type} is not an event of the log")
-        if self._journal is not None:
-            self._journal.keep(self, event)
+        if self.__pydantic_private__["_journal"] is not None:
+            self.__pydantic_private__["_journal"].keep(self, event)
         before = queue_key(self.jobs.get(event.job_id or ""))
         handler(self, entry_id, event)
         after = queue_key(self.jobs.get(event.job_id or ""))
         if before != after:
             if before is not None:
-                self._queued.remove(before)
+                self.__pydantic_private__["_queued"].remove(before)
             if after is not None:
-                self._queued.add(after)
+                self.__pydantic_private__["_queued"].add(after)
         self.position = entry_id
 
     # --- savepoints: fold facts before they are in the log, and take them back if they never land
@@ -171,21 +174,21 @@ class State(BaseModel):
 
     def rollback(self) -> None:
         """Back to the savepoint."""
-        journal = self._journal
+        journal = self.__pydantic_private__["_journal"]
         if journal is None:
             return
         self._journal = None
         for job_id, saved in journal.jobs.items():
             key = queue_key(self.jobs.get(job_id))
             if key is not None:
-                self._queued.remove(key)
+                self.__pydantic_private__["_queued"].remove(key)
             if saved is None:
                 self.jobs.pop(job_id, None)
                 continue
             self.jobs[job_id] = saved
             key = queue_key(saved)
             if key is not None:
-                self._queued.add(key)
+                self.__pydantic_private__["_queued"].add(key)
         for name, node in journal.nodes.items():
             if node is None:
                 self.nodes.pop(name, None)
@@ -198,7 +201,7 @@ class State(BaseModel):
     def release(self, entry_ids: Mapping[str, str]) -> None:
         """Keep what was folded since the savepoint; ``entry_ids`` maps each stand-in id used
         since then to the id the entry got in the log."""
-        journal = self._journal
+        journal = self.__pydantic_private__["_journal"]
         if journal is None:
             return
         self._journal = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -40,9 +41,13 @@ def _service(name: str) -> ServiceMain:
 SERVICES = ("gateway", "scheduler", "gpu-monitor", "runner", "exporter")
 
 
+# uvloop where it is installed: the same asyncio, with a faster loop
+EVENT_LOOP = {"use_uvloop": True} if importlib.util.find_spec("uvloop") else {}
+
+
 def run_service(settings: Settings, name: str) -> None:
     configure_logging(settings, name)
-    anyio.run(serve, settings, name, _service(name))
+    anyio.run(serve, settings, name, _service(name), backend_options=EVENT_LOOP)
 
 
 def run_redis(settings: Settings) -> None:

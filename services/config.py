@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     def keys(self) -> Keys:
         return Keys(self.namespace)
 
-    @property
+    @cached_property
     def roots(self) -> list[Path]:
         listed = [Path(p).expanduser().resolve() for p in self.path_roots.split(":") if p]
         return listed or [self.data_dir.resolve(), Path.cwd().resolve()]

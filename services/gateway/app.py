@@ -163,14 +163,10 @@ async def create_job(request: Request) -> JSONResponse:
         )
         return JSONResponse({"dry_run": True, **command_view(launch.argv, launch.env)})
     command = m.SubmitJob(job_id=m.new_id(), spec=submission.spec, actor=_actor(request))
-    [position] = await _bus(request).append(_bus(request).keys.commands, command)
+    position = await _bus(request).send(_bus(request).keys.commands, command)
     job_id = command.job_id or ""
 
-    def decided() -> bool:
-        job = projection.state.jobs.get(job_id)
-        return job is not None and job.status != JobStatus.pending
-
-    await projection.wait_until(decided, settings.submit_wait_s)
+    await projection.wait_decided(job_id, settings.submit_wait_s)
     job = projection.job(job_id)
     body = {
         "job_id": job_id,
@@ -334,7 +330,7 @@ async def export_job(request: Request) -> JSONResponse:
             [{"field": "status", "message": job.status}],
         )
     command = m.RequestExport(job_id=job.job_id, actor=_actor(request))
-    [position] = await _bus(request).append(_bus(request).keys.commands, command)
+    position = await _bus(request).send(_bus(request).keys.commands, command)
     return JSONResponse(
         {"job_id": job.job_id, "command_position": position, "message": "export requested"}, status_code=202
     )
@@ -382,7 +378,7 @@ def _illegal(job: Job, action: str) -> ApiError:
 
 
 async def _command(request: Request, command: m.Command, message: str, job: Job) -> JSONResponse:
-    [position] = await _bus(request).append(_bus(request).keys.commands, command)
+    position = await _bus(request).send(_bus(request).keys.commands, command)
     body = {"job_id": job.job_id, "status": job.status, "command_position": position, "message": message}
     return JSONResponse(body, status_code=202)
 
@@ -421,7 +417,7 @@ async def delete_job(request: Request) -> JSONResponse:
 
 
 async def process_queue(request: Request) -> JSONResponse:
-    [position] = await _bus(request).append(_bus(request).keys.commands, m.ProcessQueue(actor=_actor(request)))
+    position = await _bus(request).send(_bus(request).keys.commands, m.ProcessQueue(actor=_actor(request)))
     return JSONResponse({"command_position": position, "message": "scheduling pass requested"}, status_code=202)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,13 +21,14 @@ from events.bus import Bus, entry_id_key
 from events.codec import DecodeError, decode
 from events.estimates import Estimate, estimate_queue
 from events.log import apply_entry, catch_up
-from events.state import Job, State, new_job
+from events.state import Job, JobStatus, State, new_job
 from services.runtime import REDIS_LOST, settle_heap, wait_for_redis
 
 log = structlog.get_logger("gateway.projection")
 
 SUBSCRIBER_BUFFER = 1000  # events a slow client may fall behind before it is disconnected
 ESTIMATE_REFRESH_S = 1.0
+ESTIMATE_COST_RATIO = 20  # estimates take at most about a twentieth of the gateway's time
 LOG_TURN_MS = 1000  # how soon a newly followed job's output joins the shared read
 
 
@@ -110,8 +112,9 @@ class Projection:
     telemetry_position: str = "$"
     heartbeats: dict[str, m.NodeHeartbeat] = field(default_factory=dict)
     services: dict[tuple[str, str], m.ServiceHeartbeat] = field(default_factory=dict)
-    # Submits the scheduler has not decided on yet: job id -> (command entry id, command)
-    pending: dict[str, tuple[str, m.SubmitJob]] = field(default_factory=dict)
+    # Submits the scheduler has not decided on yet: job id -> (command entry id, its fields),
+    # decoded only when someone asks for the job
+    pending: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     commands_position: str = "0-0"
     subscribers: Topics = field(default_factory=Topics)
     # Output lines of the jobs someone follows: where the shared reader is in each job's stream
@@ -119,7 +122,9 @@ class Projection:
     log_subscribers: Topics = field(default_factory=Topics)
     ready: anyio.Event = field(default_factory=anyio.Event)
     _estimates: tuple[datetime, str, dict[str, Estimate]] | None = None
+    _estimate_cost_s: float = 0.0
     _advanced: anyio.Event = field(default_factory=anyio.Event)
+    _deciding: dict[str, anyio.Event] = field(default_factory=dict)  # job id -> set once decided
 
     def subscribe(self, job_id: str | None = None, cut: asyncio.Event | None = None) -> Subscription:
         """Follow one job's events, or (None) every event; ``cut`` is set if it falls behind."""
@@ -152,14 +157,16 @@ class Projection:
     def estimates(self, *, fresh: bool = False) -> tuple[datetime, dict[str, Estimate]]:
         """Queue estimates as of when they were computed: simulating a long queue costs time, so
         it is redone only when the log has moved on, and (unless ``fresh``) at most every
-        ESTIMATE_REFRESH_S: a burst of submissions does not simulate the queue once each."""
+        ESTIMATE_REFRESH_S, or ESTIMATE_COST_RATIO times as long as the last one took: a burst
+        of submissions to a long queue does not simulate it once each."""
         now = datetime.now(UTC)
         cached = self._estimates
-        stale = cached is None or (
-            cached[1] != self.state.position and (fresh or now - cached[0] >= timedelta(seconds=ESTIMATE_REFRESH_S))
-        )
+        refresh = timedelta(seconds=max(ESTIMATE_REFRESH_S, ESTIMATE_COST_RATIO * self._estimate_cost_s))
+        stale = cached is None or (cached[1] != self.state.position and (fresh or now - cached[0] >= refresh))
         if stale:
+            started = time.perf_counter()
             self._estimates = (now, self.state.position, estimate_queue(self.state, now))
+            self._estimate_cost_s = time.perf_counter() - started
         assert self._estimates is not None
         return self._estimates[0], self._estimates[2]
 
@@ -168,17 +175,40 @@ class Projection:
         job = self.state.jobs.get(job_id)
         if job is not None or job_id not in self.pending:
             return job
-        entry_id, command = self.pending[job_id]
+        entry_id, fields = self.pending[job_id]
+        try:
+            command = decode(fields)
+        except DecodeError:
+            return None
+        if not isinstance(command, m.SubmitJob):
+            return None
         accepted = m.JobAccepted(job_id=job_id, spec=command.spec, actor=command.actor, at=command.at)
         return new_job(accepted, 0, entry_id)
+
+    def is_decided(self, job_id: str) -> bool:
+        job = self.state.jobs.get(job_id)
+        return job is not None and job.status != JobStatus.pending
+
+    async def wait_decided(self, job_id: str, timeout_s: float) -> bool:
+        """Wait until the scheduler's decision on a submitted job is folded in, or the timeout
+        passes. Each waiter is woken by its own job's decision alone."""
+        if self.is_decided(job_id):
+            return True
+        decided = self._deciding.setdefault(job_id, anyio.Event())
+        try:
+            with anyio.move_on_after(timeout_s):
+                await decided.wait()
+        finally:
+            self._deciding.pop(job_id, None)
+        return self.is_decided(job_id)
 
     async def run(self) -> None:
         await self._recent_telemetry()
         self.state = await snapshot.load(self.bus)
         await catch_up(self.bus, self.state)
         self.pending.clear()  # filled next, from the submits not decided in the log
-        async for entry_id, command in self.bus.messages(self.bus.keys.commands):
-            self._note_command(entry_id, command)
+        async for entry in self.bus.entries(self.bus.keys.commands):
+            self._note_command(entry.entry_id, entry.fields)
         settle_heap()  # full collections paused every live stream: p99 250 ms against 17 ms
         self.ready.set()
         self._signal()
@@ -211,10 +241,11 @@ class Projection:
         for entry_id, fields in reversed(recent):
             self._take(self.bus.keys.telemetry, str(entry_id), fields)
 
-    def _note_command(self, entry_id: str, command: m.Message) -> None:
+    def _note_command(self, entry_id: str, fields: dict[str, str]) -> None:
         self.commands_position = entry_id
-        if isinstance(command, m.SubmitJob) and command.job_id and command.job_id not in self.state.jobs:
-            self.pending[command.job_id] = (entry_id, command)
+        job_id = fields.get("job_id")
+        if fields.get("type") == "job.submit" and job_id and job_id not in self.state.jobs:
+            self.pending[job_id] = (entry_id, fields)
 
     def _take(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
         if stream.startswith(self._logs_prefix):
@@ -224,16 +255,20 @@ class Projection:
                 line = json.dumps({"fd": fields.get("fd"), "line": fields.get("line")})
                 self.log_subscribers.publish(LiveEvent(entry_id, job_id, "log", line))
             return
+        if stream == self.bus.keys.commands:
+            self._note_command(entry_id, fields)
+            return
         if stream == self.bus.keys.telemetry:
             self.telemetry_position = entry_id
-        elif stream == self.bus.keys.commands:
-            self.commands_position = entry_id
         elif stream == self.bus.keys.events:
             event = apply_entry(self.state, entry_id, fields)
             if isinstance(event, m.JobAccepted):
                 self.pending.pop(event.job_id or "", None)
             if event is not None:
-                self.subscribers.publish(LiveEvent(entry_id, fields.get("job_id", ""), event.type, fields["data"]))
+                job_id = fields.get("job_id", "")
+                self.subscribers.publish(LiveEvent(entry_id, job_id, event.type, fields["data"]))
+                if job_id in self._deciding and self.is_decided(job_id):
+                    self._deciding[job_id].set()
             return
         try:
             message = decode(fields)
@@ -244,8 +279,6 @@ class Projection:
             self.heartbeats[message.node] = message
         elif isinstance(message, m.ServiceHeartbeat):
             self.services[(message.service, message.instance)] = message
-        elif stream == self.bus.keys.commands:
-            self._note_command(entry_id, message)
 
     @property
     def _logs_prefix(self) -> str:

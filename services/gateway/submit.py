@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from cachetools import TTLCache, cached
 from pydantic import TypeAdapter, ValidationError
 
 from events.params import DeployJob, JobSpec, TaskType
@@ -43,6 +44,13 @@ def _is_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or path in (".", "..")
 
 
+# Submissions in a burst name the same few paths: each is resolved and checked once a second.
+@cached(TTLCache(maxsize=4096, ttl=1.0))
+def _lookup(value: str) -> tuple[Path, bool]:
+    resolved = Path(value).expanduser().resolve()
+    return resolved, resolved.exists()
+
+
 def check_path(field: str, value: str, roots: list[Path], *, must_exist: bool, hub_allowed: bool) -> str | None:
     """Why a path is refused, or None. Local paths must resolve inside one of the roots."""
     if not _is_local(value):
@@ -50,8 +58,7 @@ def check_path(field: str, value: str, roots: list[Path], *, must_exist: bool, h
             return None
         return "neither a local path (absolute, or starting with ./) nor a hub id such as org/name"
     try:
-        resolved = Path(value).expanduser().resolve()
-        exists = resolved.exists()
+        resolved, exists = _lookup(value)
     except (RuntimeError, OSError, ValueError) as exc:  # unknown ~user, name too long, NUL byte
         return f"not a usable path: {exc}"
     if not any(resolved.is_relative_to(root) for root in roots):

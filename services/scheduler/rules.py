@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -50,10 +49,28 @@ def submit(
         return [Append(keys.events, accepted), Append(keys.events, m.JobHeld(**common))]
     decided = [Append(keys.events, accepted), Append(keys.events, _queued(state, spec.priority, common))]
     # The queue as it will be once these facts are folded in, to place the new job right away.
-    job = new_job(accepted, state.accepted + 1, "0-0")
-    job.status = JobStatus.queued
-    queue = heapq.merge(state.queue_iter(), [job], key=lambda j: (-j.priority, j.seq))
+    queue = _joined(state.queue_iter(), accepted, state.accepted + 1)
     return decided + schedule(state, keys, heartbeats, limits, now, command, queue=queue)
+
+
+def _joined(queue: Iterator[Job], accepted: m.JobAccepted, seq: int) -> Iterator[Job]:
+    """The queue with a newly accepted job in its place (the last of its priority). The job is
+    made only if a pass gets that far: behind a head that does not fit, it never does."""
+    priority = accepted.spec.priority
+    for job in queue:
+        if job.priority < priority:
+            yield _new_queued(accepted, seq)
+            yield job
+            yield from queue
+            return
+        yield job
+    yield _new_queued(accepted, seq)
+
+
+def _new_queued(accepted: m.JobAccepted, seq: int) -> Job:
+    job = new_job(accepted, seq, "0-0")
+    job.status = JobStatus.queued
+    return job
 
 
 def _queued(state: State, priority: int, common: dict[str, str | None], seq: float = math.inf) -> m.JobQueued:

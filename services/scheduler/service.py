@@ -43,6 +43,7 @@ return 0
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
+READ_COUNT = 500  # entries per stream and read: decided together, committed in one step
 MAX_UNACKED = 1000  # acknowledgements that may wait for a commit to ride along with
 MAX_CONFLICT_RETRIES = 50  # a read decided again on a log that moved on, before giving up
 
@@ -157,11 +158,28 @@ class Scheduler:
         """Decide a whole read, folding each decision's facts in (under stand-in ids) before the
         next delivery is decided, exactly as if each had been committed and read back alone. A
         fact of this scheduler's calls for the same reactions as when it is read from the log
-        (then skipped): the pass after it runs here, once per delivery."""
+        (then skipped). A scheduling pass places every queued job that fits, so the passes that
+        reports, heartbeats and forced passes call for are made once, before the next command
+        and at the end of the read, rather than once each."""
         plan = Plan(self.state, self.keys.events)
+        owed: tuple[int, m.Message] | None = None  # the delivery that last called for a pass
+
+        def settle() -> None:
+            nonlocal owed
+            if owed is not None:
+                index, cause = owed
+                owed = None
+                before = len(plan.appends)
+                plan.fold(rules.schedule(self.state, self.keys, self.heartbeats, self.limits, now, cause))
+                if len(plan.appends) > before and index not in plan.marks:
+                    plan.dedupe(f"{SCHEDULER_GROUP}:{deliveries[index].message.id}", index)
+
         for index, delivery in enumerate(deliveries):
-            before = len(plan.appends)
             now = datetime.now(UTC)
+            command = delivery.stream == self.keys.commands
+            if command:
+                settle()
+            before = len(plan.appends)
             decided, cause = self.decide(delivery, now)
             # A submit's decision places the job already: its job.queued calls for no other pass.
             passed = isinstance(delivery.message, m.SubmitJob)
@@ -171,9 +189,12 @@ class Scheduler:
                     cause = next((f for f in reversed(facts) if rules.reschedules(f)), cause)
                 decided = [r for fact in facts for r in rules.react(self.state, self.keys, fact)]
             if cause is not None:
-                plan.fold(rules.schedule(self.state, self.keys, self.heartbeats, self.limits, now, cause))
+                owed = (index, cause)
+                if command:
+                    settle()
             if len(plan.appends) > before:
                 plan.dedupe(f"{SCHEDULER_GROUP}:{delivery.message.id}", index)
+        settle()
         return plan
 
     async def handle_batch(self, deliveries: list[Delivery], acks: list[Entry]) -> int:
@@ -292,6 +313,7 @@ class Scheduler:
             CONSUMER,
             None,
             block_ms=1000,
+            count=READ_COUNT,
             claim_idle_ms=self.settings.claim_idle_ms,
             max_deliveries=self.settings.max_deliveries,
             batch=self.handle_batch,

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import anyio
 import httpx
+import psutil
 import redis
 
 from events import messages as m
 from events.codec import encode
-from events.keys import Keys
+from events.keys import SCHEDULER_GROUP, Keys
 from events.params import LanguageModelJob
 from services import embedded_redis
 from tests.conftest import free_port, wait_for
@@ -108,6 +109,8 @@ def decision_latency(client: redis.Redis, keys: Keys, job: LanguageModelJob, sub
                 last = entry_id
                 if fields[b"job_id"].decode() == job_id and fields[b"type"] == b"job.queued":
                     latencies.append((time.perf_counter() - start) * 1000)
+                    if os.environ.get("BENCH_SLOW") and latencies[-1] > 10:
+                        print(f"  slow: {latencies[-1]:.1f} ms at {time.time() % 100:.2f}")
             if len(latencies) and fields[b"job_id"].decode() == job_id:
                 break
     print(
@@ -117,11 +120,14 @@ def decision_latency(client: redis.Redis, keys: Keys, job: LanguageModelJob, sub
 
 def sustained(client: redis.Redis, keys: Keys, job: LanguageModelJob, count: int) -> None:
     ids = [uuid.uuid4().hex for _ in range(count)]
+    commands = [encode(m.SubmitJob(job_id=job_id, spec=job)) for job_id in ids]  # before the clock starts
     last = client.xrevrange(keys.events, count=1)[0][0]  # before submitting: no decision is missed
     start = time.perf_counter()
     pipe = client.pipeline(transaction=False)
-    for job_id in ids:
-        pipe.xadd(keys.commands, encode(m.SubmitJob(job_id=job_id, spec=job)))
+    for i, fields in enumerate(commands):
+        pipe.xadd(keys.commands, fields)
+        if i % 500 == 499:  # in chunks, so that the scheduler starts on the first ones at once
+            pipe.execute()
     pipe.execute()
     remaining = set(ids)
     quiet_since = time.monotonic()
@@ -232,9 +238,22 @@ def main() -> None:
         ]
         try:
             wait_for(lambda: client.get(keys.leader), 60, "a scheduler leader", interval_s=0.2)
+            # The scheduler first reads the prefilled log through its group: measure once it is done.
+            wait_for(lambda: _caught_up(client, keys), 120, "the scheduler to read the log", interval_s=0.2)
             decision_latency(client, keys, job, 20)  # warm up
             decision_latency(client, keys, job, args.submits)
+            client.config_resetstat()
+            cpu = psutil.Process(processes[1].pid).cpu_times()
             sustained(client, keys, job, args.sustained)
+            used = sum(psutil.Process(processes[1].pid).cpu_times()[:2]) - sum(cpu[:2])
+            redis_s = sum(stat["usec"] for stat in client.info("commandstats").values()) / 1e6
+            print(
+                f"  CPU per decision:               scheduler {used / args.sustained * 1e6:.0f} us, "
+                f"Redis {redis_s / args.sustained * 1e6:.0f} us"
+            )
+            if os.environ.get("BENCH_STATS"):
+                for name, stat in sorted(client.info("commandstats").items(), key=lambda kv: -kv[1]["usec"])[:8]:
+                    print(f"  redis {name}: {stat['calls']} calls, {stat['usec'] / 1e6:.2f} s, {stat['usec_per_call']:.1f} us/call")
             processes.append(subprocess.Popen([sys.executable, "-m", "services.cli", "gateway"], env=env))
             base = f"http://127.0.0.1:{app_port}/api/v1/training"
             wait_for(lambda: _up(base), 60, "the gateway", interval_s=0.2)
@@ -251,6 +270,15 @@ def main() -> None:
                 process.wait(timeout=30)
             server.terminate()
             server.wait()
+
+
+def _caught_up(client: redis.Redis, keys: Keys) -> bool:
+    for stream in (keys.events, keys.commands):
+        groups = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
+        group = groups.get(SCHEDULER_GROUP)
+        if group is None or group.get("lag") != 0:
+            return False
+    return True
 
 
 def _ping(client: redis.Redis) -> bool:
