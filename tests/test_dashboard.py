@@ -226,6 +226,13 @@ def test_the_dashboard_signs_in_submits_follows_and_cancels_live(
     assert not problems, problems
     page.screenshot(path=str(artifacts() / "dashboard-job.png"), full_page=True)
     tab.screenshot(path=str(artifacts() / "dashboard.png"), full_page=True)
+
+    # When one tab signs out, the session's cookie is gone: the other tab asks for the key again
+    # (at the latest when it next renews its token)
+    tab.click("#sign-out")
+    expect(tab.locator("#sign-in")).to_be_visible()
+    expect(page.locator("#sign-in")).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#sign-in-error")).to_have_text("Your session has ended: sign in again.")
     context.close()
 
 

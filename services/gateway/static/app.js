@@ -211,11 +211,15 @@
         if (onDown) onDown();
         if (source.readyState === EventSource.CLOSED && !closed) {
           source = null;
-          retry = setTimeout(async () => {
-            if (!closed && (await session.check())) open();
-          }, 2000);
+          retry = setTimeout(resume, 2000);
         }
       };
+    };
+    const resume = async () => {
+      if (closed) return;
+      const signedIn = await session.check();
+      if (signedIn === true) open();
+      else if (signedIn === null) retry = setTimeout(resume, 5000); // the gateway is away: again later
     };
     open();
     return {
@@ -247,8 +251,12 @@
           this.enter(await this.refresh(), true);
         }
       } catch (error) {
-        if (error.status === 401) this.showSignIn("");
-        else this.showSignIn(`The gateway did not answer: ${error.message}`);
+        if (error.status === 401) {
+          this.showSignIn("");
+        } else {
+          notice(`The gateway did not answer (${error.message}); trying again…`);
+          setTimeout(() => this.start(), 5000);
+        }
       }
     },
 
@@ -265,19 +273,28 @@
       return token;
     },
 
-    schedule(ttlSeconds) {
+    /** Renew the token halfway through its life; if the gateway is away, try again soon. */
+    schedule(ttlSeconds, inSeconds = Math.max(5, ttlSeconds * 0.5)) {
       clearTimeout(this.refreshTimer);
-      const inMs = Math.max(5, ttlSeconds * 0.5) * 1000;
-      this.refreshTimer = setTimeout(() => this.refresh().catch(() => this.lost("Your session has ended: sign in again.")), inMs);
+      this.refreshTimer = setTimeout(async () => {
+        try {
+          await this.refresh();
+        } catch (error) {
+          if (error.status === 401) this.lost("Your session has ended: sign in again.");
+          else this.schedule(ttlSeconds, 5);
+        }
+      }, inSeconds * 1000);
     },
 
-    /** Whether we are still signed in (after a stream was refused). */
+    /** Whether we are still signed in (after a stream was refused): true, false (and the sign-in
+     * box shows), or null when the gateway did not answer. */
     async check() {
       try {
         await api(`${AUTH}/me`, { signIn: true });
         return true;
       } catch (error) {
-        if (error.status === 401) this.lost("Your session has ended: sign in again.");
+        if (error.status !== 401) return null;
+        this.lost("Your session has ended: sign in again.");
         return false;
       }
     },
