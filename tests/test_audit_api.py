@@ -71,6 +71,8 @@ async def test_filters_by_job_type_and_range(api: httpx.AsyncClient, bus: Bus) -
         ({"limit": "0"}, "limit"),
         ({"limit": "x"}, "limit"),
         ({"cursor": "nope"}, "cursor"),
+        ({"until_id": "99999999999999999999-1"}, "until_id"),  # over 64 bits: Redis would refuse it
+        ({"cursor": "0-1", "after_id": "x"}, "after_id"),  # checked even when the cursor wins
         ({"since": "soon"}, "since"),
     ],
 )

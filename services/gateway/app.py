@@ -35,7 +35,7 @@ from events.estimates import Estimate
 from events.params import JobSpec, TaskType
 from events.state import TERMINAL, Job, JobStatus, State
 from services.config import Settings
-from services.gateway import catalog, dashboard, openapi
+from services.gateway import catalog, dashboard, openapi, views
 from services.gateway.auth import (
     Auth,
     RequireAuth,
@@ -191,7 +191,7 @@ async def _swift_flags(request: Request, body: Any) -> dict[str, frozenset[str]]
 
 
 def command_view(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
-    return {"argv": argv, "env": env, "shell": shlex.join(argv)}
+    return views.CommandLine(argv=argv, env=env, shell=shlex.join(argv)).model_dump(mode="json")
 
 
 async def job_command(request: Request) -> JSONResponse:
@@ -199,9 +199,12 @@ async def job_command(request: Request) -> JSONResponse:
     job = _job(request)
     settings: Settings = request.app.state.settings
     if job.argv:
-        return JSONResponse({"job_id": job.job_id, "started": True, **command_view(job.argv, job.env)})
-    launch = dry_run_launch(job.spec, job.job_id, settings.runs_dir, settings.job_omp_num_threads)
-    return JSONResponse({"job_id": job.job_id, "started": False, **command_view(launch.argv, launch.env)})
+        argv, env = job.argv, job.env
+    else:
+        launch = dry_run_launch(job.spec, job.job_id, settings.runs_dir, settings.job_omp_num_threads)
+        argv, env = launch.argv, launch.env
+    body = views.JobCommand(job_id=job.job_id, started=bool(job.argv), argv=argv, env=env, shell=shlex.join(argv))
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 def _wait(projection: Projection, job_id: str) -> float | None:
@@ -287,8 +290,9 @@ async def get_job(request: Request) -> JSONResponse:
 
 async def job_progress(request: Request) -> JSONResponse:
     job = _job(request)
-    progress = job.progress.model_dump(mode="json") if job.progress else None
-    return JSONResponse({"job_id": job.job_id, "status": job.status, "progress": progress})
+    progress = job.progress.model_dump() if job.progress else None
+    body = views.JobProgress(job_id=job.job_id, status=job.status, progress=progress)
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 async def job_logs(request: Request) -> JSONResponse:
@@ -329,11 +333,7 @@ async def export_job(request: Request) -> JSONResponse:
             "only a completed LoRA job with a checkpoint can be exported",
             [{"field": "status", "message": job.status}],
         )
-    command = m.RequestExport(job_id=job.job_id, actor=_actor(request))
-    position = await _bus(request).send(_bus(request).keys.commands, command)
-    return JSONResponse(
-        {"job_id": job.job_id, "command_position": position, "message": "export requested"}, status_code=202
-    )
+    return await _command(request, m.RequestExport(job_id=job.job_id, actor=_actor(request)), "export requested", job)
 
 
 def _queue_entries(projection: Projection) -> list[dict[str, Any]]:
@@ -379,8 +379,8 @@ def _illegal(job: Job, action: str) -> ApiError:
 
 async def _command(request: Request, command: m.Command, message: str, job: Job) -> JSONResponse:
     position = await _bus(request).send(_bus(request).keys.commands, command)
-    body = {"job_id": job.job_id, "status": job.status, "command_position": position, "message": message}
-    return JSONResponse(body, status_code=202)
+    body = views.CommandAccepted(job_id=job.job_id, status=job.status, command_position=position, message=message)
+    return JSONResponse(body.model_dump(mode="json"), status_code=202)
 
 
 async def change_priority(request: Request) -> JSONResponse:
@@ -418,7 +418,8 @@ async def delete_job(request: Request) -> JSONResponse:
 
 async def process_queue(request: Request) -> JSONResponse:
     position = await _bus(request).send(_bus(request).keys.commands, m.ProcessQueue(actor=_actor(request)))
-    return JSONResponse({"command_position": position, "message": "scheduling pass requested"}, status_code=202)
+    body = views.ProcessRequested(command_position=position, message="scheduling pass requested")
+    return JSONResponse(body.model_dump(mode="json"), status_code=202)
 
 
 def gpus_view(projection: Projection) -> dict[str, Any]:
@@ -492,14 +493,15 @@ async def health(request: Request) -> JSONResponse:
     alive = projection.live_services()
     missing = [s for s in REQUIRED_SERVICES if s not in alive and s != "gateway"]
     ok = redis_ok and not missing and projection.ready.is_set()
-    body = {
-        "status": "ok" if ok else "degraded",
-        "redis": redis_ok,
-        "services": alive,
-        "missing": missing,
-        "log_position": projection.state.position,
-    }
-    return JSONResponse(body, status_code=200 if ok else 503)
+    view = views.Health if ok else views.Degraded
+    body = view(
+        status="ok" if ok else "degraded",
+        redis=redis_ok,
+        services=alive,
+        missing=missing,
+        log_position=projection.state.position,
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
 
 
 _ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")

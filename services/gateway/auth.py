@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.config import ConfigError, Settings
+from services.gateway import views
 from services.gateway.errors import ApiError, error_body
 
 Role = Literal["admin", "user"]
@@ -193,7 +194,8 @@ async def issue_token(request: Request) -> JSONResponse:
     who = principal(request)
     auth: Auth = request.app.state.auth
     token = auth.issue(who)
-    response = JSONResponse({"token": token, "expires_in": auth.ttl_s, "name": who.name, "role": who.role})
+    body = views.Token(token=token, expires_in=auth.ttl_s, name=who.name, role=who.role)
+    response = JSONResponse(body.model_dump(mode="json"))
     response.set_cookie(
         TOKEN_COOKIE,
         token,
@@ -208,12 +210,12 @@ async def issue_token(request: Request) -> JSONResponse:
 async def whoami(request: Request) -> JSONResponse:
     who = principal(request)
     auth: Auth = request.app.state.auth
-    return JSONResponse({"name": who.name, "role": who.role, "access_control": auth.enabled})
+    return JSONResponse(views.Me(name=who.name, role=who.role, access_control=auth.enabled).model_dump(mode="json"))
 
 
 async def forget_token(request: Request) -> JSONResponse:
     """Sign a browser out: its cookie is removed. (The token itself stays valid until it expires
     minutes later; it was never shown to the page's scripts.)"""
-    response = JSONResponse({"signed_out": True})
+    response = JSONResponse(views.SignedOut(signed_out=True).model_dump(mode="json"))
     response.delete_cookie(TOKEN_COOKIE, httponly=True, samesite="strict", secure=request.url.scheme == "https")
     return response

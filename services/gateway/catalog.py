@@ -25,6 +25,7 @@ from events.params import (
     TaskType,
 )
 from events.state import TERMINAL, ExportStatus, JobStatus
+from services.gateway import views
 from services.gateway.auth import may_see, principal
 from services.gateway.errors import ApiError
 
@@ -47,10 +48,10 @@ def _bus(request: Request) -> Bus:
 
 async def supported_types(request: Request) -> JSONResponse:
     types = [
-        {"task_type": task_type.value, "runs": runs, "params_field": field}
+        views.TaskTypeInfo(task_type=task_type, runs=runs, params_field=field)  # type: ignore[arg-type]
         for task_type, (_, field, _, runs) in _TYPES.items()
     ]
-    return JSONResponse({"task_types": types, "default": TaskType.multimodal.value})
+    return JSONResponse(views.SupportedTypes(task_types=types, default=TaskType.multimodal).model_dump(mode="json"))
 
 
 async def default_params(request: Request) -> JSONResponse:
@@ -65,7 +66,8 @@ async def default_params(request: Request) -> JSONResponse:
         )
     job, field, params, _ = _TYPES[TaskType(raw)]
     defaults = {name: info.default for name, info in job.model_fields.items() if name in _JOB_DEFAULTS}
-    return JSONResponse({"task_type": raw, **defaults, field: params().model_dump(mode="json")})
+    body = views.DefaultParams.model_validate({"task_type": raw, **defaults, field: params().model_dump()})
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 async def delete_finished(request: Request) -> JSONResponse:
@@ -84,7 +86,8 @@ async def delete_finished(request: Request) -> JSONResponse:
     commands = [m.DeleteJob(job_id=job.job_id, actor=who.name) for job in finished]
     if commands:
         await bus.append(bus.keys.commands, *commands)
-    return JSONResponse({"deleted": [job.job_id for job in finished], "count": len(finished)}, status_code=202)
+    body = views.DeletedFinished(deleted=[job.job_id for job in finished], count=len(finished))
+    return JSONResponse(body.model_dump(mode="json"), status_code=202)
 
 
 async def processor_status(request: Request) -> JSONResponse:
@@ -96,15 +99,14 @@ async def processor_status(request: Request) -> JSONResponse:
         pipe.get(bus.keys.fence)
         leader, ttl_ms, fence = await pipe.execute()
     alive = request.app.state.projection.live_services().get("scheduler", [])
-    return JSONResponse(
-        {
-            "running": leader is not None and ttl_ms > 0,
-            "leader": leader,
-            "lease_ms_left": max(int(ttl_ms), 0),
-            "fencing_token": int(fence) if fence else None,
-            "schedulers": sorted(alive),
-        }
+    body = views.ProcessorStatus(
+        running=leader is not None and ttl_ms > 0,
+        leader=leader,
+        lease_ms_left=max(int(ttl_ms), 0),
+        fencing_token=int(fence) if fence else None,
+        schedulers=sorted(alive),
     )
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 async def _groups(bus: Bus, stream: str) -> list[dict[str, Any]]:

@@ -96,6 +96,14 @@ def _param(request: Request, name: str, pattern: str | None = None) -> str | Non
     return value
 
 
+def _entry_id(request: Request, name: str) -> str | None:
+    """A stream entry id, ``<ms>[-<seq>]``, each part a 64-bit unsigned integer as Redis takes it."""
+    value = _param(request, name, _ENTRY_ID)
+    if value is not None and any(int(part) >= 2**64 for part in value.split("-")):
+        raise ApiError(400, "bad_parameter", f"bad {name}: {value!r}", [{"field": name, "message": "out of range"}])
+    return value
+
+
 async def audit_events(request: Request) -> JSONResponse:
     """The history (archives and the live log) with filters and a cursor: pass ``next_cursor``
     back as ``cursor`` for the next page. Admins only."""
@@ -111,13 +119,14 @@ async def audit_events(request: Request) -> JSONResponse:
     limit = int(raw_limit)
     if not 1 <= limit <= 10_000:
         raise ApiError(400, "bad_parameter", "limit must be 1 to 10000", [{"field": "limit", "message": "1 to 10000"}])
+    cursor, after_id = _entry_id(request, "cursor"), _entry_id(request, "after_id")  # both checked
     q = audit.Query(
         job_id=_param(request, "job_id"),
         types=tuple(request.query_params.getlist("type")),
         since_ms=times["since"],
         until_ms=times["until"],
-        after=_param(request, "cursor", _ENTRY_ID) or _param(request, "after_id", _ENTRY_ID) or "0-0",
-        until=_param(request, "until_id", _ENTRY_ID) or "+",
+        after=cursor or after_id or "0-0",
+        until=_entry_id(request, "until_id") or "+",
     )
     page: list[dict[str, Any]] = []
     more = False

@@ -1,13 +1,15 @@
 """The API described as OpenAPI 3.1, generated from the pydantic models the gateway validates
-and answers with, and interactive docs (Swagger UI) whose assets the gateway serves itself."""
+and answers with (:mod:`services.gateway.views`), and interactive docs (Swagger UI) whose assets
+the gateway serves itself."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import swagger_ui
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
@@ -15,154 +17,201 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from events.params import DeployJob, LanguageModelJob, MultiModalJob
-from events.state import Job
+from services.gateway import views as v
 
 SWAGGER_ASSETS = Path(swagger_ui.__file__).parent / "static"
 
-
-class ErrorDetail(BaseModel):
-    field: str
-    message: str
+SSE = "text/event-stream"  # a live stream, not a JSON body
 
 
-class ErrorInfo(BaseModel):
-    code: str = Field(description="stable, for machines: job_not_found, validation_error, illegal_state, …")
-    message: str
-    details: list[ErrorDetail] = Field(description="the fields at fault, for bad input")
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str  # under the API prefix
+    tag: str
+    summary: str
+    answers: dict[int, type[BaseModel] | str]  # status -> its body's model, or SSE
+    errors: tuple[int, ...] = ()  # the error statuses it can answer with, besides 401
+    body: type[BaseModel] | str | None = None  # the request body's model, or a component's name
+    parameters: tuple[dict[str, Any], ...] = ()
+    open: bool = False  # needs no key
 
 
-class Error(BaseModel):
-    error: ErrorInfo
+def _query(name: str, schema: dict[str, Any], description: str, *, repeat: bool = False) -> dict[str, Any]:
+    if repeat:
+        schema = {"type": "array", "items": schema}
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-class JobView(Job):
-    task_type: str
-    queue_position: int | None = Field(description="1-based place in the queue; null when not queued")
+def _int(low: int, high: int, default: int | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer", "minimum": low, "maximum": high}
+    return schema if default is None else {**schema, "default": default}
 
 
-class JobCreated(BaseModel):
-    job_id: str
-    status: str
-    message: str
-    queue_position: int | None
-    estimated_wait_time: float | None = Field(description="seconds until the estimated start; null when unknown")
-    command_position: str = Field(description="the submit command's entry in the commands stream")
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
 
 
-class JobList(BaseModel):
-    jobs: list[JobView]
-    total: int
-    page: int
-    size: int
-    next_cursor: str | None = Field(description="pass as cursor for the next page; null on the last")
+_ENTRY_ID = {"type": "string", "pattern": r"^\d{1,20}-\d{1,20}$"}
+_RESUME = (
+    _query("since", _ENTRY_ID, "replay from after this entry id (as Last-Event-ID does)"),
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "schema": _ENTRY_ID,
+        "description": "resume after this entry id (sent by browsers on reconnecting)",
+    },
+)
+_LIST = (
+    _query("status", _ref("JobStatus"), "only jobs with this status"),
+    _query("task_type", _ref("TaskType"), "only jobs of this task type"),
+    _query("priority", _int(0, 10), "only jobs of this priority"),
+    _query("owner", {"type": "string"}, "only jobs submitted by this user"),
+    _query("page", _int(1, 1_000_000, 1), "1-based page (ignored with cursor)"),
+    _query("size", _int(1, 500, 50), "jobs per page"),
+    _query("cursor", {"type": "string"}, "the next_cursor of the previous page"),
+)
+_TYPES = _query("type", {"type": "string"}, "event types; job.* for a prefix (repeatable)", repeat=True)
+_AUDIT_ID = {"type": "string", "pattern": r"^\d{1,20}(-\d{1,20})?$"}
+_AUDIT = (
+    _query("job_id", {"type": "string"}, "only this job's entries"),
+    _TYPES,
+    _query("since", {"type": "string"}, "from this time: ISO 8601, or an age such as 1h"),
+    _query("until", {"type": "string"}, "up to this time: ISO 8601, or an age such as 10m"),
+    _query("limit", _int(1, 10_000, 500), "entries per page"),
+    _query("cursor", _AUDIT_ID, "the next_cursor of the previous page"),
+    _query("after_id", _AUDIT_ID, "entries after this id"),
+    _query("until_id", _AUDIT_ID, "entries up to this id"),
+)
+_EVENTS = (_query("job_id", {"type": "string"}, "only this job's events"), _TYPES, *_RESUME)
+_TAIL = (_query("tail", _int(1, 10_000, 200), "the last N lines"),)
+_STREAM_TAIL = (_query("tail", _int(0, 10_000, 200), "start with the last N lines (unless resuming)"), *_RESUME)
+_TASK_TYPE = (_query("task_type", {**_ref("TaskType"), "default": "multimodal"}, "the task type"),)
+_COMMAND = (404, 409, 503)  # a command on a job: no such job, not in its state, or not sent
 
-
-class CommandAccepted(BaseModel):
-    job_id: str
-    status: str = Field(description="the job's status when the command was accepted")
-    command_position: str
-    message: str
-
-
-_MODELS: list[type[BaseModel]] = [
-    LanguageModelJob,
-    MultiModalJob,
-    DeployJob,
-    Error,
-    JobView,
-    JobCreated,
-    JobList,
-    CommandAccepted,
+# fmt: off
+_OPERATIONS: list[Operation] = [
+    Operation("post", "/training/jobs", "jobs", "Submit a job (or a dry run)",
+              {202: v.JobCreated, 200: v.DryRun}, (400, 413, 422, 503), body="JobSpec"),
+    Operation("get", "/training/jobs", "jobs", "List jobs, newest first", {200: v.JobList}, (400,), parameters=_LIST),
+    Operation("delete", "/training/jobs", "jobs", "Delete every finished job", {202: v.DeletedFinished}, (503,)),
+    Operation("get", "/training/jobs/{job_id}", "jobs", "A job", {200: v.JobView}, (404,)),
+    Operation("delete", "/training/jobs/{job_id}", "jobs", "Delete a finished job", {202: v.CommandAccepted}, _COMMAND),
+    Operation("get", "/training/jobs/{job_id}/progress", "jobs", "A job's progress", {200: v.JobProgress}, (404,)),
+    Operation("get", "/training/jobs/{job_id}/logs", "jobs", "A job's output lines",
+              {200: v.JobLogs}, (400, 404, 503), parameters=_TAIL),
+    Operation("get", "/training/jobs/{job_id}/events", "jobs", "A job's history from the log",
+              {200: v.JobEvents}, (404, 503)),
+    Operation("get", "/training/jobs/{job_id}/timeline", "jobs", "A job's life, in sentences",
+              {200: v.Timeline}, (404, 503)),
+    Operation("get", "/training/jobs/{job_id}/command", "jobs", "The command line a job runs",
+              {200: v.JobCommand}, (404,)),
+    Operation("get", "/training/jobs/{job_id}/stream", "streams",
+              "A job's events, live (SSE: event = its type, data = its JSON envelope, id = its entry id)",
+              {200: SSE}, (400, 404), parameters=_RESUME),
+    Operation("get", "/training/jobs/{job_id}/logs/stream", "streams",
+              "A job's output lines, live (SSE: event log, data {fd, line}, id = the line's entry id)",
+              {200: SSE}, (400, 404), parameters=_STREAM_TAIL),
+    Operation("post", "/training/jobs/{job_id}/cancel", "jobs", "Cancel a job", {202: v.CommandAccepted}, _COMMAND),
+    Operation("post", "/training/jobs/{job_id}/stop", "jobs", "Cancel a job (alias)", {202: v.CommandAccepted}, _COMMAND),
+    Operation("post", "/training/jobs/{job_id}/start", "jobs", "Release a held job", {202: v.CommandAccepted}, _COMMAND),
+    Operation("post", "/training/jobs/{job_id}/export", "jobs", "Export (merge) a LoRA job",
+              {202: v.CommandAccepted}, _COMMAND),
+    Operation("get", "/training/queue", "queue", "Queued jobs in start order, with estimates", {200: v.Queue}),
+    Operation("get", "/training/queue/{job_id}/status", "queue", "One job's place in the queue",
+              {200: v.QueueStatus}, (404,)),
+    Operation("patch", "/training/queue/{job_id}", "queue", "Change a queued job's priority",
+              {202: v.CommandAccepted}, (400, 404, 409, 413, 422, 503), body=v.PriorityChange),
+    Operation("delete", "/training/queue/{job_id}", "queue", "Remove a job from the queue",
+              {202: v.CommandAccepted}, _COMMAND),
+    Operation("post", "/training/queue/process", "queue", "Force a scheduling pass", {202: v.ProcessRequested}, (503,)),
+    Operation("get", "/training/queue/processor/status", "queue", "The scheduler's leader and lease",
+              {200: v.ProcessorStatus}, (503,)),
+    Operation("get", "/training/events/stream", "streams",
+              "Every event, live (SSE: event = its type, data = its JSON envelope, id = its entry id)",
+              {200: SSE}, (400,), parameters=_EVENTS),
+    Operation("get", "/training/gpus", "cluster", "Nodes and GPUs, and who holds each", {200: v.Gpus}),
+    Operation("get", "/training/gpus/stream", "streams", "Nodes and GPUs, live (SSE: event gpus, data as GET /gpus)",
+              {200: SSE}),
+    Operation("get", "/training/system/status", "cluster", "Nodes, Redis, consumers, jobs by status",
+              {200: v.SystemStatus}, (503,)),
+    Operation("get", "/training/health", "cluster", "Whether Redis and every process type are live",
+              {200: v.Health, 503: v.Degraded}, open=True),
+    Operation("get", "/training/supported-types", "jobs", "Task types", {200: v.SupportedTypes}),
+    Operation("get", "/training/params/default", "jobs", "Defaults of a task type",
+              {200: v.DefaultParams}, (400,), parameters=_TASK_TYPE),
+    Operation("get", "/audit/events", "audit", "The history, with filters and a cursor (admin)",
+              {200: v.AuditEvents}, (400, 403, 503), parameters=_AUDIT),
+    Operation("get", "/audit/state", "audit", "The state this gateway folded from the log (admin)",
+              {200: v.FoldedState}, (403,)),
+    Operation("post", "/auth/token", "auth", "A short-lived token for browsers' streams", {200: v.Token}),
+    Operation("delete", "/auth/token", "auth", "Sign a browser out (removes the token's cookie)", {200: v.SignedOut}),
+    Operation("get", "/auth/me", "auth", "Who you are", {200: v.Me}),
 ]
-
-# (method, path under the prefix, tag, summary, request model, {status: response model or None})
-_OPERATIONS: list[tuple[str, str, str, str, str | None, dict[int, str | None]]] = [
-    ("post", "/training/jobs", "jobs", "Submit a job (or a dry run)", "JobSpec", {202: "JobCreated", 200: None}),
-    ("get", "/training/jobs", "jobs", "List jobs, newest first", None, {200: "JobList"}),
-    ("delete", "/training/jobs", "jobs", "Delete every finished job", None, {202: None}),
-    ("get", "/training/jobs/{job_id}", "jobs", "A job", None, {200: "JobView"}),
-    ("delete", "/training/jobs/{job_id}", "jobs", "Delete a finished job", None, {202: "CommandAccepted"}),
-    ("get", "/training/jobs/{job_id}/progress", "jobs", "A job's progress", None, {200: None}),
-    ("get", "/training/jobs/{job_id}/logs", "jobs", "A job's output lines (?tail=N)", None, {200: None}),
-    ("get", "/training/jobs/{job_id}/events", "jobs", "A job's history from the log", None, {200: None}),
-    ("get", "/training/jobs/{job_id}/timeline", "jobs", "A job's life, in sentences", None, {200: None}),
-    ("get", "/training/jobs/{job_id}/command", "jobs", "The command line a job runs", None, {200: None}),
-    ("get", "/training/jobs/{job_id}/stream", "streams", "A job's events, live (SSE)", None, {200: None}),
-    ("get", "/training/jobs/{job_id}/logs/stream", "streams", "A job's output lines, live (SSE)", None, {200: None}),
-    ("post", "/training/jobs/{job_id}/cancel", "jobs", "Cancel a job", None, {202: "CommandAccepted"}),
-    ("post", "/training/jobs/{job_id}/stop", "jobs", "Cancel a job (alias)", None, {202: "CommandAccepted"}),
-    ("post", "/training/jobs/{job_id}/start", "jobs", "Release a held job", None, {202: "CommandAccepted"}),
-    ("post", "/training/jobs/{job_id}/export", "jobs", "Export (merge) a LoRA job", None, {202: "CommandAccepted"}),
-    ("get", "/training/queue", "queue", "Queued jobs in start order, with estimates", None, {200: None}),
-    ("get", "/training/queue/{job_id}/status", "queue", "One job's place in the queue", None, {200: None}),
-    ("patch", "/training/queue/{job_id}", "queue", "Change a queued job's priority", None, {202: "CommandAccepted"}),
-    ("delete", "/training/queue/{job_id}", "queue", "Remove a job from the queue", None, {202: "CommandAccepted"}),
-    ("post", "/training/queue/process", "queue", "Force a scheduling pass", None, {202: None}),
-    ("get", "/training/queue/processor/status", "queue", "The scheduler's leader and lease", None, {200: None}),
-    ("get", "/training/events/stream", "streams", "Every event, live (SSE)", None, {200: None}),
-    ("get", "/training/gpus", "cluster", "Nodes and GPUs, and who holds each", None, {200: None}),
-    ("get", "/training/gpus/stream", "streams", "Nodes and GPUs, live (SSE)", None, {200: None}),
-    ("get", "/training/system/status", "cluster", "Nodes, Redis, consumers, jobs by status", None, {200: None}),
-    (
-        "get",
-        "/training/health",
-        "cluster",
-        "Whether Redis and every process type are live",
-        None,
-        {200: None, 503: None},
-    ),
-    ("get", "/training/supported-types", "jobs", "Task types", None, {200: None}),
-    ("get", "/training/params/default", "jobs", "Defaults of a task type (?task_type=)", None, {200: None}),
-    ("get", "/audit/events", "audit", "The history, with filters and a cursor (admin)", None, {200: None}),
-    ("get", "/audit/state", "audit", "The state this gateway folded from the log (admin)", None, {200: None}),
-    ("post", "/auth/token", "auth", "A short-lived token for browsers' streams", None, {200: None}),
-    ("delete", "/auth/token", "auth", "Sign a browser out (removes the token's cookie)", None, {200: None}),
-    ("get", "/auth/me", "auth", "Who you are", None, {200: None}),
-]
-_OPEN = {"/training/health"}
-_ERRORS = {400: "bad input", 401: "no or a wrong API key", 403: "not allowed for this role", 404: "no such job"}
+# fmt: on
+_JOB_SPECS: list[type[BaseModel]] = [LanguageModelJob, MultiModalJob, DeployJob]
+_ERRORS = {
+    400: "a malformed parameter, header or body",
+    401: "no or a wrong API key or token",
+    403: "needs the admin role",
+    404: "no such job (or not one of yours)",
+    409: "does not apply to the job's state",
+    413: "body over the size limit",
+    422: "invalid input, naming the fields",
+    503: "the event log (Redis) is unavailable: retry shortly",
+}
+_OK = {200: "ok", 202: "accepted", 503: "not healthy: what is missing"}
 
 
-def _content(model: str | None) -> dict[str, Any]:
-    schema: dict[str, Any] = {"$ref": f"#/components/schemas/{model}"} if model else {"type": "object"}
-    return {"application/json": {"schema": schema}}
+def _content(model: type[BaseModel] | str) -> dict[str, Any]:
+    if model == SSE:
+        return {SSE: {"schema": {"type": "string", "description": "server-sent events, until the client leaves"}}}
+    name = model if isinstance(model, str) else model.__name__
+    return {"application/json": {"schema": _ref(name)}}
+
+
+def models() -> list[type[BaseModel]]:
+    """Every model the document names: the job specs and the error first, then the rest."""
+    found: list[type[BaseModel]] = [*_JOB_SPECS, v.Error]
+    for op in _OPERATIONS:
+        for model in (op.body, *op.answers.values()):
+            if isinstance(model, type) and model not in found:
+                found.append(model)
+    return found
 
 
 def document(prefix: str) -> dict[str, Any]:
     _, schemas = models_json_schema(
-        [(model, "serialization") for model in _MODELS], ref_template="#/components/schemas/{model}"
+        [(model, "serialization") for model in models()], ref_template="#/components/schemas/{model}"
     )
-    components = dict(schemas.get("$defs", {}))
+    defs = schemas.get("$defs", {})
+    # The job specs first: the dashboard's form takes the first schema whose task_type names a type.
+    components = {model.__name__: defs[model.__name__] for model in _JOB_SPECS}
     components["JobSpec"] = {
-        "oneOf": [
-            {"$ref": f"#/components/schemas/{name}"} for name in ("LanguageModelJob", "MultiModalJob", "DeployJob")
-        ],
+        "oneOf": [_ref(model.__name__) for model in _JOB_SPECS],
         "discriminator": {"propertyName": "task_type"},
     }
+    components |= {name: schema for name, schema in defs.items() if name not in components}
     paths: dict[str, dict[str, Any]] = {}
-    for method, path, tag, summary, body, answers in _OPERATIONS:
+    for op in _OPERATIONS:
         responses: dict[str, Any] = {
-            str(status): {"description": "ok" if status < 300 else "unavailable", "content": _content(model)}
-            for status, model in answers.items()
+            str(status): {"description": _OK[status], "content": _content(model)}
+            for status, model in op.answers.items()
         }
-        for status, why in _ERRORS.items():
-            if status == 404 and "{job_id}" not in path:
-                continue
-            if status in (401, 403) and path in _OPEN:
-                continue
-            responses[str(status)] = {"description": why, "content": _content("Error")}
-        if method in ("post", "patch", "delete"):
-            responses["409"] = {"description": "does not apply to the job's state", "content": _content("Error")}
-        operation: dict[str, Any] = {"tags": [tag], "summary": summary, "responses": responses}
-        if "{job_id}" in path:
-            operation["parameters"] = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
-        if body:
-            operation["requestBody"] = {"required": True, "content": _content(body)}
-            responses["413"] = {"description": "body over the size limit", "content": _content("Error")}
-            responses["422"] = {"description": "invalid job, naming the fields", "content": _content("Error")}
-        if path in _OPEN:
+        for status in sorted({*op.errors, *(() if op.open else (401,))}):
+            responses[str(status)] = {"description": _ERRORS[status], "content": _content(v.Error)}
+        operation: dict[str, Any] = {"tags": [op.tag], "summary": op.summary, "responses": responses}
+        parameters = list(op.parameters)
+        if "{job_id}" in op.path:
+            parameters.insert(0, {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}})
+        if parameters:
+            operation["parameters"] = parameters
+        if op.body:
+            operation["requestBody"] = {"required": True, "content": _content(op.body)}
+        if op.open:
             operation["security"] = []
-        paths.setdefault(f"{prefix}{path}", {})[method] = operation
+        paths.setdefault(f"{prefix}{op.path}", {})[op.method] = operation
     return {
         "openapi": "3.1.0",
         "info": {

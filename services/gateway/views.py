@@ -1,0 +1,483 @@
+"""What the gateway answers with: one pydantic model per JSON body, from which the OpenAPI
+document takes its response schemas (see :mod:`services.gateway.openapi`).
+
+A view is closed (``additionalProperties: false``) and every field it always writes is required;
+a field that is sometimes left out is marked so and has no ``null`` in its schema. Open maps
+(``additionalProperties`` with a schema) are used only where the keys are data: job ids,
+environment variables, service names, a stream entry's raw fields.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
+from pydantic.json_schema import SkipJsonSchema
+
+from events import messages as m
+from events.keys import EXPORTER_GROUP, RUNNER_GROUP, SCHEDULER_GROUP
+from events.params import DeployParams, LanguageModelTrainParams, MultiModalTrainParams, TaskType
+from events.state import Export, Job, JobStatus, Node, Progress, State
+
+# ---------------------------------------------------------------------------------------------
+# Shared
+
+
+CLOSED = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+class View(BaseModel):
+    """A response body: closed, and what it always writes is required."""
+
+    model_config = CLOSED
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    field: str = Field(description="the field, parameter or header at fault ('body' for the whole body)")
+    message: str
+    type: str | SkipJsonSchema[None] = Field(
+        None, description="pydantic's error type; only on invalid jobs", json_schema_extra=_no_default
+    )
+
+
+class ErrorInfo(View):
+    code: str = Field(description="stable, for machines: job_not_found, validation_error, illegal_state, …")
+    message: str
+    details: list[ErrorDetail] = Field(description="the fields at fault, for bad input")
+
+
+class Error(View):
+    error: ErrorInfo
+
+
+Role = Literal["admin", "user"]
+ServiceType = Literal["gateway", "scheduler", "gpu-monitor", "runner", "exporter"]
+# Live instances per service type (the type is what a process calls itself in its heartbeats).
+Services = Annotated[
+    dict[str, list[str]], Field(description="the live instances of each service type, by the names they report")
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+
+
+class ProgressView(Progress):
+    model_config = CLOSED
+
+
+class ExportView(Export):
+    model_config = CLOSED
+
+
+class RecordedJob(Job):
+    """A job as the fold records it."""
+
+    model_config = CLOSED
+
+    progress: ProgressView | None
+    export: ExportView
+
+
+class JobView(RecordedJob):
+    task_type: TaskType
+    queue_position: int | None = Field(ge=1, description="1-based place in the queue; null when not queued")
+
+
+class JobCreated(View):
+    job_id: str
+    status: JobStatus = Field(description="as decided within the submit wait; pending when not decided yet")
+    message: str
+    queue_position: int | None = Field(ge=1)
+    estimated_wait_time: float | None = Field(description="seconds until the estimated start; null when unknown")
+    command_position: str = Field(description="the submit command's entry in the commands stream")
+
+
+class JobList(View):
+    jobs: list[JobView]
+    total: int = Field(ge=0)
+    page: int = Field(ge=1)
+    size: int = Field(ge=1)
+    next_cursor: str | None = Field(description="pass as cursor for the next page; null on the last")
+
+
+class CommandAccepted(View):
+    job_id: str
+    status: JobStatus = Field(description="the job's status when the command was accepted")
+    command_position: str = Field(description="the command's entry in the commands stream")
+    message: str
+
+
+class DeletedFinished(View):
+    deleted: list[str] = Field(description="the ids of the jobs a deletion was requested for")
+    count: int = Field(ge=0)
+
+
+class JobProgress(View):
+    job_id: str
+    status: JobStatus
+    progress: ProgressView | None = Field(description="the last progress report; null before the first")
+
+
+class LogLine(View):
+    entry_id: str = Field(description="the line's entry in the job's output stream")
+    fd: Literal["stdout", "stderr", "export"] | None = Field(description="which output: the job's, or its export's")
+    line: str | None
+
+
+class JobLogs(View):
+    job_id: str
+    lines: list[LogLine] = Field(description="oldest first")
+
+
+class CommandLine(View):
+    argv: list[str]
+    env: dict[str, str] = Field(description="the environment set for the process, on top of the runner's")
+    shell: str = Field(description="argv quoted for a POSIX shell")
+
+
+class JobCommand(View):
+    job_id: str
+    started: bool = Field(description="true: as started; false: as it will start")
+    argv: list[str]
+    env: dict[str, str] = Field(description="the environment set for the process, on top of the runner's")
+    shell: str = Field(description="argv quoted for a POSIX shell")
+
+
+class DryRun(CommandLine):
+    """What a submission would run, instead of submitting it."""
+
+    dry_run: Literal[True]
+
+
+# ---------------------------------------------------------------------------------------------
+# The queue
+
+
+class QueueEntry(View):
+    position: int = Field(ge=1)
+    job_id: str
+    name: str | None
+    priority: int = Field(ge=0, le=10)
+    gpu_count: int = Field(ge=1)
+    submitted_at: datetime
+    submitted_by: str | None
+    estimated_start_at: datetime | None = Field(description="null when not known")
+    estimated_wait_s: float | None = Field(ge=0, description="null when not known")
+    estimate_basis: str = Field(description="how the start was estimated, or why it cannot be")
+
+
+class Queue(View):
+    queue: list[QueueEntry] = Field(description="in start order")
+
+
+class NotQueued(View):
+    job_id: str
+    status: JobStatus
+    queued: Literal[False]
+
+
+class Queued(QueueEntry):
+    status: Literal[JobStatus.queued]
+    queued: Literal[True]
+
+
+class QueueStatus(RootModel[NotQueued | Queued]):
+    """A job that is not queued, or its entry in the queue."""
+
+
+class PriorityChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    priority: int = Field(ge=0, le=10, description="0-10, higher starts first")
+
+
+class ProcessRequested(View):
+    command_position: str
+    message: str
+
+
+class ProcessorStatus(View):
+    running: bool = Field(description="a scheduler holds the lease")
+    leader: str | None
+    lease_ms_left: int = Field(ge=0)
+    fencing_token: int | None = Field(ge=1)
+    schedulers: list[str] = Field(description="live scheduler instances, leading or standing by")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cluster
+
+
+class HeldGpu(m.GpuInfo):
+    """A GPU of a node that has not sent a sample of it yet."""
+
+    held_by: str | None = Field(description="the job that holds it")
+
+
+class SampledGpu(m.GpuSample):
+    """A GPU as the node's last heartbeat saw it."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+    held_by: str | None = Field(description="the job that holds it")
+
+
+class NodeGpus(View):
+    node: str
+    up: bool
+    simulated: bool
+    last_heartbeat_at: datetime | None
+    gpus: list[SampledGpu | HeldGpu]
+
+
+class Gpus(View):
+    nodes: list[NodeGpus]
+
+
+class NodeStatus(View):
+    node: str
+    up: bool
+    epoch: int = Field(ge=1, description="how many times the node has joined")
+    gpus: int = Field(ge=0)
+    simulated: bool
+    last_heartbeat: datetime | None
+    degraded: str | None = Field(description="what NVML could not read; null when all is well or no heartbeat")
+
+
+class Leader(View):
+    leader: str | None
+
+
+class StreamLengths(View):
+    events: int
+    commands: int
+    telemetry: int
+    dead: int
+
+
+class RedisStatus(View):
+    used_memory_bytes: int
+    used_memory_human: str
+    streams: StreamLengths
+
+
+class ConsumerGroup(View):
+    stream: str
+    group: Literal[SCHEDULER_GROUP, RUNNER_GROUP, EXPORTER_GROUP]  # type: ignore[valid-type]
+    consumers: int
+    pending: int
+    lag: int | None
+
+
+JobsByStatus = create_model(  # every status, with how many jobs have it
+    "JobsByStatus", __base__=View, **{status.value: (int, Field(ge=0)) for status in JobStatus}
+)
+
+
+class SystemStatus(View):
+    nodes: list[NodeStatus]
+    scheduler: Leader
+    services: Services
+    redis: RedisStatus
+    consumer_groups: list[ConsumerGroup]
+    jobs_by_status: JobsByStatus  # type: ignore[valid-type]
+    log_position: str = Field(description="the last entry of the log this gateway has read")
+
+
+class Health(View):
+    status: Literal["ok"]
+    redis: Literal[True]
+    services: Services
+    missing: list[ServiceType] = Field(max_length=0)
+    log_position: str
+
+
+class Degraded(View):
+    status: Literal["degraded"]
+    redis: bool = Field(description="whether Redis answered a ping within 2 s")
+    services: Services
+    missing: list[ServiceType] = Field(description="service types with no live instance")
+    log_position: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Task types
+
+
+class TaskTypeInfo(View):
+    task_type: TaskType
+    runs: str
+    params_field: Literal["train_params", "deploy_params"]
+
+
+class SupportedTypes(View):
+    task_types: list[TaskTypeInfo]
+    default: TaskType = Field(description="the task type of a job that names none")
+
+
+class _Defaults(View):
+    task_type: TaskType
+    priority: int
+    gpu_count: int
+    max_retries: int
+
+
+class LanguageModelDefaults(_Defaults):
+    task_type: Literal[TaskType.language_model]
+    auto_export: bool
+    train_params: LanguageModelTrainParams
+
+
+class MultiModalDefaults(_Defaults):
+    task_type: Literal[TaskType.multimodal]
+    auto_export: bool
+    train_params: MultiModalTrainParams
+
+
+class DeployDefaults(_Defaults):
+    task_type: Literal[TaskType.deploy]
+    deploy_params: DeployParams
+
+
+class DefaultParams(
+    RootModel[Annotated[LanguageModelDefaults | MultiModalDefaults | DeployDefaults, Field(discriminator="task_type")]]
+):
+    """What a job of a task type gets for what it leaves out."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The history: entries of the log as `events.describe.render` writes them
+
+
+EVENT_TYPES: dict[str, type[m.Message]] = {
+    name: cls for name, cls in sorted(m.message_types().items()) if cls.kind == "event"
+}
+EventType = Literal[tuple(EVENT_TYPES)]  # type: ignore[valid-type]
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    entry_id: str = Field(description="the entry's id in the log")
+    id: str = Field(description="the message's own id")
+    at: datetime
+    source: str = Field(description="the process that wrote it")
+    causation_id: str | None = Field(description="the id of the message it answers")
+    job_id: str | None
+    actor: str | None = Field(description="who asked for it")
+    hash: str | SkipJsonSchema[None] = Field(
+        None, description="the entry's link in the hash chain", json_schema_extra=_no_default
+    )
+
+
+def _entry_model(type_: str, cls: type[m.Message]) -> type[BaseModel]:
+    """An entry of one event type: the envelope, and its payload as the current version has it."""
+    payload_fields: dict[str, Any] = {
+        name: (info.annotation, info) for name, info in cls.model_fields.items() if name not in m.ENVELOPE_FIELDS
+    }
+    payload = create_model(
+        f"{cls.__name__}Payload",
+        __config__=ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True),
+        **payload_fields,
+    )
+    version = cls.model_fields["v"].default
+    return create_model(
+        f"{cls.__name__}Entry",
+        __base__=_Entry,
+        type=(Literal[type_], ...),
+        v=(Literal[version], Field(description="its schema version (older entries are shown upcast)")),
+        payload=(payload, ...),
+    )
+
+
+_ENTRIES = tuple(_entry_model(name, cls) for name, cls in EVENT_TYPES.items())
+
+
+class UndecodableEntry(View):
+    """An entry this release cannot read, shown raw with the reason."""
+
+    entry_id: str
+    type: str | None
+    undecodable: str = Field(description="why it cannot be read")
+    raw: dict[str, str] = Field(description="the entry's fields as stored")
+
+
+class LoggedEntry(
+    RootModel[Annotated[Union[_ENTRIES], Field(discriminator="type")] | UndecodableEntry]  # type: ignore[valid-type]  # noqa: UP007
+):
+    """An entry of the log: an event (its envelope and payload, by type), or one this release
+    cannot read."""
+
+
+class JobEvents(View):
+    job_id: str
+    events: list[LoggedEntry] = Field(description="in log order")
+
+
+class AuditEvents(View):
+    events: list[LoggedEntry] = Field(description="in log order")
+    next_cursor: str | None = Field(description="pass as cursor for the next page; null on the last")
+
+
+class TimelineItem(View):
+    entry_id: str = Field(description="the entry; for a run of progress reports, the first")
+    at: datetime
+    type: EventType  # type: ignore[valid-type]
+    actor: str | None
+    source: str
+    text: str
+
+
+class UnreadableItem(View):
+    entry_id: str
+    type: str | None
+    text: str = Field(description="unreadable: and the reason")
+
+
+class Timeline(View):
+    job_id: str
+    timeline: list[TimelineItem | UnreadableItem]
+
+
+class RecordedNode(Node):
+    model_config = CLOSED
+
+
+class FoldedState(State):
+    """The state folded from the log: jobs and nodes by id and name, the GPU allocations by
+    ``node/index``, and the log position it was folded up to."""
+
+    model_config = CLOSED
+
+    jobs: dict[str, RecordedJob]
+    nodes: dict[str, RecordedNode]
+    allocations: dict[str, str] = Field(description="node/index -> the id of the job that holds the GPU")
+
+
+# ---------------------------------------------------------------------------------------------
+# Access
+
+
+class Token(View):
+    token: str = Field(description="also set as the HttpOnly cookie st_token")
+    expires_in: float = Field(description="seconds")
+    name: str
+    role: Role
+
+
+class SignedOut(View):
+    signed_out: Literal[True]
+
+
+class Me(View):
+    name: str = Field(description="anonymous when access control is off")
+    role: Role
+    access_control: bool = Field(description="whether API keys are required")
