@@ -54,31 +54,41 @@ local function chain_open(events, chain)
 end
 
 local function chain_add(c, fields)
-  local id
   if c.now > c.last_ms then
-    c.last_ms, c.last_seq = c.now, 0
+    c.last_ms, c.last_seq, c.ms = c.now, 0, nil
   else
     c.last_seq = c.last_seq + 1
   end
-  id = string.format('%.0f-%.0f', c.last_ms, c.last_seq)
-  local parts = {c.prev, id}
-  local args = {c.events, id}
-  for i = 1, #fields, 2 do
-    local name, value = fields[i], fields[i + 1]
-    parts[#parts + 1] = #name .. ':' .. name .. '=' .. #value .. ':' .. value
-    args[#args + 1] = name; args[#args + 1] = value
+  c.ms = c.ms or string.format('%.0f', c.last_ms)
+  local id = c.ms .. '-' .. string.format('%.0f', c.last_seq)
+  local n = #fields
+  local hashed, ok
+  if n == 6 then  -- type, job_id, data: every entry of ours, hashed and added in single steps
+    local a, b, d = fields[2], fields[4], fields[6]
+    hashed = redis.sha1hex(c.prev .. '\\n' .. id .. '\\n' .. #fields[1] .. ':' .. fields[1] .. '=' .. #a .. ':' .. a
+      .. '\\n' .. #fields[3] .. ':' .. fields[3] .. '=' .. #b .. ':' .. b
+      .. '\\n' .. #fields[5] .. ':' .. fields[5] .. '=' .. #d .. ':' .. d)
+    ok = redis.pcall('XADD', c.events, id, fields[1], a, fields[3], b, fields[5], d, 'prev', c.prev, 'hash', hashed)
+  else
+    local parts = {c.prev, id}
+    local args = {c.events, id}
+    for i = 1, n, 2 do
+      local name, value = fields[i], fields[i + 1]
+      parts[#parts + 1] = #name .. ':' .. name .. '=' .. #value .. ':' .. value
+      args[#args + 1] = name; args[#args + 1] = value
+    end
+    hashed = redis.sha1hex(table.concat(parts, '\\n'))
+    args[#args + 1] = 'prev'; args[#args + 1] = c.prev
+    args[#args + 1] = 'hash'; args[#args + 1] = hashed
+    ok = redis.pcall('XADD', unpack(args))
   end
-  local hash = redis.sha1hex(table.concat(parts, '\\n'))
-  args[#args + 1] = 'prev'; args[#args + 1] = c.prev
-  args[#args + 1] = 'hash'; args[#args + 1] = hash
-  local ok = redis.pcall('XADD', unpack(args))
   if type(ok) == 'table' and ok.err then
     -- an entry appended outside the chain holds a later id: go on after it
     local ms, seq = string.match(last_generated(c.events), '^(%d+)-(%d+)$')
-    c.last_ms, c.last_seq, c.now = tonumber(ms), tonumber(seq), 0
+    c.last_ms, c.last_seq, c.now, c.ms = tonumber(ms), tonumber(seq), 0, nil
     return chain_add(c, fields)
   end
-  c.prev, c.id = hash, id
+  c.prev, c.id, c.count = hashed, id, (c.count or 0) + 1
   return id
 end
 
@@ -110,7 +120,7 @@ _COMMIT_LUA = (
     _CHAIN_LUA
     + """
 -- KEYS: fence, events, chain, then one key per dedupe id, one stream per ack, one per append
--- ARGV: token, expected_last, dedupe_ttl, n_dedupe, n_acks, n_appends,
+-- ARGV: token, expected_last, dedupe_ttl, n_dedupe, n_acks, n_appends, reader_group,
 --       then per ack: group, id; then per append: maxlen, n_fields, field, value, ...
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED the fencing token moved on: this scheduler is no longer the leader')
@@ -125,7 +135,7 @@ local n_dedupe, n_acks, n_appends = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumb
 local acks_from = 3 + n_dedupe
 local function ack_all()
   for a = 1, n_acks do
-    redis.call('XACK', KEYS[acks_from + a], ARGV[5 + 2 * a], ARGV[6 + 2 * a])
+    redis.call('XACK', KEYS[acks_from + a], ARGV[6 + 2 * a], ARGV[7 + 2 * a])
   end
 end
 if n_dedupe > 0 then
@@ -140,9 +150,9 @@ if n_dedupe > 0 then
   if #seen > 0 then return {'SOME_DUPLICATE', unpack(seen)} end
   for d = 1, n_dedupe do redis.call('SET', KEYS[3 + d], '1', 'EX', ARGV[3]) end
 end
-local reply = {'OK'}
+local reply = {'OK', 0}
 local chain = nil
-local i = 7 + 2 * n_acks
+local i = 8 + 2 * n_acks
 local streams_from = acks_from + n_acks
 for a = 1, n_appends do
   local stream = KEYS[streams_from + a]
@@ -166,6 +176,23 @@ for a = 1, n_appends do
 end
 if chain ~= nil then chain_close(chain) end
 ack_all()
+-- The committer's own group need not read back what it appended: when that group had been
+-- given everything up to the expected last entry, move it past the appended facts.
+if ARGV[7] ~= '' and ARGV[2] ~= '' and chain ~= nil then
+  local groups = redis.call('XINFO', 'GROUPS', KEYS[2])
+  for g = 1, #groups do
+    local info = {}
+    for f = 1, #groups[g], 2 do info[groups[g][f]] = groups[g][f + 1] end
+    if info['name'] == ARGV[7] and info['last-delivered-id'] == ARGV[2] then
+      if type(info['entries-read']) == 'number' then
+        redis.call('XGROUP', 'SETID', KEYS[2], ARGV[7], chain.id, 'ENTRIESREAD', info['entries-read'] + chain.count)
+      else
+        redis.call('XGROUP', 'SETID', KEYS[2], ARGV[7], chain.id)
+      end
+      reply[2] = 1
+    end
+  end
+end
 return reply
 """
 )
@@ -201,6 +228,7 @@ class CommitResult:
     entry_ids: tuple[str, ...] = ()
     last_id: str | None = None  # on CONFLICT: the log's last entry id
     duplicates: tuple[int, ...] = ()  # on SOME_DUPLICATE: indices into the dedupe ids
+    skipped: bool = False  # on OK: the reader group was moved past the appended facts
 
 
 @dataclass(frozen=True)
@@ -326,11 +354,15 @@ class Bus:
         expect_last: str | None = None,
         dedupe_id: str | None = None,
         dedupe_ids: Sequence[str] = (),
+        reader_group: str | None = None,
     ) -> CommitResult:
         """Commit effects and acknowledgements atomically. A dedupe id names the handling of one
         message by one group (``<group>:<message id>``): when every one given was committed
         before, only the acknowledgements land (DUPLICATE); when some were, nothing lands and
-        ``duplicates`` holds their indices (SOME_DUPLICATE)."""
+        ``duplicates`` holds their indices (SOME_DUPLICATE). With ``expect_last``, the facts
+        appended are the last entries of the log: ``reader_group``, if it had been given every
+        entry up to ``expect_last``, is moved past them (``skipped``), so that it does not read
+        back what its own consumer wrote."""
         all_acks = [*([ack] if ack else []), *acks]
         all_dedupe = [*([dedupe_id] if dedupe_id else []), *dedupe_ids]
         keys = [self.keys.fence, self.keys.events, self.keys.chain]
@@ -344,6 +376,7 @@ class Bus:
             len(all_dedupe),
             len(all_acks),
             len(appends),
+            reader_group or "",
         ]
         for a in all_acks:
             args += [a.group, a.entry_id]
@@ -363,7 +396,9 @@ class Bus:
             return CommitResult(status, last_id=str(reply[1]))
         if status == "SOME_DUPLICATE":
             return CommitResult(status, duplicates=tuple(int(x) for x in reply[1:]))
-        return CommitResult(status, tuple(str(x) for x in reply[1:]))
+        if status == "OK":
+            return CommitResult(status, tuple(str(x) for x in reply[2:]), skipped=bool(reply[1]))
+        return CommitResult(status)
 
     async def dead_letter(self, entry: Entry, group: str, reason: str) -> None:
         """Move an entry aside with the reason, and acknowledge it, in one step."""

@@ -197,3 +197,21 @@ async def test_a_snapshot_plus_the_log_after_it_folds_to_the_whole_log(bus: Bus)
     # And an older snapshot never replaces a newer one
     assert not await snapshot.save(bus, State())
     assert (await snapshot.load(bus)).position == early.position
+
+
+async def test_a_reader_group_that_was_caught_up_is_moved_past_its_own_commit(bus: Bus) -> None:
+    [first] = await bus.append(bus.keys.events, m.ProcessQueue())
+    await bus.redis.xgroup_create(bus.keys.events, "own", id="0")
+    await bus.redis.xgroup_create(bus.keys.events, "other", id="0")
+    assert len((await bus.redis.xreadgroup("own", "c", {bus.keys.events: ">"}))[0][1]) == 1
+    facts = [Append(bus.keys.events, m.ProcessQueue()), Append(bus.keys.events, m.ProcessQueue())]
+    done = await bus.commit(facts, expect_last=first, reader_group="own")
+    assert done.status == "OK" and done.skipped and len(done.entry_ids) == 2
+    assert await bus.redis.xreadgroup("own", "c", {bus.keys.events: ">"}) == []  # nothing to read back
+    groups = {g["name"]: g for g in await bus.redis.xinfo_groups(bus.keys.events)}
+    assert groups["own"]["last-delivered-id"] == done.entry_ids[-1] and groups["own"]["lag"] == 0
+    assert groups["other"]["lag"] == 3  # other readers see everything
+    # A group that has not read up to the expected last entry reads the commit like any other
+    [later] = (await bus.commit(facts[:1], expect_last=done.entry_ids[-1], reader_group="other")).entry_ids
+    assert len((await bus.redis.xreadgroup("other", "c", {bus.keys.events: ">"}))[0][1]) == 4
+    assert later == (await bus.redis.xrevrange(bus.keys.events, count=1))[0][0]

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import structlog
 from pydantic import TypeAdapter
+from pydantic_core import from_json
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
@@ -141,8 +142,8 @@ async def read_json(request: Request) -> Any:
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return from_json(body)  # parsed in Rust
+    except ValueError as exc:  # not JSON, not UTF-8, or nested too deep
         raise ApiError(
             400, "invalid_json", f"request body is not JSON: {exc}", [{"field": "body", "message": str(exc)}]
         ) from exc

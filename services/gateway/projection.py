@@ -28,7 +28,7 @@ log = structlog.get_logger("gateway.projection")
 
 SUBSCRIBER_BUFFER = 1000  # events a slow client may fall behind before it is disconnected
 ESTIMATE_REFRESH_S = 1.0
-ESTIMATE_COST_RATIO = 20  # estimates take at most about a twentieth of the gateway's time
+ESTIMATE_COST_RATIO = 30  # estimates take at most about a thirtieth of the gateway's time
 LOG_TURN_MS = 1000  # how soon a newly followed job's output joins the shared read
 
 
@@ -155,14 +155,16 @@ class Projection:
         return bool(predicate())  # type: ignore[operator]
 
     def estimates(self, *, fresh: bool = False) -> tuple[datetime, dict[str, Estimate]]:
-        """Queue estimates as of when they were computed: simulating a long queue costs time, so
-        it is redone only when the log has moved on, and (unless ``fresh``) at most every
-        ESTIMATE_REFRESH_S, or ESTIMATE_COST_RATIO times as long as the last one took: a burst
-        of submissions to a long queue does not simulate it once each."""
+        """Queue estimates as of when they were computed. Simulating a long queue costs time, so
+        it is redone only when the log has moved on, at most every ESTIMATE_REFRESH_S (``fresh``:
+        sooner), and never sooner than ESTIMATE_COST_RATIO times as long as the last one took: a
+        burst of submissions, or of dashboards asking for the queue, does not simulate a queue
+        of thousands once each."""
         now = datetime.now(UTC)
         cached = self._estimates
-        refresh = timedelta(seconds=max(ESTIMATE_REFRESH_S, ESTIMATE_COST_RATIO * self._estimate_cost_s))
-        stale = cached is None or (cached[1] != self.state.position and (fresh or now - cached[0] >= refresh))
+        floor = ESTIMATE_COST_RATIO * self._estimate_cost_s
+        refresh = timedelta(seconds=floor if fresh else max(ESTIMATE_REFRESH_S, floor))
+        stale = cached is None or (cached[1] != self.state.position and now - cached[0] >= refresh)
         if stale:
             started = time.perf_counter()
             self._estimates = (now, self.state.position, estimate_queue(self.state, now))

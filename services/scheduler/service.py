@@ -243,6 +243,7 @@ class Scheduler:
                     fence_token=self.token,
                     expect_last=expect_last if plan.appends else None,
                     dedupe_ids=plan.dedupe_ids,
+                    reader_group=SCHEDULER_GROUP,
                 )
             except BaseException:
                 self.state.rollback()
@@ -250,7 +251,9 @@ class Scheduler:
             if result.status in ("OK", "DUPLICATE"):
                 self.unacked = []
             if result.status == "OK":
-                self.own.extend(self.state_ids(plan, result.entry_ids))
+                ids = self.state_ids(plan, result.entry_ids)
+                if not result.skipped:  # they will be read back: acknowledged unread then
+                    self.own.extend(ids)
                 self.unsaved += len(plan.stand_ins)
                 if self.unsaved >= snapshot.SNAPSHOT_EVERY:
                     await snapshot.save(self.bus, self.state)

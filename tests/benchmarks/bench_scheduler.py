@@ -253,17 +253,27 @@ def main() -> None:
             )
             if os.environ.get("BENCH_STATS"):
                 for name, stat in sorted(client.info("commandstats").items(), key=lambda kv: -kv[1]["usec"])[:8]:
-                    print(f"  redis {name}: {stat['calls']} calls, {stat['usec'] / 1e6:.2f} s, {stat['usec_per_call']:.1f} us/call")
+                    print(
+                        f"  redis {name}: {stat['calls']} calls, {stat['usec'] / 1e6:.2f} s, {stat['usec_per_call']:.1f} us/call"
+                    )
             processes.append(subprocess.Popen([sys.executable, "-m", "services.cli", "gateway"], env=env))
             base = f"http://127.0.0.1:{app_port}/api/v1/training"
             wait_for(lambda: _up(base), 60, "the gateway", interval_s=0.2)
             body = job.model_dump(mode="json")
             queued = client.xlen(keys.commands)
             print(f"gateway started; {queued:,} submits so far, the queue holds them all")
+            gateway, scheduler = psutil.Process(processes[2].pid), psutil.Process(processes[1].pid)
+            before = [sum(p.cpu_times()[:2]) for p in (gateway, scheduler)]
+            submits = client.xlen(keys.commands)
             if shutil.which("wrk"):
                 rest_wrk(base, body, args.rest_seconds, 64)
             else:
                 anyio.run(rest, base, body, args.rest, 64)
+            done = client.xlen(keys.commands) - submits
+            used = [sum(p.cpu_times()[:2]) - b for p, b in zip((gateway, scheduler), before, strict=True)]
+            print(
+                f"  CPU per submission:             gateway {used[0] / done * 1e6:.0f} us, scheduler {used[1] / done * 1e6:.0f} us"
+            )
         finally:
             for process in processes:
                 process.terminate()
