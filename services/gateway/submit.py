@@ -46,9 +46,10 @@ def _is_local(path: str) -> bool:
 
 # Submissions in a burst name the same few paths: each is resolved and checked once a second.
 @cached(TTLCache(maxsize=4096, ttl=1.0))
-def _lookup(value: str) -> tuple[Path, bool]:
+def _lookup(value: str, roots: tuple[Path, ...]) -> tuple[Path, bool, bool]:
+    """The path resolved, whether it exists, and whether it is inside one of the roots."""
     resolved = Path(value).expanduser().resolve()
-    return resolved, resolved.exists()
+    return resolved, resolved.exists(), any(resolved.is_relative_to(root) for root in roots)
 
 
 def check_path(field: str, value: str, roots: list[Path], *, must_exist: bool, hub_allowed: bool) -> str | None:
@@ -58,10 +59,10 @@ def check_path(field: str, value: str, roots: list[Path], *, must_exist: bool, h
             return None
         return "neither a local path (absolute, or starting with ./) nor a hub id such as org/name"
     try:
-        resolved, exists = _lookup(value)
+        resolved, exists, inside = _lookup(value, tuple(roots))
     except (RuntimeError, OSError, ValueError) as exc:  # unknown ~user, name too long, NUL byte
         return f"not a usable path: {exc}"
-    if not any(resolved.is_relative_to(root) for root in roots):
+    if not inside:
         return f"{resolved} is outside the allowed roots ({', '.join(str(r) for r in roots)})"
     if must_exist and not exists:
         return f"no such file or directory: {value}"
