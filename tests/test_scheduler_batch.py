@@ -19,6 +19,7 @@ from events.state import HOLDS_GPUS, JobStatus, State
 from services.config import Settings
 from services.scheduler.service import Scheduler
 from tests.examples import GPU, LM, started
+from tests.test_scheduler_properties import check_state
 
 NODES = {"a": 2, "b": 4}
 
@@ -125,22 +126,9 @@ class Harness:
 
 
 def check(harness: Harness) -> None:
-    state = harness.state
-    holders: dict[str, str] = {}
-    for job in state.jobs.values():
-        if job.status in HOLDS_GPUS:
-            for index in job.gpu_ids:
-                key = f"{job.node}/{index}"
-                assert key not in holders, f"GPU {key} held by {holders.get(key)} and {job.job_id}"
-                holders[key] = job.job_id
-    assert holders == state.allocations
-    queue = state.queue()
-    assert [(-j.priority, j.seq) for j in queue] == sorted((-j.priority, j.seq) for j in queue)
-    rebuilt = State()
-    for entry_id, event in harness.log:
-        rebuilt.apply(entry_id, event)
-    assert rebuilt.model_dump() == state.model_dump()
-    assert not any(j.first_entry_id.startswith("~") or j.last_entry_id.startswith("~") for j in state.jobs.values())
+    check_state(harness.state, harness.log)
+    jobs = harness.state.jobs.values()
+    assert not any(j.first_entry_id.startswith("~") or j.last_entry_id.startswith("~") for j in jobs)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -118,6 +118,16 @@ def _spec(priority: int, gpus: int, node: str | None) -> object:
 
 def check_invariants(cluster: Scheduler) -> None:
     state = cluster.state
+    check_state(state, cluster.log)
+    queue = state.queue()
+    if queue:  # strict order: the head is never left waiting on GPUs it fits now
+        usable = rules.usable_gpus(state, cluster.heartbeats, LIMITS, NOW)
+        assert rules.place(queue[0], usable) is None, f"{queue[0].job_id} could start now"
+
+
+def check_state(state: State, log: list[tuple[str, m.Message]]) -> None:
+    """No GPU held twice, allocations as the jobs say, the queue in order, and the log folds to
+    the same state from scratch."""
     holders: dict[str, str] = {}
     for job in state.jobs.values():
         if job.status in HOLDS_GPUS:
@@ -129,11 +139,8 @@ def check_invariants(cluster: Scheduler) -> None:
     assert holders == state.allocations
     queue = state.queue()
     assert [(-j.priority, j.seq) for j in queue] == sorted((-j.priority, j.seq) for j in queue)
-    if queue:  # strict order: the head is never left waiting on GPUs it fits now
-        usable = rules.usable_gpus(state, cluster.heartbeats, LIMITS, NOW)
-        assert rules.place(queue[0], usable) is None, f"{queue[0].job_id} could start now"
     rebuilt = State()
-    for entry_id, event in cluster.log:
+    for entry_id, event in log:
         rebuilt.apply(entry_id, event)
     assert rebuilt.model_dump() == state.model_dump()
 
