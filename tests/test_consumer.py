@@ -209,8 +209,9 @@ async def test_a_reader_group_that_was_caught_up_is_moved_past_its_own_commit(bu
     assert done.status == "OK" and done.skipped and len(done.entry_ids) == 2
     assert await bus.redis.xreadgroup("own", "c", {bus.keys.events: ">"}) == []  # nothing to read back
     groups = {g["name"]: g for g in await bus.redis.xinfo_groups(bus.keys.events)}
-    assert groups["own"]["last-delivered-id"] == done.entry_ids[-1] and groups["own"]["lag"] == 0
-    assert groups["other"]["lag"] == 3  # other readers see everything
+    assert groups["own"]["last-delivered-id"] == done.entry_ids[-1]
+    if "lag" in groups["own"]:  # Redis 7 counts what a group has left to read; 6.2 does not
+        assert groups["own"]["lag"] == 0 and groups["other"]["lag"] == 3
     # A group that has not read up to the expected last entry reads the commit like any other
     [later] = (await bus.commit(facts[:1], expect_last=done.entry_ids[-1], reader_group="other")).entry_ids
     assert len((await bus.redis.xreadgroup("other", "c", {bus.keys.events: ">"}))[0][1]) == 4
