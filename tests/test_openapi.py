@@ -21,7 +21,7 @@ from services.config import load_settings
 from services.gateway import openapi
 from services.gateway.app import create_app
 from services.gateway.projection import Projection
-from tests.examples import DEPLOY, GPU, LM, SAMPLE
+from tests.examples import DEPLOY, GPU, LM, SAMPLE, started
 
 KEYS = "root:admin:root-key-0123456789ab"
 
@@ -133,16 +133,7 @@ async def lived(bus: Bus, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClie
         return [
             m.JobQueued(job_id=job_id, position=1),
             m.JobScheduled(job_id=job_id, node="n1", gpu_ids=[gpu], attempt=1),
-            m.JobStarted(
-                job_id=job_id,
-                attempt=1,
-                node="n1",
-                pid=7,
-                pgid=7,
-                run_dir="/r",
-                argv=["swift", "sft"],
-                cuda_visible_devices=str(gpu),
-            ),
+            started(job_id, 1, "n1", str(gpu)),
         ]
 
     facts += [*accepted("running"), *placed("running", 0)]

@@ -109,8 +109,6 @@ def decision_latency(client: redis.Redis, keys: Keys, job: LanguageModelJob, sub
                 last = entry_id
                 if fields[b"job_id"].decode() == job_id and fields[b"type"] == b"job.queued":
                     latencies.append((time.perf_counter() - start) * 1000)
-                    if os.environ.get("BENCH_SLOW") and latencies[-1] > 10:
-                        print(f"  slow: {latencies[-1]:.1f} ms at {time.time() % 100:.2f}")
             if len(latencies) and fields[b"job_id"].decode() == job_id:
                 break
     print(

@@ -39,6 +39,7 @@ from events.keys import Keys
 from events.params import LanguageModelJob
 from services import embedded_redis
 from tests.conftest import free_port, wait_for
+from tests.examples import started
 
 SPEC = LanguageModelJob(task_type="language_model", model_path="/models/tiny", data_path="/data/train.jsonl")
 _AT = re.compile(rb'"at":"([^"]+)"')
@@ -64,16 +65,7 @@ async def populate(bus: Bus, total: int, running: int) -> list[str]:
             if index < running:
                 facts += [
                     m.JobScheduled(job_id=job_id, node="n1", gpu_ids=[index], attempt=1),
-                    m.JobStarted(
-                        job_id=job_id,
-                        attempt=1,
-                        node="n1",
-                        pid=1,
-                        pgid=1,
-                        run_dir="/r",
-                        argv=["swift"],
-                        cuda_visible_devices=str(index),
-                    ),
+                    started(job_id, 1, "n1", str(index)),
                 ]
         await bus.append_events(facts)
     return ids[:running]
