@@ -53,7 +53,8 @@ local function chain_open(events, chain)
           last_seq = tonumber(seq), now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
 end
 
-local function chain_add(c, fields)
+local function chain_add(c, kind, job_id, data)
+  -- every entry of ours has three fields: type, job_id and data
   if c.now > c.last_ms then
     c.last_ms, c.last_seq, c.ms = c.now, 0, nil
   else
@@ -61,32 +62,15 @@ local function chain_add(c, fields)
   end
   c.ms = c.ms or string.format('%.0f', c.last_ms)
   local id = c.ms .. '-' .. string.format('%.0f', c.last_seq)
-  local n = #fields
-  local hashed, ok
-  if n == 6 then  -- type, job_id, data: every entry of ours, hashed and added in single steps
-    local a, b, d = fields[2], fields[4], fields[6]
-    hashed = redis.sha1hex(c.prev .. '\\n' .. id .. '\\n' .. #fields[1] .. ':' .. fields[1] .. '=' .. #a .. ':' .. a
-      .. '\\n' .. #fields[3] .. ':' .. fields[3] .. '=' .. #b .. ':' .. b
-      .. '\\n' .. #fields[5] .. ':' .. fields[5] .. '=' .. #d .. ':' .. d)
-    ok = redis.pcall('XADD', c.events, id, fields[1], a, fields[3], b, fields[5], d, 'prev', c.prev, 'hash', hashed)
-  else
-    local parts = {c.prev, id}
-    local args = {c.events, id}
-    for i = 1, n, 2 do
-      local name, value = fields[i], fields[i + 1]
-      parts[#parts + 1] = #name .. ':' .. name .. '=' .. #value .. ':' .. value
-      args[#args + 1] = name; args[#args + 1] = value
-    end
-    hashed = redis.sha1hex(table.concat(parts, '\\n'))
-    args[#args + 1] = 'prev'; args[#args + 1] = c.prev
-    args[#args + 1] = 'hash'; args[#args + 1] = hashed
-    ok = redis.pcall('XADD', unpack(args))
-  end
+  local hashed = redis.sha1hex(c.prev .. '\\n' .. id .. '\\n4:type=' .. #kind .. ':' .. kind
+    .. '\\n6:job_id=' .. #job_id .. ':' .. job_id .. '\\n4:data=' .. #data .. ':' .. data)
+  local ok = redis.pcall('XADD', c.events, id, 'type', kind, 'job_id', job_id, 'data', data,
+    'prev', c.prev, 'hash', hashed)
   if type(ok) == 'table' and ok.err then
     -- an entry appended outside the chain holds a later id: go on after it
     local ms, seq = string.match(last_generated(c.events), '^(%d+)-(%d+)$')
     c.last_ms, c.last_seq, c.now, c.ms = tonumber(ms), tonumber(seq), 0, nil
-    return chain_add(c, fields)
+    return chain_add(c, kind, job_id, data)
   end
   c.prev, c.id, c.count = hashed, id, (c.count or 0) + 1
   return id
@@ -100,16 +84,11 @@ end
 _APPEND_LUA = (
     _CHAIN_LUA
     + """
--- KEYS: events, chain; ARGV: per entry: n_fields, field, value, ...
+-- KEYS: events, chain; ARGV: per entry: type, job_id, data
 local c = chain_open(KEYS[1], KEYS[2])
 local reply = {}
-local i = 1
-while i <= #ARGV do
-  local n = tonumber(ARGV[i]) * 2
-  local fields = {}
-  for f = 1, n do fields[f] = ARGV[i + f] end
-  i = i + n + 1
-  reply[#reply + 1] = chain_add(c, fields)
+for i = 1, #ARGV, 3 do
+  reply[#reply + 1] = chain_add(c, ARGV[i], ARGV[i + 1], ARGV[i + 2])
 end
 chain_close(c)
 return reply
@@ -119,9 +98,13 @@ return reply
 _COMMIT_LUA = (
     _CHAIN_LUA
     + """
--- KEYS: fence, events, chain, then one key per dedupe id, one stream per ack, one per append
--- ARGV: token, expected_last, dedupe_ttl, n_dedupe, n_acks, n_appends, reader_group,
---       then per ack: group, id; then per append: maxlen, n_fields, field, value, ...
+-- KEYS: fence, events, chain, then one key per dedupe id, then each stream acknowledged in or
+--       appended to (once each)
+-- ARGV: token, expected_last, dedupe_ttl, n_dedupe, reader_group, maxlens, acks, appends, body
+--   maxlens: per stream, its cap (0: none), space-separated
+--   acks:    per run of acknowledgements, 'stream group id id ...', runs separated by ';'
+--   appends: per entry 'stream n_type n_job_id n_data', space-separated; the three fields follow
+--            each other in body, their lengths in bytes (a stream is its position among the KEYS)
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED the fencing token moved on: this scheduler is no longer the leader')
 end
@@ -131,11 +114,16 @@ if ARGV[2] ~= '' then
   if #last > 0 then last_id = last[1][1] end
   if last_id ~= ARGV[2] then return {'CONFLICT', last_id} end
 end
-local n_dedupe, n_acks, n_appends = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local acks_from = 3 + n_dedupe
+local n_dedupe = tonumber(ARGV[4])
+local streams_from = 3 + n_dedupe
 local function ack_all()
-  for a = 1, n_acks do
-    redis.call('XACK', KEYS[acks_from + a], ARGV[6 + 2 * a], ARGV[7 + 2 * a])
+  for run in string.gmatch(ARGV[7], '[^;]+') do
+    local words = {}
+    for word in string.gmatch(run, '%S+') do words[#words + 1] = word end
+    local stream = KEYS[streams_from + tonumber(words[1])]
+    for from = 3, #words, 1000 do
+      redis.call('XACK', stream, words[2], unpack(words, from, math.min(#words, from + 999)))
+    end
   end
 end
 if n_dedupe > 0 then
@@ -150,44 +138,44 @@ if n_dedupe > 0 then
   if #seen > 0 then return {'SOME_DUPLICATE', unpack(seen)} end
   for d = 1, n_dedupe do redis.call('SET', KEYS[3 + d], '1', 'EX', ARGV[3]) end
 end
+local maxlens = {}
+for cap in string.gmatch(ARGV[6], '%d+') do maxlens[#maxlens + 1] = cap end
 local reply = {'OK', 0}
 local chain = nil
-local i = 8 + 2 * n_acks
-local streams_from = acks_from + n_acks
-for a = 1, n_appends do
-  local stream = KEYS[streams_from + a]
-  local maxlen = ARGV[i]
-  local n = tonumber(ARGV[i + 1]) * 2
-  local fields = {}
-  for f = 1, n do fields[f] = ARGV[i + 1 + f] end
-  i = i + n + 2
+local body, at = ARGV[9], 1
+for target, n_kind, n_job, n_data in string.gmatch(ARGV[8], '(%d+) (%d+) (%d+) (%d+)') do
+  local kind = string.sub(body, at, at + n_kind - 1)
+  at = at + n_kind
+  local job_id = string.sub(body, at, at + n_job - 1)
+  at = at + n_job
+  local data = string.sub(body, at, at + n_data - 1)
+  at = at + n_data
+  local t = tonumber(target)
+  local stream = KEYS[streams_from + t]
   if stream == KEYS[2] then
     if chain == nil then chain = chain_open(KEYS[2], KEYS[3]) end
-    table.insert(reply, chain_add(chain, fields))
+    reply[#reply + 1] = chain_add(chain, kind, job_id, data)
+  elseif maxlens[t] ~= '0' then
+    reply[#reply + 1] = redis.call('XADD', stream, 'MAXLEN', '~', maxlens[t], '*',
+      'type', kind, 'job_id', job_id, 'data', data)
   else
-    local args = {stream}
-    if maxlen ~= '0' then
-      table.insert(args, 'MAXLEN'); table.insert(args, '~'); table.insert(args, maxlen)
-    end
-    table.insert(args, '*')
-    for f = 1, n do table.insert(args, fields[f]) end
-    table.insert(reply, redis.call('XADD', unpack(args)))
+    reply[#reply + 1] = redis.call('XADD', stream, '*', 'type', kind, 'job_id', job_id, 'data', data)
   end
 end
 if chain ~= nil then chain_close(chain) end
 ack_all()
 -- The committer's own group need not read back what it appended: when that group had been
 -- given everything up to the expected last entry, move it past the appended facts.
-if ARGV[7] ~= '' and ARGV[2] ~= '' and chain ~= nil then
+if ARGV[5] ~= '' and ARGV[2] ~= '' and chain ~= nil then
   local groups = redis.call('XINFO', 'GROUPS', KEYS[2])
   for g = 1, #groups do
     local info = {}
     for f = 1, #groups[g], 2 do info[groups[g][f]] = groups[g][f + 1] end
-    if info['name'] == ARGV[7] and info['last-delivered-id'] == ARGV[2] then
+    if info['name'] == ARGV[5] and info['last-delivered-id'] == ARGV[2] then
       if type(info['entries-read']) == 'number' then
-        redis.call('XGROUP', 'SETID', KEYS[2], ARGV[7], chain.id, 'ENTRIESREAD', info['entries-read'] + chain.count)
+        redis.call('XGROUP', 'SETID', KEYS[2], ARGV[5], chain.id, 'ENTRIESREAD', info['entries-read'] + chain.count)
       else
-        redis.call('XGROUP', 'SETID', KEYS[2], ARGV[7], chain.id)
+        redis.call('XGROUP', 'SETID', KEYS[2], ARGV[5], chain.id)
       end
       reply[2] = 1
     end
@@ -297,12 +285,9 @@ class Bus:
 
     def append_events(self, messages: Sequence[Message], client: Any = None) -> Any:
         """Append facts to the log, on its hash chain, in one step (``client``: a pipeline)."""
-        args: list[Any] = []
+        args: list[str] = []
         for message in messages:
-            fields = encode(message, self.source)
-            args.append(len(fields))
-            for name, value in fields.items():
-                args += [name, value]
+            args += encode(message, self.source).values()
         return self._append_events(keys=[self.keys.events, self.keys.chain], args=args, client=client)
 
     async def append(self, stream: str, *messages: Message, maxlen: int = 0) -> list[str]:
@@ -365,26 +350,36 @@ class Bus:
         back what its own consumer wrote."""
         all_acks = [*([ack] if ack else []), *acks]
         all_dedupe = [*([dedupe_id] if dedupe_id else []), *dedupe_ids]
+        streams: dict[str, int] = {}  # each stream named, by its position among the KEYS
+        runs: dict[tuple[str, str], list[str]] = {}
+        for a in all_acks:
+            streams.setdefault(a.stream, len(streams) + 1)
+            runs.setdefault((a.stream, a.group), []).append(a.entry_id)
+        header: list[str] = []
+        body: list[bytes] = []
+        for item in appends:
+            target = streams.setdefault(item.stream, len(streams) + 1)
+            fields = encode(item.message, self.source)
+            kind, job_id, data = fields["type"].encode(), fields["job_id"].encode(), fields["data"].encode()
+            header.append(f"{target} {len(kind)} {len(job_id)} {len(data)}")
+            body += (kind, job_id, data)
+        maxlens = [0] * len(streams)
+        for item in appends:
+            maxlens[streams[item.stream] - 1] = max(maxlens[streams[item.stream] - 1], item.maxlen)
         keys = [self.keys.fence, self.keys.events, self.keys.chain]
         keys += [self.keys.done(d) for d in all_dedupe]
-        keys += [a.stream for a in all_acks]
-        keys += [item.stream for item in appends]
+        keys += streams
         args: list[Any] = [
             fence_token or "",
             expect_last or "",
             DEDUPE_TTL_S,
             len(all_dedupe),
-            len(all_acks),
-            len(appends),
             reader_group or "",
+            " ".join(map(str, maxlens)),
+            ";".join(" ".join((str(streams[stream]), group, *ids)) for (stream, group), ids in runs.items()),
+            " ".join(header),
+            b"".join(body),
         ]
-        for a in all_acks:
-            args += [a.group, a.entry_id]
-        for item in appends:
-            fields = encode(item.message, self.source)
-            args += [item.maxlen, len(fields)]
-            for name, value in fields.items():
-                args += [name, value]
         try:
             reply = await self._commit(keys=keys, args=args)
         except ResponseError as exc:

@@ -57,7 +57,9 @@ def _text(value: bytes | str) -> str:
 
 
 def decode(fields: Fields) -> Message:
-    raw = next((v for k, v in fields.items() if _text(k) == "data"), None)
+    raw = fields.get("data")
+    if raw is None:
+        raw = next((v for k, v in fields.items() if _text(k) == "data"), None)
     if raw is None:
         raise DecodeError("entry has no 'data' field")
     try:

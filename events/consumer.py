@@ -277,6 +277,8 @@ class GroupConsumer:
 
 def _pairs(fields: object) -> dict[str, str]:
     if isinstance(fields, dict):
+        if all(type(k) is str and type(v) is str for k, v in fields.items()):
+            return fields  # type: ignore[return-value]  # as read with decode_responses
         return {str(k): str(v) for k, v in fields.items()}
     if isinstance(fields, list):
         return {str(fields[i]): str(fields[i + 1]) for i in range(0, len(fields), 2)}

@@ -12,9 +12,10 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
+from events import audit
 from events import messages as m
 from events.bus import Ack, Append, Bus, Fenced
-from events.codec import encode
+from events.codec import decode, encode
 from events.consumer import Delivery, GroupConsumer
 from tests.conftest import RedisServer
 
@@ -135,6 +136,36 @@ async def test_commit_appends_and_acks_together_and_a_redelivery_has_no_second_e
     assert second.status == "DUPLICATE"
     assert await bus.redis.xlen(bus.keys.events) == 1
     assert (await bus.redis.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_one_commit_carries_text_of_any_script_to_several_streams_and_acks_them_all(bus: Bus) -> None:
+    # Given entries read through two groups of two streams
+    pending = {}
+    for stream, group in ((bus.keys.commands, "g"), (bus.keys.telemetry, "h")):
+        await bus.redis.xgroup_create(stream, group, id="0", mkstream=True)
+        for i in range(3):
+            await bus.append(stream, m.ProcessQueue(actor=f"a{i}"))
+        reply = await bus.redis.xreadgroup(group, "c", {stream: ">"})
+        pending[(stream, group)] = [entry_id for entry_id, _ in reply[0][1]]
+    acks = [Ack(stream, group, entry_id) for (stream, group), ids in pending.items() for entry_id in ids]
+    # When one commit appends multi-byte text to the log and to two other streams, one of them capped
+    reason = "arrêt demandé ✓ 停止 🚀"
+    appends = [
+        Append(bus.keys.events, m.JobCancelled(job_id="jöb-1", actor=reason)),
+        Append(bus.keys.node("nœud"), m.StopJob(job_id="jöb-1", attempt=1, reason="cancel")),
+        Append(bus.keys.exports, m.ProcessQueue(actor=reason), maxlen=5),
+        Append(bus.keys.events, m.JobCancelled(job_id="jöb-2", actor="")),
+    ]
+    result = await bus.commit(appends, acks=acks, dedupe_ids=["x:1", "x:2"])
+    # Then every entry reads back exactly, the log's chain verifies, and every read entry is acknowledged
+    assert result.status == "OK" and len(result.entry_ids) == 4
+    for item, entry_id in zip(appends, result.entry_ids, strict=True):
+        [(_, fields)] = await bus.redis.xrange(item.stream, min=entry_id, max=entry_id)
+        assert decode(fields) == item.message.model_copy(update={"source": bus.source})
+        assert fields["job_id"] == (item.message.job_id or "")
+    assert (await audit.verify(bus)).intact
+    for stream, group in pending:
+        assert (await bus.redis.xpending(stream, group))["pending"] == 0
 
 
 async def test_a_stale_leader_cannot_commit(bus: Bus) -> None:
