@@ -220,6 +220,12 @@ class CommitResult:
 
 
 @dataclass(frozen=True)
+class PreparedCommit:
+    keys: list[str]
+    args: list[Any]
+
+
+@dataclass(frozen=True)
 class Entry:
     stream: str
     entry_id: str
@@ -348,8 +354,26 @@ class Bus:
         appended are the last entries of the log: ``reader_group``, if it had been given every
         entry up to ``expect_last``, is moved past them (``skipped``), so that it does not read
         back what its own consumer wrote."""
-        all_acks = [*([ack] if ack else []), *acks]
-        all_dedupe = [*([dedupe_id] if dedupe_id else []), *dedupe_ids]
+        prepared = self.prepare_commit(
+            appends,
+            acks=[*([ack] if ack else []), *acks],
+            fence_token=fence_token,
+            dedupe_ids=[*([dedupe_id] if dedupe_id else []), *dedupe_ids],
+            reader_group=reader_group,
+        )
+        return await self.run_commit(prepared, expect_last)
+
+    def prepare_commit(
+        self,
+        appends: Sequence[Append],
+        *,
+        acks: Sequence[Ack] = (),
+        fence_token: str | None = None,
+        dedupe_ids: Sequence[str] = (),
+        reader_group: str | None = None,
+    ) -> PreparedCommit:
+        """A commit encoded, to be run once the log position it expects is known."""
+        all_acks, all_dedupe = acks, dedupe_ids
         streams: dict[str, int] = {}  # each stream named, by its position among the KEYS
         runs: dict[tuple[str, str], list[str]] = {}
         for a in all_acks:
@@ -371,7 +395,7 @@ class Bus:
         keys += streams
         args: list[Any] = [
             fence_token or "",
-            expect_last or "",
+            "",  # expect_last: given when the commit is run
             DEDUPE_TTL_S,
             len(all_dedupe),
             reader_group or "",
@@ -380,8 +404,14 @@ class Bus:
             " ".join(header),
             b"".join(body),
         ]
+        return PreparedCommit(keys, args)
+
+    async def run_commit(self, prepared: PreparedCommit, expect_last: str | None = None) -> CommitResult:
+        """Run a prepared commit; with ``expect_last``, only if that is still the log's last entry."""
+        args = list(prepared.args)
+        args[1] = expect_last or ""
         try:
-            reply = await self._commit(keys=keys, args=args)
+            reply = await self._commit(keys=prepared.keys, args=args)
         except ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise Fenced(str(exc)) from exc

@@ -120,7 +120,7 @@ class State(BaseModel):
     stale_reports: int = 0  # reports from an attempt that is no longer current, ignored
     # The queue in start order, kept sorted as events arrive: (-priority, seq, job id).
     _queued: SortedList = PrivateAttr(default_factory=SortedList)
-    _journal: Journal | None = PrivateAttr(default=None)
+    _journals: list[Journal] = PrivateAttr(default_factory=list)  # open savepoints, oldest first
 
     # Private attributes are read through ``__pydantic_private__`` on the hot paths: a plain
     # ``self._queued`` goes through BaseModel.__getattr__, which costs a microsecond each time.
@@ -153,8 +153,9 @@ class State(BaseModel):
         handler = _HANDLERS.get(type(event))
         if handler is None:
             raise IllegalTransition(f"{event.type} is not an event of the log")
-        if self.__pydantic_private__["_journal"] is not None:
-            self.__pydantic_private__["_journal"].keep(self, event)
+        journals = self.__pydantic_private__["_journals"]
+        if journals:
+            journals[-1].keep(self, event)
         before = queue_key(self.jobs.get(event.job_id or ""))
         handler(self, entry_id, event)
         after = queue_key(self.jobs.get(event.job_id or ""))
@@ -169,15 +170,30 @@ class State(BaseModel):
 
     def savepoint(self) -> None:
         """Remember the state as it is now. Facts folded from here on (under stand-in entry ids)
-        are taken back by :meth:`rollback`, or kept, with their real ids, by :meth:`release`."""
-        self._journal = Journal(self.position, self.accepted, self.stale_reports, dict(self.allocations))
+        are taken back by :meth:`rollback`, or kept, with their real ids, by :meth:`release`.
+        Savepoints nest: a later one is rolled back before an earlier one, and the earliest is
+        released first, while later ones may still be open."""
+        self.__pydantic_private__["_journals"].append(
+            Journal(self.position, self.accepted, self.stale_reports, dict(self.allocations))
+        )
+
+    @property
+    def committed_position(self) -> str:
+        """The position before every open savepoint: the last entry known to be in the log."""
+        journals = self.__pydantic_private__["_journals"]
+        return journals[0].position if journals else self.position
+
+    @property
+    def savepoints(self) -> int:
+        """How many savepoints are open."""
+        return len(self.__pydantic_private__["_journals"])
 
     def rollback(self) -> None:
-        """Back to the savepoint."""
-        journal = self.__pydantic_private__["_journal"]
-        if journal is None:
+        """Back to the latest savepoint."""
+        journals = self.__pydantic_private__["_journals"]
+        if not journals:
             return
-        self._journal = None
+        journal = journals.pop()
         for job_id, saved in journal.jobs.items():
             key = queue_key(self.jobs.get(job_id))
             if key is not None:
@@ -199,17 +215,28 @@ class State(BaseModel):
         self.position, self.accepted, self.stale_reports = journal.position, journal.accepted, journal.stale_reports
 
     def release(self, entry_ids: Mapping[str, str]) -> None:
-        """Keep what was folded since the savepoint; ``entry_ids`` maps each stand-in id used
-        since then to the id the entry got in the log."""
-        journal = self.__pydantic_private__["_journal"]
-        if journal is None:
+        """Keep what was folded since the earliest savepoint, up to the next one; ``entry_ids``
+        maps each stand-in id used in that span to the id the entry got in the log. Later
+        savepoints stay open, with what they would restore renamed too."""
+        journals = self.__pydantic_private__["_journals"]
+        if not journals:
             return
-        self._journal = None
+        journal = journals.pop(0)
+
+        def rename(job: Job) -> None:
+            job.first_entry_id = entry_ids.get(job.first_entry_id, job.first_entry_id)
+            job.last_entry_id = entry_ids.get(job.last_entry_id, job.last_entry_id)
+
         for job_id in journal.jobs:
             job = self.jobs.get(job_id)
             if job is not None:
-                job.first_entry_id = entry_ids.get(job.first_entry_id, job.first_entry_id)
-                job.last_entry_id = entry_ids.get(job.last_entry_id, job.last_entry_id)
+                rename(job)
+            for later in journals:
+                saved = later.jobs.get(job_id)
+                if saved is not None:
+                    rename(saved)
+        for later in journals:
+            later.position = entry_ids.get(later.position, later.position)
         self.position = entry_ids.get(self.position, self.position)
 
 

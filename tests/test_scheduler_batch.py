@@ -17,7 +17,7 @@ from events import messages as m
 from events.consumer import Delivery
 from events.state import HOLDS_GPUS, JobStatus, State
 from services.config import Settings
-from services.scheduler.service import Scheduler
+from services.scheduler.service import Plan, Scheduler
 from tests.examples import GPU, LM, started
 from tests.test_scheduler_properties import check_state
 
@@ -46,6 +46,7 @@ class Harness:
         self.log: list[tuple[str, m.Message]] = []
         self.ids = itertools.count(1)
         self.submitted = 0
+        self.renamed: dict[str, str] = {}  # the stand-ins of the plan kept last, and their ids
 
     @property
     def state(self) -> State:
@@ -119,9 +120,13 @@ class Harness:
             assert self.state.model_dump() == before
             assert self.state.queue() == sorted(self.state.queue(), key=lambda j: (-j.priority, j.seq))
         self.state.savepoint()
-        plan = self.scheduler.plan(deliveries)
+        self.keep(self.scheduler.plan(deliveries))
+
+    def keep(self, plan: Plan) -> None:
+        """The earliest open plan's commit landed: its facts get their ids in the log."""
         ids = [self.next_id() if item.stream == self.keys.events else "x" for item in plan.appends]
-        self.state.release(dict(zip(plan.stand_ins, [i for i in ids if i != "x"], strict=True)))
+        self.renamed = dict(zip(plan.stand_ins, [i for i in ids if i != "x"], strict=True))
+        self.state.release(self.renamed)
         self.log += [(i, item.message) for i, item in zip(ids, plan.appends, strict=True) if i != "x"]
 
 
@@ -157,3 +162,65 @@ def test_a_read_of_many_submits_places_in_order_and_queues_the_rest() -> None:
     assert running == ["j1", "j2", "j3"]
     assert [j.job_id for j in harness.state.queue()] == ["j4", "j7", "j8", "j6", "j5"]
     assert [harness.state.queue_position(f"j{i}") for i in (4, 7, 8, 6, 5)] == [1, 2, 3, 4, 5]
+
+
+command = st.one_of(
+    submit,
+    st.tuples(st.sampled_from(["cancel", "release"]), st.integers(0, 30)),
+    st.tuples(st.just("priority"), st.integers(0, 30), st.integers(0, 10)),
+    st.tuples(st.just("heartbeat"), st.sampled_from(sorted(NODES)), st.sampled_from([0, 5000])),
+    st.tuples(st.just("process")),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.lists(command, min_size=1, max_size=8), st.sampled_from(["ok", "later", "both"]))))
+def test_a_read_decided_while_the_one_before_is_in_flight_keeps_or_takes_back_exactly(reads: list) -> None:  # type: ignore[type-arg]
+    """As the scheduler overlaps commits: read N+1 is decided on top of read N's savepoint; then
+    N lands (released while N+1 stays open) or does not (both taken back, N decided again)."""
+    harness = Harness()
+    harness.read([harness.heartbeat(node, 0) for node in sorted(NODES)], conflict=False)
+    state = harness.state
+    pending = None  # the read in flight: its plan, deliveries, and the state before it
+    for operations, outcome in reads:
+        deliveries = [d for d in map(harness.delivery, operations) if d is not None]
+        before = state.model_dump()
+        state.savepoint()
+        plan = harness.scheduler.plan(deliveries)
+        if pending is not None:
+            previous, earlier, before_previous = pending
+            if outcome == "both":  # the read in flight did not land: take both back, decide it again
+                state.rollback()
+                state.rollback()
+                assert state.model_dump() == before_previous
+                harness.read(earlier, conflict=False)
+                check(harness)
+                before = state.model_dump()
+                state.savepoint()
+                plan = harness.scheduler.plan(deliveries)
+            else:
+                harness.keep(previous)  # it landed: this read stays open on top
+                assert state.savepoints == 1 and not state.committed_position.startswith("~")
+                before = before_after_keep(harness, before)
+                if outcome == "later":  # this one's commit conflicts: taken back to the kept state
+                    state.rollback()
+                    assert state.model_dump() == before
+                    check(harness)
+                    before = state.model_dump()
+                    state.savepoint()
+                    plan = harness.scheduler.plan(deliveries)
+        pending = (plan, deliveries, before)
+    if pending is not None:
+        harness.keep(pending[0])
+    assert state.savepoints == 0
+    check(harness)
+
+
+def before_after_keep(harness: Harness, before: dict) -> dict:  # type: ignore[type-arg]
+    """The state before a read, with the stand-ins of the read kept under it renamed."""
+    renamed = harness.renamed
+    for job in before["jobs"].values():
+        job["first_entry_id"] = renamed.get(job["first_entry_id"], job["first_entry_id"])
+        job["last_entry_id"] = renamed.get(job["last_entry_id"], job["last_entry_id"])
+    before["position"] = renamed.get(before["position"], before["position"])
+    return before

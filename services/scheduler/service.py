@@ -7,10 +7,12 @@ and that entry id, so a stale leader, or a decision on an out-of-date state, can
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import anyio
@@ -19,7 +21,7 @@ import structlog
 
 from events import audit, snapshot
 from events import messages as m
-from events.bus import Ack, Append, Bus, Entry, Fenced, connect, entry_id_key
+from events.bus import Ack, Append, Bus, CommitResult, Entry, Fenced, connect, entry_id_key
 from events.consumer import Delivery, GroupConsumer
 from events.keys import SCHEDULER_GROUP
 from events.log import catch_up
@@ -60,9 +62,10 @@ class Plan:
     """The decisions on one read, each event folded into the state as it is decided, under a
     stand-in id until the commit gives it its place in the log."""
 
-    def __init__(self, state: State, events: str) -> None:
+    def __init__(self, state: State, events: str, serial: int = 0) -> None:
         self.state = state
         self.events = events
+        self.serial = serial  # tells the stand-ins of plans in flight together apart
         self.appends: list[Append] = []
         self.stand_ins: list[str] = []
         self.dedupe_ids: list[str] = []
@@ -74,7 +77,7 @@ class Plan:
         for item in decided:
             self.appends.append(item)
             if item.stream == self.events:
-                stand_in = f"~{len(self.stand_ins)}"
+                stand_in = f"~{self.serial}.{len(self.stand_ins)}"
                 self.state.apply(stand_in, item.message)  # an illegal decision raises: nothing lands
                 self.stand_ins.append(stand_in)
                 facts.append(item.message)
@@ -83,6 +86,16 @@ class Plan:
     def dedupe(self, dedupe_id: str, index: int) -> None:
         self.dedupe_ids.append(dedupe_id)
         self.marks.append(index)
+
+
+@dataclass
+class InFlight:
+    """A read decided and sent to be committed, whose answer is not yet known."""
+
+    deliveries: list[Delivery]
+    plan: Plan
+    owed: list[Ack]
+    result: asyncio.Future[CommitResult]
 
 
 class Scheduler:
@@ -103,6 +116,10 @@ class Scheduler:
         self.last_heard: dict[str, datetime] = {}
         self.own: deque[str] = deque()  # ids of facts committed here, not yet read back
         self.unacked: list[Ack] = []  # entries read and done with, whose acknowledgement waits
+        self.inflight: InFlight | None = None
+        self.plans = 0  # reads decided so far
+        self.snapshot_due = False  # the retention task asks for a snapshot
+        self.snapshot_saved = anyio.Event()
 
     async def catch_up(self) -> None:
         """Fold every event appended since the state's position; snapshot now and then."""
@@ -110,9 +127,7 @@ class Scheduler:
         self.unsaved += await catch_up(self.bus, self.state)
         if self.state.stale_reports > stale:
             log.warning("ignored reports of superseded attempts", count=self.state.stale_reports - stale)
-        if self.unsaved >= snapshot.SNAPSHOT_EVERY:
-            await snapshot.save(self.bus, self.state)
-            self.unsaved = 0
+        await self.save_snapshot_when_due()
 
     def _pass(self, cause: m.Message) -> list[Append]:
         return rules.schedule(self.state, self.keys, self.heartbeats, self.limits, datetime.now(UTC), cause)
@@ -161,7 +176,8 @@ class Scheduler:
         (then skipped). A scheduling pass places every queued job that fits, so the passes that
         reports, heartbeats and forced passes call for are made once, before the next command
         and at the end of the read, rather than once each."""
-        plan = Plan(self.state, self.keys.events)
+        self.plans += 1
+        plan = Plan(self.state, self.keys.events, self.plans)
         owed: tuple[int, m.Message] | None = None  # the delivery that last called for a pass
 
         def settle() -> None:
@@ -202,28 +218,124 @@ class Scheduler:
         cannot be decided is split, so that one bad entry is left pending alone. Entries owed
         only an acknowledgement (facts of this scheduler, read back) ride along with the next
         commit, or are acknowledged when the streams fall quiet: left pending by a crash, they
-        would only be decided again, to no effect."""
+        would only be decided again, to no effect.
+
+        A read of commands and telemetry is decided while the commit of the read before is
+        still running in Redis, on the state that commit will leave, and sent once it landed
+        (so Redis's work and this process's overlap). A read with facts of the log, one that
+        is due a snapshot, or one whose predecessor did not land as planned is decided after
+        its predecessor is settled, as if alone."""
         self.unacked += [Ack(e.stream, SCHEDULER_GROUP, e.entry_id) for e in acks]
         if not deliveries:
             if len(self.unacked) >= MAX_UNACKED:
                 await self.flush_acks()
             return 0
         try:
-            await self._commit_batch(deliveries)
+            if self.overlaps(deliveries):
+                await self._pipeline(deliveries)
+            else:
+                await self.settle()
+                deliveries = self.drop_own(deliveries)
+                await self._commit_batch(deliveries)
+                await self.save_snapshot_when_due()
             return 0
         except UndecidedBatch:
             if len(deliveries) <= 1:
                 return len(deliveries)
         return sum([await self.handle_batch([delivery], []) for delivery in deliveries])
 
+    def overlaps(self, deliveries: Sequence[Delivery]) -> bool:
+        """Whether a read may be decided before the commit in flight is settled."""
+        return (
+            not self.snapshot_due
+            and self.unsaved < snapshot.SNAPSHOT_EVERY
+            and all(d.stream != self.keys.events for d in deliveries)
+        )
+
+    def drop_own(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """Facts of this scheduler read back before their commit was settled: acknowledged."""
+        kept = []
+        for delivery in deliveries:
+            if self.is_own(Entry(delivery.stream, delivery.entry_id, {})):
+                self.unacked.append(Ack(delivery.stream, SCHEDULER_GROUP, delivery.entry_id))
+            else:
+                kept.append(delivery)
+        return kept
+
+    async def _pipeline(self, deliveries: list[Delivery]) -> None:
+        self.state.savepoint()
+        try:
+            plan = self.plan(deliveries)
+        except Exception as exc:
+            self.state.rollback()
+            log.exception("deciding failed; entries left pending", entries=[d.entry_id for d in deliveries])
+            raise UndecidedBatch from exc
+        owed = [Ack(d.stream, SCHEDULER_GROUP, d.entry_id) for d in deliveries] + self.unacked
+        self.unacked = []
+        prepared = self.bus.prepare_commit(
+            plan.appends,
+            acks=owed,
+            fence_token=self.token,
+            dedupe_ids=plan.dedupe_ids,
+            reader_group=SCHEDULER_GROUP,
+        )
+        if not await self.settle(later=True):
+            # The read before was decided again; so is this one, on the state that left.
+            self.unacked = owed[len(deliveries) :] + self.unacked
+            await self._commit_batch(self.drop_own(deliveries))
+            return
+        expect_last = self.state.committed_position if plan.appends else None
+        result = asyncio.ensure_future(self.bus.run_commit(prepared, expect_last))
+        self.inflight = InFlight(deliveries, plan, owed, result)
+
+    async def settle(self, *, later: bool = False) -> bool:
+        """Wait for the commit in flight and keep its decisions, under the ids they got. If it
+        did not land as planned, take back (with ``later``: the read decided after it first)
+        and decide it again alone; returns False then."""
+        inflight, self.inflight = self.inflight, None
+        if inflight is None:
+            return True
+        try:
+            result = await inflight.result
+        except BaseException:
+            for _ in range(2 if later else 1):
+                self.state.rollback()
+            raise
+        if result.status == "OK":
+            ids = self.state_ids(inflight.plan, result.entry_ids)
+            if not result.skipped:
+                self.own.extend(ids)
+            self.unsaved += len(inflight.plan.stand_ins)
+            return True
+        if later:
+            self.state.rollback()
+        self.state.rollback()
+        if result.status != "DUPLICATE":  # (duplicates: the acknowledgements landed)
+            self.unacked = inflight.owed[len(inflight.deliveries) :] + self.unacked
+            await self._commit_batch(inflight.deliveries, behind=True)
+        return False
+
     async def flush_acks(self) -> None:
+        await self.settle()
         if self.unacked:
             await self.bus.commit([], acks=self.unacked, fence_token=self.token)
             self.unacked = []
+        await self.save_snapshot_when_due()
 
-    async def _commit_batch(self, deliveries: list[Delivery]) -> None:
+    async def save_snapshot_when_due(self) -> None:
+        """Snapshots hold committed facts only: taken when no decision is in flight."""
+        if self.state.savepoints or not (self.snapshot_due or self.unsaved >= snapshot.SNAPSHOT_EVERY):
+            return
+        await snapshot.save(self.bus, self.state)
+        self.unsaved = 0
+        if self.snapshot_due:
+            self.snapshot_due = False
+            self.snapshot_saved.set()
+            self.snapshot_saved = anyio.Event()
+
+    async def _commit_batch(self, deliveries: list[Delivery], *, behind: bool = False) -> None:
         position = entry_id_key(self.state.position)
-        behind = any(d.stream == self.keys.events and entry_id_key(d.entry_id) > position for d in deliveries)
+        behind = behind or any(d.stream == self.keys.events and entry_id_key(d.entry_id) > position for d in deliveries)
         owed = [Ack(d.stream, SCHEDULER_GROUP, d.entry_id) for d in deliveries] + self.unacked
         duplicates: set[int] = set()
         for _ in range(MAX_CONFLICT_RETRIES):
@@ -255,9 +367,6 @@ class Scheduler:
                 if not result.skipped:  # they will be read back: acknowledged unread then
                     self.own.extend(ids)
                 self.unsaved += len(plan.stand_ins)
-                if self.unsaved >= snapshot.SNAPSHOT_EVERY:
-                    await snapshot.save(self.bus, self.state)
-                    self.unsaved = 0
                 return
             self.state.rollback()
             if result.status == "DUPLICATE":
@@ -303,6 +412,7 @@ class Scheduler:
         self.state = await snapshot.load(self.bus)
         self.own.clear()
         self.unacked = []
+        self.inflight = None
         await self.catch_up()
         settle_heap()
         # Every node gets a full timeout from now: this scheduler has not heard anyone yet.
@@ -325,15 +435,23 @@ class Scheduler:
         )
         await consumer.setup()
         await self.commit_pass()
-        await consumer.run()
+        try:
+            await consumer.run()
+        finally:
+            if self.inflight is not None:  # its outcome is read from the log by the next leader
+                self.inflight.result.cancel()
+                self.inflight = None
 
     async def retain(self) -> None:
         """Apply the log's retention policy now and then: archive, then trim. The snapshot is
         saved first, so that nothing a restarting reader needs is trimmed."""
         while True:
             await anyio.sleep(self.settings.retention_interval_s)
-            await snapshot.save(self.bus, self.state)
-            self.unsaved = 0
+            # Saved by the consumer loop, between decisions (none in flight), at the latest
+            # when the streams next fall quiet (a blocking read's timeout).
+            saved = self.snapshot_saved
+            self.snapshot_due = True
+            await saved.wait()
             done = await audit.archive_and_trim(
                 self.bus,
                 max_age_s=self.settings.audit_max_age_s,
