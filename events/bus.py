@@ -373,33 +373,31 @@ class Bus:
         reader_group: str | None = None,
     ) -> PreparedCommit:
         """A commit encoded, to be run once the log position it expects is known."""
-        all_acks, all_dedupe = acks, dedupe_ids
         streams: dict[str, int] = {}  # each stream named, by its position among the KEYS
         runs: dict[tuple[str, str], list[str]] = {}
-        for a in all_acks:
+        for a in acks:
             streams.setdefault(a.stream, len(streams) + 1)
             runs.setdefault((a.stream, a.group), []).append(a.entry_id)
+        maxlens: dict[str, int] = {}
         header: list[str] = []
         body: list[bytes] = []
         for item in appends:
             target = streams.setdefault(item.stream, len(streams) + 1)
+            maxlens[item.stream] = max(maxlens.get(item.stream, 0), item.maxlen)
             fields = encode(item.message, self.source)
             kind, job_id, data = fields["type"].encode(), fields["job_id"].encode(), fields["data"].encode()
             header.append(f"{target} {len(kind)} {len(job_id)} {len(data)}")
             body += (kind, job_id, data)
-        maxlens = [0] * len(streams)
-        for item in appends:
-            maxlens[streams[item.stream] - 1] = max(maxlens[streams[item.stream] - 1], item.maxlen)
         keys = [self.keys.fence, self.keys.events, self.keys.chain]
-        keys += [self.keys.done(d) for d in all_dedupe]
+        keys += [self.keys.done(d) for d in dedupe_ids]
         keys += streams
         args: list[Any] = [
             fence_token or "",
             "",  # expect_last: given when the commit is run
             DEDUPE_TTL_S,
-            len(all_dedupe),
+            len(dedupe_ids),
             reader_group or "",
-            " ".join(map(str, maxlens)),
+            " ".join(str(maxlens.get(stream, 0)) for stream in streams),
             ";".join(" ".join((str(streams[stream]), group, *ids)) for (stream, group), ids in runs.items()),
             " ".join(header),
             b"".join(body),

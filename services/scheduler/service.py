@@ -262,14 +262,18 @@ class Scheduler:
                 kept.append(delivery)
         return kept
 
-    async def _pipeline(self, deliveries: list[Delivery]) -> None:
+    def _decide(self, deliveries: list[Delivery]) -> Plan:
+        """A read decided inside a new savepoint; if deciding raises, the savepoint is taken back."""
         self.state.savepoint()
         try:
-            plan = self.plan(deliveries)
+            return self.plan(deliveries)
         except Exception as exc:
             self.state.rollback()
             log.exception("deciding failed; entries left pending", entries=[d.entry_id for d in deliveries])
             raise UndecidedBatch from exc
+
+    async def _pipeline(self, deliveries: list[Delivery]) -> None:
+        plan = self._decide(deliveries)
         owed = [Ack(d.stream, SCHEDULER_GROUP, d.entry_id) for d in deliveries] + self.unacked
         self.unacked = []
         prepared = self.bus.prepare_commit(
@@ -302,10 +306,7 @@ class Scheduler:
                 self.state.rollback()
             raise
         if result.status == "OK":
-            ids = self.state_ids(inflight.plan, result.entry_ids)
-            if not result.skipped:
-                self.own.extend(ids)
-            self.unsaved += len(inflight.plan.stand_ins)
+            self.keep(inflight.plan, result)
             return True
         if later:
             self.state.rollback()
@@ -342,13 +343,8 @@ class Scheduler:
             if behind:
                 await self.catch_up()
             expect_last = self.state.position
-            self.state.savepoint()
+            plan = self._decide([d for i, d in enumerate(deliveries) if i not in duplicates])
             try:
-                try:
-                    plan = self.plan([d for i, d in enumerate(deliveries) if i not in duplicates])
-                except Exception as exc:
-                    log.exception("deciding failed; entries left pending", entries=[d.entry_id for d in deliveries])
-                    raise UndecidedBatch from exc
                 result = await self.bus.commit(
                     plan.appends,
                     acks=owed,
@@ -363,10 +359,7 @@ class Scheduler:
             if result.status in ("OK", "DUPLICATE"):
                 self.unacked = []
             if result.status == "OK":
-                ids = self.state_ids(plan, result.entry_ids)
-                if not result.skipped:  # they will be read back: acknowledged unread then
-                    self.own.extend(ids)
-                self.unsaved += len(plan.stand_ins)
+                self.keep(plan, result)
                 return
             self.state.rollback()
             if result.status == "DUPLICATE":
@@ -377,11 +370,17 @@ class Scheduler:
             behind = True
         raise RuntimeError(f"a read of {len(deliveries)} entries conflicted {MAX_CONFLICT_RETRIES} times")
 
-    def state_ids(self, plan: Plan, entry_ids: Sequence[str]) -> list[str]:
-        """Keep the folded facts under the ids they got; returns those ids."""
-        ids = [entry_id for item, entry_id in zip(plan.appends, entry_ids, strict=True) if item.stream == plan.events]
+    def keep(self, plan: Plan, result: CommitResult) -> None:
+        """A plan's commit landed: its folded facts are kept under the ids they got."""
+        ids = [
+            entry_id
+            for item, entry_id in zip(plan.appends, result.entry_ids, strict=True)
+            if item.stream == plan.events
+        ]
         self.state.release(dict(zip(plan.stand_ins, ids, strict=True)))
-        return ids
+        if not result.skipped:  # they will be read back: acknowledged unread then
+            self.own.extend(ids)
+        self.unsaved += len(plan.stand_ins)
 
     def is_own(self, entry: Entry) -> bool:
         """A fact this scheduler committed (and reacted to) itself: acknowledged unread."""
