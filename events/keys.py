@@ -80,6 +80,12 @@ class Keys:
         """The folded state at a log position (hash: position, version, state)."""
         return f"{self.tag}:snapshot"
 
+    @property
+    def auth_secret(self) -> str:
+        """The key that signs browsers' short-lived tokens, shared by every gateway (when
+        AUTH_SECRET is not configured)."""
+        return f"{self.tag}:gateway:auth-secret"
+
     def done(self, message_id: str) -> str:
         """Marks a handled message, so that a redelivery has no second effect."""
         return f"{self.tag}:done:{message_id}"

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     api_prefix: str = "/api/v1"
     app_host: str = "127.0.0.1"
     app_port: int = Field(8000, ge=1, le=65535)
+    # Several gateway processes on one host may share APP_PORT (SO_REUSEPORT: the kernel spreads
+    # connections among them), e.g. `honcho start -c gateway=2`.
+    app_reuse_port: bool = False
 
     data_dir: Path = Path("data")
     # Where local model, data and output paths may be (separated by ':'); default: DATA_DIR and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,7 +23,9 @@ from services.config import ConfigError, load_settings
 from services.gateway.app import create_app
 from services.gateway.auth import parse_keys
 from services.gateway.projection import Projection
+from tests.conftest import RedisServer, wait_for
 from tests.examples import LM
+from tests.system import System
 
 ALICE, BOB, ROOT = "alice-key-0123456789", "bob-key-0123456789ab", "root-key-0123456789ab"
 KEYS = f"alice:user:{ALICE}, bob:user:sha256:{hashlib.sha256(BOB.encode()).hexdigest()}\nroot:admin:{ROOT}"
@@ -153,3 +156,40 @@ def test_the_gateway_refuses_to_serve_unprotected_beyond_loopback(tmp_path: Path
         [sys.executable, "-m", "services.cli", "gateway"], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "16 characters" in done.stderr
+
+
+def test_gateways_sharing_a_port_honour_each_others_tokens_and_one_serves_on_without_the_other(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Given two gateway processes on one port (APP_REUSE_PORT), no AUTH_SECRET configured
+    system = System(redis_server.url, tmp_path / "data", API_KEYS=KEYS, APP_REUSE_PORT="true")
+    system.start("gateway-1=gateway", "gateway-2=gateway")
+    try:
+        for name in ("gateway-1", "gateway-2"):
+            wait_for(lambda name=name: "serving" in system.log(name), 60, f"{name} to serve", interval_s=0.2)
+
+        def fresh(method: str, path: str, **kwargs: object) -> httpx.Response:
+            """A request on a new connection: the kernel picks a gateway for each."""
+            with httpx.Client(base_url=system.base.removesuffix("/training"), timeout=10) as client:
+                return client.request(method, path, **kwargs)  # type: ignore[arg-type]
+
+        # When browsers get tokens from whichever gateway answers, and use them on new connections
+        tokens = [fresh("POST", "/auth/token", headers=bearer(ALICE)).json()["token"] for _ in range(12)]
+        # Then every gateway honours every token (the signing key is shared through Redis)
+        for token in tokens * 2:
+            assert fresh("GET", "/auth/me", params={"access_token": token}).json()["name"] == "alice"
+        # And when one gateway dies, the other serves every connection, old tokens included
+        system.stop("gateway-1", sig=signal.SIGKILL)
+        for token in tokens:
+            assert fresh("GET", "/auth/me", params={"access_token": token}).status_code == 200
+        # A gateway started without APP_REUSE_PORT cannot take the port from them
+        alone = subprocess.run(
+            [sys.executable, "-m", "services.cli", "gateway"],
+            env={**system.env, "APP_REUSE_PORT": "false"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert alone.returncode != 0 and "in use" in alone.stderr + alone.stdout
+    finally:
+        system.stop()

@@ -6,7 +6,8 @@ Runs a throwaway redis-server and the real scheduler process, with one simulated
 running job and ``--queued`` jobs already waiting. Prints, in one run: the raw Redis round trip and
 a raw batched XREADGROUP/XACK loop (the floor), then submit -> decision latency and sustained
 decisions per second (the scheduler alone: commands appended straight to its stream), then starts
-the real gateway and measures accepted submissions per second over REST. The REST load comes from
+the real gateway and measures accepted submissions per second over REST, with one gateway process
+and then with two sharing the port (``--gateways``). The REST load comes from
 ``wrk`` when it is installed (``apt-get install wrk``: a C load generator that leaves the two cores
 to the system under test), else from an httpx client in this process, which costs more CPU than
 the gateway it measures.
@@ -199,6 +200,10 @@ def main() -> None:
     parser.add_argument("--sustained", type=int, default=20000)
     parser.add_argument("--rest", type=int, default=2000, help="submissions over REST (httpx)")
     parser.add_argument("--rest-seconds", type=int, default=10, help="duration of the REST load (wrk)")
+    parser.add_argument("--gateways", default="1,2", help="gateway processes for the REST load, comma-separated runs")
+    parser.add_argument(
+        "--rest-connections", default="64", help="concurrent connections of the REST load, comma-separated runs"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -254,24 +259,33 @@ def main() -> None:
                     print(
                         f"  redis {name}: {stat['calls']} calls, {stat['usec'] / 1e6:.2f} s, {stat['usec_per_call']:.1f} us/call"
                     )
-            processes.append(subprocess.Popen([sys.executable, "-m", "services.cli", "gateway"], env=env))
             base = f"http://127.0.0.1:{app_port}/api/v1/training"
-            wait_for(lambda: _up(base), 60, "the gateway", interval_s=0.2)
             body = job.model_dump(mode="json")
-            queued = client.xlen(keys.commands)
-            print(f"gateway started; {queued:,} submits so far, the queue holds them all")
-            gateway, scheduler = psutil.Process(processes[2].pid), psutil.Process(processes[1].pid)
-            before = [sum(p.cpu_times()[:2]) for p in (gateway, scheduler)]
-            submits = client.xlen(keys.commands)
-            if shutil.which("wrk"):
-                rest_wrk(base, body, args.rest_seconds, 64)
-            else:
-                anyio.run(rest, base, body, args.rest, 64)
-            done = client.xlen(keys.commands) - submits
-            used = [sum(p.cpu_times()[:2]) - b for p, b in zip((gateway, scheduler), before, strict=True)]
-            print(
-                f"  CPU per submission:             gateway {used[0] / done * 1e6:.0f} us, scheduler {used[1] / done * 1e6:.0f} us"
-            )
+            scheduler = psutil.Process(processes[1].pid)
+            gateways: list[psutil.Process] = []
+            for count in map(int, args.gateways.split(",")):
+                while len(gateways) < count:  # gateway processes sharing the port (APP_REUSE_PORT)
+                    started = subprocess.Popen(
+                        [sys.executable, "-m", "services.cli", "gateway"], env={**env, "APP_REUSE_PORT": "true"}
+                    )
+                    processes.append(started)
+                    gateways.append(psutil.Process(started.pid))
+                    wait_for(lambda: _listening(gateways[-1], app_port), 60, "the gateway", interval_s=0.2)
+                queued = client.xlen(keys.commands)
+                print(f"{count} gateway process(es); {queued:,} submits so far, the queue holds them all")
+                for connections in map(int, args.rest_connections.split(",")):
+                    before = [sum(p.cpu_times()[:2]) for p in (*gateways, scheduler)]
+                    submits = client.xlen(keys.commands)
+                    if shutil.which("wrk"):
+                        rest_wrk(base, body, args.rest_seconds, connections)
+                    else:
+                        anyio.run(rest, base, body, args.rest, connections)
+                    done = client.xlen(keys.commands) - submits
+                    used = [sum(p.cpu_times()[:2]) - b for p, b in zip((*gateways, scheduler), before, strict=True)]
+                    print(
+                        f"  CPU per submission:             gateways {sum(used[:-1]) / done * 1e6:.0f} us, "
+                        f"scheduler {used[-1] / done * 1e6:.0f} us"
+                    )
         finally:
             for process in processes:
                 process.terminate()
@@ -294,6 +308,10 @@ def _caught_up(client: redis.Redis, keys: Keys) -> bool:
             if group["last-delivered-id"] != last:
                 return False
     return True
+
+
+def _listening(process: psutil.Process, port: int) -> bool:
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in process.net_connections("tcp"))
 
 
 def _ping(client: redis.Redis) -> bool:
