@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 from httpx_sse import ServerSentEvent, connect_sse
 
 from services.demo.tinymodel import DemoAssets
+from services.launch import TAG_VARIABLE
 from tests.conftest import free_port, wait_for
 
 TRAINING_TIMEOUT_S = 120
@@ -95,6 +97,19 @@ class System:
         path = self.data_dir / f"{name}.log"
         return path.read_text(errors="replace")[-5000:] if path.exists() else ""
 
+    def kill_jobs(self) -> int:
+        """Kill what jobs of this system still run (each attempt is a process group); returns how
+        many groups were killed."""
+        groups = set()
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if TAG_VARIABLE in process.environ() and str(self.data_dir) in " ".join(process.cmdline()):
+                    groups.add(os.getpgid(process.pid))
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        return len(groups)
+
     def stop(self, *services: str, sig: int = signal.SIGTERM) -> dict[str, int]:
         codes = {}
         for name in services or list(self.processes):
@@ -152,5 +167,6 @@ def running(redis_url: str, data_dir: Path, *, clean_exits: bool = False, **sett
         yield system
     finally:
         codes = system.stop()
+        system.kill_jobs()  # a runner leaves its jobs running when it stops (it adopts them on restart)
     if clean_exits:
         assert all(code == 0 for code in codes.values()), f"unclean exits: {codes}"
