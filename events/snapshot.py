@@ -3,6 +3,12 @@ loading one and folding only the log after it."""
 
 from __future__ import annotations
 
+import gc
+import os
+import sys
+
+import anyio
+import redis
 import structlog
 from pydantic import ValidationError
 
@@ -34,6 +40,32 @@ async def save(bus: Bus, state: State) -> bool:
     script = bus.redis.register_script(_SAVE_LUA)
     saved = await script(keys=[bus.keys.snapshot], args=[state.position, SNAPSHOT_VERSION, state.model_dump_json()])
     return bool(saved)
+
+
+def save_in_child(redis_url: str, key: str, state: State) -> int:
+    """Fork a child that stores the state as it is at this moment (the child's memory is a
+    copy-on-write image of this process), so that the seconds a large state takes to serialize
+    hold nobody up; returns the child's pid, for :func:`child_saved`. The caller must not be in
+    the middle of changing the state."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        gc.disable()  # a collection would touch (and so copy) every page of the image
+        client = redis.Redis.from_url(redis_url)
+        client.eval(_SAVE_LUA, 1, key, state.position, SNAPSHOT_VERSION, state.model_dump_json())
+        code = 0
+    except BaseException as exc:
+        print(f"snapshot not saved: {exc!r}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)  # nothing of the parent's (its event loop, its connections) runs here
+
+
+async def child_saved(pid: int) -> bool:
+    """Wait for a child of :func:`save_in_child`; whether it stored its state (or found a later one)."""
+    _, status = await anyio.to_thread.run_sync(os.waitpid, pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 async def load(bus: Bus) -> State:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
+import redis
 import redis.asyncio as aioredis
 
 from events import audit, snapshot
@@ -18,7 +20,8 @@ from events.codec import decode
 from events.keys import Keys
 from events.log import catch_up
 from events.state import State
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, wait_for
+from tests.system import System
 
 DATA = Path(__file__).parent / "data"
 
@@ -242,3 +245,31 @@ async def test_a_log_of_the_first_release_replays_under_this_one(bus: Bus) -> No
     queued = [decode(fields) for _, fields in await bus.redis.xrange(bus.keys.events)]
     queued = [q for q in queued if isinstance(q, m.JobQueued)]
     assert len(queued) == 3 and all(q.v == 2 and q.behind_job_id is None for q in queued)
+
+
+def test_the_leading_scheduler_snapshots_then_archives_and_trims(redis_server: RedisServer, tmp_path: Path) -> None:
+    # Given a scheduler applying a retention policy of 1,000 entries every second, and 1,500 facts
+    system = System(redis_server.url, tmp_path / "data", RETENTION_INTERVAL_S="1", AUDIT_MAX_ENTRIES="1000")
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    keys = Keys(system.namespace)
+
+    async def append() -> None:
+        async with aioredis.Redis.from_url(redis_server.url, decode_responses=True) as r:
+            bus = Bus(r, keys, "test")
+            await fill(bus, 1500)
+
+    anyio.run(append)
+    system.start("scheduler")
+    try:
+        # Then a snapshot of the whole log is stored (written by a child process), the log is
+        # trimmed to the newest 1,000 entries, and the rest is archived
+        last = client.xrevrange(keys.events, count=1)[0][0]
+        wait_for(lambda: client.hget(keys.snapshot, "position") == last, 30, "the snapshot", interval_s=0.2)
+        wait_for(lambda: client.xlen(keys.events) == 1000, 30, "the trim", interval_s=0.2)
+        archives = sorted((tmp_path / "data" / "archive").rglob("*.gz"))
+        assert sum(len(gzip.decompress(path.read_bytes()).splitlines()) for path in archives) == 500
+        state = State.model_validate_json(client.hget(keys.snapshot, "state"))
+        assert state.position == last
+    finally:
+        system.stop()
+        client.close()

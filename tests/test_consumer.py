@@ -230,6 +230,33 @@ async def test_a_snapshot_plus_the_log_after_it_folds_to_the_whole_log(bus: Bus)
     assert (await snapshot.load(bus)).position == early.position
 
 
+async def test_a_snapshot_written_by_a_child_process_is_the_state_at_the_fork(
+    bus: Bus, redis_server: RedisServer
+) -> None:
+    from events import snapshot
+    from events.log import catch_up
+    from events.state import State
+    from tests.examples import GPU, LM
+
+    # Given a folded state
+    await bus.append(bus.keys.events, m.NodeJoined(node="n", simulated=True, gpus=[GPU]))
+    for i in range(20):
+        await bus.append(
+            bus.keys.events, m.JobAccepted(job_id=f"j{i}", spec=LM), m.JobQueued(job_id=f"j{i}", position=i + 1)
+        )
+    state = State()
+    await catch_up(bus, state)
+    at_fork = state.model_dump()
+    # When a child process writes it, while this process folds more right after the fork
+    pid = snapshot.save_in_child(redis_server.url, bus.keys.snapshot, state)
+    state.apply("9999999999999-0", m.JobCancelled(job_id="j1"))
+    # Then the stored snapshot is the state as it was at the fork
+    assert await snapshot.child_saved(pid)
+    assert (await snapshot.load(bus)).model_dump() == at_fork
+    # And a child that cannot store it says so
+    assert not await snapshot.child_saved(snapshot.save_in_child("redis://127.0.0.1:1/0", bus.keys.snapshot, state))
+
+
 async def test_a_reader_group_that_was_caught_up_is_moved_past_its_own_commit(bus: Bus) -> None:
     [first] = await bus.append(bus.keys.events, m.ProcessQueue())
     await bus.redis.xgroup_create(bus.keys.events, "own", id="0")

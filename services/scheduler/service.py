@@ -120,6 +120,7 @@ class Scheduler:
         self.plans = 0  # reads decided so far
         self.snapshot_due = False  # the retention task asks for a snapshot
         self.snapshot_saved = anyio.Event()
+        self.snapshotting: asyncio.Future[None] | None = None  # a child writing a snapshot
 
     async def catch_up(self) -> None:
         """Fold every event appended since the state's position; snapshot now and then."""
@@ -324,15 +325,26 @@ class Scheduler:
         await self.save_snapshot_when_due()
 
     async def save_snapshot_when_due(self) -> None:
-        """Snapshots hold committed facts only: taken when no decision is in flight."""
-        if self.state.savepoints or not (self.snapshot_due or self.unsaved >= snapshot.SNAPSHOT_EVERY):
+        """Snapshots hold committed facts only: taken when no decision is in flight. A child
+        process writes it (a state of 60,000 jobs takes over a second to serialize), while this
+        one goes on deciding."""
+        due = self.snapshot_due or self.unsaved >= snapshot.SNAPSHOT_EVERY
+        if self.state.savepoints or self.snapshotting is not None or not due:
             return
-        await snapshot.save(self.bus, self.state)
+        pid = snapshot.save_in_child(self.settings.resolved_redis_url, self.keys.snapshot, self.state)
         self.unsaved = 0
-        if self.snapshot_due:
-            self.snapshot_due = False
-            self.snapshot_saved.set()
-            self.snapshot_saved = anyio.Event()
+        asked, self.snapshot_due = self.snapshot_due, False
+        self.snapshotting = asyncio.ensure_future(self._snapshot_written(pid, asked))
+
+    async def _snapshot_written(self, pid: int, asked: bool) -> None:
+        try:
+            if not await snapshot.child_saved(pid):
+                log.warning("snapshot not saved; the log is kept from the previous one", pid=pid)
+        finally:
+            self.snapshotting = None
+            if asked:  # the retention task trims only up to the stored snapshot, saved or not
+                self.snapshot_saved.set()
+                self.snapshot_saved = anyio.Event()
 
     async def _commit_batch(self, deliveries: list[Delivery], *, behind: bool = False) -> None:
         position = entry_id_key(self.state.position)
