@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from events.placement import matching
-from events.state import HOLDS_GPUS, Job, JobStatus, State, gpu_key
+from events.state import Job, JobStatus, State, gpu_key
 
 UNKNOWN = math.inf
 
@@ -62,7 +63,76 @@ def placement_request(job: Job) -> tuple[object, ...]:
     return (spec.gpu_count, spec.node, spec.gpu_model, spec.min_gpu_memory_mb, ids)
 
 
-def estimate_queue(state: State, now: datetime) -> dict[str, Estimate]:
+class QueueEstimates(Mapping[str, Estimate]):
+    """An estimate for every queued job. The queue is simulated up to the first job whose start
+    is not known: no GPU's time changes after it, and every job behind it is unknown too, for a
+    reason that depends only on what it asks for. That reason is worked out when a job behind is
+    asked about (once per kind of request), so a long queue behind a job with no ETA costs
+    nothing to estimate."""
+
+    def __init__(
+        self,
+        state: State,
+        simulated: dict[str, Estimate],
+        free_at: dict[str, float] | None = None,
+        blockers: dict[str, str] | None = None,
+    ) -> None:
+        self._state = state
+        self._simulated = simulated
+        self._free_at = free_at  # None: the whole queue was simulated
+        self._blockers = blockers or {}
+        self._behind: dict[tuple[object, ...], Estimate] = {}
+
+    def __getitem__(self, job_id: str) -> Estimate:
+        found = self._simulated.get(job_id)
+        if found is not None:
+            return found
+        job = self._state.jobs.get(job_id)
+        if self._free_at is None or job is None or job.status != JobStatus.queued:
+            raise KeyError(job_id)
+        request = placement_request(job)
+        if request not in self._behind:
+            best = _earliest(job, self._state, self._free_at, UNKNOWN)
+            self._behind[request] = _unknown(best, self._blockers)
+        return self._behind[request]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._simulated
+        if self._free_at is not None:
+            yield from (job.job_id for job in self._state.queue_iter() if job.job_id not in self._simulated)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _earliest(job: Job, state: State, free_at: dict[str, float], not_before: float) -> tuple[float, list[str]] | None:
+    """The soonest a job could start (not before the job ahead of it), and on which GPUs."""
+    best: tuple[float, list[str]] | None = None
+    for name, node in sorted(state.nodes.items()):
+        if not node.up:
+            continue
+        keys = sorted(
+            (free_at[gpu_key(name, g.index)], gpu_key(name, g.index)) for g in matching(job.spec, name, node.gpus)
+        )
+        if len(keys) >= job.spec.gpu_count:
+            chosen = keys[: job.spec.gpu_count]
+            start = max(chosen[-1][0], not_before)
+            if best is None or start < best[0]:
+                best = (start, [key for _, key in chosen])
+    return best
+
+
+def _unknown(best: tuple[float, list[str]] | None, blockers: dict[str, str]) -> Estimate:
+    waiting_on = sorted({blockers[k] for k in (best[1] if best else []) if k in blockers})
+    reason = (
+        f"job {', '.join(waiting_on)} ahead of it has no ETA, time limit or past runs to go by"
+        if waiting_on
+        else "no GPU it could use will be free at a known time"
+    )
+    return Estimate(None, f"unknown: {reason}")
+
+
+def estimate_queue(state: State, now: datetime) -> QueueEstimates:
     """An estimate for every queued job, in start order (strict: none starts before the one ahead)."""
     free_at: dict[str, float] = {}  # GPU -> seconds from now until it is free
     for name, node in state.nodes.items():
@@ -70,51 +140,22 @@ def estimate_queue(state: State, now: datetime) -> dict[str, Estimate]:
             for gpu in node.gpus:
                 free_at[gpu_key(name, gpu.index)] = 0.0
     blockers: dict[str, str] = {}  # GPU -> the job whose end time is unknown
-    for job in state.jobs.values():
-        if job.status in HOLDS_GPUS:
-            for index in job.gpu_ids:
-                key = gpu_key(job.node or "", index)
-                free_at[key] = remaining_s(job, now)
-                if free_at[key] == UNKNOWN:
-                    blockers[key] = job.job_id
-    history = durations(state)
+    for key, job_id in state.allocations.items():  # the GPUs that jobs hold
+        free_at[key] = remaining_s(state.jobs[job_id], now)
+        if free_at[key] == UNKNOWN:
+            blockers[key] = job_id
+    history: dict[tuple[str, str], list[float]] | None = None  # past durations, gathered when needed
     estimates: dict[str, Estimate] = {}
     not_before = 0.0
-    # Once one job's start is unknown, no GPU's time changes and every job behind it is unknown
-    # too, for a reason that depends only on what it asks for: worked out once per request.
-    unknown: dict[tuple[object, ...], Estimate] = {}
     for job in state.queue_iter():
-        if not_before == UNKNOWN:
-            request = placement_request(job)
-            if request in unknown:
-                estimates[job.job_id] = unknown[request]
-                continue
-        best: tuple[float, list[str]] | None = None
-        for name, node in sorted(state.nodes.items()):
-            if not node.up:
-                continue
-            keys = sorted(
-                (free_at[gpu_key(name, g.index)], gpu_key(name, g.index)) for g in matching(job.spec, name, node.gpus)
-            )
-            if len(keys) >= job.spec.gpu_count:
-                chosen = keys[: job.spec.gpu_count]
-                start = max(chosen[-1][0], not_before)
-                if best is None or start < best[0]:
-                    best = (start, [key for _, key in chosen])
+        best = _earliest(job, state, free_at, not_before)
         if best is None or best[0] == UNKNOWN:
-            waiting_on = sorted({blockers[k] for k in (best[1] if best else []) if k in blockers})
-            reason = (
-                f"job {', '.join(waiting_on)} ahead of it has no ETA, time limit or past runs to go by"
-                if waiting_on
-                else "no GPU it could use will be free at a known time"
-            )
-            estimates[job.job_id] = Estimate(None, f"unknown: {reason}")
-            if not_before == UNKNOWN:
-                unknown[placement_request(job)] = estimates[job.job_id]
-            not_before = UNKNOWN
-            continue
+            estimates[job.job_id] = _unknown(best, blockers)
+            return QueueEstimates(state, estimates, free_at, blockers)
         start, chosen_keys = best
-        duration = expected_duration_s(job, history)
+        if history is None and job.spec.time_limit_s is None:
+            history = durations(state)
+        duration = expected_duration_s(job, history or {})
         for key in chosen_keys:
             free_at[key] = start + duration
             if duration == UNKNOWN:
@@ -122,4 +163,4 @@ def estimate_queue(state: State, now: datetime) -> dict[str, Estimate]:
         not_before = start
         basis = "GPUs free now" if start == 0 else "running jobs' ETA or time limit, queued jobs' expected durations"
         estimates[job.job_id] = Estimate(start, basis)
-    return estimates
+    return QueueEstimates(state, estimates)

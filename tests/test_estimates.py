@@ -72,3 +72,30 @@ def test_past_runs_of_the_same_model_give_the_expected_duration() -> None:
     estimates = estimate_queue(log.state, NOW)
     assert estimates["q1"].start_in_s == 60
     assert estimates["q2"].start_in_s == 60 + 20 * 60
+
+
+def test_every_job_behind_an_unknown_start_is_unknown_for_a_reason_that_fits_its_request() -> None:
+    # Given a node with 2 GPUs, one held by a job with no ETA, the other by a job with a time limit
+    log = Log()
+    log.add(node(gpus=2))
+    submit(log, "r0")
+    run(log, "r0", 0)
+    submit(log, "r1", time_limit_s=100)
+    run(log, "r1", 1)
+    # And behind a two-GPU job (blocked by r0), one-GPU and two-GPU jobs and one no GPU can hold
+    submit(log, "head", priority=9, gpu_count=2)
+    for job_id, gpus in (("one-a", 1), ("two", 2), ("one-b", 1), ("four", 4)):
+        submit(log, job_id, gpu_count=gpus)
+    estimates = estimate_queue(log.state, NOW)
+    # Then all of them are unknown, each naming what it waits on, and the queue lists them all
+    assert "r0" in estimates["head"].basis
+    assert all(estimates[j].start_in_s is None for j in ("one-a", "two", "one-b", "four"))
+    # (one GPU: the best, GPU 1, frees at a known time, but not before the head starts)
+    assert "no GPU it could use" in estimates["one-a"].basis and estimates["one-a"] == estimates["one-b"]
+    assert "job r0 ahead of it" in estimates["two"].basis
+    assert estimates["four"].basis == "unknown: no GPU it could use will be free at a known time"
+    assert list(estimates) == ["head", "one-a", "two", "one-b", "four"] and len(estimates) == 5
+    # And a job queued after the estimate was made is answered too; one that is not queued is not
+    submit(log, "late", gpu_count=1)
+    assert estimates["late"] == estimates["one-a"]
+    assert estimates.get("r0") is None and estimates.get("nobody") is None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -121,7 +121,7 @@ class Projection:
     log_positions: dict[str, str] = field(default_factory=dict)
     log_subscribers: Topics = field(default_factory=Topics)
     ready: anyio.Event = field(default_factory=anyio.Event)
-    _estimates: tuple[datetime, str, dict[str, Estimate]] | None = None
+    _estimates: tuple[datetime, str, Mapping[str, Estimate]] | None = None
     _estimate_cost_s: float = 0.0
     _advanced: anyio.Event = field(default_factory=anyio.Event)
     _deciding: dict[str, asyncio.Future[None]] = field(default_factory=dict)  # job id -> done once decided
@@ -154,7 +154,7 @@ class Projection:
             return True
         return bool(predicate())  # type: ignore[operator]
 
-    def estimates(self, *, fresh: bool = False) -> tuple[datetime, dict[str, Estimate]]:
+    def estimates(self, *, fresh: bool = False) -> tuple[datetime, Mapping[str, Estimate]]:
         """Queue estimates as of when they were computed. Simulating a long queue costs time, so
         it is redone only when the log has moved on, at most every ESTIMATE_REFRESH_S (``fresh``:
         sooner), and never sooner than ESTIMATE_COST_RATIO times as long as the last one took: a
