@@ -3,14 +3,15 @@ loading one and folding only the log after it."""
 
 from __future__ import annotations
 
+import base64
 import gc
 import os
 import sys
+import zlib
 
 import anyio
 import redis
 import structlog
-from pydantic import ValidationError
 
 from events.bus import Bus
 from events.state import State
@@ -18,7 +19,7 @@ from events.state import State
 log = structlog.get_logger("events.snapshot")
 
 # Bump when State changes shape: an older snapshot is then ignored and the log folded in full.
-SNAPSHOT_VERSION = "1"
+SNAPSHOT_VERSION = "2"  # 2: the state's JSON compressed (zlib, then base64)
 SNAPSHOT_EVERY = 100_000  # events folded between two snapshots (a large state takes a while to write)
 
 # Only a snapshot further along the log replaces the stored one.
@@ -35,10 +36,24 @@ return 1
 """
 
 
+def _packed(state: State) -> str:
+    """The state's JSON, compressed: a tenth of the size, so that storing it holds Redis up for
+    a tenth of the time (80 MB of JSON for 60,000 jobs took Redis 300 ms to take in)."""
+    return base64.b64encode(zlib.compress(state.model_dump_json().encode(), 1)).decode()
+
+
+def unpacked(stored: str) -> State:
+    """The state from its stored form; raises ValueError (incl. ValidationError) if unreadable."""
+    try:
+        return State.model_validate_json(zlib.decompress(base64.b64decode(stored)))
+    except zlib.error as exc:
+        raise ValueError(f"not a compressed snapshot: {exc}") from exc
+
+
 async def save(bus: Bus, state: State) -> bool:
     """Store the state if it is further along the log than the stored snapshot."""
     script = bus.redis.register_script(_SAVE_LUA)
-    saved = await script(keys=[bus.keys.snapshot], args=[state.position, SNAPSHOT_VERSION, state.model_dump_json()])
+    saved = await script(keys=[bus.keys.snapshot], args=[state.position, SNAPSHOT_VERSION, _packed(state)])
     return bool(saved)
 
 
@@ -54,7 +69,7 @@ def save_in_child(redis_url: str, key: str, state: State) -> int:
     try:
         gc.disable()  # a collection would touch (and so copy) every page of the image
         client = redis.Redis.from_url(redis_url)
-        client.eval(_SAVE_LUA, 1, key, state.position, SNAPSHOT_VERSION, state.model_dump_json())
+        client.eval(_SAVE_LUA, 1, key, state.position, SNAPSHOT_VERSION, _packed(state))
         code = 0
     except BaseException as exc:
         print(f"snapshot not saved: {exc!r}", file=sys.stderr, flush=True)
@@ -74,7 +89,7 @@ async def load(bus: Bus) -> State:
     if not stored or stored.get("version") != SNAPSHOT_VERSION:
         return State()
     try:
-        return State.model_validate_json(stored["state"])
-    except (ValidationError, KeyError) as exc:
+        return unpacked(stored["state"])
+    except (KeyError, ValueError) as exc:
         log.warning("snapshot unreadable; folding the whole log", error=str(exc))
         return State()

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import httpx
-from pydantic import ValidationError
 
 from events import audit, snapshot
 from events.bus import Bus, Entry, connect
@@ -161,11 +160,9 @@ async def rebuild(settings: Settings, gateway_url: str | None, api_key: str | No
         stored = await redis.hgetall(bus.keys.snapshot)
         if stored.get("version") == snapshot.SNAPSHOT_VERSION:
             try:
-                services.append(
-                    ("scheduler snapshot", State.model_validate_json(stored["state"]).model_dump(mode="json"))
-                )
-            except ValidationError as exc:
-                print(f"scheduler snapshot: unreadable ({exc.error_count()} errors)")
+                services.append(("scheduler snapshot", snapshot.unpacked(stored["state"]).model_dump(mode="json")))
+            except ValueError as exc:
+                print(f"scheduler snapshot: unreadable ({str(exc).splitlines()[0]})")
         else:
             print("scheduler snapshot: none yet")
         for name, shown in services:

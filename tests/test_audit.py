@@ -268,7 +268,7 @@ def test_the_leading_scheduler_snapshots_then_archives_and_trims(redis_server: R
         wait_for(lambda: client.xlen(keys.events) == 1000, 30, "the trim", interval_s=0.2)
         archives = sorted((tmp_path / "data" / "archive").rglob("*.gz"))
         assert sum(len(gzip.decompress(path.read_bytes()).splitlines()) for path in archives) == 500
-        state = State.model_validate_json(client.hget(keys.snapshot, "state"))
+        state = snapshot.unpacked(client.hget(keys.snapshot, "state"))
         assert state.position == last
     finally:
         system.stop()
