@@ -53,6 +53,8 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
         port=settings.app_port,
         log_config=None,
         access_log=False,
+        proxy_headers=False,  # nothing reads the client's address; X-Forwarded-* is not trusted
+        server_header=False,
         timeout_graceful_shutdown=3,
         lifespan="off",
     )
