@@ -76,11 +76,13 @@ class QueueEstimates(Mapping[str, Estimate]):
         simulated: dict[str, Estimate],
         free_at: dict[str, float] | None = None,
         blockers: dict[str, str] | None = None,
+        head: str | None = None,
     ) -> None:
         self._state = state
         self._simulated = simulated
         self._free_at = free_at  # None: the whole queue was simulated
         self._blockers = blockers or {}
+        self._head = head  # the first job whose start is not known
         self._behind: dict[tuple[object, ...], Estimate] = {}
 
     def __getitem__(self, job_id: str) -> Estimate:
@@ -92,8 +94,8 @@ class QueueEstimates(Mapping[str, Estimate]):
             raise KeyError(job_id)
         request = placement_request(job)
         if request not in self._behind:
-            best = _earliest(job, self._state, self._free_at, UNKNOWN)
-            self._behind[request] = _unknown(best, self._blockers)
+            best = _earliest(job, self._state, self._free_at, 0.0)
+            self._behind[request] = _unknown(best, self._blockers, self._head)
         return self._behind[request]
 
     def __iter__(self) -> Iterator[str]:
@@ -122,13 +124,15 @@ def _earliest(job: Job, state: State, free_at: dict[str, float], not_before: flo
     return best
 
 
-def _unknown(best: tuple[float, list[str]] | None, blockers: dict[str, str]) -> Estimate:
-    waiting_on = sorted({blockers[k] for k in (best[1] if best else []) if k in blockers})
-    reason = (
-        f"job {', '.join(waiting_on)} ahead of it has no ETA, time limit or past runs to go by"
-        if waiting_on
-        else "no GPU it could use will be free at a known time"
-    )
+def _unknown(best: tuple[float, list[str]] | None, blockers: dict[str, str], head: str | None = None) -> Estimate:
+    """Why a job's start is not known: what holds the GPUs it would take, or (GPUs it could take
+    free at a known time) the job ahead of it in strict order whose own start is not known."""
+    if best is None:
+        reason = "not enough GPUs it could use are up"
+    elif waiting_on := sorted({blockers[k] for k in best[1] if k in blockers}):
+        reason = f"job {', '.join(waiting_on)} ahead of it has no ETA, time limit or past runs to go by"
+    else:
+        reason = f"it starts after job {head}, ahead of it in the queue, whose start is not known"
     return Estimate(None, f"unknown: {reason}")
 
 
@@ -151,7 +155,7 @@ def estimate_queue(state: State, now: datetime) -> QueueEstimates:
         best = _earliest(job, state, free_at, not_before)
         if best is None or best[0] == UNKNOWN:
             estimates[job.job_id] = _unknown(best, blockers)
-            return QueueEstimates(state, estimates, free_at, blockers)
+            return QueueEstimates(state, estimates, free_at, blockers, head=job.job_id)
         start, chosen_keys = best
         if history is None and job.spec.time_limit_s is None:
             history = durations(state)

@@ -90,10 +90,13 @@ def test_every_job_behind_an_unknown_start_is_unknown_for_a_reason_that_fits_its
     # Then all of them are unknown, each naming what it waits on, and the queue lists them all
     assert "r0" in estimates["head"].basis
     assert all(estimates[j].start_in_s is None for j in ("one-a", "two", "one-b", "four"))
-    # (one GPU: the best, GPU 1, frees at a known time, but not before the head starts)
-    assert "no GPU it could use" in estimates["one-a"].basis and estimates["one-a"] == estimates["one-b"]
+    # (one GPU: the best, GPU 1, frees at a known time, but the head, ahead of it, starts first)
+    assert estimates["one-a"].basis == (
+        "unknown: it starts after job head, ahead of it in the queue, whose start is not known"
+    )
+    assert estimates["one-a"] == estimates["one-b"]
     assert "job r0 ahead of it" in estimates["two"].basis
-    assert estimates["four"].basis == "unknown: no GPU it could use will be free at a known time"
+    assert estimates["four"].basis == "unknown: not enough GPUs it could use are up"
     assert list(estimates) == ["head", "one-a", "two", "one-b", "four"] and len(estimates) == 5
     # And a job queued after the estimate was made is answered too; one that is not queued is not
     submit(log, "late", gpu_count=1)
