@@ -34,6 +34,7 @@ class JobStatus(StrEnum):
 
 TERMINAL = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled})
 HOLDS_GPUS = frozenset({JobStatus.scheduled, JobStatus.running, JobStatus.serving})
+WAITING = frozenset({JobStatus.pending, JobStatus.held, JobStatus.queued})
 
 
 class ExportStatus(StrEnum):
@@ -291,7 +292,9 @@ def _job(state: State, event: m.Message, *allowed: JobStatus) -> Job:
 
 
 def _is_stale(state: State, job: Job, attempt: int | None) -> bool:
-    if attempt is not None and attempt != job.attempt:
+    """A report of an attempt that is not the current one, or of one already ended by a requeue
+    (the job waits for its next attempt: nothing of ours runs it)."""
+    if attempt is not None and (attempt != job.attempt or (job.status in WAITING and job.attempt > 0)):
         state.stale_reports += 1
         return True
     return False

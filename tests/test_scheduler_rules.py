@@ -218,6 +218,10 @@ def test_a_silent_node_is_lost_its_jobs_retried_from_their_checkpoint_or_failed(
     assert cluster.state.jobs["failed"].status == "failed" and cluster.state.jobs["failed"].reason == "node_lost"
     retried = cluster.state.jobs["retried"]
     assert retried.status == "queued" and retried.retries == 1
+    # The first attempt's process, stopped on its node, reports while the job waits: ignored
+    late = m.JobFailed(job_id="retried", attempt=1, reason="killed", message="stopped from outside")
+    cluster.fold([Append(KEYS.events, late), Append(KEYS.events, m.JobCancelled(job_id="retried", attempt=1))])
+    assert retried.status == "queued" and retried.reason is None and cluster.state.stale_reports == 2
     # It needs node a: it waits; when a comes back (a new epoch), it runs again from its checkpoint
     assert cluster.fold(rules.schedule(cluster.state, KEYS, cluster.heartbeats, LIMITS, NOW, m.ProcessQueue())) == []
     cluster.fold([Append(KEYS.events, f) for f in rules.node_changes(cluster.state, cluster.heartbeats["a"])])
@@ -226,7 +230,7 @@ def test_a_silent_node_is_lost_its_jobs_retried_from_their_checkpoint_or_failed(
     assert (start.attempt, start.resume_from) == (2, "/r/checkpoint-5")
     # A late report of the first attempt is ignored
     cluster.fold([Append(KEYS.events, m.JobSucceeded(job_id="retried", attempt=1, exit_code=0, run_dir="/r"))])
-    assert cluster.state.jobs["retried"].status == "scheduled" and cluster.state.stale_reports == 1
+    assert cluster.state.jobs["retried"].status == "scheduled" and cluster.state.stale_reports == 3
 
 
 def test_backfill_starts_a_short_job_only_when_it_ends_before_the_blocked_one_could_start() -> None:
