@@ -17,6 +17,7 @@ from events import messages as m
 from events.bus import Ack, Append, Bus, Fenced
 from events.codec import decode, encode
 from events.consumer import Delivery, GroupConsumer
+from services.scheduler.service import take_lease
 from tests.conftest import RedisServer
 
 
@@ -176,6 +177,24 @@ async def test_a_stale_leader_cannot_commit(bus: Bus) -> None:
     with pytest.raises(Fenced):
         await bus.commit([fact], fence_token="7")
     assert await bus.redis.xlen(bus.keys.events) == 1
+
+
+async def test_the_lease_and_its_fencing_token_are_taken_together(bus: Bus) -> None:
+    # Given scheduler "a" holding the lease
+    first = await take_lease(bus.redis, bus.keys, "a", 60_000)
+    assert first is not None
+    # Then "b" gets neither the lease nor a token, and "a" finding its own lease gets a newer token
+    assert await take_lease(bus.redis, bus.keys, "b", 60_000) is None
+    assert await bus.redis.get(bus.keys.fence) == str(first)
+    assert await take_lease(bus.redis, bus.keys, "a", 60_000) == first + 1
+    # And once the lease lapses, "b" takes it with the next token: "a"'s commits are fenced off
+    await bus.redis.pexpire(bus.keys.leader, 1)
+    with anyio.fail_after(5):
+        while (token := await take_lease(bus.redis, bus.keys, "b", 60_000)) is None:
+            await anyio.sleep(0.01)
+    assert token == first + 2 and await bus.redis.get(bus.keys.leader) == "b"
+    with pytest.raises(Fenced):
+        await bus.commit([Append(bus.keys.events, m.ProcessQueue())], fence_token=str(first + 1))
 
 
 async def test_a_decision_on_an_out_of_date_state_conflicts(bus: Bus) -> None:

@@ -23,7 +23,7 @@ from events import audit, snapshot
 from events import messages as m
 from events.bus import Ack, Append, Bus, CommitResult, Entry, Fenced, connect, entry_id_key
 from events.consumer import Delivery, GroupConsumer
-from events.keys import SCHEDULER_GROUP
+from events.keys import SCHEDULER_GROUP, Keys
 from events.log import catch_up
 from events.state import State
 from services.config import Settings
@@ -43,6 +43,19 @@ return 0
 
 
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+# Take the lease (or find it ours still, from before Redis dropped the connection) and the next
+# fencing token in one step: a winner paused between the two could otherwise come back with a
+# token above a newer leader's.
+_ACQUIRE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+elseif holder or not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return false
+end
+return redis.call('INCR', KEYS[2])
+"""
 
 
 READ_COUNT = 500  # entries per stream and read: decided together, committed in one step
@@ -487,19 +500,24 @@ async def _renew(redis: aioredis.Redis, settings: Settings) -> None:
             raise LostLeadership
 
 
+async def take_lease(redis: aioredis.Redis, keys: Keys, instance: str, lease_ms: int) -> int | None:
+    """The next fencing token if this instance holds the lease now (taken, or still its own);
+    None while another instance holds it."""
+    token = await redis.eval(_ACQUIRE_LUA, 2, keys.leader, keys.fence, instance, lease_ms)
+    return None if token is None else int(token)
+
+
 async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
     scheduler = Scheduler(settings, bus)
     reader = connect(settings.resolved_redis_url, block_ms=1000)
     try:
         while True:
-            won = await redis.set(settings.keys.leader, settings.instance, nx=True, px=settings.leader_lease_ms)
-            if not won and await redis.get(settings.keys.leader) == settings.instance:
-                won = True  # our own lease, from before Redis dropped the connection
-            if not won:
+            token = await take_lease(redis, settings.keys, settings.instance, settings.leader_lease_ms)
+            if token is None:
                 # Standby: the lease is a timer, so checking it on a timer is the protocol.
                 await anyio.sleep(settings.leader_lease_ms / 3000)
                 continue
-            scheduler.token = str(await redis.incr(settings.keys.fence))
+            scheduler.token = str(token)
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_renew, redis, settings)
