@@ -137,7 +137,8 @@ def _unknown(best: tuple[float, list[str]] | None, blockers: dict[str, str], hea
 
 
 def estimate_queue(state: State, now: datetime) -> QueueEstimates:
-    """An estimate for every queued job, in start order (strict: none starts before the one ahead)."""
+    """An estimate for every queued job, in start order (strict: none starts before the one ahead,
+    unless that one cannot start on the GPUs that are up at all)."""
     free_at: dict[str, float] = {}  # GPU -> seconds from now until it is free
     for name, node in state.nodes.items():
         if node.up:
@@ -153,7 +154,10 @@ def estimate_queue(state: State, now: datetime) -> QueueEstimates:
     not_before = 0.0
     for job in state.queue_iter():
         best = _earliest(job, state, free_at, not_before)
-        if best is None or best[0] == UNKNOWN:
+        if best is None:  # not enough of the GPUs it could use are up: it holds up no one
+            estimates[job.job_id] = _unknown(best, blockers)
+            continue
+        if best[0] == UNKNOWN:
             estimates[job.job_id] = _unknown(best, blockers)
             return QueueEstimates(state, estimates, free_at, blockers, head=job.job_id)
         start, chosen_keys = best

@@ -1,11 +1,14 @@
 """Property-based: random sequences of submits, cancels, priority changes, completions, failures,
-heartbeats (with foreign processes) and node losses, applied through the scheduler's real rules
-and the fold. After every step: no GPU is held twice, the head of the queue is not left waiting
-on GPUs it fits, every job is in a state consistent with its GPUs, and folding the emitted log
-from scratch gives the same state."""
+late reports of ended attempts, heartbeats (with foreign processes) and node losses, applied
+through the scheduler's real rules and the fold. After every step: no GPU is held twice; the queue
+holds exactly the queued jobs, in (priority desc, submit order); no job started ahead of a waiting
+one that could start once our jobs end, and none is left waiting on GPUs it fits ahead of such a
+one; every job is in a state consistent with its GPUs; a late report changes nothing; and folding
+the emitted log from scratch gives the same state."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 
 from hypothesis import HealthCheck, given, settings
@@ -13,21 +16,28 @@ from hypothesis import strategies as st
 
 from events import messages as m
 from events.bus import Append
-from events.state import HOLDS_GPUS, JobStatus, State, gpu_key
+from events.placement import matching
+from events.state import HOLDS_GPUS, WAITING, Job, JobStatus, State, gpu_key
 from services.scheduler import rules
 from tests.examples import started
 from tests.test_scheduler_rules import KEYS, LIMITS, NOW, Cluster
 
 NODES = {"a": 2, "b": 4}
 
+submit = st.tuples(
+    st.just("submit"), st.integers(0, 10), st.integers(1, 4), st.sampled_from([None, "a", "b"]), st.integers(0, 1)
+)
+job = st.integers(0, 30)  # the index of a job, in submit order
+# Weighted so that queues form: submits and job ends often, node losses rarely
 operation = st.one_of(
-    st.tuples(st.just("submit"), st.integers(0, 10), st.integers(1, 4), st.sampled_from([None, "a", "b"])),
-    st.tuples(st.just("cancel"), st.integers(0, 30)),
-    st.tuples(st.just("priority"), st.integers(0, 30), st.integers(0, 10)),
-    st.tuples(st.just("start"), st.integers(0, 30)),
-    st.tuples(st.just("succeed"), st.integers(0, 30)),
-    st.tuples(st.just("fail"), st.integers(0, 30)),
-    st.tuples(st.just("heartbeat"), st.sampled_from(sorted(NODES)), st.sampled_from([0, 5000])),
+    *[submit] * 4,
+    st.tuples(st.just("cancel"), job),
+    st.tuples(st.just("priority"), job, st.integers(0, 10)),
+    *[st.tuples(st.just("start"), job)] * 2,
+    *[st.tuples(st.just("succeed"), job)] * 2,
+    st.tuples(st.just("fail"), job),
+    st.tuples(st.just("late"), job),
+    *[st.tuples(st.just("heartbeat"), st.sampled_from(sorted(NODES)), st.sampled_from([0, 0, 5000]))] * 2,
     st.tuples(st.just("lose"), st.sampled_from(sorted(NODES))),
 )
 
@@ -61,11 +71,11 @@ class Scheduler(Cluster):
     def apply(self, op: tuple[object, ...]) -> None:
         kind = op[0]
         if kind == "submit":
-            _, priority, gpus, node = op
+            _, priority, gpus, node, retries = op
             job_id = f"j{self.n}"
             command = m.SubmitJob(
                 job_id=job_id,
-                spec=_spec(priority, gpus, node),
+                spec=_spec(priority, gpus, node, retries),
                 actor="prop",  # type: ignore[arg-type]
             )
             self.fold(rules.submit(self.state, KEYS, command, self.heartbeats, LIMITS, NOW))
@@ -108,21 +118,47 @@ class Scheduler(Cluster):
             self.react(m.JobSucceeded(job_id=job_id, attempt=job.attempt, exit_code=0, run_dir="/r"))
         elif kind == "fail" and job.status in HOLDS_GPUS:
             self.react(m.JobFailed(job_id=job_id, attempt=job.attempt, reason="oom"))
+        elif kind == "late":  # a stopped process of an ended attempt reports
+            attempt = job.attempt if job.status in WAITING else job.attempt - 1
+            if attempt >= 1:
+                before, stale = job.model_dump(), self.state.stale_reports
+                self.react(m.JobFailed(job_id=job_id, attempt=attempt, reason="killed"))
+                assert job.model_dump() == before and self.state.stale_reports == stale + 1
 
 
-def _spec(priority: int, gpus: int, node: str | None) -> object:
+def _spec(priority: int, gpus: int, node: str | None, retries: int) -> object:
     from tests.examples import LM
 
-    return LM.model_validate({**LM.model_dump(), "priority": priority, "gpu_count": gpus, "node": node})
+    fields = {"priority": priority, "gpu_count": gpus, "node": node, "max_retries": retries}
+    return LM.model_validate({**LM.model_dump(), **fields})
 
 
-def check_invariants(cluster: Scheduler) -> None:
+def could_start_once_ours_end(job: Job, cluster: Scheduler) -> bool:
+    """Whether the job fits the GPUs of nodes heard from that are free now or held by our jobs."""
+    state = cluster.state
+    for name, free in rules.usable_gpus(state, cluster.heartbeats, LIMITS, NOW).items():
+        ours = [gpu for gpu in state.nodes[name].gpus if gpu_key(name, gpu.index) in state.allocations]
+        if len(matching(job.spec, name, [*free, *ours])) >= job.spec.gpu_count:
+            return True
+    return False
+
+
+def check_invariants(cluster: Scheduler, decided: Sequence[m.Message] = ()) -> None:
     state = cluster.state
     check_state(state, cluster.log)
-    queue = state.queue()
-    if queue:  # strict order: the head is never left waiting on GPUs it fits now
-        usable = rules.usable_gpus(state, cluster.heartbeats, LIMITS, NOW)
-        assert rules.place(queue[0], usable) is None, f"{queue[0].job_id} could start now"
+    # Strict order: nothing waits on GPUs it fits now ahead of a job that blocks it...
+    usable = rules.usable_gpus(state, cluster.heartbeats, LIMITS, NOW)
+    for job in state.queue():
+        assert rules.place(job, usable) is None, f"{job.job_id} could start now"
+        if could_start_once_ours_end(job, cluster):
+            break
+    # ...and no job started ahead of a waiting one that could start once our jobs end
+    for event in decided:
+        if isinstance(event, m.JobScheduled):
+            started_job = state.jobs[event.job_id or ""]
+            for waiting in state.queue():
+                if (-waiting.priority, waiting.seq) < (-started_job.priority, started_job.seq):
+                    assert not could_start_once_ours_end(waiting, cluster), f"{event.job_id} jumped {waiting.job_id}"
 
 
 def check_state(state: State, log: list[tuple[str, m.Message]]) -> None:
@@ -137,19 +173,22 @@ def check_state(state: State, log: list[tuple[str, m.Message]]) -> None:
                 holders[key] = job.job_id
             assert state.nodes[job.node or ""].up
     assert holders == state.allocations
-    queue = state.queue()
-    assert [(-j.priority, j.seq) for j in queue] == sorted((-j.priority, j.seq) for j in queue)
+    queued = sorted(
+        (j for j in state.jobs.values() if j.status == JobStatus.queued), key=lambda j: (-j.priority, j.seq)
+    )
+    assert [j.job_id for j in state.queue()] == [j.job_id for j in queued]
     rebuilt = State()
     for entry_id, event in log:
         rebuilt.apply(entry_id, event)
     assert rebuilt.model_dump() == state.model_dump()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(operation, max_size=40))
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(operation, min_size=10, max_size=60))
 def test_any_sequence_keeps_the_scheduler_invariants(operations: list[tuple[object, ...]]) -> None:
     cluster = Scheduler()
     check_invariants(cluster)
     for op in operations:
+        logged = len(cluster.log)
         cluster.apply(op)
-        check_invariants(cluster)
+        check_invariants(cluster, [event for _, event in cluster.log[logged:]])

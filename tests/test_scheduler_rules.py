@@ -98,6 +98,26 @@ def test_strict_order_a_big_job_at_the_head_blocks_smaller_ones_behind_it() -> N
     assert commands == [] and cluster.status("small") == "queued"
 
 
+def test_a_job_that_could_not_start_even_once_our_jobs_end_holds_up_no_one() -> None:
+    # Given nodes a and b, a's GPU used by someone else's process, b's GPU idle but short of memory
+    cluster = Cluster({"a": 1, "b": 1, "c": 2})
+    cluster.heartbeat("a", 1, used_mb=5000)
+    cluster.heartbeat("b", 1, used_mb=500)
+    cluster.submit("one", node="c")  # holds c/0
+    # When high-priority jobs wait for a's GPU (then for a node gone quiet), and for more memory
+    # than b's GPU has free
+    assert cluster.submit("on-a", priority=9, node="a") == []
+    assert cluster.submit("memory", priority=9, node="b", min_gpu_memory_mb=24_500) == []
+    cluster.heartbeat("a", 1, at=NOW - timedelta(seconds=60))
+    # Then a lower-priority job still starts on b
+    [start] = cluster.submit("low-b", priority=1, node="b")
+    assert (start.job_id, start.node) == ("low-b", "b")
+    # But one waiting for GPUs our job holds blocks: a low job does not take c's free GPU
+    assert cluster.submit("big", priority=8, gpus=2, node="c") == []
+    assert cluster.submit("low-c", priority=1, node="c") == []
+    assert [j.job_id for j in cluster.state.queue()] == ["on-a", "memory", "big", "low-c"]
+
+
 def test_placement_prefers_the_node_that_leaves_fewest_gpus_idle() -> None:
     cluster = Cluster({"a": 4, "b": 2})
     [start] = cluster.submit("pair", gpus=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -249,7 +249,17 @@ def usable_gpus(
     return usable
 
 
-def place(job: Job, usable: Mapping[str, list[m.GpuSample]]) -> tuple[str, list[int]] | None:
+def freeable_gpus(state: State, usable: Mapping[str, list[m.GpuSample]]) -> dict[str, list[m.GpuInfo]]:
+    """Per node that offers GPUs, those a job could have once our running jobs end: the usable
+    ones as measured, and those our jobs hold (with all their memory)."""
+    freeable: dict[str, list[m.GpuInfo]] = {}
+    for name, gpus in usable.items():
+        held = [gpu for gpu in state.nodes[name].gpus if gpu_key(name, gpu.index) in state.allocations]
+        freeable[name] = [*gpus, *held]
+    return freeable
+
+
+def place(job: Job, usable: Mapping[str, Sequence[m.GpuInfo]]) -> tuple[str, list[int]] | None:
     """The node and GPUs that fit the job best: fewest usable GPUs left idle on the node, then the
     most free memory, then by name and index, so that the same state gives the same answer."""
     count = job.spec.gpu_count
@@ -276,10 +286,14 @@ def schedule(
     queue: Iterable[Job] | None = None,
 ) -> list[Append]:
     """One scheduling pass: start queued jobs in order while they fit; the first that does not
-    fit blocks those behind it (strict priority order). With backfill on, a job behind it may
-    still start if its time limit ends before the blocked job's estimated start."""
+    fit, but would once GPUs our jobs hold are free, blocks those behind it (strict priority
+    order). One that could not start even then (its node is lost or silent, its GPUs taken by
+    foreign processes, its memory not free) blocks no one. With backfill on, a job behind a
+    blocked one may still start if its time limit ends before the blocked job's estimated start."""
     queue = iter(state.queue_iter() if queue is None else queue)
-    usable = {name: list(gpus) for name, gpus in usable_gpus(state, heartbeats, limits, now).items()}
+    offered = usable_gpus(state, heartbeats, limits, now)
+    usable = {name: list(gpus) for name, gpus in offered.items()}  # less what this pass hands out
+    freeable: dict[str, list[m.GpuInfo]] | None = None  # worked out at the first job that does not fit
     decisions: list[Append] = []
     backfill_until: float | None = None  # seconds from now by which a backfilled job must end
     for job in queue:
@@ -289,6 +303,10 @@ def schedule(
         if placement is None and backfill_until is not None:
             continue  # a backfill candidate that does not fit
         if placement is None:
+            if freeable is None:
+                freeable = freeable_gpus(state, offered)
+            if place(job, freeable) is None:
+                continue  # it waits on nothing our jobs hold: it holds up no one
             blocked = estimate_queue(state, now).get(job.job_id) if limits.backfill else None
             if blocked is None or blocked.start_in_s is None:
                 break  # strict order (or nothing proves that a job behind would not delay it)
