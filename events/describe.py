@@ -77,6 +77,9 @@ _TEXT: dict[type[m.Message], Callable[[Any], str]] = {
     m.JobServing: lambda e: f"serving at {e.endpoint}",
     m.JobSucceeded: lambda e: f"completed (exit code {e.exit_code})",
     m.JobFailed: _failed,
+    m.JobLost: lambda e: (
+        f"attempt {e.attempt} ended while no runner watched it" + (f": {e.message}" if e.message else "")
+    ),
     m.JobRequeued: lambda e: f"attempt {e.attempt} lost ({e.reason}); queued again to retry",
     m.JobPriorityChanged: lambda e: f"priority changed from {e.previous} to {e.priority}{_by(e)}",
     m.JobDeleted: lambda e: f"deleted{_by(e)}",

@@ -33,7 +33,9 @@ job.progress            event      runner
 job.checkpoint_saved    event      runner
 job.serving             event      runner
 job.succeeded           event      runner       scheduler reacts: export.requested (LoRA)
-job.failed              event      runner
+job.failed              event      runner, scheduler (node or runner lost, no retries left)
+job.lost                event      runner       (the attempt ended while no runner watched it;
+                                                the scheduler retries or fails the job)
 export.started          event      exporter
 export.completed        event      exporter
 export.failed           event      exporter
@@ -258,8 +260,18 @@ class JobFailed(Event):
     stderr_tail: list[str] = Field(default_factory=list)
 
 
+class JobLost(Event):
+    """A runner found an attempt's processes gone with no exit status: the job ended while no
+    runner watched it, for a reason nobody saw. The scheduler retries it (max_retries) or fails it."""
+
+    type: Literal["job.lost"] = "job.lost"
+    attempt: int
+    message: str = ""
+
+
 class JobRequeued(Event):
-    """An attempt ended by the infrastructure (its node was lost); the job waits to run again."""
+    """An attempt ended by the infrastructure (its node or its runner was lost); the job waits
+    to run again."""
 
     type: Literal["job.requeued"] = "job.requeued"
     attempt: int
@@ -399,6 +411,7 @@ AnyMessage = Annotated[
     | JobFailed
     | JobCancelRequested
     | JobPriorityChanged
+    | JobLost
     | JobRequeued
     | JobDeleted
     | JobHeld

@@ -435,6 +435,13 @@ def _failed(state: State, entry_id: str, event: m.JobFailed) -> None:
     _finish(state, job, entry_id, event, JobStatus.failed)
 
 
+def _lost(state: State, entry_id: str, event: m.JobLost) -> None:
+    """Noted: the scheduler's job.requeued or job.failed that follows ends the attempt."""
+    job = _reported(state, event, *HOLDS_GPUS)
+    if job is not None:
+        job.last_entry_id = entry_id
+
+
 def _requeued(state: State, entry_id: str, event: m.JobRequeued) -> None:
     job = _job(state, event, *HOLDS_GPUS)
     if event.attempt != job.attempt:
@@ -545,6 +552,7 @@ _HANDLERS = {
     m.JobFailed: _failed,
     m.JobCancelRequested: _cancel_requested,
     m.JobPriorityChanged: _priority_changed,
+    m.JobLost: _lost,
     m.JobRequeued: _requeued,
     m.JobDeleted: _deleted,
     m.JobCancelled: _cancelled,

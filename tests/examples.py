@@ -29,6 +29,7 @@ def examples() -> list[m.Message]:
         m.JobPriorityChanged(priority=9, previous=5, **job),
         m.JobDeleted(**job),
         m.JobRequeued(attempt=1, reason="node_lost", **job),
+        m.JobLost(attempt=1, message="Killed", **job),
         m.ProcessQueue(actor="bob"),
         m.StartJob(attempt=1, node="n1", gpu_ids=[0, 1], spec=LM, **job),
         m.StopJob(attempt=1, reason="cancel", **job),

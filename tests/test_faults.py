@@ -172,8 +172,8 @@ def test_a_redis_crash_mid_job_loses_nothing(assets: DemoAssets, tmp_path: Path)
     assert all(code == 0 for code in codes.values()), codes
 
 
-def test_a_job_that_dies_while_its_runner_is_down_is_reported_failed(system: System, assets: DemoAssets) -> None:
-    body = {**job_body(assets, max_steps=100_000, save_steps=100_000), "auto_export": False}
+def test_a_job_that_dies_while_its_runner_is_down_is_lost_and_retried(system: System, assets: DemoAssets) -> None:
+    body = {**job_body(assets, max_steps=100_000, save_steps=100_000), "auto_export": False, "max_retries": 1}
     job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
     url = f"{system.base}/jobs/{job_id}/stream"
     first = read_stream(url, seen("job.started"))
@@ -184,10 +184,25 @@ def test_a_job_that_dies_while_its_runner_is_down_is_reported_failed(system: Sys
     wait_for(lambda: not alive(pgid), 10, "the trainer to be gone")
     # When a runner comes back
     system.start("runner")
-    # Then it reports the job failed: never left running
-    read_stream(url, seen("job.failed"), last_event_id=first[-1].id)
+    # Then it reports the attempt lost (never left running), and the scheduler runs it again
+    events = read_stream(url, lambda evs: sum(e.event == "job.started" for e in evs) == 1, last_event_id=first[-1].id)
+    assert [e.event for e in events if e.event != "job.progress"] == [
+        "job.lost",
+        "job.requeued",
+        "job.scheduled",
+        "job.started",
+    ]
+    assert json.loads(events[-1].data)["payload"]["attempt"] == 2
     job = httpx.get(f"{system.base}/jobs/{job_id}").json()
-    assert job["status"] == "failed" and job["reason"] == "runner_lost"
+    assert (job["status"], job["attempt"], job["retries"]) == ("running", 2, 1)
+    # And lost once more, with no retries left, it fails with the reason
+    system.stop("runner", sig=signal.SIGKILL)
+    os.killpg(job["pid"], signal.SIGKILL)
+    wait_for(lambda: not alive(job["pid"]), 10, "the trainer to be gone")
+    system.start("runner")
+    read_stream(url, seen("job.failed"), last_event_id=events[-1].id)
+    job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+    assert (job["status"], job["reason"]) == ("failed", "runner_lost")
     gpus = httpx.get(f"{system.base}/gpus").json()["nodes"][0]["gpus"]
     assert all(gpu["held_by"] is None for gpu in gpus)
 

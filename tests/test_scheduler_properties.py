@@ -1,5 +1,5 @@
 """Property-based: random sequences of submits, cancels, priority changes, completions, failures,
-late reports of ended attempts, heartbeats (with foreign processes) and node losses, applied
+attempts lost while no runner watched, late reports of ended attempts, heartbeats (with foreign processes) and node losses, applied
 through the scheduler's real rules and the fold. After every step: no GPU is held twice; the queue
 holds exactly the queued jobs, in (priority desc, submit order); no job started ahead of a waiting
 one that could start once our jobs end, and none is left waiting on GPUs it fits ahead of such a
@@ -37,6 +37,7 @@ operation = st.one_of(
     *[st.tuples(st.just("succeed"), job)] * 2,
     st.tuples(st.just("fail"), job),
     st.tuples(st.just("late"), job),
+    st.tuples(st.just("runner_lost"), job),
     *[st.tuples(st.just("heartbeat"), st.sampled_from(sorted(NODES)), st.sampled_from([0, 0, 5000]))] * 2,
     st.tuples(st.just("lose"), st.sampled_from(sorted(NODES))),
 )
@@ -118,6 +119,11 @@ class Scheduler(Cluster):
             self.react(m.JobSucceeded(job_id=job_id, attempt=job.attempt, exit_code=0, run_dir="/r"))
         elif kind == "fail" and job.status in HOLDS_GPUS:
             self.react(m.JobFailed(job_id=job_id, attempt=job.attempt, reason="oom"))
+        elif kind == "runner_lost" and job.status in HOLDS_GPUS:  # it ended while no runner watched
+            retried = job.retries < job.spec.max_retries
+            self.react(m.JobLost(job_id=job_id, attempt=job.attempt))
+            assert job.status == (JobStatus.queued if retried else JobStatus.failed)
+            self.fold(rules.schedule(self.state, KEYS, self.heartbeats, LIMITS, NOW, m.ProcessQueue()))
         elif kind == "late":  # a stopped process of an ended attempt reports
             attempt = job.attempt if job.status in WAITING else job.attempt - 1
             if attempt >= 1:

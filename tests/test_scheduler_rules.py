@@ -253,6 +253,33 @@ def test_a_silent_node_is_lost_its_jobs_retried_from_their_checkpoint_or_failed(
     assert cluster.state.jobs["retried"].status == "scheduled" and cluster.state.stale_reports == 3
 
 
+def test_an_attempt_lost_while_no_runner_watched_is_retried_while_retries_are_left_then_failed() -> None:
+    cluster = Cluster({"a": 1})
+    cluster.submit("j", max_retries=1)
+    cluster.fold([Append(KEYS.events, started("j", 1, "a", "0"))])
+    # When the runner reports attempt 1 lost, the scheduler queues the job again, and starts it
+    lost = m.JobLost(job_id="j", attempt=1, message="Killed")
+    cluster.fold([Append(KEYS.events, lost)])
+    assert cluster.state.jobs["j"].status == "running"  # until the scheduler decides
+    assert cluster.fold(rules.react(cluster.state, KEYS, lost)) == []  # facts only: job.requeued
+    job = cluster.state.jobs["j"]
+    assert (job.status, job.retries) == ("queued", 1)
+    [start] = cluster.fold(rules.schedule(cluster.state, KEYS, cluster.heartbeats, LIMITS, NOW, lost))
+    assert (start.job_id, start.attempt) == ("j", 2)
+    # A repeated report of attempt 1 changes nothing; attempt 2 lost with no retries left fails it
+    assert rules.react(cluster.state, KEYS, lost) == []
+    cluster.fold([Append(KEYS.events, started("j", 2, "a", "0"))])
+    lost_again = m.JobLost(job_id="j", attempt=2)
+    cluster.fold([Append(KEYS.events, lost_again)])
+    cluster.fold(rules.react(cluster.state, KEYS, lost_again))
+    assert (job.status, job.reason, job.message) == (
+        "failed",
+        "runner_lost",
+        "the job ended while no runner watched it",
+    )
+    assert cluster.state.allocations == {}
+
+
 def test_backfill_starts_a_short_job_only_when_it_ends_before_the_blocked_one_could_start() -> None:
     backfilling = rules.Limits(heartbeat_timeout_s=10, foreign_memory_threshold_mb=1024, backfill=True)
     for limits, expected in ((LIMITS, []), (backfilling, ["short"])):

@@ -441,9 +441,12 @@ class JobRun:
             # ms-swift exits 0 after a SIGTERM too (it saves a checkpoint): without its closing row
             # the training did not finish, and nobody here asked it to stop.
             return m.JobFailed(reason="killed", message="stopped from outside before training finished", **failed)
-        # Without an exit status (the job ended while no runner watched it) the cause is unknown.
-        reason = "runner_lost" if exit_code is None else classify_failure(exit_code, stderr, stopped_by_us=False)
         message = next((line for line in reversed(stderr_tail) if "Error" in line), "")
+        if exit_code is None:
+            # The job ended while no runner watched it: the cause is unknown, the attempt lost to
+            # the infrastructure. The scheduler retries it or fails it.
+            return m.JobLost(message=message[:2000], **common)
+        reason = classify_failure(exit_code, stderr, stopped_by_us=False)
         return m.JobFailed(reason=reason, message=message[:2000], **failed)
 
 

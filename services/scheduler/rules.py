@@ -135,6 +135,12 @@ def export(state: State, keys: Keys, job: Job, cause: m.Message) -> list[Append]
 
 def react(state: State, keys: Keys, event: m.Message) -> list[Append]:
     """Facts the scheduler adds in response to another fact."""
+    if isinstance(event, m.JobLost):
+        job = state.jobs.get(event.job_id or "")
+        if job is None or job.status not in HOLDS_GPUS or job.attempt != event.attempt:
+            return []  # a report of an attempt already ended: the fold ignored it too
+        message = "the job ended while no runner watched it" + (f": {event.message}" if event.message else "")
+        return [_retry_or_fail(keys, job, "runner_lost", message, event)]
     if isinstance(event, m.JobSucceeded):
         job = state.jobs.get(event.job_id or "")
         spec = job.spec if job else None
@@ -192,17 +198,20 @@ def lose_node(state: State, keys: Keys, node: str, cause: m.Message) -> list[App
     for job in sorted(state.jobs.values(), key=lambda j: j.seq):
         if job.node != node or job.status not in HOLDS_GPUS:
             continue
+        decided.append(_retry_or_fail(keys, job, "node_lost", f"node {node} stopped sending heartbeats", cause))
         common = {"job_id": job.job_id, "causation_id": cause.id}
-        if job.retries < job.spec.max_retries:
-            decided.append(Append(keys.events, m.JobRequeued(attempt=job.attempt, reason="node_lost", **common)))
-        else:
-            message = f"node {node} stopped sending heartbeats"
-            decided.append(
-                Append(keys.events, m.JobFailed(attempt=job.attempt, reason="node_lost", message=message, **common))
-            )
         decided.append(Append(keys.node(node), m.StopJob(attempt=job.attempt, reason="preempt", **common)))
     decided.append(Append(keys.events, m.NodeLost(node=node, causation_id=cause.id)))
     return decided
+
+
+def _retry_or_fail(keys: Keys, job: Job, reason: str, message: str, cause: m.Message) -> Append:
+    """An attempt lost to the infrastructure: run the job again (from its last checkpoint) while
+    it has retries left, else fail it."""
+    common = {"job_id": job.job_id, "causation_id": cause.id}
+    if job.retries < job.spec.max_retries:
+        return Append(keys.events, m.JobRequeued(attempt=job.attempt, reason=reason, **common))
+    return Append(keys.events, m.JobFailed(attempt=job.attempt, reason=reason, message=message, **common))
 
 
 def node_changes(state: State, heartbeat: m.NodeHeartbeat) -> list[m.Message]:

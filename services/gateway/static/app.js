@@ -15,7 +15,7 @@
   const JOB_EVENTS = [
     "job.accepted", "job.rejected", "job.queued", "job.held", "job.scheduled", "job.started",
     "job.progress", "job.checkpoint_saved", "job.serving", "job.succeeded", "job.failed",
-    "job.requeued", "job.priority_changed", "job.deleted", "job.cancel_requested", "job.cancelled",
+    "job.lost", "job.requeued", "job.priority_changed", "job.deleted", "job.cancel_requested", "job.cancelled",
     "export.requested", "export.started", "export.completed", "export.failed",
   ];
   const MAX_LOG_LINES = 2000;
