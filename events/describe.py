@@ -90,7 +90,9 @@ _TEXT: dict[type[m.Message], Callable[[Any], str]] = {
     m.ExportCompleted: lambda e: f"exported to {e.path}",
     m.ExportFailed: lambda e: f"export failed: {e.message}",
     m.NodeJoined: lambda e: f"node {e.node} joined with {len(e.gpus)} GPU{'s' if len(e.gpus) != 1 else ''}",
-    m.NodeLost: lambda e: f"node {e.node} lost (no heartbeat)",
+    m.NodeLost: lambda e: (
+        f"node {e.node} lost ({'its runner stopped' if e.reason == 'runner_lost' else 'no heartbeat'})"
+    ),
 }
 
 

@@ -350,6 +350,7 @@ class NodeJoined(Event):
 class NodeLost(Event):
     type: Literal["node.lost"] = "node.lost"
     node: str
+    reason: str = "node_lost"  # node_lost: its heartbeats stopped; runner_lost: its runner's did
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +387,7 @@ class ServiceHeartbeat(Telemetry):
     instance: str
     started_at: datetime
     interval_s: float
+    node: str | None = None  # the node it runs on (a runner serves that node's jobs)
 
 
 AnyMessage = Annotated[

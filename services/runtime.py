@@ -103,6 +103,7 @@ async def heartbeat_loop(bus: Bus, settings: Settings, service: str) -> None:
             instance=settings.instance,
             started_at=started,
             interval_s=settings.heartbeat_interval_s,
+            node=settings.node_name,
         )
         try:
             await bus.append(bus.keys.telemetry, beat, maxlen=settings.telemetry_maxlen)

@@ -207,6 +207,36 @@ def test_a_job_that_dies_while_its_runner_is_down_is_lost_and_retried(system: Sy
     assert all(gpu["held_by"] is None for gpu in gpus)
 
 
+def test_a_runner_that_stays_away_takes_its_node_out_until_it_is_back(
+    redis_server: RedisServer, assets: DemoAssets, tmp_path: Path
+) -> None:
+    settings = {"NODE_TIMEOUT_S": "4", "HEARTBEAT_INTERVAL_S": "0.5", "STOP_GRACE_S": "10"}
+    with running(redis_server.url, tmp_path, **settings) as system:
+        body = {**job_body(assets, max_steps=100_000, save_steps=100_000), "auto_export": False}
+        job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
+        first = read_stream(f"{system.base}/jobs/{job_id}/stream", seen("job.started"))
+        pgid = httpx.get(f"{system.base}/jobs/{job_id}").json()["pid"]
+        # When the runner is SIGKILLed and stays away (its trainer trains on, unwatched)
+        system.stop("runner", sig=signal.SIGKILL)
+        # Then after the node timeout the job fails as runner_lost and the node takes no jobs
+        read_stream(f"{system.base}/jobs/{job_id}/stream", seen("job.failed"), last_event_id=first[-1].id)
+        job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+        assert (job["status"], job["reason"]) == ("failed", "runner_lost")
+        [node] = httpx.get(f"{system.base}/gpus").json()["nodes"]
+        assert node["up"] is False
+        waiting = httpx.post(f"{system.base}/jobs", json=body).json()
+        assert waiting["status"] == "queued"
+        # And once a runner is back, it stops the old attempt, the node rejoins, the new job starts
+        system.start("runner")
+        read_stream(f"{system.base}/jobs/{waiting['job_id']}/stream", seen("job.started"))
+        wait_for(lambda: not alive(pgid), 30, "the old attempt's trainer to be stopped")
+        log = [json.loads(line) for line in system.cli("replay").splitlines()]
+        assert [(e["payload"]["node"], e["payload"]["reason"]) for e in log if e["type"] == "node.lost"] == [
+            (node["node"], "runner_lost")
+        ]
+        httpx.post(f"{system.base}/jobs/{waiting['job_id']}/cancel")
+
+
 ALICE_KEY, OPS_KEY = "alice-0123456789abcdef", "ops-0123456789abcdef0"
 AS_ALICE, AS_OPS = {"Authorization": f"Bearer {ALICE_KEY}"}, {"Authorization": f"Bearer {OPS_KEY}"}
 

@@ -280,6 +280,32 @@ def test_an_attempt_lost_while_no_runner_watched_is_retried_while_retries_are_le
     assert cluster.state.allocations == {}
 
 
+def test_a_node_whose_runner_went_silent_is_lost_while_its_monitor_still_reports() -> None:
+    cluster = Cluster({"a": 1, "b": 1})
+    cluster.submit("retried", node="a", max_retries=1)
+    cluster.submit("failed", node="b")
+    timeout = timedelta(seconds=LIMITS.node_timeout_s)
+    monitors = {"a": NOW, "b": NOW}
+    # A runner never heard from, or heard lately, is not lost; one silent past the timeout is,
+    # unless its node's monitor is silent too (then the node is lost as a whole)
+    assert rules.lost_runners(cluster.state, {"a": NOW}, monitors, LIMITS, NOW) == []
+    silent = {"a": NOW - timeout * 2, "b": NOW - timeout * 2}
+    quiet_b = {"a": NOW, "b": NOW - timeout}
+    assert rules.lost_runners(cluster.state, silent, quiet_b, LIMITS, NOW) == ["a"]
+    assert rules.lost_runners(cluster.state, silent, monitors, LIMITS, NOW) == ["a", "b"]
+    for node in ("a", "b"):
+        cluster.fold(rules.lose_node(cluster.state, KEYS, node, m.ProcessQueue(), "runner_lost"))
+    retried, failed = cluster.state.jobs["retried"], cluster.state.jobs["failed"]
+    assert (retried.status, retried.retries) == ("queued", 1)
+    assert (failed.status, failed.reason, failed.message) == (
+        "failed",
+        "runner_lost",
+        "its runner stopped sending heartbeats",
+    )
+    assert not cluster.state.nodes["a"].up and cluster.state.allocations == {}
+    assert rules.runner_silent("a", silent, LIMITS, NOW) and not rules.runner_silent("a", {}, LIMITS, NOW)
+
+
 def test_backfill_starts_a_short_job_only_when_it_ends_before_the_blocked_one_could_start() -> None:
     backfilling = rules.Limits(heartbeat_timeout_s=10, foreign_memory_threshold_mb=1024, backfill=True)
     for limits, expected in ((LIMITS, []), (backfilling, ["short"])):

@@ -190,18 +190,46 @@ def lost_nodes(state: State, last_heard: Mapping[str, datetime], limits: Limits,
     ]
 
 
-def lose_node(state: State, keys: Keys, node: str, cause: m.Message) -> list[Append]:
-    """Declare a node lost: each of its jobs runs again elsewhere (from its last checkpoint) while
-    it has retries left, else fails. The node's runner, should it come back, is told to stop the
-    old attempts, whose reports the log ignores anyway."""
+def runner_silent(node: str, runner_heard: Mapping[str, datetime], limits: Limits, now: datetime) -> bool:
+    """Whether the node's runner, heard from before, has been silent for the node timeout."""
+    heard = runner_heard.get(node)
+    return heard is not None and now - heard > timedelta(seconds=limits.node_timeout_s)
+
+
+def lost_runners(
+    state: State,
+    runner_heard: Mapping[str, datetime],
+    last_heard: Mapping[str, datetime],
+    limits: Limits,
+    now: datetime,
+) -> list[str]:
+    """Nodes up in the log whose runner has stopped sending heartbeats while the node itself is
+    still heard from (else the node is lost as a whole): nothing there can start, watch or stop
+    a job."""
+    alive = timedelta(seconds=limits.node_timeout_s / 2)
+    return [
+        name
+        for name, node in sorted(state.nodes.items())
+        if node.up
+        and runner_silent(name, runner_heard, limits, now)
+        and now - last_heard.get(name, now - 2 * alive) <= alive
+    ]
+
+
+def lose_node(state: State, keys: Keys, node: str, cause: m.Message, reason: str = "node_lost") -> list[Append]:
+    """Declare a node lost (``reason``: node_lost, or runner_lost when only its runner went
+    silent): each of its jobs runs again elsewhere (from its last checkpoint) while it has
+    retries left, else fails. The node's runner, should it come back, is told to stop the old
+    attempts, whose reports the log ignores anyway."""
+    what = "its runner" if reason == "runner_lost" else f"node {node}"
     decided: list[Append] = []
     for job in sorted(state.jobs.values(), key=lambda j: j.seq):
         if job.node != node or job.status not in HOLDS_GPUS:
             continue
-        decided.append(_retry_or_fail(keys, job, "node_lost", f"node {node} stopped sending heartbeats", cause))
+        decided.append(_retry_or_fail(keys, job, reason, f"{what} stopped sending heartbeats", cause))
         common = {"job_id": job.job_id, "causation_id": cause.id}
         decided.append(Append(keys.node(node), m.StopJob(attempt=job.attempt, reason="preempt", **common)))
-    decided.append(Append(keys.events, m.NodeLost(node=node, causation_id=cause.id)))
+    decided.append(Append(keys.events, m.NodeLost(node=node, reason=reason, causation_id=cause.id)))
     return decided
 
 

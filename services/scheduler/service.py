@@ -127,6 +127,7 @@ class Scheduler:
             backfill=settings.backfill,
         )
         self.last_heard: dict[str, datetime] = {}
+        self.runner_heard: dict[str, datetime] = {}  # node -> when its runner was last heard
         self.own: deque[str] = deque()  # ids of facts committed here, not yet read back
         self.unacked: list[Ack] = []  # entries read and done with, whose acknowledgement waits
         self.inflight: InFlight | None = None
@@ -153,6 +154,8 @@ class Scheduler:
         if isinstance(message, m.NodeHeartbeat):
             self.heartbeats[message.node] = message
             self.last_heard[message.node] = now  # by this scheduler's clock: no skew between nodes
+        elif isinstance(message, m.ServiceHeartbeat) and message.service == "runner" and message.node:
+            self.runner_heard[message.node] = now
         if delivery.stream == self.keys.telemetry:
             # Heartbeats arrive every few seconds (this scheduler's own among them): the clock by
             # which silent nodes are found.
@@ -160,8 +163,14 @@ class Scheduler:
             if lost:
                 log.warning("node lost", node=lost[0])
                 return rules.lose_node(self.state, self.keys, lost[0], message), None
+            orphaned = rules.lost_runners(self.state, self.runner_heard, self.last_heard, self.limits, now)
+            if orphaned:
+                log.warning("runner lost; its node takes no jobs until it is back", node=orphaned[0])
+                return rules.lose_node(self.state, self.keys, orphaned[0], message, "runner_lost"), None
             if not isinstance(message, m.NodeHeartbeat):
                 return [], None
+            if rules.runner_silent(message.node, self.runner_heard, self.limits, now):
+                return [], None  # the node rejoins once its runner is heard again
             joined = rules.node_changes(self.state, message)
             return [Append(self.keys.events, fact) for fact in joined], None if joined else message
         if isinstance(message, m.SubmitJob):  # placed at once when it fits: the pass is included
