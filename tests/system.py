@@ -71,9 +71,9 @@ class System:
                 [sys.executable, "-m", "services.cli", service or name], env=self.env, stdout=log, stderr=log
             )
 
-    def start_on(self, node: str, *services: str) -> None:
+    def start_on(self, node: str, *services: str, **settings: str) -> None:
         """Start services as another node of the cluster (their own node name and run dir)."""
-        env = {**self.env, "NODE_NAME": node, "DATA_DIR": str(self.data_dir / node)}
+        env = {**self.env, "NODE_NAME": node, "DATA_DIR": str(self.data_dir / node), **settings}
         for service in services:
             name = f"{service}@{node}"
             log = (self.data_dir / f"{name}.log").open("ab")
