@@ -336,6 +336,12 @@ async def query(bus: Bus, q: Query) -> AsyncIterator[Entry]:
     after, until = q.bounds()
     if _key(after, (0, 0)) >= _key(until, (MAX_SEQ, MAX_SEQ)):
         return
-    async for entry in history(bus, after=after, until=until):
+    async for entry in matching(history(bus, after=after, until=until), q):
+        yield entry
+
+
+async def matching(entries: AsyncIterator[Entry], q: Query) -> AsyncIterator[Entry]:
+    """The entries ``q`` selects by job and type (its range is the reader's to apply)."""
+    async for entry in entries:
         if q.matches(entry):
             yield entry

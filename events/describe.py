@@ -66,6 +66,14 @@ def _cancel_requested(e: m.JobCancelRequested) -> str:
 
 
 _TEXT: dict[type[m.Message], Callable[[Any], str]] = {
+    # Requests, as the commands stream keeps them (``replay --commands``)
+    m.SubmitJob: lambda e: f"submit asked{_by(e)}: {e.spec.task_type}, priority {e.spec.priority}",
+    m.CancelJob: lambda e: f"cancel asked{_by(e)}" + (f": {e.reason}" if e.reason else ""),
+    m.SetPriority: lambda e: f"priority {e.priority} asked{_by(e)}",
+    m.ReleaseJob: lambda e: f"release asked{_by(e)}",
+    m.DeleteJob: lambda e: f"delete asked{_by(e)}",
+    m.RequestExport: lambda e: f"export asked{_by(e)}",
+    m.ProcessQueue: lambda e: f"scheduling pass asked{_by(e)}",
     m.JobAccepted: _accepted,
     m.JobRejected: lambda e: f"rejected ({e.reason}): {e.message}",
     m.JobQueued: _queued,

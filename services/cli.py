@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--format", choices=("json", "table"), default="json", help="JSON lines, or a table to read")
     rep.add_argument("--follow", "-f", action="store_true", help="then keep printing new entries as they land")
     rep.add_argument("--state", action="store_true", help="print the state the fold rebuilds instead")
+    rep.add_argument(
+        "--commands",
+        action="store_true",
+        help="the commands stream instead of the log: every request as it was made, with who asked, "
+        "also those that changed nothing",
+    )
     aud = sub.add_parser("audit", help="check the log's hash chain, rebuild the state, or archive old entries")
     aud_sub = aud.add_subparsers(dest="audit_command", required=True)
     aud_sub.add_parser("verify", help="walk the archives and the log; report the first break of the chain")
@@ -184,7 +190,7 @@ async def _history_command(settings: Settings, args: argparse.Namespace) -> int:
         after=args.after_id,
         until=args.until_id,
     )
-    await commands.replay(settings, q, args.format, args.follow, args.state)
+    await commands.replay(settings, q, args.format, args.follow, args.state, args.commands)
     return 0
 
 

@@ -335,6 +335,12 @@ def check_audit_trail(system: System, assets: DemoAssets, retried: str, tmp_path
         item["actor"] == "ops" and item["text"].startswith("cancel") and "by ops" in item["text"] for item in stopped
     )
 
+    # Every request is kept as it was made, with who asked, in the commands stream
+    asked = [json.loads(line) for line in system.cli("replay", "--commands", "--job", cancelled).splitlines()]
+    assert [(c["type"], c["actor"]) for c in asked] == [("job.submit", "alice"), ("job.cancel", "ops")]
+    rows = system.cli("replay", "--commands", "--type", "job.cancel", "--format", "table").splitlines()
+    assert len(rows) == 2 and rows[1].endswith("cancel asked by ops")
+
     # Replay filters by job and type, as a table
     table = system.cli("replay", "--job", failing, "--type", "job.f*", "--format", "table").splitlines()
     assert len(table) == 2 and "job.failed" in table[1] and "failed (" in table[1]
