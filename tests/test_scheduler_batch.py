@@ -8,7 +8,7 @@ folds, from the log it emitted, to the same state; no GPU is held twice; the que
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -162,6 +162,24 @@ def test_a_read_of_many_submits_places_in_order_and_queues_the_rest() -> None:
     assert running == ["j1", "j2", "j3"]
     assert [j.job_id for j in harness.state.queue()] == ["j4", "j7", "j8", "j6", "j5"]
     assert [harness.state.queue_position(f"j{i}") for i in (4, 7, 8, 6, 5)] == [1, 2, 3, 4, 5]
+
+
+def test_heartbeats_count_by_the_schedulers_clock_not_the_nodes() -> None:
+    # Given nodes whose clocks run an hour behind and an hour ahead
+    harness = Harness()
+    beats = []
+    for node, skew in (("a", -3600), ("b", 3600)):
+        beat = harness.heartbeat(node, 0)
+        at = beat.message.at + timedelta(seconds=skew)  # type: ignore[attr-defined]
+        beats.append(Delivery(beat.stream, beat.entry_id, beat.message.model_copy(update={"at": at}), 1))
+    harness.read(beats, conflict=False)
+    # Then their GPUs are offered as those of nodes just heard from
+    ops = [("submit", 5, 2, "a", False), ("submit", 5, 4, "b", False)]
+    harness.read([d for d in map(harness.delivery, ops) if d is not None], conflict=False)
+    assert {j.job_id: (j.status, j.node) for j in harness.state.jobs.values()} == {
+        "j1": ("scheduled", "a"),
+        "j2": ("scheduled", "b"),
+    }
 
 
 command = st.one_of(

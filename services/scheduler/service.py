@@ -152,8 +152,11 @@ class Scheduler:
         (None: no pass, or one is part of the decision already)."""
         message = delivery.message
         if isinstance(message, m.NodeHeartbeat):
+            # Stamped with this scheduler's clock on arrival: a node's clock running behind or
+            # ahead must not make its GPUs look stale, or fresh
+            message = message.model_copy(update={"at": now})
             self.heartbeats[message.node] = message
-            self.last_heard[message.node] = now  # by this scheduler's clock: no skew between nodes
+            self.last_heard[message.node] = now
         elif isinstance(message, m.ServiceHeartbeat) and message.service == "runner" and message.node:
             self.runner_heard[message.node] = now
         if delivery.stream == self.keys.telemetry:
