@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 from events import messages as m
 from events.bus import Append
-from events.estimates import estimate_queue
+from events.estimates import estimate_queue, placement_request
 from events.keys import Keys
 from events.placement import free_mb, matching, never_fits
 from events.state import HOLDS_GPUS, TERMINAL, ExportStatus, Job, JobStatus, State, gpu_key, new_job
@@ -331,11 +331,18 @@ def schedule(
     offered = usable_gpus(state, heartbeats, limits, now)
     usable = {name: list(gpus) for name, gpus in offered.items()}  # less what this pass hands out
     freeable: dict[str, list[m.GpuInfo]] | None = None  # worked out at the first job that does not fit
+    # Requests that neither fit nor block in this pass: a queue of thousands pinned to a lost node
+    # is passed over at a set lookup each (what is usable only shrinks during a pass)
+    passed_over: set[tuple[object, ...]] = set()
     decisions: list[Append] = []
     backfill_until: float | None = None  # seconds from now by which a backfilled job must end
     for job in queue:
+        if not any(usable.values()):
+            break  # nothing left to hand out
         if backfill_until is not None and (job.spec.time_limit_s is None or job.spec.time_limit_s > backfill_until):
             continue  # it might outlast the blocked job's start
+        if passed_over and placement_request(job) in passed_over:
+            continue
         placement = place(job, usable)
         if placement is None and backfill_until is not None:
             continue  # a backfill candidate that does not fit
@@ -343,6 +350,7 @@ def schedule(
             if freeable is None:
                 freeable = freeable_gpus(state, offered)
             if place(job, freeable) is None:
+                passed_over.add(placement_request(job))
                 continue  # it waits on nothing our jobs hold: it holds up no one
             blocked = estimate_queue(state, now).get(job.job_id) if limits.backfill else None
             if blocked is None or blocked.start_in_s is None:
