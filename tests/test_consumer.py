@@ -181,20 +181,52 @@ async def test_a_stale_leader_cannot_commit(bus: Bus) -> None:
 
 async def test_the_lease_and_its_fencing_token_are_taken_together(bus: Bus) -> None:
     # Given scheduler "a" holding the lease
-    first = await take_lease(bus.redis, bus.keys, "a", 60_000)
+    first = (await take_lease(bus.redis, bus.keys, "a", 60_000)).token
     assert first is not None
-    # Then "b" gets neither the lease nor a token, and "a" finding its own lease gets a newer token
-    assert await take_lease(bus.redis, bus.keys, "b", 60_000) is None
+    # Then "b" gets neither the lease nor a token (but how long the lease has left), and "a"
+    # finding its own lease gets a newer token
+    refused = await take_lease(bus.redis, bus.keys, "b", 60_000)
+    assert refused.token is None and 59_000 < refused.left_ms <= 60_000
     assert await bus.redis.get(bus.keys.fence) == str(first)
-    assert await take_lease(bus.redis, bus.keys, "a", 60_000) == first + 1
+    assert (await take_lease(bus.redis, bus.keys, "a", 60_000)).token == first + 1
     # And once the lease lapses, "b" takes it with the next token: "a"'s commits are fenced off
     await bus.redis.pexpire(bus.keys.leader, 1)
     with anyio.fail_after(5):
-        while (token := await take_lease(bus.redis, bus.keys, "b", 60_000)) is None:
+        while (token := (await take_lease(bus.redis, bus.keys, "b", 60_000)).token) is None:
             await anyio.sleep(0.01)
     assert token == first + 2 and await bus.redis.get(bus.keys.leader) == "b"
     with pytest.raises(Fenced):
         await bus.commit([Append(bus.keys.events, m.ProcessQueue())], fence_token=str(first + 1))
+
+
+async def test_a_standby_keeps_its_state_folded_so_taking_over_folds_only_what_is_new(bus: Bus) -> None:
+    from events import snapshot
+    from events.log import catch_up
+    from events.state import State
+    from services.config import Settings
+    from services.scheduler.service import Scheduler
+    from tests.examples import LM
+
+    # Given a log with a snapshot of its first part, and a standby scheduler that looked at it
+    for i in range(20):
+        await bus.append(
+            bus.keys.events, m.JobAccepted(job_id=f"j{i}", spec=LM), m.JobQueued(job_id=f"j{i}", position=i + 1)
+        )
+    early = State()
+    await catch_up(bus, early)
+    assert await snapshot.save(bus, early)
+    await bus.append(bus.keys.events, m.JobCancelled(job_id="j3"))
+    settings = Settings(namespace=bus.keys.namespace, _env_file=None)  # type: ignore[call-arg]
+    standby = Scheduler(settings, bus)
+    assert await standby.stand_by() == 1  # the snapshot, then the one entry after it
+    # When the leader appends more, the standby folds just that at its next look
+    await bus.append(bus.keys.events, m.JobPriorityChanged(job_id="j7", priority=9, previous=5))
+    assert await standby.stand_by() == 1
+    assert await standby.stand_by() == 0
+    # Then its state is the fold of the whole log
+    whole = State()
+    await catch_up(bus, whole)
+    assert standby.state.model_dump() == whole.model_dump() and standby.warm
 
 
 async def test_a_decision_on_an_out_of_date_state_conflicts(bus: Bus) -> None:

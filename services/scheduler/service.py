@@ -46,15 +46,17 @@ _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call(
 
 # Take the lease (or find it ours still, from before Redis dropped the connection) and the next
 # fencing token in one step: a winner paused between the two could otherwise come back with a
-# token above a newer leader's.
+# token above a newer leader's. Returns {token, 0}, or {0, ms the holder's lease has left}.
 _ACQUIRE_LUA = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-elseif holder or not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return false
+elseif holder then
+  return {0, redis.call('PTTL', KEYS[1])}
+elseif not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {0, 0}
 end
-return redis.call('INCR', KEYS[2])
+return {redis.call('INCR', KEYS[2]), 0}
 """
 
 
@@ -135,14 +137,18 @@ class Scheduler:
         self.snapshot_due = False  # the retention task asks for a snapshot
         self.snapshot_saved = anyio.Event()
         self.snapshotting: asyncio.Future[None] | None = None  # a child writing a snapshot
+        self.warm = False  # the state is the fold of committed facts only (kept by a standby)
 
-    async def catch_up(self) -> None:
-        """Fold every event appended since the state's position; snapshot now and then."""
+    async def catch_up(self) -> int:
+        """Fold every event appended since the state's position; snapshot now and then. Returns
+        how many entries were folded."""
         stale = self.state.stale_reports
-        self.unsaved += await catch_up(self.bus, self.state)
+        folded = await catch_up(self.bus, self.state)
+        self.unsaved += folded
         if self.state.stale_reports > stale:
             log.warning("ignored reports of superseded attempts", count=self.state.stale_reports - stale)
         await self.save_snapshot_when_due()
+        return folded
 
     def _pass(self, cause: m.Message) -> list[Append]:
         return rules.schedule(self.state, self.keys, self.heartbeats, self.limits, datetime.now(UTC), cause)
@@ -443,17 +449,31 @@ class Scheduler:
             if result.status != "CONFLICT":
                 return
 
+    async def stand_by(self) -> int:
+        """Keep the state folded up to the end of the log while another scheduler leads, so that
+        taking over folds only what was appended since the last look; returns how many entries
+        were folded now."""
+        if not self.warm:
+            self.state = await snapshot.load(self.bus)
+            self.warm = True
+            folded = await catch_up(self.bus, self.state)
+            settle_heap()  # what was folded lives on: collected once, then left alone
+            return folded
+        return await catch_up(self.bus, self.state)
+
     async def lead(self, reader: aioredis.Redis) -> None:
         """Run as the leader until the lease is lost."""
-        self.state = await snapshot.load(self.bus)
+        if not self.warm:
+            self.state = await snapshot.load(self.bus)
+        self.warm = False  # a leader's state holds decisions in flight: rebuilt once it stands by
         self.own.clear()
         self.unacked = []
         self.inflight = None
-        await self.catch_up()
+        folded = await self.catch_up()
         settle_heap()
         # Every node gets a full timeout from now: this scheduler has not heard anyone yet.
         self.last_heard = {name: datetime.now(UTC) for name, node in self.state.nodes.items() if node.up}
-        log.info("leading", token=self.token, position=self.state.position, jobs=len(self.state.jobs))
+        log.info("leading", token=self.token, position=self.state.position, jobs=len(self.state.jobs), folded=folded)
         consumer = GroupConsumer(
             self.bus,
             reader,
@@ -512,11 +532,17 @@ async def _renew(redis: aioredis.Redis, settings: Settings) -> None:
             raise LostLeadership
 
 
-async def take_lease(redis: aioredis.Redis, keys: Keys, instance: str, lease_ms: int) -> int | None:
-    """The next fencing token if this instance holds the lease now (taken, or still its own);
-    None while another instance holds it."""
-    token = await redis.eval(_ACQUIRE_LUA, 2, keys.leader, keys.fence, instance, lease_ms)
-    return None if token is None else int(token)
+@dataclass(frozen=True)
+class Lease:
+    token: int | None  # the next fencing token, if this instance holds the lease now
+    left_ms: int  # otherwise: how long the holder's lease has left
+
+
+async def take_lease(redis: aioredis.Redis, keys: Keys, instance: str, lease_ms: int) -> Lease:
+    """The lease (taken, or still this instance's own) with the next fencing token, or how long
+    the instance holding it has left."""
+    token, left_ms = await redis.eval(_ACQUIRE_LUA, 2, keys.leader, keys.fence, instance, lease_ms)
+    return Lease(int(token) or None, int(left_ms))
 
 
 async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
@@ -524,12 +550,14 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
     reader = connect(settings.resolved_redis_url, block_ms=1000)
     try:
         while True:
-            token = await take_lease(redis, settings.keys, settings.instance, settings.leader_lease_ms)
-            if token is None:
-                # Standby: the lease is a timer, so checking it on a timer is the protocol.
-                await anyio.sleep(settings.leader_lease_ms / 3000)
+            lease = await take_lease(redis, settings.keys, settings.instance, settings.leader_lease_ms)
+            if lease.token is None:
+                # Standby: keep the state folded, and look again when the holder's lease runs out
+                # (unless renewed), at the latest a third of a lease from now.
+                await scheduler.stand_by()
+                await anyio.sleep(min(max(lease.left_ms, 0) + 5, settings.leader_lease_ms / 3) / 1000)
                 continue
-            scheduler.token = str(token)
+            scheduler.token = str(lease.token)
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_renew, redis, settings)
