@@ -308,15 +308,20 @@ def test_a_node_whose_runner_went_silent_is_lost_while_its_monitor_still_reports
 
 def test_backfill_starts_a_short_job_only_when_it_ends_before_the_blocked_one_could_start() -> None:
     backfilling = rules.Limits(heartbeat_timeout_s=10, foreign_memory_threshold_mb=1024, backfill=True)
-    for limits, expected in ((LIMITS, []), (backfilling, ["short"])):
-        cluster = Cluster({"a": 2})
+    graceful = rules.Limits(
+        heartbeat_timeout_s=10, foreign_memory_threshold_mb=1024, backfill=True, backfill_margin_s=30
+    )
+    for limits, expected in ((LIMITS, []), (backfilling, ["short", "tight"]), (graceful, ["short"])):
+        cluster = Cluster({"a": 3})
         cluster.submit("running")  # GPU 0, ends in 600 s by its progress ETA
         start_report = started("running", 1, "a", "0")
         eta = m.JobProgress(job_id="running", attempt=1, step=1, max_steps=10, percent=10, remaining_s=600, at=NOW)
         cluster.fold([Append(KEYS.events, start_report), Append(KEYS.events, eta)])
-        cluster.submit("big", priority=9, gpus=2)  # blocked until GPU 0 frees: in 600 s
+        cluster.submit("big", priority=9, gpus=3)  # blocked until GPU 0 frees: in 600 s
         cluster.submit("long", priority=1, time_limit_s=3600)  # would outlast that: never backfilled
         cluster.submit("short", priority=1, time_limit_s=300)  # ends before: backfilled when allowed
+        # ends 10 s before, unless stopping it at its limit may take 30 s more
+        cluster.submit("tight", priority=1, time_limit_s=580)
         cluster.submit("unlimited", priority=1)  # no time limit: never backfilled
         decided = cluster.fold(rules.schedule(cluster.state, KEYS, cluster.heartbeats, limits, NOW, m.ProcessQueue()))
         assert [c.job_id for c in decided if isinstance(c, m.StartJob)] == expected

@@ -24,6 +24,9 @@ class Limits:
     foreign_memory_threshold_mb: int
     node_timeout_s: float = 30.0  # a node silent this long is declared lost
     backfill: bool = False  # let short jobs (by time limit) start ahead of a blocked one
+    # How long past its time limit a job may hold its GPUs (it is stopped gracefully): a job is
+    # backfilled only if its limit plus this ends before the blocked job's estimated start
+    backfill_margin_s: float = 0.0
 
 
 def submit(
@@ -339,7 +342,9 @@ def schedule(
     for job in queue:
         if not any(usable.values()):
             break  # nothing left to hand out
-        if backfill_until is not None and (job.spec.time_limit_s is None or job.spec.time_limit_s > backfill_until):
+        if backfill_until is not None and (
+            job.spec.time_limit_s is None or job.spec.time_limit_s + limits.backfill_margin_s > backfill_until
+        ):
             continue  # it might outlast the blocked job's start
         if passed_over and placement_request(job) in passed_over:
             continue

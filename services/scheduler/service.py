@@ -127,6 +127,7 @@ class Scheduler:
             foreign_memory_threshold_mb=settings.foreign_memory_threshold_mb,
             node_timeout_s=settings.node_timeout_s,
             backfill=settings.backfill,
+            backfill_margin_s=settings.stop_grace_s,
         )
         self.last_heard: dict[str, datetime] = {}
         self.runner_heard: dict[str, datetime] = {}  # node -> when its runner was last heard
