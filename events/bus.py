@@ -13,6 +13,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,11 @@ MAX_SEQ = 2**64 - 1  # the largest sequence part of an entry id
 def entry_id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def entry_time(entry_id: str) -> datetime:
+    """When Redis appended an entry, by its id."""
+    return datetime.fromtimestamp(entry_id_key(entry_id)[0] / 1000, UTC)
 
 
 def previous_id(entry_id: str) -> str:

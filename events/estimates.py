@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -77,12 +77,14 @@ class QueueEstimates(Mapping[str, Estimate]):
         free_at: dict[str, float] | None = None,
         blockers: dict[str, str] | None = None,
         head: str | None = None,
+        nodes: list[str] | None = None,
     ) -> None:
         self._state = state
         self._simulated = simulated
         self._free_at = free_at  # None: the whole queue was simulated
         self._blockers = blockers or {}
         self._head = head  # the first job whose start is not known
+        self._nodes = nodes or []  # the nodes simulated
         self._behind: dict[tuple[object, ...], Estimate] = {}
 
     def __getitem__(self, job_id: str) -> Estimate:
@@ -94,7 +96,7 @@ class QueueEstimates(Mapping[str, Estimate]):
             raise KeyError(job_id)
         request = placement_request(job)
         if request not in self._behind:
-            best = _earliest(job, self._state, self._free_at, 0.0)
+            best = _earliest(job, self._state, self._nodes, self._free_at, 0.0)
             self._behind[request] = _unknown(best, self._blockers, self._head)
         return self._behind[request]
 
@@ -107,12 +109,14 @@ class QueueEstimates(Mapping[str, Estimate]):
         return sum(1 for _ in self)
 
 
-def _earliest(job: Job, state: State, free_at: dict[str, float], not_before: float) -> tuple[float, list[str]] | None:
-    """The soonest a job could start (not before the job ahead of it), and on which GPUs."""
+def _earliest(
+    job: Job, state: State, nodes: list[str], free_at: dict[str, float], not_before: float
+) -> tuple[float, list[str]] | None:
+    """The soonest a job could start on one of ``nodes`` (not before the job ahead of it), and on
+    which GPUs."""
     best: tuple[float, list[str]] | None = None
-    for name, node in sorted(state.nodes.items()):
-        if not node.up:
-            continue
+    for name in nodes:
+        node = state.nodes[name]
         keys = sorted(
             (free_at[gpu_key(name, g.index)], gpu_key(name, g.index)) for g in matching(job.spec, name, node.gpus)
         )
@@ -128,7 +132,7 @@ def _unknown(best: tuple[float, list[str]] | None, blockers: dict[str, str], hea
     """Why a job's start is not known: what holds the GPUs it would take, or (GPUs it could take
     free at a known time) the job ahead of it in strict order whose own start is not known."""
     if best is None:
-        reason = "not enough GPUs it could use are up"
+        reason = "not enough GPUs it could use are in service"
     elif waiting_on := sorted({blockers[k] for k in best[1] if k in blockers}):
         reason = f"job {', '.join(waiting_on)} ahead of it has no ETA, time limit or past runs to go by"
     else:
@@ -136,16 +140,19 @@ def _unknown(best: tuple[float, list[str]] | None, blockers: dict[str, str], hea
     return Estimate(None, f"unknown: {reason}")
 
 
-def estimate_queue(state: State, now: datetime) -> QueueEstimates:
+def estimate_queue(state: State, now: datetime, live: Collection[str] | None = None) -> QueueEstimates:
     """An estimate for every queued job, in start order (strict: none starts before the one ahead,
-    unless that one cannot start on the GPUs that are up at all)."""
+    unless that one cannot start on the nodes simulated at all). The nodes simulated are those
+    up in the log, or (``live``) those of them the scheduler offers GPUs of now."""
+    nodes = sorted(name for name, node in state.nodes.items() if node.up and (live is None or name in live))
     free_at: dict[str, float] = {}  # GPU -> seconds from now until it is free
-    for name, node in state.nodes.items():
-        if node.up:
-            for gpu in node.gpus:
-                free_at[gpu_key(name, gpu.index)] = 0.0
+    for name in nodes:
+        for gpu in state.nodes[name].gpus:
+            free_at[gpu_key(name, gpu.index)] = 0.0
     blockers: dict[str, str] = {}  # GPU -> the job whose end time is unknown
     for key, job_id in state.allocations.items():  # the GPUs that jobs hold
+        if key not in free_at:
+            continue  # on a node not simulated
         free_at[key] = remaining_s(state.jobs[job_id], now)
         if free_at[key] == UNKNOWN:
             blockers[key] = job_id
@@ -153,13 +160,13 @@ def estimate_queue(state: State, now: datetime) -> QueueEstimates:
     estimates: dict[str, Estimate] = {}
     not_before = 0.0
     for job in state.queue_iter():
-        best = _earliest(job, state, free_at, not_before)
+        best = _earliest(job, state, nodes, free_at, not_before)
         if best is None:  # not enough of the GPUs it could use are up: it holds up no one
             estimates[job.job_id] = _unknown(best, blockers)
             continue
         if best[0] == UNKNOWN:
             estimates[job.job_id] = _unknown(best, blockers)
-            return QueueEstimates(state, estimates, free_at, blockers, head=job.job_id)
+            return QueueEstimates(state, estimates, free_at, blockers, head=job.job_id, nodes=nodes)
         start, chosen_keys = best
         if history is None and job.spec.time_limit_s is None:
             history = durations(state)

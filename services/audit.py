@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import httpx
 
 from events import audit, snapshot
-from events.bus import Bus, Entry, connect
+from events.bus import Bus, Entry, connect, entry_time
 from events.codec import DecodeError, decode
 from events.describe import describe, render
 from events.log import catch_up
@@ -42,7 +42,7 @@ def parse_time(text: str, now: float | None = None) -> int:
 
 
 def _row(entry: Entry) -> str:
-    at = datetime.fromtimestamp(int(entry.entry_id.split("-")[0]) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    at = entry_time(entry.entry_id).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     try:
         message = decode(entry.fields)
     except DecodeError as exc:

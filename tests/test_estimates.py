@@ -96,9 +96,26 @@ def test_every_job_behind_an_unknown_start_is_unknown_for_a_reason_that_fits_its
     )
     assert estimates["one-a"] == estimates["one-b"]
     assert "job r0 ahead of it" in estimates["two"].basis
-    assert estimates["four"].basis == "unknown: not enough GPUs it could use are up"
+    assert estimates["four"].basis == "unknown: not enough GPUs it could use are in service"
     assert list(estimates) == ["head", "one-a", "two", "one-b", "four"] and len(estimates) == 5
     # And a job queued after the estimate was made is answered too; one that is not queued is not
     submit(log, "late", gpu_count=1)
     assert estimates["late"] == estimates["one-a"]
     assert estimates.get("r0") is None and estimates.get("nobody") is None
+
+
+def test_a_job_that_needs_a_node_out_of_service_is_unknown_and_holds_up_no_estimate() -> None:
+    # Given node n1 (one GPU, busy for 100 s) in service and node s up in the log but silent
+    log = Log()
+    log.add(node(gpus=1), node("s", gpus=1))
+    submit(log, "r0")
+    run(log, "r0", 0, remaining_s=100)
+    submit(log, "pinned", priority=9, node="s")
+    submit(log, "next", priority=5, time_limit_s=60)
+    # When the scheduler estimates with the nodes it offers GPUs of
+    estimates = estimate_queue(log.state, NOW, live={"n1"})
+    # Then the job pinned to s is unknown, and the one behind it starts when n1's GPU frees
+    assert estimates["pinned"].basis == "unknown: not enough GPUs it could use are in service"
+    assert estimates["next"].start_in_s == 100
+    # (counting every node up in the log, the pinned job would start at once on s)
+    assert estimate_queue(log.state, NOW)["pinned"].start_in_s == 0

@@ -45,6 +45,7 @@ class Harness:
         self.keys = self.settings.keys
         self.log: list[tuple[str, m.Message]] = []
         self.ids = itertools.count(1)
+        self.base_ms = int(datetime.now(UTC).timestamp() * 1000)  # entry ids as Redis makes them
         self.submitted = 0
         self.renamed: dict[str, str] = {}  # the stand-ins of the plan kept last, and their ids
 
@@ -53,7 +54,7 @@ class Harness:
         return self.scheduler.state
 
     def next_id(self) -> str:
-        return f"{next(self.ids)}-0"
+        return f"{self.base_ms}-{next(self.ids)}"
 
     def foreign(self, fact: m.Message) -> Delivery:
         """A runner's report: folded by the catch-up before the read is decided."""
@@ -164,7 +165,7 @@ def test_a_read_of_many_submits_places_in_order_and_queues_the_rest() -> None:
     assert [harness.state.queue_position(f"j{i}") for i in (4, 7, 8, 6, 5)] == [1, 2, 3, 4, 5]
 
 
-def test_heartbeats_count_by_the_schedulers_clock_not_the_nodes() -> None:
+def test_heartbeats_are_aged_by_their_arrival_in_redis_not_by_the_nodes_clock() -> None:
     # Given nodes whose clocks run an hour behind and an hour ahead
     harness = Harness()
     beats = []
@@ -180,6 +181,28 @@ def test_heartbeats_count_by_the_schedulers_clock_not_the_nodes() -> None:
         "j1": ("scheduled", "a"),
         "j2": ("scheduled", "b"),
     }
+    # And heartbeats that reached Redis minutes ago (a backlog read late) offer nothing
+    late = Harness()
+    old = [late.heartbeat(node, 0) for node in sorted(NODES)]
+    late.read(
+        [Delivery(d.stream, f"{late.base_ms - 480_000}-{i}", d.message, 1) for i, d in enumerate(old)], conflict=False
+    )
+    late.read([d for d in map(late.delivery, [("submit", 5, 1, None, False)]) if d], conflict=False)
+    assert sorted(late.state.nodes) == ["a", "b"] and late.state.jobs["j1"].status == "queued"
+
+
+def test_a_runner_heard_in_an_earlier_term_gets_a_full_timeout_when_the_scheduler_leads_again() -> None:
+    # Given a scheduler that heard node a's runner long ago, in an earlier term as leader
+    harness = Harness()
+    harness.read([harness.heartbeat(node, 0) for node in sorted(NODES)], conflict=False)
+    scheduler = harness.scheduler
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    scheduler.runner_heard = {"a": long_ago}
+    # When it leads again, and hears node a's monitor
+    scheduler.hear_anew(datetime.now(UTC))
+    harness.read([harness.heartbeat("a", 0)], conflict=False)
+    # Then node a is not lost for its runner's silence before this term
+    assert harness.state.nodes["a"].up and scheduler.runner_heard["a"] > long_ago
 
 
 command = st.one_of(

@@ -140,13 +140,11 @@ def _spec(priority: int, gpus: int, node: str | None, retries: int) -> object:
 
 
 def could_start_once_ours_end(job: Job, cluster: Scheduler) -> bool:
-    """Whether the job fits the GPUs of nodes heard from that are free now or held by our jobs."""
+    """Whether the job fits the GPUs of the nodes offering GPUs now (up, heard from lately), were
+    they all free: it waits on GPUs that are busy, not on a node to come back."""
     state = cluster.state
-    for name, free in rules.usable_gpus(state, cluster.heartbeats, LIMITS, NOW).items():
-        ours = [gpu for gpu in state.nodes[name].gpus if gpu_key(name, gpu.index) in state.allocations]
-        if len(matching(job.spec, name, [*free, *ours])) >= job.spec.gpu_count:
-            return True
-    return False
+    live = rules.usable_gpus(state, cluster.heartbeats, LIMITS, NOW)
+    return any(len(matching(job.spec, name, state.nodes[name].gpus)) >= job.spec.gpu_count for name in live)
 
 
 def check_invariants(cluster: Scheduler, decided: Sequence[m.Message] = ()) -> None:

@@ -98,24 +98,42 @@ def test_strict_order_a_big_job_at_the_head_blocks_smaller_ones_behind_it() -> N
     assert commands == [] and cluster.status("small") == "queued"
 
 
-def test_a_job_that_could_not_start_even_once_our_jobs_end_holds_up_no_one() -> None:
-    # Given nodes a and b, a's GPU used by someone else's process, b's GPU idle but short of memory
-    cluster = Cluster({"a": 1, "b": 1, "c": 2})
-    cluster.heartbeat("a", 1, used_mb=5000)
-    cluster.heartbeat("b", 1, used_mb=500)
-    cluster.submit("one", node="c")  # holds c/0
-    # When high-priority jobs wait for a's GPU (then for a node gone quiet), and for more memory
-    # than b's GPU has free
-    assert cluster.submit("on-a", priority=9, node="a") == []
-    assert cluster.submit("memory", priority=9, node="b", min_gpu_memory_mb=24_500) == []
+def test_a_job_waiting_for_a_node_that_offers_no_gpus_holds_up_no_one_but_a_busy_gpu_does() -> None:
+    # Given nodes a (gone quiet), b (its GPU used by someone else's process) and c (c/0 ours)
+    cluster = Cluster({"a": 1, "b": 1, "c": 3})
+    cluster.submit("one", node="c")
     cluster.heartbeat("a", 1, at=NOW - timedelta(seconds=60))
-    # Then a lower-priority job still starts on b
-    [start] = cluster.submit("low-b", priority=1, node="b")
-    assert (start.job_id, start.node) == ("low-b", "b")
-    # But one waiting for GPUs our job holds blocks: a low job does not take c's free GPU
-    assert cluster.submit("big", priority=8, gpus=2, node="c") == []
+    cluster.heartbeat("b", 1, used_mb=5000)
+    # When a high-priority job waits for node a, a lower one still starts on c
+    assert cluster.submit("on-a", priority=9, node="a") == []
+    [start] = cluster.submit("low", priority=1, node="c")
+    assert (start.job_id, start.gpu_ids) == ("low", [1])
+    # But one waiting for a busy GPU (another's process on b) holds back those behind it
+    assert cluster.submit("on-b", priority=8, node="b") == []
     assert cluster.submit("low-c", priority=1, node="c") == []
-    assert [j.job_id for j in cluster.state.queue()] == ["on-a", "memory", "big", "low-c"]
+    assert [j.job_id for j in cluster.state.queue()] == ["on-a", "on-b", "low-c"]
+    # And once b's GPU is free, both start, in order
+    cluster.heartbeat("b", 1)
+    decided = cluster.fold(rules.schedule(cluster.state, KEYS, cluster.heartbeats, LIMITS, NOW, m.ProcessQueue()))
+    assert [c.job_id for c in decided if isinstance(c, m.StartJob)] == ["on-b", "low-c"]
+
+
+def test_a_gpu_just_left_by_our_job_still_counts_as_ours_until_the_next_heartbeat() -> None:
+    # Given a 2-GPU node: R on GPU 0, a 2-GPU job H waiting behind it, and a lower job L
+    cluster = Cluster({"a": 2})
+    cluster.submit("r")
+    cluster.submit("h", priority=9, gpus=2)
+    # read while R still ran: GPU 0 reads as used
+    gpus = [
+        m.GpuSample(**GPU.model_copy(update={"index": i}).model_dump(), memory_used_mb=used)
+        for i, used in enumerate((20_000, 0))
+    ]
+    cluster.heartbeats["a"] = m.NodeHeartbeat(node="a", simulated=True, gpus=gpus, at=NOW)
+    # When R ends before the next heartbeat
+    cluster.finish("r")
+    # Then H still holds back L, which must not take GPU 1 away from it
+    assert cluster.submit("l", priority=1) == []
+    assert [j.job_id for j in cluster.state.queue()] == ["h", "l"]
 
 
 def test_placement_prefers_the_node_that_leaves_fewest_gpus_idle() -> None:

@@ -289,14 +289,12 @@ def usable_gpus(
     return usable
 
 
-def freeable_gpus(state: State, usable: Mapping[str, list[m.GpuSample]]) -> dict[str, list[m.GpuInfo]]:
-    """Per node that offers GPUs, those a job could have once our running jobs end: the usable
-    ones as measured, and those our jobs hold (with all their memory)."""
-    freeable: dict[str, list[m.GpuInfo]] = {}
-    for name, gpus in usable.items():
-        held = [gpu for gpu in state.nodes[name].gpus if gpu_key(name, gpu.index) in state.allocations]
-        freeable[name] = [*gpus, *held]
-    return freeable
+def freeable_gpus(state: State, live: Iterable[str]) -> dict[str, list[m.GpuInfo]]:
+    """Per node that offers GPUs now (up, heard from lately and fully), every GPU it has, with all
+    its memory: free, or busy with our jobs or another's processes (a GPU a job of ours has just
+    left reads as busy until the next heartbeat). A job that fits none of these waits for a node
+    to come back, not for anything to end."""
+    return {name: list(state.nodes[name].gpus) for name in live}
 
 
 def place(job: Job, usable: Mapping[str, Sequence[m.GpuInfo]]) -> tuple[str, list[int]] | None:
@@ -326,10 +324,10 @@ def schedule(
     queue: Iterable[Job] | None = None,
 ) -> list[Append]:
     """One scheduling pass: start queued jobs in order while they fit; the first that does not
-    fit, but would once GPUs our jobs hold are free, blocks those behind it (strict priority
-    order). One that could not start even then (its node is lost or silent, its GPUs taken by
-    foreign processes, its memory not free) blocks no one. With backfill on, a job behind a
-    blocked one may still start if its time limit ends before the blocked job's estimated start."""
+    fit, but would on the GPUs of the nodes offering GPUs now once they are free, blocks those
+    behind it (strict priority order). One that could not start even then (it needs a node that
+    is lost, silent or reads degraded) blocks no one. With backfill on, a job behind a blocked
+    one may still start if its time limit ends before the blocked job's estimated start."""
     queue = iter(state.queue_iter() if queue is None else queue)
     offered = usable_gpus(state, heartbeats, limits, now)
     usable = {name: list(gpus) for name, gpus in offered.items()}  # less what this pass hands out
@@ -357,7 +355,7 @@ def schedule(
             if place(job, freeable) is None:
                 passed_over.add(placement_request(job))
                 continue  # it waits on nothing our jobs hold: it holds up no one
-            blocked = estimate_queue(state, now).get(job.job_id) if limits.backfill else None
+            blocked = estimate_queue(state, now, live=offered).get(job.job_id) if limits.backfill else None
             if blocked is None or blocked.start_in_s is None:
                 break  # strict order (or nothing proves that a job behind would not delay it)
             backfill_until = blocked.start_in_s

@@ -21,7 +21,7 @@ import structlog
 
 from events import audit, snapshot
 from events import messages as m
-from events.bus import Ack, Append, Bus, CommitResult, Entry, Fenced, connect, entry_id_key
+from events.bus import Ack, Append, Bus, CommitResult, Entry, Fenced, connect, entry_id_key, entry_time
 from events.consumer import Delivery, GroupConsumer
 from events.keys import SCHEDULER_GROUP, Keys
 from events.log import catch_up
@@ -151,6 +151,12 @@ class Scheduler:
         await self.save_snapshot_when_due()
         return folded
 
+    def hear_anew(self, now: datetime) -> None:
+        """At the start of a term, every node up, and every runner heard in an earlier term, gets
+        a full timeout from now: this scheduler has not heard anyone in this term yet."""
+        self.last_heard = {name: now for name, node in self.state.nodes.items() if node.up}
+        self.runner_heard = dict.fromkeys(self.runner_heard, now)
+
     def _pass(self, cause: m.Message) -> list[Append]:
         return rules.schedule(self.state, self.keys, self.heartbeats, self.limits, datetime.now(UTC), cause)
 
@@ -159,11 +165,12 @@ class Scheduler:
         (None: no pass, or one is part of the decision already)."""
         message = delivery.message
         if isinstance(message, m.NodeHeartbeat):
-            # Stamped with this scheduler's clock on arrival: a node's clock running behind or
-            # ahead must not make its GPUs look stale, or fresh
-            message = message.model_copy(update={"at": now})
+            # Aged by when it reached Redis (its entry id), one clock for every node: a node's
+            # clock running behind or ahead must not make its GPUs look stale, or fresh (and a
+            # backlog read after an outage must not look new)
+            message = message.model_copy(update={"at": entry_time(delivery.entry_id)})
             self.heartbeats[message.node] = message
-            self.last_heard[message.node] = now
+            self.last_heard[message.node] = now  # by this scheduler's clock: no skew between nodes
         elif isinstance(message, m.ServiceHeartbeat) and message.service == "runner" and message.node:
             self.runner_heard[message.node] = now
         if delivery.stream == self.keys.telemetry:
@@ -472,8 +479,7 @@ class Scheduler:
         self.inflight = None
         folded = await self.catch_up()
         settle_heap()
-        # Every node gets a full timeout from now: this scheduler has not heard anyone yet.
-        self.last_heard = {name: datetime.now(UTC) for name, node in self.state.nodes.items() if node.up}
+        self.hear_anew(datetime.now(UTC))
         log.info("leading", token=self.token, position=self.state.position, jobs=len(self.state.jobs), folded=folded)
         consumer = GroupConsumer(
             self.bus,
