@@ -118,6 +118,32 @@ def test_a_job_waiting_for_a_node_that_offers_no_gpus_holds_up_no_one_but_a_busy
     assert [c.job_id for c in decided if isinstance(c, m.StartJob)] == ["on-b", "low-c"]
 
 
+def test_memory_a_gpu_never_frees_holds_up_no_one_but_memory_a_process_uses_does() -> None:
+    # Given idle GPUs, each with 400 MB kept by the driver (of 24,576 MB)
+    cluster = Cluster({"a": 2})
+    cluster.heartbeat("a", 2, used_mb=400)
+    # When a job asks for more memory than any GPU can have free, it holds back no one
+    assert cluster.submit("greedy", priority=9, min_gpu_memory_mb=24_476) == []
+    [start] = cluster.submit("small", priority=1)
+    assert start.job_id == "small"
+    # But with another's process using 20,000 MB of GPU 0, a job that needs that memory on all
+    # three GPUs waits for the process to end, and holds back the rest
+    cluster = Cluster({"a": 3})
+    processes = {0: [m.GpuProcess(pid=7, used_memory_mb=20_000)]}
+    samples = [
+        m.GpuSample(
+            **GPU.model_copy(update={"index": i}).model_dump(),
+            memory_used_mb=400 + sum(p.used_memory_mb for p in processes.get(i, [])),
+            processes=processes.get(i, []),
+        )
+        for i in range(3)
+    ]
+    cluster.heartbeats["a"] = m.NodeHeartbeat(node="a", simulated=True, gpus=samples, at=NOW)
+    assert cluster.submit("trio", priority=8, gpus=3, min_gpu_memory_mb=24_000) == []
+    assert cluster.submit("later", priority=1) == []  # GPUs 1 and 2 are free, but the trio is first
+    assert [j.job_id for j in cluster.state.queue()] == ["trio", "later"]
+
+
 def test_a_gpu_just_left_by_our_job_still_counts_as_ours_until_the_next_heartbeat() -> None:
     # Given a 2-GPU node: R on GPU 0, a 2-GPU job H waiting behind it, and a lower job L
     cluster = Cluster({"a": 2})

@@ -289,12 +289,25 @@ def usable_gpus(
     return usable
 
 
-def freeable_gpus(state: State, live: Iterable[str]) -> dict[str, list[m.GpuInfo]]:
-    """Per node that offers GPUs now (up, heard from lately and fully), every GPU it has, with all
-    its memory: free, or busy with our jobs or another's processes (a GPU a job of ours has just
-    left reads as busy until the next heartbeat). A job that fits none of these waits for a node
-    to come back, not for anything to end."""
-    return {name: list(state.nodes[name].gpus) for name in live}
+def freeable_gpus(
+    state: State, heartbeats: Mapping[str, m.NodeHeartbeat], live: Iterable[str]
+) -> dict[str, list[m.GpuInfo]]:
+    """Per node that offers GPUs now (up, heard from lately and fully), every GPU it has, free or
+    busy with our jobs or another's processes (a GPU a job of ours has just left reads as busy
+    until the next heartbeat), with the memory it would have free once its processes end: the
+    free memory measured plus what its processes use (memory the driver keeps never frees). A
+    job that fits none of these waits for a node to come back, not for anything to end."""
+    freeable: dict[str, list[m.GpuInfo]] = {}
+    for name in live:
+        measured = {sample.index: sample for sample in heartbeats[name].gpus}
+        freeable[name] = []
+        for gpu in state.nodes[name].gpus:
+            sample = measured.get(gpu.index)
+            if sample is not None:
+                memory = free_mb(sample) + sum(process.used_memory_mb for process in sample.processes)
+                gpu = gpu.model_copy(update={"memory_total_mb": min(memory, gpu.memory_total_mb)})
+            freeable[name].append(gpu)
+    return freeable
 
 
 def place(job: Job, usable: Mapping[str, Sequence[m.GpuInfo]]) -> tuple[str, list[int]] | None:
@@ -351,7 +364,7 @@ def schedule(
             continue  # a backfill candidate that does not fit
         if placement is None:
             if freeable is None:
-                freeable = freeable_gpus(state, offered)
+                freeable = freeable_gpus(state, heartbeats, offered)
             if place(job, freeable) is None:
                 passed_over.add(placement_request(job))
                 continue  # it waits on nothing our jobs hold: it holds up no one
