@@ -229,6 +229,35 @@ async def test_a_standby_keeps_its_state_folded_so_taking_over_folds_only_what_i
     assert standby.state.model_dump() == whole.model_dump() and standby.warm
 
 
+async def test_a_new_leader_recalls_when_each_runner_was_last_heard_and_how_far_redis_clock_is(
+    bus: Bus,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from services.config import Settings
+    from services.scheduler.service import Scheduler
+
+    # Given runner heartbeats in the telemetry stream: node n1's last one ten minutes old
+    now = datetime.now(UTC)
+    ten_minutes_ago = int((now - timedelta(minutes=10)).timestamp() * 1000)
+
+    def runner(node: str) -> m.ServiceHeartbeat:
+        return m.ServiceHeartbeat(service="runner", instance=node, node=node, started_at=now, interval_s=2)
+
+    await bus.redis.xadd(bus.keys.telemetry, encode(runner("n1")), id=f"{ten_minutes_ago}-0")
+    await bus.append(bus.keys.telemetry, runner("n2"), m.NodeHeartbeat(node="n1", simulated=True, gpus=[]))
+    settings = Settings(namespace=bus.keys.namespace, _env_file=None)  # type: ignore[call-arg]
+    scheduler = Scheduler(settings, bus)
+    # When a scheduler starts a term
+    await scheduler.read_clocks()
+    await scheduler.recall_runners()
+    # Then it knows Redis's clock (the same machine's here) and when each runner was last heard
+    assert abs(scheduler.redis_clock_behind) < timedelta(seconds=1)
+    assert set(scheduler.runner_heard) == {"n1", "n2"}
+    assert abs(scheduler.runner_heard["n1"] - (now - timedelta(minutes=10))) < timedelta(seconds=2)
+    assert abs(scheduler.runner_heard["n2"] - now) < timedelta(seconds=2)
+
+
 async def test_a_decision_on_an_out_of_date_state_conflicts(bus: Bus) -> None:
     [first] = await bus.append(bus.keys.events, m.ProcessQueue())
     [second] = await bus.append(bus.keys.events, m.ProcessQueue())

@@ -189,6 +189,12 @@ def test_heartbeats_are_aged_by_their_arrival_in_redis_not_by_the_nodes_clock() 
     )
     late.read([d for d in map(late.delivery, [("submit", 5, 1, None, False)]) if d], conflict=False)
     assert sorted(late.state.nodes) == ["a", "b"] and late.state.jobs["j1"].status == "queued"
+    # And a heartbeat delivered again after a newer one (a restart's re-read) does not replace it
+    idle = harness.heartbeat("a", 0)
+    busy = harness.heartbeat("a", 5000)  # appended after it
+    harness.read([idle, busy], conflict=False)
+    harness.read([Delivery(idle.stream, idle.entry_id, idle.message, 2)], conflict=False)
+    assert harness.scheduler.heartbeats["a"].gpus[0].memory_used_mb == 5000
 
 
 def test_a_runner_heard_in_an_earlier_term_gets_a_full_timeout_when_the_scheduler_leads_again() -> None:

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import redis.asyncio as aioredis
@@ -22,6 +22,7 @@ import structlog
 from events import audit, snapshot
 from events import messages as m
 from events.bus import Ack, Append, Bus, CommitResult, Entry, Fenced, connect, entry_id_key, entry_time
+from events.codec import DecodeError, decode
 from events.consumer import Delivery, GroupConsumer
 from events.keys import SCHEDULER_GROUP, Keys
 from events.log import catch_up
@@ -131,6 +132,8 @@ class Scheduler:
         )
         self.last_heard: dict[str, datetime] = {}
         self.runner_heard: dict[str, datetime] = {}  # node -> when its runner was last heard
+        self.heartbeat_ids: dict[str, tuple[int, int]] = {}  # node -> entry id of its kept heartbeat
+        self.redis_clock_behind = timedelta(0)  # this scheduler's clock minus Redis's
         self.own: deque[str] = deque()  # ids of facts committed here, not yet read back
         self.unacked: list[Ack] = []  # entries read and done with, whose acknowledgement waits
         self.inflight: InFlight | None = None
@@ -151,6 +154,39 @@ class Scheduler:
         await self.save_snapshot_when_due()
         return folded
 
+    def _newest(self, node: str, entry_id: str) -> bool:
+        """Whether a node's heartbeat is newer than the one kept (one delivered again, after a
+        restart, comes late)."""
+        key = entry_id_key(entry_id)
+        if key < self.heartbeat_ids.get(node, (0, 0)):
+            return False
+        self.heartbeat_ids[node] = key
+        return True
+
+    async def read_clocks(self) -> None:
+        """How far this scheduler's clock is ahead of Redis's, by which entry ids are stamped."""
+        before = datetime.now(UTC)
+        seconds, micros = await self.bus.redis.time()
+        after = datetime.now(UTC)
+        self.redis_clock_behind = before + (after - before) / 2 - datetime.fromtimestamp(seconds + micros / 1e6, UTC)
+
+    async def recall_runners(self) -> None:
+        """When each node's runner was last heard, by the heartbeats the telemetry stream still
+        holds: a runner that died before this term is found as surely as one that dies in it."""
+        recalled: dict[str, datetime] = {}
+        for entry_id, fields in await self.bus.redis.xrevrange(
+            self.keys.telemetry, count=self.settings.telemetry_maxlen
+        ):
+            if fields.get("type") != "service.heartbeat":
+                continue
+            try:
+                beat = decode(fields)
+            except DecodeError:
+                continue
+            if isinstance(beat, m.ServiceHeartbeat) and beat.service == "runner" and beat.node:
+                recalled.setdefault(beat.node, entry_time(str(entry_id)) + self.redis_clock_behind)
+        self.runner_heard.update(recalled)
+
     def hear_anew(self, now: datetime) -> None:
         """At the start of a term, every node up, and every runner heard in an earlier term, gets
         a full timeout from now: this scheduler has not heard anyone in this term yet."""
@@ -164,11 +200,12 @@ class Scheduler:
         """What a delivery decides directly, and the cause of the scheduling pass it calls for
         (None: no pass, or one is part of the decision already)."""
         message = delivery.message
-        if isinstance(message, m.NodeHeartbeat):
-            # Aged by when it reached Redis (its entry id), one clock for every node: a node's
-            # clock running behind or ahead must not make its GPUs look stale, or fresh (and a
-            # backlog read after an outage must not look new)
-            message = message.model_copy(update={"at": entry_time(delivery.entry_id)})
+        if isinstance(message, m.NodeHeartbeat) and self._newest(message.node, delivery.entry_id):
+            # Aged by when it reached Redis (its entry id, on this scheduler's clock), one clock
+            # for every node: a node's clock running behind or ahead must not make its GPUs look
+            # stale, or fresh (and a backlog read after an outage must not look new)
+            arrived = min(now, entry_time(delivery.entry_id) + self.redis_clock_behind)
+            message = message.model_copy(update={"at": arrived})
             self.heartbeats[message.node] = message
             self.last_heard[message.node] = now  # by this scheduler's clock: no skew between nodes
         elif isinstance(message, m.ServiceHeartbeat) and message.service == "runner" and message.node:
@@ -480,6 +517,8 @@ class Scheduler:
         folded = await self.catch_up()
         settle_heap()
         self.hear_anew(datetime.now(UTC))
+        await self.read_clocks()
+        await self.recall_runners()
         log.info("leading", token=self.token, position=self.state.position, jobs=len(self.state.jobs), folded=folded)
         consumer = GroupConsumer(
             self.bus,
@@ -531,12 +570,13 @@ class Scheduler:
                 )
 
 
-async def _renew(redis: aioredis.Redis, settings: Settings) -> None:
+async def _renew(redis: aioredis.Redis, settings: Settings, scheduler: Scheduler) -> None:
     renew = redis.register_script(_RENEW_LUA)
     while True:
         await anyio.sleep(settings.leader_lease_ms / 3000)
         if not await renew(keys=[settings.keys.leader], args=[settings.instance, settings.leader_lease_ms]):
             raise LostLeadership
+        await scheduler.read_clocks()
 
 
 @dataclass(frozen=True)
@@ -567,7 +607,7 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
             scheduler.token = str(lease.token)
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(_renew, redis, settings)
+                    tg.start_soon(_renew, redis, settings, scheduler)
                     if settings.retention:
                         tg.start_soon(scheduler.retain)
                     await scheduler.lead(reader)
