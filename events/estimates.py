@@ -14,6 +14,7 @@ from events.placement import matching
 from events.state import Job, JobStatus, State, gpu_key
 
 UNKNOWN = math.inf
+OTHERS = ""  # in place of a job id: the GPU is in use by another's processes
 
 
 @dataclass(frozen=True)
@@ -132,18 +133,26 @@ def _unknown(best: tuple[float, list[str]] | None, blockers: dict[str, str], hea
     """Why a job's start is not known: what holds the GPUs it would take, or (GPUs it could take
     free at a known time) the job ahead of it in strict order whose own start is not known."""
     if best is None:
-        reason = "not enough GPUs it could use are in service"
-    elif waiting_on := sorted({blockers[k] for k in best[1] if k in blockers}):
-        reason = f"job {', '.join(waiting_on)} ahead of it has no ETA, time limit or past runs to go by"
-    else:
-        reason = f"it starts after job {head}, ahead of it in the queue, whose start is not known"
-    return Estimate(None, f"unknown: {reason}")
+        return Estimate(None, "unknown: not enough GPUs it could use are in service")
+    jobs = sorted({blockers[k] for k in best[1] if blockers.get(k, OTHERS) != OTHERS})
+    others = [k for k in best[1] if blockers.get(k) == OTHERS]
+    reasons = []
+    if jobs:
+        reasons.append(f"job {', '.join(jobs)} ahead of it has no ETA, time limit or past runs to go by")
+    if others:
+        reasons.append(f"GPU {', '.join(others)} {'is' if len(others) == 1 else 'are'} in use by another's processes")
+    if not reasons:
+        reasons.append(f"it starts after job {head}, ahead of it in the queue, whose start is not known")
+    return Estimate(None, f"unknown: {'; '.join(reasons)}")
 
 
-def estimate_queue(state: State, now: datetime, live: Collection[str] | None = None) -> QueueEstimates:
+def estimate_queue(
+    state: State, now: datetime, live: Collection[str] | None = None, foreign: Collection[str] = ()
+) -> QueueEstimates:
     """An estimate for every queued job, in start order (strict: none starts before the one ahead,
     unless that one cannot start on the nodes simulated at all). The nodes simulated are those
-    up in the log, or (``live``) those of them the scheduler offers GPUs of now."""
+    up in the log, or (``live``) those of them in service now; GPUs in use by another's
+    processes (``foreign``) free at no known time."""
     nodes = sorted(name for name, node in state.nodes.items() if node.up and (live is None or name in live))
     free_at: dict[str, float] = {}  # GPU -> seconds from now until it is free
     for name in nodes:
@@ -156,6 +165,9 @@ def estimate_queue(state: State, now: datetime, live: Collection[str] | None = N
         free_at[key] = remaining_s(state.jobs[job_id], now)
         if free_at[key] == UNKNOWN:
             blockers[key] = job_id
+    for key in foreign:
+        if key in free_at and key not in state.allocations:
+            free_at[key], blockers[key] = UNKNOWN, OTHERS
     history: dict[tuple[str, str], list[float]] | None = None  # past durations, gathered when needed
     estimates: dict[str, Estimate] = {}
     not_before = 0.0

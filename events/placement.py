@@ -3,11 +3,12 @@ and the gateway (to refuse at once a request that no GPU of the cluster could ev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 
-from events.messages import GpuInfo, GpuSample
+from events.messages import GpuInfo, GpuSample, NodeHeartbeat
 from events.params import JobBase
-from events.state import State
+from events.state import State, gpu_key
 
 
 def free_mb(gpu: GpuInfo) -> int:
@@ -15,6 +16,32 @@ def free_mb(gpu: GpuInfo) -> int:
     if isinstance(gpu, GpuSample):
         return gpu.memory_free_mb if gpu.memory_free_mb is not None else gpu.memory_total_mb - gpu.memory_used_mb
     return gpu.memory_total_mb
+
+
+def in_service(state: State, heartbeats: Mapping[str, NodeHeartbeat], timeout_s: float, now: datetime) -> list[str]:
+    """Nodes up in the log whose last heartbeat is recent and complete (a degraded reading offers
+    nothing), by name."""
+    return [
+        name
+        for name, node in sorted(state.nodes.items())
+        if node.up
+        and (beat := heartbeats.get(name)) is not None
+        and not beat.degraded
+        and now - beat.at <= timedelta(seconds=timeout_s)
+    ]
+
+
+def foreign_gpus(
+    state: State, heartbeats: Mapping[str, NodeHeartbeat], nodes: Sequence[str], threshold_mb: int
+) -> set[str]:
+    """GPUs of these nodes that no job of ours holds but that another's processes use more than
+    ``threshold_mb`` of, as last measured."""
+    return {
+        key
+        for name in nodes
+        for sample in heartbeats[name].gpus
+        if (key := gpu_key(name, sample.index)) not in state.allocations and sample.memory_used_mb > threshold_mb
+    }
 
 
 def matching(spec: JobBase, node: str, gpus: Sequence[GpuInfo]) -> list[GpuInfo]:

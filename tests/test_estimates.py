@@ -119,3 +119,19 @@ def test_a_job_that_needs_a_node_out_of_service_is_unknown_and_holds_up_no_estim
     assert estimates["next"].start_in_s == 100
     # (counting every node up in the log, the pinned job would start at once on s)
     assert estimate_queue(log.state, NOW)["pinned"].start_in_s == 0
+
+
+def test_a_gpu_in_use_by_another_process_frees_at_no_known_time() -> None:
+    # Given two GPUs: GPU 0 used by someone else's process, GPU 1 ours for 100 s more
+    log = Log()
+    log.add(node(gpus=2))
+    submit(log, "r1")
+    run(log, "r1", 1, remaining_s=100)
+    submit(log, "pair", priority=9, gpu_count=2)
+    submit(log, "one", priority=5, time_limit_s=60)
+    # Then the pair's start is unknown, for that process; nothing behind it is invented either
+    estimates = estimate_queue(log.state, NOW, foreign={"n1/0"})
+    assert estimates["pair"].basis == "unknown: GPU n1/0 is in use by another's processes"
+    assert estimates["one"].start_in_s is None
+    # (without that reading, GPU 0 would be counted free now: the pair would start in 100 s)
+    assert estimate_queue(log.state, NOW)["pair"].start_in_s == 100

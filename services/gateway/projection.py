@@ -17,10 +17,11 @@ import structlog
 
 from events import messages as m
 from events import snapshot
-from events.bus import Bus, entry_id_key
+from events.bus import Bus, entry_id_key, entry_time
 from events.codec import DecodeError, decode
 from events.estimates import Estimate, estimate_queue
 from events.log import apply_entry, catch_up
+from events.placement import foreign_gpus, in_service
 from events.state import Job, JobStatus, State, new_job
 from services.runtime import REDIS_LOST, settle_heap, wait_for_redis
 
@@ -121,7 +122,11 @@ class Projection:
     log_positions: dict[str, str] = field(default_factory=dict)
     log_subscribers: Topics = field(default_factory=Topics)
     ready: anyio.Event = field(default_factory=anyio.Event)
-    _estimates: tuple[datetime, str, Mapping[str, Estimate]] | None = None
+    # As the scheduler judges GPUs, for the estimates: nodes in service, GPUs others use
+    heartbeat_timeout_s: float = 10.0
+    foreign_memory_threshold_mb: int = 1024
+    _estimates: tuple[datetime, tuple[str, int], Mapping[str, Estimate]] | None = None
+    _heard: int = 0  # node heartbeats taken in: they change which GPUs are free
     _estimate_cost_s: float = 0.0
     _advanced: anyio.Event = field(default_factory=anyio.Event)
     _deciding: dict[str, asyncio.Future[None]] = field(default_factory=dict)  # job id -> done once decided
@@ -156,18 +161,21 @@ class Projection:
 
     def estimates(self, *, fresh: bool = False) -> tuple[datetime, Mapping[str, Estimate]]:
         """Queue estimates as of when they were computed. Simulating a long queue costs time, so
-        it is redone only when the log has moved on, at most every ESTIMATE_REFRESH_S (``fresh``:
-        sooner), and never sooner than ESTIMATE_COST_RATIO times as long as the last one took: a
-        burst of submissions, or of dashboards asking for the queue, does not simulate a queue
-        of thousands once each."""
+        it is redone only when the log has moved on or a node's heartbeat came in, at most every
+        ESTIMATE_REFRESH_S (``fresh``: sooner), and never sooner than ESTIMATE_COST_RATIO times as
+        long as the last one took: a burst of submissions, or of dashboards asking for the queue,
+        does not simulate a queue of thousands once each."""
         now = datetime.now(UTC)
         cached = self._estimates
         floor = ESTIMATE_COST_RATIO * self._estimate_cost_s
         refresh = timedelta(seconds=floor if fresh else max(ESTIMATE_REFRESH_S, floor))
-        stale = cached is None or (cached[1] != self.state.position and now - cached[0] >= refresh)
+        seen = (self.state.position, self._heard)
+        stale = cached is None or (cached[1] != seen and now - cached[0] >= refresh)
         if stale:
             started = time.perf_counter()
-            self._estimates = (now, self.state.position, estimate_queue(self.state, now))
+            live = in_service(self.state, self.heartbeats, self.heartbeat_timeout_s, now)
+            foreign = foreign_gpus(self.state, self.heartbeats, live, self.foreign_memory_threshold_mb)
+            self._estimates = (now, seen, estimate_queue(self.state, now, live, foreign))
             self._estimate_cost_s = time.perf_counter() - started
         assert self._estimates is not None
         return self._estimates[0], self._estimates[2]
@@ -283,7 +291,9 @@ class Projection:
             log.warning("undecodable entry", stream=stream, entry_id=entry_id, reason=str(exc))
             return
         if isinstance(message, m.NodeHeartbeat):
-            self.heartbeats[message.node] = message
+            # aged by its arrival in Redis, as the scheduler does: not by the node's clock
+            self.heartbeats[message.node] = message.model_copy(update={"at": entry_time(entry_id)})
+            self._heard += 1
         elif isinstance(message, m.ServiceHeartbeat):
             self.services[(message.service, message.instance)] = message
 

@@ -45,7 +45,12 @@ def listening_socket(settings: Settings) -> socket.socket:
 async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
     settings = await shared_secret(redis, settings)
     reader = connect(settings.resolved_redis_url, block_ms=5000)
-    projection = Projection(bus, reader)
+    projection = Projection(
+        bus,
+        reader,
+        heartbeat_timeout_s=settings.heartbeat_interval_s * 5,  # as the scheduler counts them
+        foreign_memory_threshold_mb=settings.foreign_memory_threshold_mb,
+    )
     app = create_app(settings, bus, projection)
     config = uvicorn.Config(
         app,

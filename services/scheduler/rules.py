@@ -10,9 +10,9 @@ from datetime import datetime, timedelta
 
 from events import messages as m
 from events.bus import Append
-from events.estimates import estimate_queue, placement_request
+from events.estimates import Estimate, estimate_queue, placement_request
 from events.keys import Keys
-from events.placement import free_mb, matching, never_fits
+from events.placement import foreign_gpus, free_mb, in_service, matching, never_fits
 from events.state import HOLDS_GPUS, TERMINAL, ExportStatus, Job, JobStatus, State, gpu_key, new_job
 
 BACKFILL_SCAN = 1000  # queued jobs looked at behind a blocked one, when backfilling
@@ -269,24 +269,24 @@ def usable_gpus(
     """Per node, the GPUs no job of ours holds and no foreign process uses, as last measured, on
     nodes heard from recently and fully (a degraded reading offers nothing)."""
     usable: dict[str, list[m.GpuSample]] = {}
-    for name, node in sorted(state.nodes.items()):
-        beat = heartbeats.get(name)
-        if (
-            not node.up
-            or beat is None
-            or beat.degraded
-            or now - beat.at > timedelta(seconds=limits.heartbeat_timeout_s)
-        ):
-            continue
-        known = {gpu.index for gpu in node.gpus}
+    for name in in_service(state, heartbeats, limits.heartbeat_timeout_s, now):
+        known = {gpu.index for gpu in state.nodes[name].gpus}
         usable[name] = [
             sample
-            for sample in beat.gpus
+            for sample in heartbeats[name].gpus
             if sample.index in known
             and gpu_key(name, sample.index) not in state.allocations
             and sample.memory_used_mb <= limits.foreign_memory_threshold_mb
         ]
     return usable
+
+
+def _estimate(
+    state: State, heartbeats: Mapping[str, m.NodeHeartbeat], limits: Limits, now: datetime, live: list[str]
+) -> Mapping[str, Estimate]:
+    """Queue estimates over the nodes in service, GPUs in use by another's processes unknown."""
+    foreign = foreign_gpus(state, heartbeats, live, limits.foreign_memory_threshold_mb)
+    return estimate_queue(state, now, live=live, foreign=foreign)
 
 
 def freeable_gpus(
@@ -368,7 +368,9 @@ def schedule(
             if place(job, freeable) is None:
                 passed_over.add(placement_request(job))
                 continue  # it waits on nothing our jobs hold: it holds up no one
-            blocked = estimate_queue(state, now, live=offered).get(job.job_id) if limits.backfill else None
+            blocked = (
+                _estimate(state, heartbeats, limits, now, list(offered)).get(job.job_id) if limits.backfill else None
+            )
             if blocked is None or blocked.start_in_s is None:
                 break  # strict order (or nothing proves that a job behind would not delay it)
             backfill_until = blocked.start_in_s
