@@ -229,7 +229,7 @@ async def test_a_standby_keeps_its_state_folded_so_taking_over_folds_only_what_i
     assert standby.state.model_dump() == whole.model_dump() and standby.warm
 
 
-async def test_a_new_leader_recalls_when_each_runner_was_last_heard_and_how_far_redis_clock_is(
+async def test_a_new_leader_recalls_how_long_each_runner_was_silent_and_how_far_redis_clock_is(
     bus: Bus,
 ) -> None:
     from datetime import UTC, datetime, timedelta
@@ -237,25 +237,32 @@ async def test_a_new_leader_recalls_when_each_runner_was_last_heard_and_how_far_
     from services.config import Settings
     from services.scheduler.service import Scheduler
 
-    # Given runner heartbeats in the telemetry stream: node n1's last one ten minutes old
+    # Given heartbeats in the telemetry stream: node n1's runner silent for ten minutes while its
+    # monitor went on; node n3 silent altogether for ten minutes (runner and monitor); n2 fine
     now = datetime.now(UTC)
     ten_minutes_ago = int((now - timedelta(minutes=10)).timestamp() * 1000)
 
     def runner(node: str) -> m.ServiceHeartbeat:
         return m.ServiceHeartbeat(service="runner", instance=node, node=node, started_at=now, interval_s=2)
 
-    await bus.redis.xadd(bus.keys.telemetry, encode(runner("n1")), id=f"{ten_minutes_ago}-0")
-    await bus.append(bus.keys.telemetry, runner("n2"), m.NodeHeartbeat(node="n1", simulated=True, gpus=[]))
+    def monitor(node: str) -> m.NodeHeartbeat:
+        return m.NodeHeartbeat(node=node, simulated=True, gpus=[])
+
+    for seq, message in enumerate((runner("n1"), runner("n3"), monitor("n3"))):
+        await bus.redis.xadd(bus.keys.telemetry, encode(message), id=f"{ten_minutes_ago}-{seq}")
+    await bus.append(bus.keys.telemetry, runner("n2"), monitor("n1"), monitor("n2"))
     settings = Settings(namespace=bus.keys.namespace, _env_file=None)  # type: ignore[call-arg]
     scheduler = Scheduler(settings, bus)
     # When a scheduler starts a term
     await scheduler.read_clocks()
-    await scheduler.recall_runners()
-    # Then it knows Redis's clock (the same machine's here) and when each runner was last heard
+    await scheduler.recall_runners(now)
+    # Then it knows Redis's clock (the same machine's here), and counts a runner's silence only
+    # while its node's monitor was heard
     assert abs(scheduler.redis_clock_behind) < timedelta(seconds=1)
-    assert set(scheduler.runner_heard) == {"n1", "n2"}
+    assert set(scheduler.runner_heard) == {"n1", "n2", "n3"}
     assert abs(scheduler.runner_heard["n1"] - (now - timedelta(minutes=10))) < timedelta(seconds=2)
     assert abs(scheduler.runner_heard["n2"] - now) < timedelta(seconds=2)
+    assert abs(scheduler.runner_heard["n3"] - now) < timedelta(seconds=2)
 
 
 async def test_a_decision_on_an_out_of_date_state_conflicts(bus: Bus) -> None:

@@ -195,6 +195,14 @@ def test_heartbeats_are_aged_by_their_arrival_in_redis_not_by_the_nodes_clock() 
     harness.read([idle, busy], conflict=False)
     harness.read([Delivery(idle.stream, idle.entry_id, idle.message, 2)], conflict=False)
     assert harness.scheduler.heartbeats["a"].gpus[0].memory_used_mb == 5000
+    # nor changes the node: a GPU dropped from node b since then stays dropped
+    fresh = Harness()
+    old_b = fresh.heartbeat("b", 0)
+    one_gpu = old_b.message.model_copy(update={"gpus": old_b.message.gpus[:1]})  # type: ignore[attr-defined]
+    fresh.read([Delivery(old_b.stream, fresh.next_id(), one_gpu, 1)], conflict=False)
+    assert len(fresh.state.nodes["b"].gpus) == 1
+    fresh.read([Delivery(old_b.stream, old_b.entry_id, old_b.message, 2)], conflict=False)
+    assert len(fresh.state.nodes["b"].gpus) == 1
 
 
 def test_a_runner_heard_in_an_earlier_term_gets_a_full_timeout_when_the_scheduler_leads_again() -> None:

@@ -170,22 +170,29 @@ class Scheduler:
         after = datetime.now(UTC)
         self.redis_clock_behind = before + (after - before) / 2 - datetime.fromtimestamp(seconds + micros / 1e6, UTC)
 
-    async def recall_runners(self) -> None:
-        """When each node's runner was last heard, by the heartbeats the telemetry stream still
-        holds: a runner that died before this term is found as surely as one that dies in it."""
-        recalled: dict[str, datetime] = {}
+    async def recall_runners(self, now: datetime) -> None:
+        """How long each node's runner had been silent while its gpu-monitor went on reporting,
+        by the heartbeats the telemetry stream still holds: a runner that died before this term
+        is found as surely as one that dies in it. Silence while the monitor was silent too (a
+        Redis outage, a dead node) does not count."""
+        runners: dict[str, datetime] = {}
+        monitors: dict[str, datetime] = {}
         for entry_id, fields in await self.bus.redis.xrevrange(
             self.keys.telemetry, count=self.settings.telemetry_maxlen
         ):
-            if fields.get("type") != "service.heartbeat":
+            if fields.get("type") not in ("service.heartbeat", "node.heartbeat"):
                 continue
             try:
                 beat = decode(fields)
             except DecodeError:
                 continue
-            if isinstance(beat, m.ServiceHeartbeat) and beat.service == "runner" and beat.node:
-                recalled.setdefault(beat.node, entry_time(str(entry_id)) + self.redis_clock_behind)
-        self.runner_heard.update(recalled)
+            if isinstance(beat, m.NodeHeartbeat):
+                monitors.setdefault(beat.node, entry_time(str(entry_id)))
+            elif isinstance(beat, m.ServiceHeartbeat) and beat.service == "runner" and beat.node:
+                runners.setdefault(beat.node, entry_time(str(entry_id)))
+        for node, heard in runners.items():
+            silent_while_monitored = max(monitors.get(node, heard) - heard, timedelta(0))
+            self.runner_heard[node] = now - silent_while_monitored
 
     def hear_anew(self, now: datetime) -> None:
         """At the start of a term, every node up, and every runner heard in an earlier term, gets
@@ -200,7 +207,8 @@ class Scheduler:
         """What a delivery decides directly, and the cause of the scheduling pass it calls for
         (None: no pass, or one is part of the decision already)."""
         message = delivery.message
-        if isinstance(message, m.NodeHeartbeat) and self._newest(message.node, delivery.entry_id):
+        stale_beat = isinstance(message, m.NodeHeartbeat) and not self._newest(message.node, delivery.entry_id)
+        if isinstance(message, m.NodeHeartbeat) and not stale_beat:
             # Aged by when it reached Redis (its entry id, on this scheduler's clock), one clock
             # for every node: a node's clock running behind or ahead must not make its GPUs look
             # stale, or fresh (and a backlog read after an outage must not look new)
@@ -221,8 +229,8 @@ class Scheduler:
             if orphaned:
                 log.warning("runner lost; its node takes no jobs until it is back", node=orphaned[0])
                 return rules.lose_node(self.state, self.keys, orphaned[0], message, "runner_lost"), None
-            if not isinstance(message, m.NodeHeartbeat):
-                return [], None
+            if not isinstance(message, m.NodeHeartbeat) or stale_beat:
+                return [], None  # (a heartbeat older than one taken in says nothing new)
             if rules.runner_silent(message.node, self.runner_heard, self.limits, now):
                 return [], None  # the node rejoins once its runner is heard again
             joined = rules.node_changes(self.state, message)
@@ -518,7 +526,7 @@ class Scheduler:
         settle_heap()
         self.hear_anew(datetime.now(UTC))
         await self.read_clocks()
-        await self.recall_runners()
+        await self.recall_runners(datetime.now(UTC))
         log.info("leading", token=self.token, position=self.state.position, jobs=len(self.state.jobs), folded=folded)
         consumer = GroupConsumer(
             self.bus,
