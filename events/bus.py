@@ -13,7 +13,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +263,14 @@ def entry_id_key(entry_id: str) -> tuple[int, int]:
 def entry_time(entry_id: str) -> datetime:
     """When Redis appended an entry, by its id."""
     return datetime.fromtimestamp(entry_id_key(entry_id)[0] / 1000, UTC)
+
+
+async def clock_behind(redis: aioredis.Redis) -> timedelta:
+    """How far this process's clock is ahead of Redis's (by which entry ids are stamped)."""
+    before = datetime.now(UTC)
+    seconds, micros = await redis.time()
+    after = datetime.now(UTC)
+    return before + (after - before) / 2 - datetime.fromtimestamp(seconds + micros / 1e6, UTC)
 
 
 def previous_id(entry_id: str) -> str:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from events.messages import GpuInfo
 from events.placement import matching
 from events.state import Job, JobStatus, State, gpu_key
 
@@ -78,14 +79,14 @@ class QueueEstimates(Mapping[str, Estimate]):
         free_at: dict[str, float] | None = None,
         blockers: dict[str, str] | None = None,
         head: str | None = None,
-        nodes: list[str] | None = None,
+        gpus: Mapping[str, Sequence[GpuInfo]] | None = None,
     ) -> None:
         self._state = state
         self._simulated = simulated
         self._free_at = free_at  # None: the whole queue was simulated
         self._blockers = blockers or {}
         self._head = head  # the first job whose start is not known
-        self._nodes = nodes or []  # the nodes simulated
+        self._gpus = gpus or {}  # the nodes simulated, and their GPUs
         self._behind: dict[tuple[object, ...], Estimate] = {}
 
     def __getitem__(self, job_id: str) -> Estimate:
@@ -97,7 +98,7 @@ class QueueEstimates(Mapping[str, Estimate]):
             raise KeyError(job_id)
         request = placement_request(job)
         if request not in self._behind:
-            best = _earliest(job, self._state, self._nodes, self._free_at, 0.0)
+            best = _earliest(job, self._gpus, self._free_at, 0.0)
             self._behind[request] = _unknown(best, self._blockers, self._head)
         return self._behind[request]
 
@@ -111,15 +112,14 @@ class QueueEstimates(Mapping[str, Estimate]):
 
 
 def _earliest(
-    job: Job, state: State, nodes: list[str], free_at: dict[str, float], not_before: float
+    job: Job, gpus: Mapping[str, Sequence[GpuInfo]], free_at: dict[str, float], not_before: float
 ) -> tuple[float, list[str]] | None:
-    """The soonest a job could start on one of ``nodes`` (not before the job ahead of it), and on
-    which GPUs."""
+    """The soonest a job could start on the GPUs of one of the nodes (not before the job ahead
+    of it), and on which GPUs."""
     best: tuple[float, list[str]] | None = None
-    for name in nodes:
-        node = state.nodes[name]
+    for name, offered in gpus.items():
         keys = sorted(
-            (free_at[gpu_key(name, g.index)], gpu_key(name, g.index)) for g in matching(job.spec, name, node.gpus)
+            (free_at[gpu_key(name, g.index)], gpu_key(name, g.index)) for g in matching(job.spec, name, offered)
         )
         if len(keys) >= job.spec.gpu_count:
             chosen = keys[: job.spec.gpu_count]
@@ -133,7 +133,7 @@ def _unknown(best: tuple[float, list[str]] | None, blockers: dict[str, str], hea
     """Why a job's start is not known: what holds the GPUs it would take, or (GPUs it could take
     free at a known time) the job ahead of it in strict order whose own start is not known."""
     if best is None:
-        return Estimate(None, "unknown: not enough GPUs it could use are in service")
+        return Estimate(None, "unknown: no node in service has enough GPUs it could use")
     jobs = sorted({blockers[k] for k in best[1] if blockers.get(k, OTHERS) != OTHERS})
     others = [k for k in best[1] if blockers.get(k) == OTHERS]
     reasons = []
@@ -147,16 +147,20 @@ def _unknown(best: tuple[float, list[str]] | None, blockers: dict[str, str], hea
 
 
 def estimate_queue(
-    state: State, now: datetime, live: Collection[str] | None = None, foreign: Collection[str] = ()
+    state: State,
+    now: datetime,
+    gpus: Mapping[str, Sequence[GpuInfo]] | None = None,
+    foreign: Collection[str] = (),
 ) -> QueueEstimates:
     """An estimate for every queued job, in start order (strict: none starts before the one ahead,
     unless that one cannot start on the nodes simulated at all). The nodes simulated are those
-    up in the log, or (``live``) those of them in service now; GPUs in use by another's
-    processes (``foreign``) free at no known time."""
-    nodes = sorted(name for name, node in state.nodes.items() if node.up and (live is None or name in live))
+    up in the log with their GPUs, or (``gpus``) the nodes in service with the memory each GPU
+    could free; GPUs in use by another's processes (``foreign``) free at no known time."""
+    if gpus is None:
+        gpus = {name: node.gpus for name, node in sorted(state.nodes.items()) if node.up}
     free_at: dict[str, float] = {}  # GPU -> seconds from now until it is free
-    for name in nodes:
-        for gpu in state.nodes[name].gpus:
+    for name, offered in gpus.items():
+        for gpu in offered:
             free_at[gpu_key(name, gpu.index)] = 0.0
     blockers: dict[str, str] = {}  # GPU -> the job whose end time is unknown
     for key, job_id in state.allocations.items():  # the GPUs that jobs hold
@@ -172,13 +176,13 @@ def estimate_queue(
     estimates: dict[str, Estimate] = {}
     not_before = 0.0
     for job in state.queue_iter():
-        best = _earliest(job, state, nodes, free_at, not_before)
+        best = _earliest(job, gpus, free_at, not_before)
         if best is None:  # not enough of the GPUs it could use are up: it holds up no one
             estimates[job.job_id] = _unknown(best, blockers)
             continue
         if best[0] == UNKNOWN:
             estimates[job.job_id] = _unknown(best, blockers)
-            return QueueEstimates(state, estimates, free_at, blockers, head=job.job_id, nodes=nodes)
+            return QueueEstimates(state, estimates, free_at, blockers, head=job.job_id, gpus=gpus)
         start, chosen_keys = best
         if history is None and job.spec.time_limit_s is None:
             history = durations(state)

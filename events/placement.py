@@ -3,7 +3,7 @@ and the gateway (to refuse at once a request that no GPU of the cluster could ev
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from events.messages import GpuInfo, GpuSample, NodeHeartbeat
@@ -42,6 +42,31 @@ def foreign_gpus(
         for sample in heartbeats[name].gpus
         if (key := gpu_key(name, sample.index)) not in state.allocations and sample.memory_used_mb > threshold_mb
     }
+
+
+def freeable_gpus(
+    state: State, heartbeats: Mapping[str, NodeHeartbeat], live: Iterable[str], threshold_mb: int
+) -> dict[str, list[GpuInfo]]:
+    """Per node in service, every GPU it has, free or busy (with our jobs or another's processes;
+    a GPU a job of ours has just left reads as busy until the next heartbeat), with the memory
+    it would have free once what runs on it ends: all of it where a job of ours holds it (or
+    nothing says how it is used); else the free memory measured plus what its processes use, or
+    all of it where more than ``threshold_mb`` is used by processes NVML does not list (another
+    container's, or under MIG). What is left, the memory the driver keeps, never frees. A job
+    that fits none of these waits for a node to come back, not for anything to end."""
+    freeable: dict[str, list[GpuInfo]] = {}
+    for name in live:
+        measured = {sample.index: sample for sample in heartbeats[name].gpus}
+        freeable[name] = []
+        for gpu in state.nodes[name].gpus:
+            sample = measured.get(gpu.index)
+            if sample is not None and gpu_key(name, gpu.index) not in state.allocations:
+                listed = sum(process.used_memory_mb for process in sample.processes)
+                if sample.memory_used_mb - listed <= threshold_mb:
+                    memory = min(free_mb(sample) + listed, gpu.memory_total_mb)
+                    gpu = gpu.model_copy(update={"memory_total_mb": memory})
+            freeable[name].append(gpu)
+    return freeable
 
 
 def matching(spec: JobBase, node: str, gpus: Sequence[GpuInfo]) -> list[GpuInfo]:

@@ -96,7 +96,7 @@ def test_every_job_behind_an_unknown_start_is_unknown_for_a_reason_that_fits_its
     )
     assert estimates["one-a"] == estimates["one-b"]
     assert "job r0 ahead of it" in estimates["two"].basis
-    assert estimates["four"].basis == "unknown: not enough GPUs it could use are in service"
+    assert estimates["four"].basis == "unknown: no node in service has enough GPUs it could use"
     assert list(estimates) == ["head", "one-a", "two", "one-b", "four"] and len(estimates) == 5
     # And a job queued after the estimate was made is answered too; one that is not queued is not
     submit(log, "late", gpu_count=1)
@@ -113,9 +113,9 @@ def test_a_job_that_needs_a_node_out_of_service_is_unknown_and_holds_up_no_estim
     submit(log, "pinned", priority=9, node="s")
     submit(log, "next", priority=5, time_limit_s=60)
     # When the scheduler estimates with the nodes it offers GPUs of
-    estimates = estimate_queue(log.state, NOW, live={"n1"})
+    estimates = estimate_queue(log.state, NOW, gpus={"n1": log.state.nodes["n1"].gpus})
     # Then the job pinned to s is unknown, and the one behind it starts when n1's GPU frees
-    assert estimates["pinned"].basis == "unknown: not enough GPUs it could use are in service"
+    assert estimates["pinned"].basis == "unknown: no node in service has enough GPUs it could use"
     assert estimates["next"].start_in_s == 100
     # (counting every node up in the log, the pinned job would start at once on s)
     assert estimate_queue(log.state, NOW)["pinned"].start_in_s == 0
@@ -135,3 +135,16 @@ def test_a_gpu_in_use_by_another_process_frees_at_no_known_time() -> None:
     assert estimates["one"].start_in_s is None
     # (without that reading, GPU 0 would be counted free now: the pair would start in 100 s)
     assert estimate_queue(log.state, NOW)["pair"].start_in_s == 100
+
+
+def test_a_job_asking_for_memory_no_gpu_can_free_holds_up_no_estimate() -> None:
+    # Given one idle GPU that can free 24,000 MB at most (the driver keeps the rest)
+    log = Log()
+    log.add(node(gpus=1))
+    submit(log, "greedy", priority=9, min_gpu_memory_mb=24_476)
+    submit(log, "next", priority=5, time_limit_s=60)
+    freeable = {"n1": [gpu.model_copy(update={"memory_total_mb": 24_000}) for gpu in log.state.nodes["n1"].gpus]}
+    # Then the greedy job is unknown, and the job behind it starts now
+    estimates = estimate_queue(log.state, NOW, gpus=freeable)
+    assert estimates["greedy"].basis == "unknown: no node in service has enough GPUs it could use"
+    assert estimates["next"].start_in_s == 0

@@ -144,6 +144,22 @@ def test_memory_a_gpu_never_frees_holds_up_no_one_but_memory_a_process_uses_does
     assert [j.job_id for j in cluster.state.queue()] == ["trio", "later"]
 
 
+def test_memory_used_by_processes_nvml_does_not_list_counts_as_freeable() -> None:
+    # Given GPU 0 held by our job, whose 20,000 MB NVML does not attribute (MIG, containers)
+    cluster = Cluster({"a": 2})
+    cluster.submit("r")
+    samples = [
+        m.GpuSample(**GPU.model_copy(update={"index": i}).model_dump(), memory_used_mb=used)
+        for i, used in enumerate((20_000, 0))
+    ]
+    cluster.heartbeats["a"] = m.NodeHeartbeat(node="a", simulated=True, gpus=samples, at=NOW)
+    # When a job needing 10,000 MB on both GPUs waits for it
+    assert cluster.submit("h", priority=9, gpus=2, min_gpu_memory_mb=10_000) == []
+    # Then it holds back a lower job that would take GPU 1
+    assert cluster.submit("l", priority=1) == []
+    assert [j.job_id for j in cluster.state.queue()] == ["h", "l"]
+
+
 def test_a_gpu_just_left_by_our_job_still_counts_as_ours_until_the_next_heartbeat() -> None:
     # Given a 2-GPU node: R on GPU 0, a 2-GPU job H waiting behind it, and a lower job L
     cluster = Cluster({"a": 2})

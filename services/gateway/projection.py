@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -17,11 +18,11 @@ import structlog
 
 from events import messages as m
 from events import snapshot
-from events.bus import Bus, entry_id_key, entry_time
+from events.bus import Bus, clock_behind, entry_id_key, entry_time
 from events.codec import DecodeError, decode
 from events.estimates import Estimate, estimate_queue
 from events.log import apply_entry, catch_up
-from events.placement import foreign_gpus, in_service
+from events.placement import foreign_gpus, freeable_gpus, in_service
 from events.state import Job, JobStatus, State, new_job
 from services.runtime import REDIS_LOST, settle_heap, wait_for_redis
 
@@ -31,6 +32,7 @@ SUBSCRIBER_BUFFER = 1000  # events a slow client may fall behind before it is di
 ESTIMATE_REFRESH_S = 1.0
 ESTIMATE_COST_RATIO = 30  # estimates take at most about a thirtieth of the gateway's time
 LOG_TURN_MS = 1000  # how soon a newly followed job's output joins the shared read
+CLOCK_READ_S = 60.0  # how often Redis's clock is compared with this process's
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,9 @@ class Projection:
     # As the scheduler judges GPUs, for the estimates: nodes in service, GPUs others use
     heartbeat_timeout_s: float = 10.0
     foreign_memory_threshold_mb: int = 1024
-    _estimates: tuple[datetime, tuple[str, int], Mapping[str, Estimate]] | None = None
+    _estimates: tuple[datetime, tuple[object, ...], Mapping[str, Estimate]] | None = None
+    redis_clock_behind: timedelta = timedelta(0)  # this process's clock minus Redis's
+    _clock_read_at: float = -math.inf
     _heard: int = 0  # node heartbeats taken in: they change which GPUs are free
     _estimate_cost_s: float = 0.0
     _advanced: anyio.Event = field(default_factory=anyio.Event)
@@ -169,13 +173,15 @@ class Projection:
         cached = self._estimates
         floor = ESTIMATE_COST_RATIO * self._estimate_cost_s
         refresh = timedelta(seconds=floor if fresh else max(ESTIMATE_REFRESH_S, floor))
-        seen = (self.state.position, self._heard)
+        live = in_service(self.state, self.heartbeats, self.heartbeat_timeout_s, now)
+        seen = (self.state.position, self._heard, tuple(live))  # a node falling silent counts too
         stale = cached is None or (cached[1] != seen and now - cached[0] >= refresh)
         if stale:
             started = time.perf_counter()
-            live = in_service(self.state, self.heartbeats, self.heartbeat_timeout_s, now)
-            foreign = foreign_gpus(self.state, self.heartbeats, live, self.foreign_memory_threshold_mb)
-            self._estimates = (now, seen, estimate_queue(self.state, now, live, foreign))
+            threshold = self.foreign_memory_threshold_mb
+            gpus = freeable_gpus(self.state, self.heartbeats, live, threshold)
+            foreign = foreign_gpus(self.state, self.heartbeats, live, threshold)
+            self._estimates = (now, seen, estimate_queue(self.state, now, gpus, foreign))
             self._estimate_cost_s = time.perf_counter() - started
         assert self._estimates is not None
         return self._estimates[0], self._estimates[2]
@@ -228,6 +234,8 @@ class Projection:
         self._signal()
         while True:
             try:
+                if time.monotonic() - self._clock_read_at > CLOCK_READ_S:
+                    await self._read_clock()
                 streams = {
                     self.bus.keys.events: self.state.position,
                     self.bus.keys.telemetry: self.telemetry_position,
@@ -247,6 +255,11 @@ class Projection:
                     self._take(str(stream), str(entry_id), fields)
             if reply:
                 self._signal()
+
+    async def _read_clock(self) -> None:
+        """How far this process's clock is ahead of Redis's, by which entry ids are stamped."""
+        self._clock_read_at = time.monotonic()
+        self.redis_clock_behind = await clock_behind(self.bus.redis)
 
     async def _recent_telemetry(self) -> None:
         """The latest heartbeats, so that GPUs and services show at once after a restart."""
@@ -292,7 +305,8 @@ class Projection:
             return
         if isinstance(message, m.NodeHeartbeat):
             # aged by its arrival in Redis, as the scheduler does: not by the node's clock
-            self.heartbeats[message.node] = message.model_copy(update={"at": entry_time(entry_id)})
+            arrived = min(datetime.now(UTC), entry_time(entry_id) + self.redis_clock_behind)
+            self.heartbeats[message.node] = message.model_copy(update={"at": arrived})
             self._heard += 1
         elif isinstance(message, m.ServiceHeartbeat):
             self.services[(message.service, message.instance)] = message

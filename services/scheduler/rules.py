@@ -12,7 +12,7 @@ from events import messages as m
 from events.bus import Append
 from events.estimates import Estimate, estimate_queue, placement_request
 from events.keys import Keys
-from events.placement import foreign_gpus, free_mb, in_service, matching, never_fits
+from events.placement import foreign_gpus, free_mb, freeable_gpus, in_service, matching, never_fits
 from events.state import HOLDS_GPUS, TERMINAL, ExportStatus, Job, JobStatus, State, gpu_key, new_job
 
 BACKFILL_SCAN = 1000  # queued jobs looked at behind a blocked one, when backfilling
@@ -282,32 +282,16 @@ def usable_gpus(
 
 
 def _estimate(
-    state: State, heartbeats: Mapping[str, m.NodeHeartbeat], limits: Limits, now: datetime, live: list[str]
+    state: State,
+    heartbeats: Mapping[str, m.NodeHeartbeat],
+    limits: Limits,
+    now: datetime,
+    freeable: Mapping[str, list[m.GpuInfo]],
 ) -> Mapping[str, Estimate]:
-    """Queue estimates over the nodes in service, GPUs in use by another's processes unknown."""
-    foreign = foreign_gpus(state, heartbeats, live, limits.foreign_memory_threshold_mb)
-    return estimate_queue(state, now, live=live, foreign=foreign)
-
-
-def freeable_gpus(
-    state: State, heartbeats: Mapping[str, m.NodeHeartbeat], live: Iterable[str]
-) -> dict[str, list[m.GpuInfo]]:
-    """Per node that offers GPUs now (up, heard from lately and fully), every GPU it has, free or
-    busy with our jobs or another's processes (a GPU a job of ours has just left reads as busy
-    until the next heartbeat), with the memory it would have free once its processes end: the
-    free memory measured plus what its processes use (memory the driver keeps never frees). A
-    job that fits none of these waits for a node to come back, not for anything to end."""
-    freeable: dict[str, list[m.GpuInfo]] = {}
-    for name in live:
-        measured = {sample.index: sample for sample in heartbeats[name].gpus}
-        freeable[name] = []
-        for gpu in state.nodes[name].gpus:
-            sample = measured.get(gpu.index)
-            if sample is not None:
-                memory = free_mb(sample) + sum(process.used_memory_mb for process in sample.processes)
-                gpu = gpu.model_copy(update={"memory_total_mb": min(memory, gpu.memory_total_mb)})
-            freeable[name].append(gpu)
-    return freeable
+    """Queue estimates over the nodes in service as a pass sees them (the memory each GPU could
+    free), GPUs in use by another's processes free at no known time."""
+    foreign = foreign_gpus(state, heartbeats, list(freeable), limits.foreign_memory_threshold_mb)
+    return estimate_queue(state, now, gpus=freeable, foreign=foreign)
 
 
 def place(job: Job, usable: Mapping[str, Sequence[m.GpuInfo]]) -> tuple[str, list[int]] | None:
@@ -364,13 +348,11 @@ def schedule(
             continue  # a backfill candidate that does not fit
         if placement is None:
             if freeable is None:
-                freeable = freeable_gpus(state, heartbeats, offered)
+                freeable = freeable_gpus(state, heartbeats, offered, limits.foreign_memory_threshold_mb)
             if place(job, freeable) is None:
                 passed_over.add(placement_request(job))
                 continue  # it waits on nothing our jobs hold: it holds up no one
-            blocked = (
-                _estimate(state, heartbeats, limits, now, list(offered)).get(job.job_id) if limits.backfill else None
-            )
+            blocked = _estimate(state, heartbeats, limits, now, freeable).get(job.job_id) if limits.backfill else None
             if blocked is None or blocked.start_in_s is None:
                 break  # strict order (or nothing proves that a job behind would not delay it)
             backfill_until = blocked.start_in_s

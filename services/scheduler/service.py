@@ -21,7 +21,18 @@ import structlog
 
 from events import audit, snapshot
 from events import messages as m
-from events.bus import Ack, Append, Bus, CommitResult, Entry, Fenced, connect, entry_id_key, entry_time
+from events.bus import (
+    Ack,
+    Append,
+    Bus,
+    CommitResult,
+    Entry,
+    Fenced,
+    clock_behind,
+    connect,
+    entry_id_key,
+    entry_time,
+)
 from events.codec import DecodeError, decode
 from events.consumer import Delivery, GroupConsumer
 from events.keys import SCHEDULER_GROUP, Keys
@@ -165,10 +176,7 @@ class Scheduler:
 
     async def read_clocks(self) -> None:
         """How far this scheduler's clock is ahead of Redis's, by which entry ids are stamped."""
-        before = datetime.now(UTC)
-        seconds, micros = await self.bus.redis.time()
-        after = datetime.now(UTC)
-        self.redis_clock_behind = before + (after - before) / 2 - datetime.fromtimestamp(seconds + micros / 1e6, UTC)
+        self.redis_clock_behind = await clock_behind(self.bus.redis)
 
     async def recall_runners(self, now: datetime) -> None:
         """How long each node's runner had been silent while its gpu-monitor went on reporting,
