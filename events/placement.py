@@ -49,18 +49,18 @@ def freeable_gpus(
 ) -> dict[str, list[GpuInfo]]:
     """Per node in service, every GPU it has, free or busy (with our jobs or another's processes;
     a GPU a job of ours has just left reads as busy until the next heartbeat), with the memory
-    it would have free once what runs on it ends: all of it where a job of ours holds it (or
-    nothing says how it is used); else the free memory measured plus what its processes use, or
-    all of it where more than ``threshold_mb`` is used by processes NVML does not list (another
-    container's, or under MIG). What is left, the memory the driver keeps, never frees. A job
-    that fits none of these waits for a node to come back, not for anything to end."""
+    it would have free once what runs on it ends: the free memory measured plus what its
+    processes use, or all of it where more than ``threshold_mb`` is used by processes NVML does
+    not list (another container's, or under MIG), or where nothing was measured. What is left,
+    the memory the driver keeps, never frees. A job that fits none of these waits for a node to
+    come back, not for anything to end."""
     freeable: dict[str, list[GpuInfo]] = {}
     for name in live:
         measured = {sample.index: sample for sample in heartbeats[name].gpus}
         freeable[name] = []
         for gpu in state.nodes[name].gpus:
             sample = measured.get(gpu.index)
-            if sample is not None and gpu_key(name, gpu.index) not in state.allocations:
+            if sample is not None:
                 listed = sum(process.used_memory_mb for process in sample.processes)
                 if sample.memory_used_mb - listed <= threshold_mb:
                     memory = min(free_mb(sample) + listed, gpu.memory_total_mb)

@@ -142,6 +142,23 @@ def test_memory_a_gpu_never_frees_holds_up_no_one_but_memory_a_process_uses_does
     assert cluster.submit("trio", priority=8, gpus=3, min_gpu_memory_mb=24_000) == []
     assert cluster.submit("later", priority=1) == []  # GPUs 1 and 2 are free, but the trio is first
     assert [j.job_id for j in cluster.state.queue()] == ["trio", "later"]
+    # And a GPU our own job holds frees its job's memory, not the driver's: the greedy job waits
+    # on no one there either
+    cluster = Cluster({"a": 2})
+    cluster.submit("r")
+    ours = {0: [m.GpuProcess(pid=8, used_memory_mb=20_000)]}
+    samples = [
+        m.GpuSample(
+            **GPU.model_copy(update={"index": i}).model_dump(),
+            memory_used_mb=400 + sum(p.used_memory_mb for p in ours.get(i, [])),
+            processes=ours.get(i, []),
+        )
+        for i in range(2)
+    ]
+    cluster.heartbeats["a"] = m.NodeHeartbeat(node="a", simulated=True, gpus=samples, at=NOW)
+    assert cluster.submit("greedy", priority=9, min_gpu_memory_mb=24_476) == []
+    [start] = cluster.submit("small", priority=1)
+    assert (start.job_id, start.gpu_ids) == ("small", [1])
 
 
 def test_memory_used_by_processes_nvml_does_not_list_counts_as_freeable() -> None:

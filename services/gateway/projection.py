@@ -223,6 +223,7 @@ class Projection:
         return self.is_decided(job_id)
 
     async def run(self) -> None:
+        await self._read_clock()
         await self._recent_telemetry()
         self.state = await snapshot.load(self.bus)
         await catch_up(self.bus, self.state)

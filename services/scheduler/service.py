@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import redis.asyncio as aioredis
 import structlog
+from pydantic_core import from_json
 
 from events import audit, snapshot
 from events import messages as m
@@ -33,7 +35,6 @@ from events.bus import (
     entry_id_key,
     entry_time,
 )
-from events.codec import DecodeError, decode
 from events.consumer import Delivery, GroupConsumer
 from events.keys import SCHEDULER_GROUP, Keys
 from events.log import catch_up
@@ -182,25 +183,35 @@ class Scheduler:
         """How long each node's runner had been silent while its gpu-monitor went on reporting,
         by the heartbeats the telemetry stream still holds: a runner that died before this term
         is found as surely as one that dies in it. Silence while the monitor was silent too (a
-        Redis outage, a dead node) does not count."""
-        runners: dict[str, datetime] = {}
-        monitors: dict[str, datetime] = {}
+        Redis outage, a dead node) does not count: only the gaps between the monitor's beats
+        after the runner's last one, each shorter than half the node timeout, add up."""
+        runners: dict[str, datetime] = {}  # node -> its runner's last beat
+        monitored: dict[str, list[datetime]] = {}  # node -> its monitor's beats after that, newest first
         for entry_id, fields in await self.bus.redis.xrevrange(
             self.keys.telemetry, count=self.settings.telemetry_maxlen
         ):
-            if fields.get("type") not in ("service.heartbeat", "node.heartbeat"):
+            kind = fields.get("type")
+            if kind not in ("service.heartbeat", "node.heartbeat"):
                 continue
-            try:
-                beat = decode(fields)
-            except DecodeError:
+            try:  # the node named, without validating every GPU sample of every heartbeat
+                payload = from_json(fields["data"])["payload"]
+                node, runner = payload["node"], payload.get("service") == "runner"
+            except (ValueError, KeyError, TypeError):
                 continue
-            if isinstance(beat, m.NodeHeartbeat):
-                monitors.setdefault(beat.node, entry_time(str(entry_id)))
-            elif isinstance(beat, m.ServiceHeartbeat) and beat.service == "runner" and beat.node:
-                runners.setdefault(beat.node, entry_time(str(entry_id)))
+            if not isinstance(node, str) or node in runners:
+                continue
+            if kind == "node.heartbeat":
+                monitored.setdefault(node, []).append(entry_time(str(entry_id)))
+            elif runner:
+                runners[node] = entry_time(str(entry_id))
+        gap = timedelta(seconds=self.settings.node_timeout_s / 2)
         for node, heard in runners.items():
-            silent_while_monitored = max(monitors.get(node, heard) - heard, timedelta(0))
-            self.runner_heard[node] = now - silent_while_monitored
+            beats = [heard, *reversed(monitored.get(node, []))]
+            silent = sum(
+                (later - earlier for earlier, later in itertools.pairwise(beats) if later - earlier <= gap),
+                timedelta(0),
+            )
+            self.runner_heard[node] = now - silent
 
     def hear_anew(self, now: datetime) -> None:
         """At the start of a term, every node up, and every runner heard in an earlier term, gets
