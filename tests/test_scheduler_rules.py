@@ -34,6 +34,19 @@ class Cluster:
         ]
         self.heartbeats[name] = m.NodeHeartbeat(node=name, simulated=True, gpus=gpus, at=at)
 
+    def measure(self, name: str, used_mb: list[int], processes_mb: dict[int, int] | None = None) -> None:
+        """A heartbeat of node ``name``: memory in use per GPU, and the processes NVML lists."""
+        listed = processes_mb or {}
+        gpus = [
+            m.GpuSample(
+                **GPU.model_copy(update={"index": i}).model_dump(),
+                memory_used_mb=used,
+                processes=[m.GpuProcess(pid=100 + i, used_memory_mb=listed[i])] if i in listed else [],
+            )
+            for i, used in enumerate(used_mb)
+        ]
+        self.heartbeats[name] = m.NodeHeartbeat(node=name, simulated=True, gpus=gpus, at=NOW)
+
     def fold(self, appends: list[Append]) -> list[m.Message]:
         commands = []
         for item in appends:
@@ -129,16 +142,7 @@ def test_memory_a_gpu_never_frees_holds_up_no_one_but_memory_a_process_uses_does
     # But with another's process using 20,000 MB of GPU 0, a job that needs that memory on all
     # three GPUs waits for the process to end, and holds back the rest
     cluster = Cluster({"a": 3})
-    processes = {0: [m.GpuProcess(pid=7, used_memory_mb=20_000)]}
-    samples = [
-        m.GpuSample(
-            **GPU.model_copy(update={"index": i}).model_dump(),
-            memory_used_mb=400 + sum(p.used_memory_mb for p in processes.get(i, [])),
-            processes=processes.get(i, []),
-        )
-        for i in range(3)
-    ]
-    cluster.heartbeats["a"] = m.NodeHeartbeat(node="a", simulated=True, gpus=samples, at=NOW)
+    cluster.measure("a", [20_400, 400, 400], {0: 20_000})
     assert cluster.submit("trio", priority=8, gpus=3, min_gpu_memory_mb=24_000) == []
     assert cluster.submit("later", priority=1) == []  # GPUs 1 and 2 are free, but the trio is first
     assert [j.job_id for j in cluster.state.queue()] == ["trio", "later"]
@@ -146,16 +150,7 @@ def test_memory_a_gpu_never_frees_holds_up_no_one_but_memory_a_process_uses_does
     # on no one there either
     cluster = Cluster({"a": 2})
     cluster.submit("r")
-    ours = {0: [m.GpuProcess(pid=8, used_memory_mb=20_000)]}
-    samples = [
-        m.GpuSample(
-            **GPU.model_copy(update={"index": i}).model_dump(),
-            memory_used_mb=400 + sum(p.used_memory_mb for p in ours.get(i, [])),
-            processes=ours.get(i, []),
-        )
-        for i in range(2)
-    ]
-    cluster.heartbeats["a"] = m.NodeHeartbeat(node="a", simulated=True, gpus=samples, at=NOW)
+    cluster.measure("a", [20_400, 400], {0: 20_000})
     assert cluster.submit("greedy", priority=9, min_gpu_memory_mb=24_476) == []
     [start] = cluster.submit("small", priority=1)
     assert (start.job_id, start.gpu_ids) == ("small", [1])
@@ -165,11 +160,7 @@ def test_memory_used_by_processes_nvml_does_not_list_counts_as_freeable() -> Non
     # Given GPU 0 held by our job, whose 20,000 MB NVML does not attribute (MIG, containers)
     cluster = Cluster({"a": 2})
     cluster.submit("r")
-    samples = [
-        m.GpuSample(**GPU.model_copy(update={"index": i}).model_dump(), memory_used_mb=used)
-        for i, used in enumerate((20_000, 0))
-    ]
-    cluster.heartbeats["a"] = m.NodeHeartbeat(node="a", simulated=True, gpus=samples, at=NOW)
+    cluster.measure("a", [20_000, 0])
     # When a job needing 10,000 MB on both GPUs waits for it
     assert cluster.submit("h", priority=9, gpus=2, min_gpu_memory_mb=10_000) == []
     # Then it holds back a lower job that would take GPU 1
@@ -182,12 +173,7 @@ def test_a_gpu_just_left_by_our_job_still_counts_as_ours_until_the_next_heartbea
     cluster = Cluster({"a": 2})
     cluster.submit("r")
     cluster.submit("h", priority=9, gpus=2)
-    # read while R still ran: GPU 0 reads as used
-    gpus = [
-        m.GpuSample(**GPU.model_copy(update={"index": i}).model_dump(), memory_used_mb=used)
-        for i, used in enumerate((20_000, 0))
-    ]
-    cluster.heartbeats["a"] = m.NodeHeartbeat(node="a", simulated=True, gpus=gpus, at=NOW)
+    cluster.measure("a", [20_000, 0])  # read while R still ran: GPU 0 reads as used
     # When R ends before the next heartbeat
     cluster.finish("r")
     # Then H still holds back L, which must not take GPU 1 away from it
