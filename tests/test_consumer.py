@@ -12,13 +12,28 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from events import audit
+from events import audit, snapshot
 from events import messages as m
 from events.bus import Ack, Append, Bus, Fenced
 from events.codec import decode, encode
 from events.consumer import Delivery, GroupConsumer
+from events.log import catch_up
+from events.state import State
 from services.scheduler.service import take_lease
 from tests.conftest import RedisServer
+from tests.examples import LM
+
+
+async def snapshot_of_queued_jobs(bus: Bus, jobs: int) -> State:
+    """Append ``jobs`` accepted and queued jobs to the log, and store a snapshot of it."""
+    for i in range(jobs):
+        await bus.append(
+            bus.keys.events, m.JobAccepted(job_id=f"j{i}", spec=LM), m.JobQueued(job_id=f"j{i}", position=i + 1)
+        )
+    folded = State()
+    await catch_up(bus, folded)
+    assert await snapshot.save(bus, folded)
+    return folded
 
 
 def make_consumer(bus: Bus, stream: str, name: str, handled: list[Delivery], **kw: object) -> GroupConsumer:
@@ -200,21 +215,11 @@ async def test_the_lease_and_its_fencing_token_are_taken_together(bus: Bus) -> N
 
 
 async def test_a_standby_keeps_its_state_folded_so_taking_over_folds_only_what_is_new(bus: Bus) -> None:
-    from events import snapshot
-    from events.log import catch_up
-    from events.state import State
     from services.config import Settings
     from services.scheduler.service import Scheduler
-    from tests.examples import LM
 
     # Given a log with a snapshot of its first part, and a standby scheduler that looked at it
-    for i in range(20):
-        await bus.append(
-            bus.keys.events, m.JobAccepted(job_id=f"j{i}", spec=LM), m.JobQueued(job_id=f"j{i}", position=i + 1)
-        )
-    early = State()
-    await catch_up(bus, early)
-    assert await snapshot.save(bus, early)
+    await snapshot_of_queued_jobs(bus, 20)
     await bus.append(bus.keys.events, m.JobCancelled(job_id="j3"))
     settings = Settings(namespace=bus.keys.namespace, _env_file=None)  # type: ignore[call-arg]
     standby = Scheduler(settings, bus)
@@ -289,20 +294,11 @@ async def test_entries_pages_through_a_long_stream(bus: Bus, redis_client: aiore
 
 
 async def test_a_snapshot_plus_the_log_after_it_folds_to_the_whole_log(bus: Bus) -> None:
-    from events import snapshot
-    from events.log import catch_up
-    from events.state import State
-    from tests.examples import GPU, LM
+    from tests.examples import GPU
 
     # Given a log, a snapshot of part of it, and more events after the snapshot
     await bus.append(bus.keys.events, m.NodeJoined(node="n", simulated=True, gpus=[GPU]))
-    for i in range(30):
-        await bus.append(
-            bus.keys.events, m.JobAccepted(job_id=f"j{i}", spec=LM), m.JobQueued(job_id=f"j{i}", position=i + 1)
-        )
-    early = State()
-    await catch_up(bus, early)
-    assert await snapshot.save(bus, early)
+    early = await snapshot_of_queued_jobs(bus, 30)
     await bus.append(
         bus.keys.events, m.JobCancelled(job_id="j3"), m.JobPriorityChanged(job_id="j7", priority=9, previous=5)
     )
@@ -322,9 +318,6 @@ async def test_a_snapshot_plus_the_log_after_it_folds_to_the_whole_log(bus: Bus)
 async def test_a_snapshot_written_by_a_child_process_is_the_state_at_the_fork(
     bus: Bus, redis_server: RedisServer
 ) -> None:
-    from events import snapshot
-    from events.log import catch_up
-    from events.state import State
     from tests.examples import GPU, LM
 
     # Given a folded state
