@@ -173,10 +173,11 @@ class Projection:
         cached = self._estimates
         floor = ESTIMATE_COST_RATIO * self._estimate_cost_s
         refresh = timedelta(seconds=floor if fresh else max(ESTIMATE_REFRESH_S, floor))
+        if cached is not None and now - cached[0] < refresh:
+            return cached[0], cached[2]  # (what changed is looked at only once it may be redone)
         live = in_service(self.state, self.heartbeats, self.heartbeat_timeout_s, now)
         seen = (self.state.position, self._heard, tuple(live))  # a node falling silent counts too
-        stale = cached is None or (cached[1] != seen and now - cached[0] >= refresh)
-        if stale:
+        if cached is None or cached[1] != seen:
             started = time.perf_counter()
             threshold = self.foreign_memory_threshold_mb
             gpus = freeable_gpus(self.state, self.heartbeats, live, threshold)

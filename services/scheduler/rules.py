@@ -268,15 +268,17 @@ def usable_gpus(
 ) -> dict[str, list[m.GpuSample]]:
     """Per node, the GPUs no job of ours holds and no foreign process uses, as last measured, on
     nodes heard from recently and fully (a degraded reading offers nothing)."""
+    live = in_service(state, heartbeats, limits.heartbeat_timeout_s, now)
+    foreign = foreign_gpus(state, heartbeats, live, limits.foreign_memory_threshold_mb)
     usable: dict[str, list[m.GpuSample]] = {}
-    for name in in_service(state, heartbeats, limits.heartbeat_timeout_s, now):
+    for name in live:
         known = {gpu.index for gpu in state.nodes[name].gpus}
         usable[name] = [
             sample
             for sample in heartbeats[name].gpus
             if sample.index in known
-            and gpu_key(name, sample.index) not in state.allocations
-            and sample.memory_used_mb <= limits.foreign_memory_threshold_mb
+            and (key := gpu_key(name, sample.index)) not in state.allocations
+            and key not in foreign
         ]
     return usable
 

@@ -525,13 +525,14 @@ class Scheduler:
         """Keep the state folded up to the end of the log while another scheduler leads, so that
         taking over folds only what was appended since the last look; returns how many entries
         were folded now."""
-        if not self.warm:
+        cold = not self.warm
+        if cold:
             self.state = await snapshot.load(self.bus)
             self.warm = True
-            folded = await catch_up(self.bus, self.state)
+        folded = await catch_up(self.bus, self.state)
+        if cold:
             settle_heap()  # what was folded lives on: collected once, then left alone
-            return folded
-        return await catch_up(self.bus, self.state)
+        return folded
 
     async def lead(self, reader: aioredis.Redis) -> None:
         """Run as the leader until the lease is lost."""
