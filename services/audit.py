@@ -11,11 +11,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import httpx
+from redis.exceptions import ResponseError
 
-from events import audit, snapshot
-from events.bus import Bus, Entry, connect, entry_time
+from events import audit, invariants, snapshot
+from events.bus import Bus, Entry, connect, entry_id_key, entry_time
 from events.codec import DecodeError, decode
 from events.describe import describe, render
+from events.keys import SCHEDULER_GROUP
 from events.log import catch_up
 from events.state import State
 from services.config import Settings
@@ -208,4 +210,118 @@ async def archive(settings: Settings) -> int:
     print(f"archived {done.entries} entries to {[str(f) for f in done.files]}; live log kept from {done.kept_from}")
     if done.held_back:
         print(f"held back: {done.held_back}")
+    return 0
+
+
+async def _taken_submissions(bus: Bus) -> tuple[list[tuple[str, str]], int]:
+    """The submissions the scheduler has taken (delivered to its group and acknowledged, so
+    their effects are in the log), and how many it has still to take. Read before the log: a
+    submission acknowledged by then has its facts in the log read after."""
+    stream = bus.keys.commands
+    try:
+        groups = await bus.redis.xinfo_groups(stream)
+    except ResponseError:  # no commands yet
+        return [], 0
+    group = next((g for g in groups if g["name"] == SCHEDULER_GROUP), None)
+    delivered = group["last-delivered-id"] if group else "0-0"
+    pending: set[str] = set()
+    start = "-"
+    while group is not None:
+        page = await bus.redis.xpending_range(stream, SCHEDULER_GROUP, min=start, max="+", count=1000)
+        pending.update(str(p["message_id"]) for p in page)
+        if len(page) < 1000:
+            break
+        start = f"({page[-1]['message_id']}"
+    taken: list[tuple[str, str]] = []
+    waiting = 0
+    async for entry in bus.entries(stream):
+        if entry.fields.get("type") != "job.submit":
+            continue
+        if entry_id_key(entry.entry_id) <= entry_id_key(delivered) and entry.entry_id not in pending:
+            taken.append((entry.entry_id, entry.fields.get("job_id", "")))
+        else:
+            waiting += 1
+    return taken, waiting
+
+
+async def _gateway_state(url: str, api_key: str | None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=30, headers=headers) as client:
+        response = await client.get(url)
+    response.raise_for_status()
+    shown = response.json()
+    if not isinstance(shown, dict):
+        raise ValueError("the gateway's state is not a JSON object")
+    return shown
+
+
+async def check(settings: Settings, gateway_url: str | None, api_key: str | None, *, gateway_required: bool) -> int:
+    """Check the log's invariants (:mod:`events.invariants`) and that the live services' states
+    equal its fold. Exit 0 when everything holds, 1 at a violation, 2 when it could not check."""
+    url = gateway_url or f"http://{settings.app_host}:{settings.app_port}{settings.api_prefix}/audit/state"
+    redis = connect(settings.resolved_redis_url)
+    try:
+        await wait_for_redis(redis, timeout_s=10)
+        bus = Bus(redis, settings.keys, "audit", settings.archive_dir)
+        # What the services show, and which submissions were taken, before reading the log: the
+        # log read after holds everything they stand on.
+        shown: list[tuple[str, dict[str, Any]]] = []
+        try:
+            shown.append((f"the gateway ({url})", await _gateway_state(url, api_key)))
+        except (httpx.HTTPError, ValueError) as exc:
+            if gateway_required or not isinstance(exc, httpx.ConnectError):
+                print(f"could not compare the gateway's state: {exc}")
+                return 2
+            print(f"note: no gateway answers at {url}; its state was not compared")
+        stored = await redis.hgetall(bus.keys.snapshot)
+        if stored.get("version") == snapshot.SNAPSHOT_VERSION:
+            try:
+                state = snapshot.unpacked(stored["state"])
+            except ValueError as exc:
+                print(f"VIOLATION: the scheduler's snapshot cannot be read ({str(exc).splitlines()[0]})")
+                return 1
+            shown.append(("the scheduler's snapshot", state.model_dump(mode="json")))
+        taken, waiting = await _taken_submissions(bus)
+        chain = await redis.hgetall(bus.keys.chain)
+        archived_id = chain.get("archived_id")
+        files = audit.archive_files(bus.archive_dir)
+        if archived_id and not any(audit.is_within(archived_id, audit.archive_range(p)[1]) for p in files):
+            print(f"could not check: the history up to {archived_id} is archived, and not in {settings.archive_dir}")
+            return 2
+        result = invariants.LogCheck()
+        at = {str(view.get("position", "0-0")): name for name, view in shown}
+        folded: dict[str, dict[str, Any]] = {}
+        if "0-0" in at:
+            folded["0-0"] = result.state.model_dump(mode="json")
+        async for entry in audit.history(bus):
+            result.feed(entry.entry_id, entry.fields)
+            if entry.entry_id in at:
+                folded[entry.entry_id] = result.state.model_dump(mode="json")
+        result.finish(taken)
+    finally:
+        await redis.aclose()
+    for name, view in shown:
+        position = str(view.get("position", "0-0"))
+        if position not in folded:
+            result.violations.append(
+                invariants.Violation(position, f"{name} is at position {position}, which is not in the log")
+            )
+            continue
+        found = list(differences(folded[position], view))
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            result.violations.append(
+                invariants.Violation(position, f"{name} differs from the log's fold at {position}: {found[0]}{more}")
+            )
+    summary = (
+        f"{result.entries} entries, {len(result.state.jobs)} jobs, {result.attempts} attempts, "
+        f"{len(taken)} submissions taken ({waiting} not yet), {len(shown)} live state(s) compared"
+    )
+    if result.violations:
+        print(f"VIOLATION: {result.violations[0].sentence}")
+        if len(result.violations) > 1:
+            print(f"({len(result.violations) - 1} more violation(s) after it)")
+        print(summary)
+        return 1
+    print(f"ok: every invariant holds; {summary}")
     return 0

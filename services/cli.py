@@ -132,6 +132,22 @@ def main(argv: list[str] | None = None) -> int:
         help="an admin's API key for the gateway (default: $SWIFT_TRAINER_API_KEY)",
     )
     aud_sub.add_parser("archive", help="apply the retention policy now: archive, then trim")
+    inv = aud_sub.add_parser(
+        "check",
+        help="check the log's invariants (one state per job, no GPU held twice, no submission lost, …) "
+        "and that the services' states equal its fold; exit 1 at the first violation",
+    )
+    inv.add_argument("--gateway", help="the gateway's state URL (default: from APP_HOST, APP_PORT, API_PREFIX)")
+    inv.add_argument(
+        "--api-key",
+        default=os.environ.get("SWIFT_TRAINER_API_KEY"),
+        help="an admin's API key for the gateway (default: $SWIFT_TRAINER_API_KEY)",
+    )
+    inv.add_argument(
+        "--require-gateway",
+        action="store_true",
+        help="fail (exit 2) when no gateway answers, instead of checking without it",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -181,6 +197,10 @@ async def _history_command(settings: Settings, args: argparse.Namespace) -> int:
             return await commands.verify(settings)
         if args.audit_command == "rebuild":
             return await commands.rebuild(settings, args.gateway, args.api_key)
+        if args.audit_command == "check":
+            return await commands.check(
+                settings, args.gateway, args.api_key, gateway_required=args.require_gateway or bool(args.gateway)
+            )
         return await commands.archive(settings)
     q = Query(
         job_id=args.job,

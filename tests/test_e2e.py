@@ -79,6 +79,9 @@ def test_a_lora_job_trains_live_exports_and_replays(system: System, assets: Demo
     lines = [json.loads(line) for line in system.cli("replay", "--job", job_id).splitlines()]
     assert [line["entry_id"] for line in lines] == ids
     assert [line["type"] for line in lines] == types
+    # And every invariant of the log holds, the gateway's state equal to its fold
+    state_url = system.base.replace("/training", "/audit/state")
+    assert system.cli("audit", "check", "--gateway", state_url).startswith("ok: every invariant holds")
 
 
 def test_a_reconnect_with_last_event_id_resumes_exactly_after_it(system: System, assets: DemoAssets) -> None:
