@@ -81,9 +81,9 @@ class Keys:
         return f"{self.tag}:snapshot"
 
     @property
-    def auth_secret(self) -> str:
-        """The key that signs browsers' short-lived tokens, shared by every gateway (when
-        AUTH_SECRET is not configured)."""
+    def legacy_auth_secret(self) -> str:
+        """Where gateways once kept the key that signs browsers' tokens, readable by anyone with
+        access to Redis. Gateways delete it at start; the key now lives outside Redis."""
         return f"{self.tag}:gateway:auth-secret"
 
     def done(self, message_id: str) -> str:

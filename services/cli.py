@@ -16,7 +16,7 @@ import anyio
 import structlog
 
 from events.audit import Query
-from services import embedded_redis
+from services import embedded_redis, host_secrets
 from services.config import ConfigError, Settings, load_settings
 from services.runtime import ServiceMain, configure_logging, serve
 
@@ -55,10 +55,16 @@ def run_redis(settings: Settings) -> None:
     configure_logging(settings, "redis")
     log = structlog.get_logger()
     if not settings.embedded:
-        log.info("an external Redis is configured; nothing to run", url=settings.resolved_redis_url)
+        log.info("an external Redis is configured; nothing to run", url=settings.redis_url_for_logs)
         signal.sigwait({signal.SIGTERM, signal.SIGINT})
         return
-    argv = embedded_redis.server_argv(settings.data_dir / "redis", settings.embedded_redis_port)
+    # The password every process of this DATA_DIR reads from the same file (or REDIS_PASSWORD)
+    auth_config = embedded_redis.write_auth_config(
+        host_secrets.secrets_dir(settings.data_dir) / "redis.conf", settings.embedded_redis_password
+    )
+    argv = embedded_redis.server_argv(
+        settings.data_dir / "redis", settings.embedded_redis_port, auth_config=auth_config
+    )
     log.info("starting embedded redis", argv=shlex.join(argv))
     os.execv(argv[0], argv)
 

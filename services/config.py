@@ -10,11 +10,13 @@ import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events.keys import Keys
+from services import host_secrets
 
 
 class ConfigError(Exception):
@@ -29,11 +31,13 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
 
     # Redis: REDIS_URL wins; else REDIS_HOST/REDIS_PORT; else the embedded server on EMBEDDED_REDIS_PORT.
+    # Whoever can write to Redis controls the system, so the embedded one requires a password too:
+    # REDIS_PASSWORD, else one made once under DATA_DIR/secrets (see embedded_redis_password).
     redis_url: str | None = None
     redis_host: str | None = None
     redis_port: int = Field(6379, ge=1, le=65535)
     redis_db: int = Field(0, ge=0)
-    redis_password: str | None = None
+    redis_password: SecretStr | None = None
     embedded_redis_port: int = Field(6399, ge=1, le=65535)
     namespace: str = Field("st", pattern=r"^[A-Za-z0-9_.:-]+$")
 
@@ -75,7 +79,9 @@ class Settings(BaseSettings):
 
     # Access control: "name:admin|user:key" entries (key in clear, or sha256:<hex>); none: off,
     # which the gateway allows only on a loopback address. AUTH_SECRET signs browsers' short-lived
-    # tokens (random per gateway process when unset: set it when running several gateways).
+    # tokens; unset, the gateways of one DATA_DIR share one kept in DATA_DIR/secrets/auth-secret
+    # (never in Redis: whoever reads Redis must not be able to forge a token). Gateways on
+    # several hosts need the same AUTH_SECRET.
     api_keys: SecretStr = SecretStr("")
     auth_secret: SecretStr | None = None
     auth_token_ttl_s: float = Field(300.0, gt=0)
@@ -99,13 +105,30 @@ class Settings(BaseSettings):
         return not self.redis_url and not self.redis_host
 
     @cached_property
+    def embedded_redis_password(self) -> str:
+        """The password the embedded Redis requires: REDIS_PASSWORD, else the one kept in
+        DATA_DIR/secrets/redis-password (made by the first process to ask), so that every process
+        started on the same DATA_DIR connects with no configuration."""
+        configured = self.redis_password.get_secret_value() if self.redis_password else ""
+        return configured or host_secrets.read_or_create(host_secrets.redis_password_file(self.data_dir))
+
+    @cached_property
     def resolved_redis_url(self) -> str:
         if self.redis_url:
             return self.redis_url
-        auth = f":{self.redis_password}@" if self.redis_password else ""
         if self.redis_host:
-            return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
-        return f"redis://127.0.0.1:{self.embedded_redis_port}/{self.redis_db}"
+            password = self.redis_password.get_secret_value() if self.redis_password else ""
+            return _redis_url(self.redis_host, self.redis_port, self.redis_db, password)
+        return _redis_url("127.0.0.1", self.embedded_redis_port, self.redis_db, self.embedded_redis_password)
+
+    @property
+    def redis_url_for_logs(self) -> str:
+        """Where Redis is, with any password in the URL masked."""
+        parts = urlsplit(self.resolved_redis_url)
+        if parts.password is None:
+            return parts.geturl()
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
     @property
     def keys(self) -> Keys:
@@ -132,6 +155,12 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.data_dir / "runs"
+
+
+def _redis_url(host: str, port: int, db: int, password: str) -> str:
+    # Quoted: a password may hold characters that mean something in a URL ('@', '/', ':', '%').
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{port}/{db}"
 
 
 def load_settings(**overrides: object) -> Settings:

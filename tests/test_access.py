@@ -175,7 +175,7 @@ def test_gateways_sharing_a_port_honour_each_others_tokens_and_one_serves_on_wit
 
         # When browsers get tokens from whichever gateway answers, and use them on new connections
         tokens = [fresh("POST", "/auth/token", headers=bearer(ALICE)).json()["token"] for _ in range(12)]
-        # Then every gateway honours every token (the signing key is shared through Redis)
+        # Then every gateway honours every token (they read one signing key from their DATA_DIR)
         for token in tokens * 2:
             assert fresh("GET", "/auth/me", params={"access_token": token}).json()["name"] == "alice"
         # And when one gateway dies, the other serves every connection, old tokens included

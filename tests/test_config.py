@@ -54,10 +54,15 @@ def test_an_invalid_value_in_the_environment_file_is_named(tmp_path: Path) -> No
     assert done.returncode == 2 and "LOG_LEVEL" in done.stderr
 
 
-def test_without_redis_settings_the_embedded_redis_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("REDIS_URL", "REDIS_HOST"):
+def test_without_redis_settings_the_embedded_redis_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
-    settings = load_settings(embedded_redis_port=6500)
-    assert settings.embedded and settings.resolved_redis_url == "redis://127.0.0.1:6500/0"
+    settings = load_settings(embedded_redis_port=6500, data_dir=tmp_path)
+    url = settings.resolved_redis_url
+    # with the password made once in the data directory, which every process started on it reads
+    password = (tmp_path / "secrets" / "redis-password").read_text().strip()
+    assert settings.embedded and url == f"redis://:{password}@127.0.0.1:6500/0"
+    assert load_settings(embedded_redis_port=6500, data_dir=tmp_path).resolved_redis_url == settings.resolved_redis_url
+    assert password not in settings.redis_url_for_logs
     with pytest.raises(ConfigError, match="NAMESPACE"):
         load_settings(namespace="bad namespace!")

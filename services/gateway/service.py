@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import socket
 
 import anyio
@@ -12,6 +11,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from events.bus import Bus, connect
+from services import host_secrets
 from services.config import Settings
 from services.gateway.app import create_app
 from services.gateway.projection import Projection
@@ -19,14 +19,24 @@ from services.gateway.projection import Projection
 log = structlog.get_logger("gateway")
 
 
-async def shared_secret(redis: aioredis.Redis, settings: Settings) -> Settings:
-    """Settings with AUTH_SECRET: the configured one, else one made by the first gateway and kept
-    in Redis, so that a token one gateway signed is good at every other (and after a restart)."""
+async def signing_secret(redis: aioredis.Redis, settings: Settings) -> Settings:
+    """Settings with AUTH_SECRET: the configured one, else the one kept in DATA_DIR/secrets, made
+    by the first gateway of this DATA_DIR, so that a token one gateway signed is good at every
+    other on the host (and after a restart).
+
+    Never in Redis: whoever could read it there could sign an admin's token. A key that an
+    earlier version kept there is deleted, so it signs nothing any more."""
+    await redis.delete(settings.keys.legacy_auth_secret)
     if settings.auth_secret and settings.auth_secret.get_secret_value():
         return settings
-    key = settings.keys.auth_secret
-    await redis.set(key, secrets.token_hex(32), nx=True)
-    return settings.model_copy(update={"auth_secret": SecretStr(str(await redis.get(key)))})
+    path = host_secrets.auth_secret_file(settings.data_dir)
+    secret = await anyio.to_thread.run_sync(host_secrets.read_or_create, path)
+    log.info(
+        "browser tokens are signed with the key in a file; gateways on other hosts honour them only "
+        "if AUTH_SECRET is set, to the same value, on every gateway",
+        path=str(path),
+    )
+    return settings.model_copy(update={"auth_secret": SecretStr(secret)})
 
 
 def listening_socket(settings: Settings) -> socket.socket:
@@ -43,7 +53,7 @@ def listening_socket(settings: Settings) -> socket.socket:
 
 
 async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
-    settings = await shared_secret(redis, settings)
+    settings = await signing_secret(redis, settings)
     reader = connect(settings.resolved_redis_url, block_ms=5000)
     projection = Projection(
         bus,
