@@ -155,5 +155,19 @@ def build_launch(
     return Launch(argv, env, run_dir, output_dir, time_limit_s=spec.time_limit_s)
 
 
+# The service's own secrets: a job runs what its user chose (a dataset's loader, a model's code),
+# so it inherits none of them.
+SECRET_VARIABLES = frozenset(
+    {"REDIS_URL", "REDIS_PASSWORD", "REDISCLI_AUTH", "AUTH_SECRET", "API_KEYS", "SWIFT_TRAINER_API_KEY"}
+)
+
+
+def job_environ(extra: dict[str, str]) -> dict[str, str]:
+    """The environment of a process run for a job: the service's own, less its secrets, plus
+    ``extra``."""
+    inherited = {name: value for name, value in os.environ.items() if name.upper() not in SECRET_VARIABLES}
+    return {**inherited, **extra}
+
+
 def merged_env(launch: Launch) -> dict[str, str]:
-    return {**os.environ, **launch.env}
+    return job_environ(launch.env)
