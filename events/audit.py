@@ -310,11 +310,14 @@ class Query:
 
     def bounds(self) -> tuple[str, str]:
         after, until = self.after, self.until
+        too_late = self.since_ms is not None and self.since_ms > MAX_SEQ
+        if too_late or (self.until_ms is not None and self.until_ms < 0):
+            return "0-0", "0-0"  # no entry id lies there: an empty range, not one Redis refuses
         if self.since_ms is not None and self.since_ms > 0:
             since = f"{self.since_ms - 1}-{MAX_SEQ}"
             if entry_id_key(since) > _key(after, (0, 0)):
                 after = since
-        if self.until_ms is not None:
+        if self.until_ms is not None and self.until_ms < MAX_SEQ:
             limit = f"{self.until_ms}-{MAX_SEQ}"
             if entry_id_key(limit) < _key(until, (MAX_SEQ, MAX_SEQ)):
                 until = limit

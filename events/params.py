@@ -21,7 +21,9 @@ class TrainType(StrEnum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: a request's "5" or true is not taken for a number (JSON's own types only: an int
+    # still stands for a float). Enums stay lax, as the log's entries are decoded from JSON text.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 DeepSpeedConfig = Literal["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
@@ -69,7 +71,7 @@ class TrainParams(_Strict):
     dataloader_num_workers: int = Field(0, ge=0, le=64)
     dataset_num_proc: int = Field(1, ge=1, le=256)
     save_only_model: bool = False
-    train_type: TrainType = TrainType.lora
+    train_type: TrainType = Field(TrainType.lora, strict=False)  # from its JSON value, "lora"
     lora_rank: int = Field(8, ge=1, le=1024)
     lora_alpha: int = Field(32, ge=1, le=4096)
     torch_dtype: TorchDtype | None = None

@@ -27,20 +27,38 @@ _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The times a log entry can carry: its id counts milliseconds from 1970, and Python's dates end
+# with the year 9999.
+_LATEST_MS = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
+
+
 def parse_time(text: str, now: float | None = None) -> int:
     """Milliseconds since the epoch from an ISO 8601 time (UTC unless it says otherwise) or a
-    duration back from now (``90s``, ``15m``, ``6h``, ``7d``)."""
+    duration back from now (``90s``, ``15m``, ``6h``, ``7d``). Raises ValueError, saying why, for
+    anything else, and for a time before 1970 or after 9999, where no log entry can be."""
     relative = _RELATIVE.match(text.strip())
-    if relative:
-        seconds = float(relative[1]) * _UNIT_S[relative[2]]
-        return int(((time.time() if now is None else now) - seconds) * 1000)
     try:
-        moment = datetime.fromisoformat(text)
+        if relative:
+            seconds = float(relative[1]) * _UNIT_S[relative[2]]  # 400 digits: inf, and int() overflows
+            found = int(((time.time() if now is None else now) - seconds) * 1000)
+        else:
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            found = (moment - _EPOCH) // timedelta(milliseconds=1)
     except ValueError:
-        raise ValueError(f"not a time: {text!r} (use ISO 8601, or a duration such as 15m, 6h, 7d)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+        raise ValueError(f"not a time: {_shown(text)} (use ISO 8601, or a duration such as 15m, 6h, 7d)") from None
+    except OverflowError:  # a duration back past any date
+        found = -1
+    if not 0 <= found <= _LATEST_MS:
+        raise ValueError(f"{_shown(text)} is out of range: give a time between 1970-01-01 and 9999-12-31")
+    return found
+
+
+def _shown(text: str) -> str:
+    """The text as an error message quotes it: a long one cut short."""
+    return repr(text if len(text) <= 40 else f"{text[:40]}…")
 
 
 def _row(entry: Entry) -> str:
@@ -153,6 +171,7 @@ async def rebuild(settings: Settings, gateway_url: str | None, api_key: str | No
     url = gateway_url or f"http://{settings.app_host}:{settings.app_port}{settings.api_prefix}/audit/state"
     redis = connect(settings.resolved_redis_url)
     total = 0
+    compared_all = True  # a state that could not be read is not one that matched
     try:
         await wait_for_redis(redis, timeout_s=10)
         bus = Bus(redis, settings.keys, "audit", settings.archive_dir)
@@ -165,12 +184,14 @@ async def rebuild(settings: Settings, gateway_url: str | None, api_key: str | No
             services.append((f"gateway ({url})", response.json()))
         except (httpx.HTTPError, ValueError) as exc:
             print(f"gateway: not compared ({exc})")
+            compared_all = False
         stored = await redis.hgetall(bus.keys.snapshot)
         if stored.get("version") == snapshot.SNAPSHOT_VERSION:
             try:
                 services.append(("scheduler snapshot", snapshot.unpacked(stored["state"]).model_dump(mode="json")))
             except ValueError as exc:
                 print(f"scheduler snapshot: unreadable ({str(exc).splitlines()[0]})")
+                compared_all = False
         else:
             print("scheduler snapshot: none yet")
         for name, shown in services:
@@ -187,7 +208,9 @@ async def rebuild(settings: Settings, gateway_url: str | None, api_key: str | No
                 print(f"{name} at {position}: identical to the log ({jobs} jobs)")
     finally:
         await redis.aclose()
-    return 1 if total else 0
+    if total:
+        return 1
+    return 0 if compared_all else 2
 
 
 async def archive(settings: Settings) -> int:

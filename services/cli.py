@@ -208,11 +208,17 @@ async def _history_command(settings: Settings, args: argparse.Namespace) -> int:
                 settings, args.gateway, args.api_key, gateway_required=args.require_gateway or bool(args.gateway)
             )
         return await commands.archive(settings)
+    times: dict[str, int | None] = {}
+    for option, text in (("--since", args.since), ("--until", args.until)):
+        try:
+            times[option] = commands.parse_time(text) if text else None
+        except ValueError as exc:  # main() prints it on one line
+            raise ValueError(f"{option}: {exc}") from None
     q = Query(
         job_id=args.job,
         types=tuple(args.type),
-        since_ms=commands.parse_time(args.since) if args.since else None,
-        until_ms=commands.parse_time(args.until) if args.until else None,
+        since_ms=times["--since"],
+        until_ms=times["--until"],
         after=args.after_id,
         until=args.until_id,
     )

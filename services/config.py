@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     api_keys: SecretStr = SecretStr("")
     auth_secret: SecretStr | None = None
     auth_token_ttl_s: float = Field(300.0, gt=0)
+    # The names (Host) the gateway answers to besides loopback ones, comma-separated, "*.domain"
+    # for a domain's: without API keys only these (a page elsewhere could rebind its own name to
+    # 127.0.0.1); with keys, any name unless some are listed.
+    allowed_hosts: str = ""
+    # Origins (scheme://host[:port]) besides the gateway's own whose pages may send it writes:
+    # e.g. the https:// address of a proxy in front of it.
+    allowed_origins: str = ""
 
     # Retention of the log (the audit trail): keep everything unless a limit is set. Entries past
     # a limit are archived (compressed JSON lines under ARCHIVE_DIR) and then trimmed from Redis.

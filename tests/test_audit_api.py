@@ -22,7 +22,7 @@ async def api(bus: Bus, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = load_settings(namespace=bus.keys.namespace, data_dir=tmp_path / "data")
     app = create_app(settings, bus, Projection(bus, bus.redis))
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway/api/v1/audit") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost/api/v1/audit") as client:
         yield client
 
 

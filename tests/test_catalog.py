@@ -40,7 +40,7 @@ async def api(bus: Bus, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     await catch_up(bus, projection.state)
     app = create_app(settings, bus, projection)
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://gateway/api/v1/training"
+        transport=httpx.ASGITransport(app=app), base_url="http://localhost/api/v1/training"
     ) as client:
         yield client
 

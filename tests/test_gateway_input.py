@@ -26,7 +26,7 @@ async def client(bus: Bus, tmp_path: Path, swift_flags: SwiftFlags) -> AsyncIter
     settings = load_settings(namespace=bus.keys.namespace, path_roots=str(tmp_path), data_dir=tmp_path / "data")
     app = create_app(settings, bus, Projection(bus, bus.redis), swift_flags)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway/api/v1/training") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost/api/v1/training") as client:
         yield client
 
 

@@ -269,7 +269,9 @@ async def test_real_bodies_match_the_document(lived: tuple[httpx.AsyncClient, Pr
     await check("GET", job, 404, ids={"job_id": "nobody"})
     await check("POST", f"{job}/cancel", 409, ids={"job_id": "broken"})
     await check("PATCH", queue, 422, ids={"job_id": "queued"}, json={"priority": 11})
-    await check("PATCH", queue, 400, ids={"job_id": "queued"}, content=b"{")
+    await check(
+        "PATCH", queue, 400, ids={"job_id": "queued"}, content=b"{", headers={"Content-Type": "application/json"}
+    )
     await check("POST", f"{api}/jobs", 422, json={"task_type": "deploy"})
     await check("POST", f"{api}/jobs", 413, content=b" " * (1024 * 1024 + 1))
     await check("GET", f"{job}/logs", 400, ids={"job_id": "running"}, params={"tail": "0"})

@@ -61,7 +61,7 @@ def test_priorities_order_the_queue_and_the_highest_starts_next(system: System, 
     # And a finished job can be deleted: gone from the list, its history kept in the log
     assert httpx.delete(f"{system.base}/jobs/{running}").status_code == 202
     wait_for(lambda: httpx.get(f"{system.base}/jobs/{running}").status_code == 404, 10, "the deletion")
-    assert httpx.get(f"{system.base}/jobs/{running}").json()["error"]["code"] == "job_deleted"
+    assert httpx.get(f"{system.base}/jobs/{running}").json()["error"]["code"] == "job_not_found"  # as if never there
     assert any(line for line in system.cli("replay", "--job", running).splitlines())
     for job_id in [ids["p10"], ids["p0b"], ids["p5b"], ids["p0a"]]:
         httpx.post(f"{system.base}/jobs/{job_id}/cancel")

@@ -47,6 +47,7 @@ from services.gateway.auth import (
     unauthorized,
     whoami,
 )
+from services.gateway.edges import Edges, allowed_hosts, split_names
 from services.gateway.errors import (
     ApiError,
     api_error,
@@ -85,13 +86,11 @@ def job_view(job: Job, state: State, positions: dict[str, int] | None = None) ->
 
 
 def _job(request: Request) -> Job:
-    projection = _projection(request)
-    job = projection.job(request.path_params["job_id"])
-    if job is None and request.path_params["job_id"] in projection.state.deleted:
-        raise ApiError(
-            404, "job_deleted", f"job {request.path_params['job_id']!r} was deleted (its history stays in the log)"
-        )
-    if job is None or not may_see(request, job.submitted_by):  # another user's job is not theirs to know of
+    """The job a route names. A job that never was, another user's, and a deleted one answer
+    alike: the answer must not tell which ids exist. (An admin reads a deleted job's history at
+    /jobs/{id}/timeline.)"""
+    job = _projection(request).job(request.path_params["job_id"])
+    if job is None or not may_see(request, job.submitted_by):
         raise ApiError(404, "job_not_found", f"no job {request.path_params['job_id']!r}")
     return job
 
@@ -132,10 +131,25 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 # Validation of a submit
 
 
+def is_json(content_type: str | None) -> bool:
+    """application/json, or a JSON-based type such as application/merge-patch+json."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def read_json(request: Request) -> Any:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    # A page elsewhere can make a browser post text/plain or a form without asking first (no
+    # preflight), but not application/json: a JSON endpoint takes JSON declared as such alone.
+    if not is_json(request.headers.get("content-type")):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "the body must be JSON, sent with Content-Type: application/json",
+            [{"field": "Content-Type", "message": f"got {request.headers.get('content-type', 'none')[:100]!r}"}],
+        )
     body = b""
     async for chunk in request.stream():
         body += chunk
@@ -157,7 +171,8 @@ async def create_job(request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
     projection = _projection(request)
     body = await read_json(request)
-    submission = parse_submission(body, projection.state, settings.roots, await _swift_flags(request, body))
+    flags = await _swift_flags(request, body)
+    submission = parse_submission(body, projection.state, settings.roots, flags, principal(request))
     if submission.dry_run:
         launch = dry_run_launch(
             submission.spec, runs_dir=settings.runs_dir, omp_num_threads=settings.job_omp_num_threads
@@ -172,7 +187,7 @@ async def create_job(request: Request) -> JSONResponse:
     body = {
         "job_id": job_id,
         "status": job.status if job else JobStatus.pending,
-        "queue_position": projection.state.queue_position(job_id),
+        "queue_position": _decided_position(job),
         "estimated_wait_time": _wait(projection, job_id),
         "command_position": position,
         "message": _submit_message(job),
@@ -206,6 +221,13 @@ async def job_command(request: Request) -> JSONResponse:
         argv, env = launch.argv, launch.env
     body = views.JobCommand(job_id=job.job_id, started=bool(job.argv), argv=argv, env=env, shell=shlex.join(argv))
     return JSONResponse(body.model_dump(mode="json"))
+
+
+def _decided_position(job: Job | None) -> int | None:
+    """A job's place in the queue as the scheduler decided it. Not its place when the answer is
+    written: the projection may by then have folded later events too (the job ahead starting, or
+    cancelled in the same read of commands), and a second job would be told it is first as well."""
+    return job.queue_position_at_submit if job is not None and job.status == JobStatus.queued else None
 
 
 def _wait(projection: Projection, job_id: str) -> float | None:
@@ -687,11 +709,14 @@ def create_app(
     settings: Settings, bus: Bus, projection: Projection, swift_flags: SwiftFlags | None = None
 ) -> Starlette:
     auth = Auth(settings)
-    open_paths = {f"{settings.api_prefix}/training/health", "/docs", "/openapi.json", *dashboard.OPEN_PATHS}
+    health_path = f"{settings.api_prefix}/training/health"
+    open_paths = {health_path, "/docs", "/openapi.json", *dashboard.OPEN_PATHS}
     open_prefixes = ("/docs/assets/", *dashboard.OPEN_PREFIXES)
+    hosts = allowed_hosts(auth.enabled, settings.app_host, settings.allowed_hosts)
     app = Starlette(
         routes=routes(settings.api_prefix),
         middleware=[
+            Middleware(Edges, hosts=hosts, origins=split_names(settings.allowed_origins), any_host=[health_path]),
             Middleware(AuthenticationMiddleware, backend=auth, on_error=unauthorized),
             Middleware(RequireAuth, open_paths=open_paths, open_prefixes=open_prefixes),
         ],

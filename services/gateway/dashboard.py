@@ -9,7 +9,7 @@ from functools import cache
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse
+from starlette.responses import FileResponse, HTMLResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -17,7 +17,7 @@ STATIC = Path(__file__).parent / "static"
 ASSETS_PATH = "/assets"
 
 # What needs no key: the page and its assets (every call it makes to the API does).
-OPEN_PATHS = {"/"}
+OPEN_PATHS = {"/", "/favicon.ico"}
 OPEN_PREFIXES = (f"{ASSETS_PATH}/",)
 
 # Only the gateway's own scripts, styles and streams: no inline script, nothing from elsewhere.
@@ -39,8 +39,15 @@ async def page(request: Request) -> HTMLResponse:
     )
 
 
+async def favicon(request: Request) -> FileResponse:
+    """The icon browsers ask for by this name on any page of the gateway (the API docs, a JSON
+    answer), not only the dashboard, whose page names its SVG."""
+    return FileResponse(STATIC / "favicon.ico", media_type="image/x-icon", headers={"Cache-Control": "max-age=86400"})
+
+
 def routes() -> list[Route | Mount]:
     return [
         Route("/", page, methods=["GET"], include_in_schema=False),
+        Route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False),
         Mount(ASSETS_PATH, app=StaticFiles(directory=STATIC), name="dashboard-assets"),
     ]

@@ -154,14 +154,28 @@ _JOB_SPECS: list[type[BaseModel]] = [LanguageModelJob, MultiModalJob, DeployJob]
 _ERRORS = {
     400: "a malformed parameter, header or body",
     401: "no or a wrong API key or token",
-    403: "needs the admin role",
+    403: "needs the admin role; or a write sent from another origin (cross_origin)",
     404: "no such job (or not one of yours)",
     409: "does not apply to the job's state",
     413: "body over the size limit",
+    415: "the body is not declared as JSON (Content-Type: application/json)",
+    421: "addressed to a name (Host) this gateway does not answer to",
     422: "invalid input, naming the fields",
     503: "the event log (Redis) is unavailable: retry shortly",
 }
 _OK = {200: "ok", 202: "accepted", 503: "not healthy: what is missing"}
+
+
+def _edge_errors(op: Operation) -> tuple[int, ...]:
+    """What any operation may meet at the gateway's edge (:mod:`services.gateway.edges`): a Host
+    it does not answer to (all but the health check), a write from another origin, a body that
+    is not JSON."""
+    found = () if op.path == "/training/health" else (421,)
+    if op.method in ("post", "put", "patch", "delete"):
+        found += (403,)
+    if op.body:
+        found += (415,)
+    return found
 
 
 def _content(model: type[BaseModel] | str) -> dict[str, Any]:
@@ -199,7 +213,7 @@ def document(prefix: str) -> dict[str, Any]:
             str(status): {"description": _OK[status], "content": _content(model)}
             for status, model in op.answers.items()
         }
-        for status in sorted({*op.errors, *(() if op.open else (401,))}):
+        for status in sorted({*op.errors, *(() if op.open else (401,)), *_edge_errors(op)}):
             responses[str(status)] = {"description": _ERRORS[status], "content": _content(v.Error)}
         operation: dict[str, Any] = {"tags": [op.tag], "summary": op.summary, "responses": responses}
         parameters = list(op.parameters)

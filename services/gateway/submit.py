@@ -15,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 from events.params import DeployJob, JobSpec, TaskType
 from events.placement import never_fits
 from events.state import ExportStatus, State
+from services.gateway.auth import Principal
 from services.gateway.errors import ApiError, validation_details
 from services.launch import Launch, build_launch, flags_in
 from services.swift import accepted_flags
@@ -69,7 +70,9 @@ def check_path(field: str, value: str, roots: list[Path], *, must_exist: bool, h
     return None
 
 
-def parse_submission(body: Any, state: State, roots: list[Path], flags: dict[str, frozenset[str]] | None) -> Submission:
+def parse_submission(
+    body: Any, state: State, roots: list[Path], flags: dict[str, frozenset[str]] | None, who: Principal
+) -> Submission:
     if not isinstance(body, dict):
         raise ApiError(
             422, "validation_error", "request body must be a JSON object", [_problem("body", "not an object")]
@@ -84,7 +87,7 @@ def parse_submission(body: Any, state: State, roots: list[Path], flags: dict[str
     except ValidationError as exc:
         raise _invalid(validation_details(exc, drop_tags={t.value for t in TaskType})) from exc
     if isinstance(spec, DeployJob) and spec.source_job_id:
-        spec = spec.model_copy(update={"model_path": _exported_model(spec.source_job_id, state)})
+        spec = spec.model_copy(update={"model_path": _exported_model(spec.source_job_id, state, who)})
     problems = []
     for field, must_exist, hub in (("model_path", True, True), ("data_path", True, True), ("output_dir", False, False)):
         value = getattr(spec, field, None)
@@ -100,9 +103,10 @@ def parse_submission(body: Any, state: State, roots: list[Path], flags: dict[str
     return Submission(spec, dry_run)
 
 
-def _exported_model(job_id: str, state: State) -> str:
+def _exported_model(job_id: str, state: State, who: Principal) -> str:
     source = state.jobs.get(job_id)
-    if source is None:
+    # Another user's job is answered as one that never was (or was deleted): ids do not leak.
+    if source is None or not (who.is_admin or source.submitted_by == who.name):
         raise _invalid([_problem("source_job_id", f"no job {job_id!r}")])
     if source.export.status != ExportStatus.completed or not source.export.path:
         raise _invalid(

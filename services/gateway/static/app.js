@@ -147,9 +147,6 @@
       $("#live").textContent = "offline";
       $("#live").classList.remove("on");
     },
-    none() {
-      $("#live").hidden = true; // nothing on this view changes by itself
-    },
   };
 
   function notice(text) {
@@ -1140,22 +1137,22 @@
     for (const link of document.querySelectorAll("[data-nav]")) link.classList.toggle("active", link.dataset.nav === view);
   }
 
-  /** Each view holds only the streams it shows (a browser allows a handful of connections to a
-   * host, shared by all its tabs): the overview every job event and the GPUs, a job's page that
-   * job's events and output, the form none. */
+  /** Each view holds only the streams it needs (a browser allows a handful of connections to a
+   * host, shared by all its tabs): the overview and the form every job event and the GPUs (on
+   * the form, so that the top bar says whether the gateway is there, and the overview is
+   * current when one goes back), a job's page that job's events and output. */
   function route() {
     if (!session.active || document.hidden) return;
     const hash = location.hash || "#/";
     const job = hash.match(/^#\/jobs\/([^/?#]+)$/);
     const form = hash === "#/submit";
     if (!job) jobPage.close();
-    if (!job && !form) live.follow();
+    if (!job) live.follow();
     else live.unfollow();
     if (job) {
       show("job");
       jobPage.open(decodeURIComponent(job[1]));
     } else if (form) {
-      indicator.none();
       show("submit");
       submitPage.open();
     } else {
