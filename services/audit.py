@@ -177,23 +177,20 @@ async def rebuild(settings: Settings, gateway_url: str | None, api_key: str | No
         bus = Bus(redis, settings.keys, "audit", settings.archive_dir)
         services: list[tuple[str, dict[str, Any]]] = []
         try:
-            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-            async with httpx.AsyncClient(timeout=30, headers=headers) as client:
-                response = await client.get(url)
-            response.raise_for_status()
-            services.append((f"gateway ({url})", response.json()))
+            services.append((f"gateway ({url})", await _gateway_state(url, api_key)))
         except (httpx.HTTPError, ValueError) as exc:
             print(f"gateway: not compared ({exc})")
             compared_all = False
-        stored = await redis.hgetall(bus.keys.snapshot)
-        if stored.get("version") == snapshot.SNAPSHOT_VERSION:
-            try:
-                services.append(("scheduler snapshot", snapshot.unpacked(stored["state"]).model_dump(mode="json")))
-            except ValueError as exc:
-                print(f"scheduler snapshot: unreadable ({str(exc).splitlines()[0]})")
-                compared_all = False
+        try:
+            stored = await _snapshot_state(bus)
+        except ValueError as exc:
+            print(f"scheduler snapshot: unreadable ({str(exc).splitlines()[0]})")
+            compared_all = False
         else:
-            print("scheduler snapshot: none yet")
+            if stored is None:
+                print("scheduler snapshot: none yet")
+            else:
+                services.append(("scheduler snapshot", stored))
         for name, shown in services:
             position = shown.get("position", "0-0")
             folded = (await _fold_until(bus, position)).model_dump(mode="json")
@@ -267,6 +264,15 @@ async def _taken_submissions(bus: Bus) -> tuple[list[tuple[str, str]], int]:
     return taken, waiting
 
 
+async def _snapshot_state(bus: Bus) -> dict[str, Any] | None:
+    """The scheduler's stored snapshot as JSON, None when there is none yet; raises ValueError
+    when it cannot be read."""
+    stored = await bus.redis.hgetall(bus.keys.snapshot)
+    if stored.get("version") != snapshot.SNAPSHOT_VERSION:
+        return None
+    return snapshot.unpacked(stored["state"]).model_dump(mode="json")
+
+
 async def _gateway_state(url: str, api_key: str | None) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=30, headers=headers) as client:
@@ -296,14 +302,13 @@ async def check(settings: Settings, gateway_url: str | None, api_key: str | None
                 print(f"could not compare the gateway's state: {exc}")
                 return 2
             print(f"note: no gateway answers at {url}; its state was not compared")
-        stored = await redis.hgetall(bus.keys.snapshot)
-        if stored.get("version") == snapshot.SNAPSHOT_VERSION:
-            try:
-                state = snapshot.unpacked(stored["state"])
-            except ValueError as exc:
-                print(f"VIOLATION: the scheduler's snapshot cannot be read ({str(exc).splitlines()[0]})")
-                return 1
-            shown.append(("the scheduler's snapshot", state.model_dump(mode="json")))
+        try:
+            stored = await _snapshot_state(bus)
+        except ValueError as exc:
+            print(f"VIOLATION: the scheduler's snapshot cannot be read ({str(exc).splitlines()[0]})")
+            return 1
+        if stored is not None:
+            shown.append(("the scheduler's snapshot", stored))
         taken, waiting = await _taken_submissions(bus)
         chain = await redis.hgetall(bus.keys.chain)
         archived_id = chain.get("archived_id")
