@@ -1,7 +1,8 @@
 """The exporter process: consumes export work, runs `swift export --merge_lora`, reports the result.
 
 An export left half-done by a crash is redelivered and run again over the same output directory
-(`--exist_ok true`), so it completes exactly once in the log.
+(`--exist_ok true`), so it completes exactly once in the log. Its process, should it outlive the
+exporter, is stopped first: an output directory has one `swift export` at a time.
 """
 
 from __future__ import annotations
@@ -22,11 +23,20 @@ from events.bus import Append, Bus, connect
 from events.consumer import Delivery, GroupConsumer
 from events.keys import EXPORTER_GROUP
 from services.config import Settings
+from services.launch import TAG_VARIABLE
+from services.runner.progress import failure_message
+from services.runner.supervisor import find_running, stop_group
 from services.swift import swift_executable
 
 log = structlog.get_logger("exporter")
 
 STDERR_TAIL_LINES = 30
+ORPHAN_STOP_GRACE_S = 10.0  # SIGTERM to SIGKILL for an export an earlier exporter left running
+
+
+def export_tag(output_dir: str) -> str:
+    """Set in the environment of an export's processes, to find them again."""
+    return f"export:{output_dir}"
 
 
 def export_argv(swift: str, checkpoint: str, output_dir: str) -> list[str]:
@@ -58,17 +68,32 @@ class Exporter:
         argv = export_argv(swift_executable(self.settings.swift_bin), command.checkpoint, command.output_dir)
         started = m.ExportStarted(id=f"{command.id}-started", argv=argv, **common)
         await self.bus.commit([Append(self.bus.keys.events, started)], dedupe_id=f"fact:{started.id}")
+        tag = export_tag(command.output_dir)
+        await self._stop_orphan(tag)
         log.info("exporting", checkpoint=command.checkpoint, output_dir=command.output_dir)
-        exit_code, lines = await run_logged(argv, env={"OMP_NUM_THREADS": str(self.settings.job_omp_num_threads)})
+        env = {"OMP_NUM_THREADS": str(self.settings.job_omp_num_threads), TAG_VARIABLE: tag}
+        exit_code, lines = await run_logged(argv, env=env)
         await self._log_lines(command.job_id or "", lines)
         if exit_code == 0 and (Path(command.output_dir) / "config.json").exists():
             done: m.Message = m.ExportCompleted(path=command.output_dir, **common)
         else:
+            # One line (the exception a traceback ends with); the traceback stays in stderr_tail.
+            message = failure_message(lines) or f"swift export exited {exit_code}"
             tail = lines[-STDERR_TAIL_LINES:]
-            message = next((line for line in reversed(tail) if "Error" in line), f"swift export exited {exit_code}")
-            done = m.ExportFailed(exit_code=exit_code, message=message[:2000], stderr_tail=tail, **common)
+            done = m.ExportFailed(exit_code=exit_code, message=message, stderr_tail=tail, **common)
         log.info("export ended", outcome=done.type, exit_code=exit_code)
         return [Append(self.bus.keys.events, done)]
+
+    async def _stop_orphan(self, tag: str) -> None:
+        """Stop an export of the same directory that an exporter killed mid-export left running
+        (it runs in its own session, so it outlives the exporter). It cannot be adopted: its
+        output went to a pipe that died with the exporter, and its exit status goes to init.
+        Stopped, and gone, before the export runs again: never two writers in one directory."""
+        orphan = await anyio.to_thread.run_sync(find_running, tag)
+        if orphan is None:
+            return
+        log.warning("stopping the export an earlier exporter left running", pid=orphan.pid, tag=tag)
+        await stop_group(orphan.pid, ORPHAN_STOP_GRACE_S)
 
     async def _log_lines(self, job_id: str, lines: list[str]) -> None:
         if not lines:

@@ -28,7 +28,15 @@ import watchfiles
 from events import messages as m
 from events.bus import Append, Bus
 from services.launch import TAG_VARIABLE, Launch, merged_env
-from services.runner.progress import JsonlTail, LineTail, classify_failure, progress_fields, read_rows, tail_lines
+from services.runner.progress import (
+    JsonlTail,
+    LineTail,
+    classify_failure,
+    failure_message,
+    progress_fields,
+    read_rows,
+    tail_lines,
+)
 
 log = structlog.get_logger("runner")
 
@@ -39,6 +47,32 @@ GROUP_EXIT_TIMEOUT_S = 15.0  # after the wrapper exits, how long the rest of its
 _REAP_WAIT_S = 0.05  # no notification tells when another process reaps its child
 _NVML_CHECK_S = 0.25  # NVML has no change notification: it is asked again after this long
 READY_PROBE_S = 0.5  # how often a starting server's /v1/models is asked whether it is ready
+PROGRESS_ROWS_PER_COMMIT = 500  # a long backlog of rows (a runner away for hours) goes in parts
+
+
+class Children:
+    """The processes this process started, by pid, for as long as the process lives.
+
+    A service's main starts again inside the same process when Redis is lost
+    (services/runtime.py), and everything it held goes with it. A child's handle must not: only
+    its parent can reap it and learn its exit status, and until it is reaped it stays a zombie
+    member of its process group, which then never empties.
+    """
+
+    def __init__(self) -> None:
+        self._by_pid: dict[int, subprocess.Popen[bytes]] = {}
+
+    def add(self, process: subprocess.Popen[bytes]) -> None:
+        self._by_pid[process.pid] = process
+
+    def get(self, pid: int) -> subprocess.Popen[bytes] | None:
+        return self._by_pid.get(pid)
+
+    def forget(self, pid: int) -> None:
+        self._by_pid.pop(pid, None)
+
+
+CHILDREN = Children()
 
 
 @dataclass(frozen=True)
@@ -135,6 +169,7 @@ def spawn(launch: Launch, job_id: str, attempt: int, node: str) -> tuple[RunReco
             cwd=launch.run_dir,
             start_new_session=True,
         )
+    CHILDREN.add(process)
     return record_for(launch, job_id, attempt, node, process.pid, time.time()), process
 
 
@@ -185,6 +220,8 @@ async def wait_group_exit(pgid: int, timeout_s: float) -> bool:
 async def wait_exit(pid: int, process: subprocess.Popen[bytes] | None) -> int | None:
     """Wait for a process to exit without polling (a pidfd becomes readable); its exit code when
     it is our child. An adopted process is not: its status went to whoever reaped it."""
+    if process is not None and process.poll() is not None:
+        return process.returncode  # reaped already, before the service's main started again
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -194,6 +231,16 @@ async def wait_exit(pid: int, process: subprocess.Popen[bytes] | None) -> int | 
     finally:
         os.close(fd)
     return process.wait() if process else None
+
+
+async def stop_group(pgid: int, grace_s: float) -> None:
+    """SIGTERM a process group, SIGKILL it after the grace period, and wait until none of its
+    processes is left."""
+    signal_group(pgid, signal.SIGTERM)
+    signal_group(pgid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
+    if not await wait_group_exit(pgid, grace_s):
+        signal_group(pgid, signal.SIGKILL)
+        await wait_group_exit(pgid, math.inf)
 
 
 def find_version_dir(output_dir: Path, since: float) -> Path | None:
@@ -225,7 +272,9 @@ class JobRun:
         saved = saved or {}
         self.bus = bus
         self.record = record
-        self.process = process  # held, so that only we reap it and its exit code is ours
+        # Held, so that only we reap it and its exit code is ours; a job adopted after the
+        # service's main started again finds the handle of the process that started it.
+        self.process = process or CHILDREN.get(record.pid)
         self.gpu_probe = gpu_probe
         self.pids: set[int] = set()  # every process of the job seen so far
         self.log_maxlen = log_maxlen
@@ -238,6 +287,7 @@ class JobRun:
         self.rows = JsonlTail(Path(saved.get("jsonl_path", "")), int(saved.get("jsonl_offset", 0)))
         self.version_dir: Path | None = Path(saved["jsonl_path"]).parent if saved.get("jsonl_path") else None
         self.checkpoints: list[str] = json.loads(saved.get("checkpoints", "[]"))
+        self.last_train: dict[str, Any] | None = None  # the progress fields of the last training row
         self.serving = saved.get("serving") == "1"
         self.ready = self.serving  # the server answered /v1/models
         if saved.get("stop_reason"):  # a stop asked of a runner that died before the job ended
@@ -317,6 +367,11 @@ class JobRun:
 
     async def pump(self, *, final: bool = False) -> None:
         """Store new output lines, progress facts and checkpoints, with the new offsets."""
+        while await self._pump_once(final=final):
+            pass  # more logged rows than one commit takes
+
+    async def _pump_once(self, *, final: bool) -> bool:
+        """One commit of what is new; whether logged rows are left for another."""
         if self.gpu_probe is not None and not final:
             self.pids |= await anyio.to_thread.run_sync(process_tree, self.record.pid)
         out, out_end = self.stdout.peek(final=final)
@@ -327,10 +382,10 @@ class JobRun:
         if self.record.deploy and not serving and self.ready:
             serving = True
             facts.append(m.JobServing(attempt=self.record.attempt, endpoint=self.record.endpoint, **self.common()))
-        progress, rows_end, checkpoints = self._progress()
+        progress, rows_end, checkpoints, more = self._progress()
         facts += progress
         if not lines and not facts and rows_end == self.rows.offset:
-            return
+            return False
         logs_key = self.bus.keys.logs(self.record.job_id)
         async with self.bus.redis.pipeline(transaction=True) as pipe:
             for fd, line in lines:
@@ -351,28 +406,32 @@ class JobRun:
             await pipe.execute()
         self.stdout.offset, self.stderr.offset, self.rows.offset = out_end, err_end, rows_end
         self.checkpoints, self.serving = checkpoints, serving
+        return more
 
-    def _progress(self) -> tuple[list[m.Message], int, list[str]]:
-        """Progress and checkpoint facts since the last pump, the new offset, all checkpoints."""
+    def _progress(self) -> tuple[list[m.Message], int, list[str], bool]:
+        """Progress and checkpoint facts since the last pump, the new offset, all checkpoints,
+        and whether rows were left for the next commit. Every row ms-swift logged is a fact of its own, in the order it was written: the loss
+        curve, the timeline and replay show each step."""
         if self.record.deploy:
-            return [], self.rows.offset, self.checkpoints
+            return [], self.rows.offset, self.checkpoints, False
         if self.version_dir is None:
             self.version_dir = find_version_dir(Path(self.record.output_dir), self.record.started_at)
             if self.version_dir is None:
-                return [], self.rows.offset, self.checkpoints
+                return [], self.rows.offset, self.checkpoints, False
             self.rows = JsonlTail(self.version_dir / "logging.jsonl")
         facts: list[m.Message] = []
-        rows, end = self.rows.peek()
-        latest = None
-        evals: dict[str, float] = {}
+        rows, end = self.rows.peek(PROGRESS_ROWS_PER_COMMIT)
         for row in rows:
             fields = progress_fields(row)
-            if fields is not None:
-                latest = fields
-                evals.update(fields.pop("eval"))
-        if latest is not None:
-            latest["eval"] = evals
-            facts.append(m.JobProgress(attempt=self.record.attempt, **latest, **self.common()))
+            if fields is None:
+                continue
+            if "loss" in row:
+                self.last_train = fields
+            elif self.last_train is not None and self.last_train["step"] == fields["step"]:
+                # An evaluation row follows the training row of its step and has no training
+                # metrics: carried over, the job's progress keeps its loss beside the eval loss.
+                fields.update({name: self.last_train[name] for name in _TRAIN_METRICS})
+            facts.append(m.JobProgress(attempt=self.record.attempt, **fields, **self.common()))
         checkpoints = list(self.checkpoints)
         for ckpt in sorted(self.version_dir.glob("checkpoint-*"), key=_step_of):
             # trainer_state.json is written last: the checkpoint is complete.
@@ -381,7 +440,7 @@ class JobRun:
                 facts.append(
                     m.CheckpointSaved(attempt=self.record.attempt, step=_step_of(ckpt), path=str(ckpt), **self.common())
                 )
-        return facts, end, checkpoints
+        return facts, end, checkpoints, len(rows) == PROGRESS_ROWS_PER_COMMIT
 
     async def _gpus_released(self) -> None:
         """Where NVML can tell, wait (bounded) until the job's GPUs list none of its processes:
@@ -408,6 +467,7 @@ class JobRun:
         # appends it once.
         await self.bus.commit([Append(self.bus.keys.events, final)], dedupe_id=f"fact:{final.id}")
         await self.bus.redis.delete(self.bus.keys.run(self.record.job_id))
+        CHILDREN.forget(self.record.pid)
         log.info("job ended", job_id=self.record.job_id, outcome=final.type, exit_code=exit_code)
 
     def outcome(self, exit_code: int | None) -> m.Message:
@@ -441,13 +501,17 @@ class JobRun:
             # ms-swift exits 0 after a SIGTERM too (it saves a checkpoint): without its closing row
             # the training did not finish, and nobody here asked it to stop.
             return m.JobFailed(reason="killed", message="stopped from outside before training finished", **failed)
-        message = next((line for line in reversed(stderr_tail) if "Error" in line), "")
+        # One line (the exception a traceback ends with); the traceback stays in stderr_tail.
+        message = failure_message(stderr)
         if exit_code is None:
             # The job ended while no runner watched it: the cause is unknown, the attempt lost to
             # the infrastructure. The scheduler retries it or fails it.
-            return m.JobLost(message=message[:2000], **common)
+            return m.JobLost(message=message, **common)
         reason = classify_failure(exit_code, stderr, stopped_by_us=False)
-        return m.JobFailed(reason=reason, message=message[:2000], **failed)
+        return m.JobFailed(reason=reason, message=message or f"exited with code {exit_code}", **failed)
+
+
+_TRAIN_METRICS = ("loss", "grad_norm", "learning_rate", "token_acc", "train_speed_s_per_it")
 
 
 def _step_of(path: Path) -> int:

@@ -632,6 +632,8 @@
       $("#job-cancel").hidden = true;
       $("#job-export").hidden = true;
       $("#loss-empty").hidden = false;
+      $("#loss-panel").hidden = false;
+      $("#job-export-section").hidden = false;
       $("#loss-chart").replaceChildren();
       this.setPoints(0, 0);
       try {
@@ -693,6 +695,7 @@
       status.textContent = job.status + (job.queue_position ? ` #${job.queue_position}` : "");
       this.renderMessage(job);
       this.renderProgress(job);
+      this.renderLossPanel();
       this.renderCheckpoints(job);
       this.renderExport(job);
       this.renderPlacement(job);
@@ -721,7 +724,6 @@
       else if (job.status === "held") text = "Held: it joins the queue once released (POST /jobs/{id}/start).";
       else if (job.cancel_requested && !TERMINAL.has(job.status)) text = "Cancel requested: the process is being stopped.";
       else if (job.status === "serving" && job.endpoint) text = `Serving an OpenAI-compatible API at ${job.endpoint}`;
-      if (job.status === "failed" && job.stderr_tail && job.stderr_tail.length) text += `\n${job.stderr_tail.slice(-5).join("\n")}`;
       box.textContent = text;
       box.className = `message ${job.status}`;
       box.hidden = !text;
@@ -750,11 +752,18 @@
       $("#job-metrics").replaceChildren(...metrics.map(([name, value]) => el("div", {}, el("dt", { text: name }), el("dd", { text: value }))));
     },
 
+    /** A job that ended before any loss was reported (or a deploy job) will never have a curve. */
+    renderLossPanel() {
+      const job = this.job;
+      const never = job && (["failed", "cancelled"].includes(job.status) || job.task_type === "deploy");
+      $("#loss-panel").hidden = Boolean(never) && this.losses.size === 0;
+    },
+
     renderCheckpoints(job) {
       const list = $("#job-checkpoints");
       const items = job.checkpoints.length ? job.checkpoints : [];
       list.replaceChildren(...items.map((path) => el("li", { text: path, title: path })));
-      if (!items.length) list.append(el("li", { class: "muted", text: "none yet" }));
+      if (!items.length) list.append(el("li", { class: "muted", text: TERMINAL.has(job.status) ? "none" : "none yet" }));
     },
 
     renderExport(job) {
@@ -770,6 +779,9 @@
       };
       box.replaceChildren(badge(exp.status), " ", words[exp.status] || "");
       if (exp.path) box.append(el("div", { class: "path", text: exp.path }));
+      // Nothing to export from a job that failed or was cancelled, nor from a deploy job.
+      const never = ["failed", "cancelled"].includes(job.status) || job.task_type === "deploy";
+      $("#job-export-section").hidden = exp.status === "none" && never;
     },
 
     renderPlacement(job) {
@@ -803,6 +815,7 @@
       this.setPoints(trainCount, evalCount);
       if (!steps.length) return;
       $("#loss-empty").hidden = true;
+      this.renderLossPanel(); // before the chart is made: it takes the width of its box
       const data = [steps, train, evaluated];
       if (this.chart) {
         this.chart.setData(data);
