@@ -255,7 +255,7 @@ class JobFailed(Event):
     type: Literal["job.failed"] = "job.failed"
     attempt: int | None = None
     exit_code: int | None = None
-    reason: str  # oom, dataset_not_found, model_not_found, bad_argument, killed, timeout, unknown
+    reason: str  # oom, dataset_not_found, model_not_found, bad_argument, killed, timeout, path_outside_roots, unknown
     message: str = ""
     stderr_tail: list[str] = Field(default_factory=list)
 

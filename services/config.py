@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # Where local model, data and output paths may be (separated by ':'); default: DATA_DIR and
     # the working directory.
     path_roots: str = ""
+    # Extra ms-swift flags that load code (external_plugins ...): refused unless this is on, and
+    # then accepted from admins only.
+    allow_code_flags: bool = False
     node_name: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9_.-]+$")
     instance: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",

@@ -1,4 +1,4 @@
-"""Locating the `swift` CLI, shared by the runner and the exporter."""
+"""The installed ms-swift: where its `swift` CLI is, and which flags its commands accept."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def swift_executable(configured: str) -> str:
@@ -21,12 +23,35 @@ def swift_executable(configured: str) -> str:
     return str(beside) if beside.exists() else configured
 
 
-_LIST_FLAGS = """
-import dataclasses, json
+# Printed by a child process: per command the flags it accepts, and per flag its type and help,
+# from the field's metadata and from the `name (type): text` entries of the classes' docstrings
+# (where ms-swift documents most of its arguments).
+_DESCRIBE = r"""
+import dataclasses, inspect, json, re
 from swift import arguments
 commands = {"sft": arguments.SftArguments, "deploy": arguments.DeployArguments, "export": arguments.ExportArguments}
-print(json.dumps({name: sorted(f.name for f in dataclasses.fields(cls)) for name, cls in commands.items()}))
+entry = re.compile(r"^\s+(\w+) \([^\n]*\):\s*(.*?)(?=^\s+\w+ \([^\n]*\):|\Z)", re.M | re.S)
+fields = {}
+for cls in commands.values():
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        docs.update((m.group(1), " ".join(m.group(2).split())) for m in entry.finditer(inspect.getdoc(klass) or ""))
+    for f in dataclasses.fields(cls):
+        help = " ".join(filter(None, [f.metadata.get("help", ""), docs.get(f.name, "")]))
+        fields.setdefault(f.name, {"type": str(f.type), "help": help})
+print(json.dumps({
+    "commands": {name: sorted(f.name for f in dataclasses.fields(cls)) for name, cls in commands.items()},
+    "fields": fields,
+}))
 """
+
+
+@dataclass(frozen=True)
+class SwiftField:
+    """One ms-swift argument as its dataclass declares it."""
+
+    type: str
+    help: str
 
 
 def swift_version() -> str | None:
@@ -36,26 +61,41 @@ def swift_version() -> str | None:
         return None
 
 
-def accepted_flags(cache_dir: Path) -> dict[str, frozenset[str]] | None:
-    """The flags the installed ms-swift accepts, per command (`sft`, `deploy`, `export`), read
-    from its argument dataclasses; None when ms-swift is not installed here. Importing ms-swift
-    takes seconds, so the answer is cached per version in ``cache_dir``: call it from a thread."""
+def _described(cache_dir: Path) -> dict[str, Any] | None:
     version = swift_version()
     if version is None:
         return None
-    cache = cache_dir / f"swift-flags-{version}.json"
+    cache = cache_dir / f"swift-args-{version}.json"
     if cache.is_file():
-        return {command: frozenset(names) for command, names in json.loads(cache.read_text()).items()}
+        return json.loads(cache.read_text())  # type: ignore[no-any-return]
     # In a child process: importing ms-swift loads torch, which this process should not carry.
     done = subprocess.run(
-        [sys.executable, "-c", _LIST_FLAGS],
+        [sys.executable, "-c", _DESCRIBE],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(found))
-    return {command: frozenset(names) for command, names in found.items()}
+    return found
+
+
+def accepted_flags(cache_dir: Path) -> dict[str, frozenset[str]] | None:
+    """The flags the installed ms-swift accepts, per command (`sft`, `deploy`, `export`), read
+    from its argument dataclasses; None when ms-swift is not installed here. Importing ms-swift
+    takes seconds, so the answer is cached per version in ``cache_dir``: call it from a thread."""
+    described = _described(cache_dir)
+    if described is None:
+        return None
+    return {command: frozenset(names) for command, names in described["commands"].items()}
+
+
+def swift_fields(cache_dir: Path) -> dict[str, SwiftField] | None:
+    """Every flag of those commands with its declared type and help text (cached as above)."""
+    described = _described(cache_dir)
+    if described is None:
+        return None
+    return {name: SwiftField(**field) for name, field in described["fields"].items()}

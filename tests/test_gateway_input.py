@@ -156,7 +156,7 @@ async def test_a_bad_last_event_id_is_400_before_the_stream_starts(
     [
         ({"model_path": "/etc"}, "model_path"),
         ({"output_dir": "/var/tmp/elsewhere"}, "output_dir"),
-        ({"output_dir": "relative-without-dot"}, "output_dir"),
+        ({"output_dir": "../../elsewhere"}, "output_dir"),  # relative to DATA_DIR, then out of the roots
         ({"train_params": {"extra_args": {"no_such_flag": 1}}}, "train_params.extra_args.no_such_flag"),
         ({"train_params": {"extra_args": {"learning_rate": 1}}}, "train_params.extra_args.learning_rate"),
         ({"train_params": {"extra_args": {"--lora_dropout": 0.1}}}, "train_params.extra_args"),

@@ -29,7 +29,11 @@ from services.runner.service import Runner
 async def running(bus: Bus, tmp_path: Path) -> AsyncIterator[Runner]:
     """A runner whose supervising tasks end with the block (a task group cannot span fixtures)."""
     settings = load_settings(
-        namespace=bus.keys.namespace, data_dir=tmp_path / "data", node_name="n1", swift_bin="swift"
+        namespace=bus.keys.namespace,
+        data_dir=tmp_path / "data",
+        path_roots=str(tmp_path),
+        node_name="n1",
+        swift_bin="swift",
     )
     async with anyio.create_task_group() as tg:
         yield Runner(settings, bus, tg)
@@ -49,13 +53,85 @@ def deliver(message: m.Message) -> Delivery:
 async def test_a_job_that_cannot_start_fails_with_the_reason_instead_of_holding_its_gpus(
     bus: Bus, tmp_path: Path
 ) -> None:
-    command = start_command(tmp_path, output_dir="/proc/not-writable")
+    (tmp_path / "a-file").write_text("")
+    command = start_command(tmp_path, output_dir=str(tmp_path / "a-file" / "not-writable"))
     async with running(bus, tmp_path) as runner:
         [append] = await runner.handle(deliver(command))  # type: ignore[misc]
     assert isinstance(append.message, m.JobFailed)
     assert append.message.reason == "spawn_failed" and append.message.attempt == 1
     assert "not-writable" in append.message.message
     assert runner.runs == {}
+
+
+async def test_an_output_dir_whose_parent_became_a_symlink_out_of_the_roots_is_refused_at_launch(
+    bus: Bus, tmp_path: Path
+) -> None:
+    # Given a job whose output_dir was inside the roots when it was submitted (and held)
+    roots, outside = tmp_path / "roots", tmp_path / "outside"
+    (roots / "jobs").mkdir(parents=True)
+    outside.mkdir()
+    command = start_command(roots, output_dir=str(roots / "jobs" / "out"))
+    # When its parent is swapped for a symlink to a place outside the roots before it starts
+    (roots / "jobs").rmdir()
+    (roots / "jobs").symlink_to(outside, target_is_directory=True)
+    settings = load_settings(
+        namespace=bus.keys.namespace, data_dir=roots / "data", path_roots=str(roots), node_name="n1"
+    )
+    async with anyio.create_task_group() as tg:
+        runner = Runner(settings, bus, tg)
+        [append] = await runner.handle(deliver(command))  # type: ignore[misc]
+        tg.cancel_scope.cancel()
+    # Then the job fails with the reason, naming the field and where it leads, and nothing was
+    # written there (nor started)
+    assert isinstance(append.message, m.JobFailed) and append.message.reason == "path_outside_roots"
+    assert "output_dir" in append.message.message and str(outside) in append.message.message
+    assert list(outside.iterdir()) == []
+    assert runner.runs == {} and not (settings.runs_dir / "job-1").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "named"),
+    [
+        ("model_path", "model_path"),
+        ("data_path", "data_path"),
+        ("val_dataset", "train_params.extra_args.val_dataset"),
+        ("logging_dir", "train_params.extra_args.logging_dir"),
+    ],
+)
+async def test_every_local_path_of_the_job_is_checked_again_at_launch(
+    bus: Bus, tmp_path: Path, field: str, named: str
+) -> None:
+    # Given a job whose files were all inside the roots when it was submitted
+    roots, outside = tmp_path / "roots", tmp_path / "outside"
+    (roots / "kept" / "model").mkdir(parents=True)
+    (roots / "kept" / "train.jsonl").write_text("{}\n")
+    (roots / "swapped").mkdir()
+    outside.mkdir()
+    values = {
+        "model_path": str(roots / "kept" / "model"),
+        "data_path": str(roots / "kept" / "train.jsonl"),
+        "val_dataset": str(roots / "kept" / "train.jsonl"),
+        "logging_dir": str(roots / "kept" / "logs"),
+        field: str(roots / "swapped" / "x"),
+    }
+    extra = {"val_dataset": values.pop("val_dataset"), "logging_dir": values.pop("logging_dir")}
+    job = LanguageModelJob(task_type="language_model", train_params={"extra_args": extra}, **values)  # type: ignore[arg-type]
+    command = m.StartJob(job_id="job-1", attempt=1, node="n1", gpu_ids=[0], spec=job)
+    # When one of their directories now leads outside the roots
+    (roots / "swapped").rmdir()
+    (roots / "swapped").symlink_to(outside, target_is_directory=True)
+    settings = load_settings(
+        namespace=bus.keys.namespace, data_dir=roots / "data", path_roots=str(roots), node_name="n1"
+    )
+    async with anyio.create_task_group() as tg:
+        runner = Runner(settings, bus, tg)
+        [append] = await runner.handle(deliver(command))  # type: ignore[misc]
+        tg.cancel_scope.cancel()
+    # Then the job is refused, naming that value and where it leads
+    assert isinstance(append.message, m.JobFailed) and append.message.reason == "path_outside_roots"
+    assert append.message.message.startswith(f"refused to start: {named}: ")
+    assert str(outside / "x") in append.message.message
+    assert not (settings.runs_dir / "job-1").exists()
 
 
 async def test_a_stop_that_overtakes_its_start_cancels_the_job_without_running_it(bus: Bus, tmp_path: Path) -> None:
@@ -163,7 +239,11 @@ async def test_gpus_are_released_only_once_nvml_lists_none_of_the_jobs_processes
         return {1}  # someone else's process
 
     settings = load_settings(
-        namespace=bus.keys.namespace, data_dir=tmp_path / "data", node_name="n1", swift_bin=str(stand_in)
+        namespace=bus.keys.namespace,
+        data_dir=tmp_path / "data",
+        path_roots=str(tmp_path),
+        node_name="n1",
+        swift_bin=str(stand_in),
     )
     async with anyio.create_task_group() as tg:
         runner = Runner(settings, bus, tg, gpu_probe=probe)

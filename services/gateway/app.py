@@ -172,7 +172,15 @@ async def create_job(request: Request) -> JSONResponse:
     projection = _projection(request)
     body = await read_json(request)
     flags = await _swift_flags(request, body)
-    submission = parse_submission(body, projection.state, settings.roots, flags, principal(request))
+    submission = parse_submission(
+        body,
+        projection.state,
+        settings.roots,
+        flags,
+        principal(request),
+        base=settings.data_dir,
+        allow_code_flags=settings.allow_code_flags,
+    )
     if submission.dry_run:
         launch = dry_run_launch(
             submission.spec, runs_dir=settings.runs_dir, omp_num_threads=settings.job_omp_num_threads

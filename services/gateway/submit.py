@@ -1,9 +1,9 @@
-"""Validating a job submission beyond its schema: paths inside the configured roots, hub ids,
-the source of a deploy, extra ms-swift flags; and the dry run of its command."""
+"""Validating a job submission beyond its schema: paths inside the configured roots (relative
+ones resolved against DATA_DIR and stored absolute), hub ids, the source of a deploy, extra
+ms-swift flags by their reviewed kind; and the dry run of its command."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,11 @@ from events.state import ExportStatus, State
 from services.gateway.auth import Principal
 from services.gateway.errors import ApiError, validation_details
 from services.launch import Launch, build_launch, flags_in
+from services.paths import Placed, Refused, exists, inside, params_field, place, spec_values
 from services.swift import accepted_flags
+from services.swift_flags import Kind, kind_of, refusal
 
 _SPEC: TypeAdapter[Any] = TypeAdapter(JobSpec)
-# A hub id as ModelScope and Hugging Face write them, with an optional `#N` sample count.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*(#\d+)?$")
 _COMMANDS = {TaskType.language_model: "sft", TaskType.multimodal: "sft", TaskType.deploy: "deploy"}
 
 
@@ -41,38 +41,27 @@ def _invalid(problems: list[dict[str, str]]) -> ApiError:
     return ApiError(422, "validation_error", f"invalid job: {fields}", problems)
 
 
-def _is_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or path in (".", "..")
-
-
 # Submissions in a burst name the same few paths: each is resolved and checked once a second.
 @cached(TTLCache(maxsize=4096, ttl=1.0))
-def _lookup(value: str, roots: tuple[Path, ...]) -> tuple[Path, bool, bool]:
-    """The path resolved, whether it exists, and whether it is inside one of the roots."""
-    resolved = Path(value).expanduser().resolve()
-    return resolved, resolved.exists(), any(resolved.is_relative_to(root) for root in roots)
-
-
-def check_path(field: str, value: str, roots: list[Path], *, must_exist: bool, hub_allowed: bool) -> str | None:
-    """Why a path is refused, or None. Local paths must resolve inside one of the roots."""
-    if not _is_local(value):
-        if hub_allowed and _HUB_ID.match(value) and ".." not in value:
-            return None
-        return "neither a local path (absolute, or starting with ./) nor a hub id such as org/name"
-    try:
-        resolved, exists, inside = _lookup(value, tuple(roots))
-    except (RuntimeError, OSError, ValueError) as exc:  # unknown ~user, name too long, NUL byte
-        return f"not a usable path: {exc}"
-    if not inside:
-        return f"{resolved} is outside the allowed roots ({', '.join(str(r) for r in roots)})"
-    if must_exist and not exists:
-        return f"no such file or directory: {value}"
-    return None
+def _where(kind: Kind, value: str, base: Path, roots: tuple[Path, ...]) -> tuple[Placed, bool, Path | None]:
+    """Where a value points, whether its path exists, and the first of its paths outside the roots."""
+    placed = place(kind, value, base)
+    outside = next((path for path in placed.paths if not inside(path, roots)), None)
+    return placed, bool(placed.paths) and exists(placed.paths[0]), outside
 
 
 def parse_submission(
-    body: Any, state: State, roots: list[Path], flags: dict[str, frozenset[str]] | None, who: Principal
+    body: Any,
+    state: State,
+    roots: list[Path],
+    flags: dict[str, frozenset[str]] | None,
+    who: Principal,
+    *,
+    base: Path,
+    allow_code_flags: bool = False,
 ) -> Submission:
+    """The job as it will be stored. ``base`` is where relative paths start (DATA_DIR); code
+    flags pass only for an admin, and only when ``allow_code_flags`` (ALLOW_CODE_FLAGS) is on."""
     if not isinstance(body, dict):
         raise ApiError(
             422, "validation_error", "request body must be a JSON object", [_problem("body", "not an object")]
@@ -88,13 +77,9 @@ def parse_submission(
         raise _invalid(validation_details(exc, drop_tags={t.value for t in TaskType})) from exc
     if isinstance(spec, DeployJob) and spec.source_job_id:
         spec = spec.model_copy(update={"model_path": _exported_model(spec.source_job_id, state, who)})
-    problems = []
-    for field, must_exist, hub in (("model_path", True, True), ("data_path", True, True), ("output_dir", False, False)):
-        value = getattr(spec, field, None)
-        reason = check_path(field, value, roots, must_exist=must_exist, hub_allowed=hub) if value else None
-        if reason:
-            problems.append(_problem(field, reason))
-    problems += _check_extra_args(spec, flags)
+    problems = _check_extra_args(spec, flags, code_allowed=allow_code_flags and who.is_admin)
+    spec, wrong_paths = _place_paths(spec, roots, base, skip={p["field"] for p in problems})
+    problems += wrong_paths
     impossible = never_fits(spec, state)
     if impossible:
         problems.append(_problem("gpu_count", impossible))
@@ -115,24 +100,58 @@ def _exported_model(job_id: str, state: State, who: Principal) -> str:
     return source.export.path
 
 
-def _check_extra_args(spec: Any, flags: dict[str, frozenset[str]] | None) -> list[dict[str, str]]:
-    params = spec.deploy_params if isinstance(spec, DeployJob) else spec.train_params
+def _place_paths(spec: Any, roots: list[Path], base: Path, skip: set[str]) -> tuple[Any, list[dict[str, str]]]:
+    """The spec with every local path absolute and resolved, and the paths refused."""
+    problems: list[dict[str, str]] = []
+    updates: dict[str, str] = {}
+    params = getattr(spec, params_field(spec))
+    extra = dict(params.extra_args)
+    prefix = f"{params_field(spec)}.extra_args."
+    for field, kind, value in spec_values(spec):
+        if field in skip:
+            continue
+        try:
+            placed, exists, outside = _where(kind, value, base, tuple(roots))
+        except Refused as exc:
+            problems.append(_problem(field, str(exc)))
+            continue
+        if outside is not None:
+            problems.append(
+                _problem(field, f"{outside} is outside the allowed roots ({', '.join(str(r) for r in roots)})")
+            )
+        elif field in ("model_path", "data_path") and placed.paths and not exists:
+            problems.append(_problem(field, f"no such file or directory: {value}"))
+        elif field.startswith(prefix):
+            if placed.value != value:  # else keep the value as typed (a number stays a number)
+                extra[field.removeprefix(prefix)] = placed.value
+        else:
+            updates[field] = placed.value
+    if extra != params.extra_args:
+        updates[params_field(spec)] = params.model_copy(update={"extra_args": extra})
+    return spec.model_copy(update=updates), problems
+
+
+def _check_extra_args(
+    spec: Any, flags: dict[str, frozenset[str]] | None, *, code_allowed: bool
+) -> list[dict[str, str]]:
+    params = getattr(spec, params_field(spec))
     if not params.extra_args:
         return []
     field = f"{params_field(spec)}.extra_args"
+    command = _COMMANDS[spec.task_type]
     # The job's own flags are the ones not written `--flag=value` (only extra flags are).
     typed = flags_in([arg for arg in dry_run_launch(spec).argv if "=" not in arg])
     problems = []
     for flag in sorted(params.extra_args):
-        if flag in typed:
-            problems.append(_problem(f"{field}.{flag}", "set by the job's own parameters; use those"))
-        elif flags is not None and flag not in flags[_COMMANDS[spec.task_type]]:
-            problems.append(_problem(f"{field}.{flag}", f"not a flag of swift {_COMMANDS[spec.task_type]}"))
+        if flags is not None and flag not in flags[command]:
+            reason: str | None = f"not a flag of swift {command}"
+        elif flag in typed and kind_of(flag) is not Kind.reserved:
+            reason = "set by the job's own parameters; use those"
+        else:
+            reason = refusal(flag, code_allowed=code_allowed)
+        if reason:
+            problems.append(_problem(f"{field}.{flag}", reason))
     return problems
-
-
-def params_field(spec: Any) -> str:
-    return "deploy_params" if isinstance(spec, DeployJob) else "train_params"
 
 
 def dry_run_launch(

@@ -24,6 +24,7 @@ from events.keys import RUNNER_GROUP
 from services.config import Settings
 from services.launch import build_launch
 from services.nvml import NvmlSource
+from services.paths import PathOutsideRoots, check_spec_paths, make_dir_inside
 from services.runner.supervisor import (
     GpuProbe,
     JobRun,
@@ -141,6 +142,10 @@ class Runner:
                 return [Append(self.bus.keys.events, m.JobCancelled(**end))]
             try:
                 record, process = await anyio.to_thread.run_sync(self._launch, command)
+            except PathOutsideRoots as exc:
+                log.warning("refused to start job", job_id=job_id, error=str(exc))
+                failed = m.JobFailed(reason="path_outside_roots", message=f"refused to start: {exc}", **end)
+                return [Append(self.bus.keys.events, failed)]
             except (OSError, ValueError) as exc:
                 log.warning("could not start job", job_id=job_id, error=str(exc))
                 failed = m.JobFailed(reason="spawn_failed", message=f"could not start: {exc}", **end)
@@ -178,6 +183,11 @@ class Runner:
         if running is not None:
             log.warning("found the job already running; adopting it", job_id=job_id, pid=running.pid)
             return record_for(launch, job_id, command.attempt, command.node, running.pid, running.create_time()), None
+        # Checked at submit; checked again now, as a directory may have been swapped for a
+        # symlink to elsewhere in between (a held job can wait for days).
+        check_spec_paths(command.spec, self.settings.roots, self.settings.data_dir)
+        if command.spec.output_dir:
+            make_dir_inside(launch.output_dir, self.settings.roots, "output_dir")
         record, process = spawn(launch, job_id, command.attempt, command.node)
         log.info("started job", job_id=job_id, pid=record.pid, argv=launch.argv)
         return record, process
