@@ -149,6 +149,13 @@ class Settings(BaseSettings):
         listed = [Path(p).expanduser().resolve() for p in self.path_roots.split(":") if p]
         return listed or [self.data_dir.resolve(), Path.cwd().resolve()]
 
+    @cached_property
+    def private_dirs(self) -> tuple[Path, ...]:
+        """The service's own folders, which no job may read or write even where they lie inside
+        a root: its secrets, Redis's files (the embedded one's AOF), the log's archives."""
+        folders = (self.data_dir / "secrets", self.data_dir / "redis", self.archive_dir)
+        return tuple(folder.expanduser().resolve() for folder in folders)
+
     @property
     def deploy_ports(self) -> range:
         low, high = (int(part) for part in self.deploy_port_range.split("-"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,8 +67,20 @@ def resolve(value: str, base: Path) -> Path:
         raise Refused(f"not a usable path: {exc}") from exc
 
 
-def inside(path: Path, roots: list[Path] | tuple[Path, ...]) -> bool:
+def inside(path: Path, roots: Sequence[Path]) -> bool:
     return any(path.is_relative_to(root) for root in roots)
+
+
+def why_refused(path: Path, roots: Sequence[Path], private: Sequence[Path] = ()) -> str | None:
+    """Why a job may not use a resolved path, or None: it must be inside one of the roots, and
+    inside none of the service's own folders (``private``: its secrets, Redis's files, the
+    log's archives), which may lie inside a root."""
+    own = next((folder for folder in private if path.is_relative_to(folder)), None)
+    if own is not None:
+        return f"{path} is inside {own}, the service's own files: no job may use them"
+    if not inside(path, roots):
+        return f"{path} is outside the allowed roots ({', '.join(str(root) for root in roots)})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -151,28 +163,27 @@ def _text(value: object) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def check_spec_paths(spec: Any, roots: list[Path], base: Path) -> None:
+def check_spec_paths(spec: Any, roots: Sequence[Path], base: Path, private: Sequence[Path] = ()) -> None:
     """Raise PathOutsideRoots naming the first value of the job whose path resolves outside the
-    roots now, at launch."""
+    roots now, at launch (or into the service's own folders)."""
     for field, kind, value in spec_values(spec):
         try:
             placed = place(kind, value, base)
         except Refused as exc:
             raise PathOutsideRoots(field, str(exc)) from exc
         for path in placed.paths:
-            if not inside(path, roots):
-                raise PathOutsideRoots(field, _outside(value, path, roots))
+            if reason := why_refused(path, roots, private):
+                raise PathOutsideRoots(field, _named(value, path, reason))
 
 
-def _outside(value: str, path: Path, roots: list[Path]) -> str:
-    where = value if str(path) == value else f"{value} resolves to {path}, which"
-    return f"{where} is outside the allowed roots ({', '.join(str(root) for root in roots)})"
+def _named(value: str, path: Path, reason: str) -> str:
+    return reason if str(path) == value else f"{value} resolves to {reason}"
 
 
-def make_dir_inside(path: Path, roots: list[Path], field: str) -> None:
+def make_dir_inside(path: Path, roots: Sequence[Path], field: str, private: Sequence[Path] = ()) -> None:
     """Create a directory, then check where it was made: a parent swapped for a symlink between
     the check and the creation is caught before anything is written into it."""
     path.mkdir(parents=True, exist_ok=True)
     made = path.resolve()
-    if not inside(made, roots):
-        raise PathOutsideRoots(field, _outside(str(path), made, roots))
+    if reason := why_refused(made, roots, private):
+        raise PathOutsideRoots(field, _named(str(path), made, reason))

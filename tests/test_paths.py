@@ -148,3 +148,32 @@ async def test_relative_paths_that_leave_the_roots_or_name_nothing_are_refused(
 def test_the_rule_that_tells_a_local_path_from_a_hub_id(tmp_path: Path, value: str, local: bool) -> None:
     (tmp_path / "present" / "here").mkdir(parents=True)
     assert is_local(value, tmp_path) is local
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("data_path", "secrets/redis-password"),  # the embedded Redis's password
+        ("data_path", "redis/appendonlydir/appendonly.aof.1.incr.aof"),  # the log itself
+        ("output_dir", "archive/mine"),  # the log's archives
+        ("model_path", "secrets"),
+    ],
+)
+async def test_the_services_own_files_are_refused_though_inside_a_root(
+    api: httpx.AsyncClient, data: Path, field: str, value: str
+) -> None:
+    # Given DATA_DIR inside the roots, holding the service's secrets, Redis's files and archives
+    for folder in ("secrets", "redis/appendonlydir", "archive"):
+        (data / folder).mkdir(parents=True)
+    (data / "secrets" / "redis-password").write_text("hunter2\n")
+    (data / "redis" / "appendonlydir" / "appendonly.aof.1.incr.aof").write_text("*1\r\n")
+    (data / "model").mkdir()
+    (data / "train.jsonl").write_text("{}\n")
+    body = {"task_type": "language_model", "model_path": "model", "data_path": "train.jsonl", field: value}
+    # When a job names one of them
+    response = await api.post("/jobs", json=body)
+    # Then it is refused, naming the field, and the file's content is nowhere in the answer
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["error"]["details"]
+    assert problem["field"] == field and "the service's own files: no job may use them" in problem["message"]
+    assert "hunter2" not in response.text

@@ -134,6 +134,25 @@ async def test_every_local_path_of_the_job_is_checked_again_at_launch(
     assert not (settings.runs_dir / "job-1").exists()
 
 
+async def test_a_job_naming_the_services_own_files_is_refused_at_launch(bus: Bus, tmp_path: Path) -> None:
+    # Given a job stored before its data path was refused: DATA_DIR's secrets, inside the roots
+    settings = load_settings(namespace=bus.keys.namespace, data_dir=tmp_path / "data", path_roots=str(tmp_path))
+    (tmp_path / "data" / "secrets").mkdir(parents=True)
+    (tmp_path / "data" / "secrets" / "redis-password").write_text("hunter2\n")
+    command = start_command(tmp_path)
+    spec = command.spec.model_copy(update={"data_path": str(tmp_path / "data" / "secrets" / "redis-password")})
+    command = command.model_copy(update={"spec": spec})
+    # When its start arrives
+    async with anyio.create_task_group() as tg:
+        runner = Runner(settings.model_copy(update={"node_name": "n1"}), bus, tg)
+        [append] = await runner.handle(deliver(command))  # type: ignore[misc]
+        tg.cancel_scope.cancel()
+    # Then it fails with the reason, and nothing ran
+    assert isinstance(append.message, m.JobFailed) and append.message.reason == "path_outside_roots"
+    assert "data_path" in append.message.message and "the service's own files" in append.message.message
+    assert runner.runs == {} and not (settings.runs_dir / "job-1").exists()
+
+
 async def test_a_stop_that_overtakes_its_start_cancels_the_job_without_running_it(bus: Bus, tmp_path: Path) -> None:
     async with running(bus, tmp_path) as runner:
         # Given a stop handled before its job's start (the start failed once and waits for a retry)

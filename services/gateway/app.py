@@ -68,7 +68,6 @@ CUT_OFF_GRACE_S = 5.0  # how long a client cut off for falling behind keeps its 
 GPU_STREAM_MIN_S = 0.5
 
 _SPEC = TypeAdapter(JobSpec)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*(#\d+)?$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +178,7 @@ async def create_job(request: Request) -> JSONResponse:
         flags,
         principal(request),
         base=settings.data_dir,
+        private=settings.private_dirs,
         allow_code_flags=settings.allow_code_flags,
     )
     if submission.dry_run:

@@ -4,6 +4,7 @@ ms-swift flags by their reviewed kind; and the dry run of its command."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from events.state import ExportStatus, State
 from services.gateway.auth import Principal
 from services.gateway.errors import ApiError, validation_details
 from services.launch import Launch, build_launch, flags_in
-from services.paths import Placed, Refused, exists, inside, params_field, place, spec_values
+from services.paths import Placed, Refused, exists, params_field, place, spec_values, why_refused
 from services.swift import accepted_flags
 from services.swift_flags import Kind, kind_of, refusal
 
@@ -43,11 +44,14 @@ def _invalid(problems: list[dict[str, str]]) -> ApiError:
 
 # Submissions in a burst name the same few paths: each is resolved and checked once a second.
 @cached(TTLCache(maxsize=4096, ttl=1.0))
-def _where(kind: Kind, value: str, base: Path, roots: tuple[Path, ...]) -> tuple[Placed, bool, Path | None]:
-    """Where a value points, whether its path exists, and the first of its paths outside the roots."""
+def _where(
+    kind: Kind, value: str, base: Path, roots: tuple[Path, ...], private: tuple[Path, ...]
+) -> tuple[Placed, bool, str | None]:
+    """Where a value points, whether its path exists, and why the first of its paths a job may
+    not use is refused."""
     placed = place(kind, value, base)
-    outside = next((path for path in placed.paths if not inside(path, roots)), None)
-    return placed, bool(placed.paths) and exists(placed.paths[0]), outside
+    refused = next(filter(None, (why_refused(path, roots, private) for path in placed.paths)), None)
+    return placed, bool(placed.paths) and exists(placed.paths[0]), refused
 
 
 def parse_submission(
@@ -58,6 +62,7 @@ def parse_submission(
     who: Principal,
     *,
     base: Path,
+    private: Sequence[Path] = (),
     allow_code_flags: bool = False,
 ) -> Submission:
     """The job as it will be stored. ``base`` is where relative paths start (DATA_DIR); code
@@ -78,7 +83,7 @@ def parse_submission(
     if isinstance(spec, DeployJob) and spec.source_job_id:
         spec = spec.model_copy(update={"model_path": _exported_model(spec.source_job_id, state, who)})
     problems = _check_extra_args(spec, flags, code_allowed=allow_code_flags and who.is_admin)
-    spec, wrong_paths = _place_paths(spec, roots, base, skip={p["field"] for p in problems})
+    spec, wrong_paths = _place_paths(spec, roots, base, private, skip={p["field"] for p in problems})
     problems += wrong_paths
     impossible = never_fits(spec, state)
     if impossible:
@@ -100,7 +105,9 @@ def _exported_model(job_id: str, state: State, who: Principal) -> str:
     return source.export.path
 
 
-def _place_paths(spec: Any, roots: list[Path], base: Path, skip: set[str]) -> tuple[Any, list[dict[str, str]]]:
+def _place_paths(
+    spec: Any, roots: list[Path], base: Path, private: Sequence[Path], skip: set[str]
+) -> tuple[Any, list[dict[str, str]]]:
     """The spec with every local path absolute and resolved, and the paths refused."""
     problems: list[dict[str, str]] = []
     updates: dict[str, str] = {}
@@ -111,14 +118,12 @@ def _place_paths(spec: Any, roots: list[Path], base: Path, skip: set[str]) -> tu
         if field in skip:
             continue
         try:
-            placed, exists, outside = _where(kind, value, base, tuple(roots))
+            placed, exists, refused = _where(kind, value, base, tuple(roots), tuple(private))
         except Refused as exc:
             problems.append(_problem(field, str(exc)))
             continue
-        if outside is not None:
-            problems.append(
-                _problem(field, f"{outside} is outside the allowed roots ({', '.join(str(r) for r in roots)})")
-            )
+        if refused is not None:
+            problems.append(_problem(field, refused))
         elif field in ("model_path", "data_path") and placed.paths and not exists:
             problems.append(_problem(field, f"no such file or directory: {value}"))
         elif field.startswith(prefix):

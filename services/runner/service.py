@@ -185,9 +185,10 @@ class Runner:
             return record_for(launch, job_id, command.attempt, command.node, running.pid, running.create_time()), None
         # Checked at submit; checked again now, as a directory may have been swapped for a
         # symlink to elsewhere in between (a held job can wait for days).
-        check_spec_paths(command.spec, self.settings.roots, self.settings.data_dir)
+        settings = self.settings
+        check_spec_paths(command.spec, settings.roots, settings.data_dir, settings.private_dirs)
         if command.spec.output_dir:
-            make_dir_inside(launch.output_dir, self.settings.roots, "output_dir")
+            make_dir_inside(launch.output_dir, settings.roots, "output_dir", settings.private_dirs)
         record, process = spawn(launch, job_id, command.attempt, command.node)
         log.info("started job", job_id=job_id, pid=record.pid, argv=launch.argv)
         return record, process
