@@ -20,7 +20,7 @@ from playwright.sync_api import Browser, expect, sync_playwright
 
 from services.demo.tinymodel import DemoAssets
 from services.exporter.service import export_tag
-from services.launch import TAG_VARIABLE
+from services.launch import SECRET_VARIABLES, TAG_VARIABLE
 from services.runner.supervisor import find_running
 from tests.conftest import RedisServer, wait_for
 from tests.system import System, job_body, read_stream, running, seen
@@ -88,6 +88,7 @@ def test_an_export_a_killed_exporter_left_running_is_stopped_before_it_runs_agai
             lambda: [p for p in exports(output_dir) if p.pid != orphan.pid], 60, "the export to run again"
         )
         assert not orphan.is_running(), "two exports of one directory ran at once"
+        assert not SECRET_VARIABLES & set(again.environ())  # it loads a model: its code runs there
         # And it completes, once
         read_stream(url, seen("export.completed"), last_event_id=first[-1].id)
         types = [e["type"] for e in history(system, job_id)]

@@ -23,7 +23,7 @@ from events.bus import Append, Bus, connect
 from events.consumer import Delivery, GroupConsumer
 from events.keys import EXPORTER_GROUP
 from services.config import Settings
-from services.launch import TAG_VARIABLE
+from services.launch import TAG_VARIABLE, job_environ
 from services.runner.progress import failure_message
 from services.runner.supervisor import find_running, stop_group
 from services.swift import swift_executable
@@ -116,7 +116,7 @@ async def run_logged(argv: list[str], env: dict[str, str]) -> tuple[int, list[st
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **env},
+        env=job_environ(env),  # a model's code runs in it: none of the service's secrets
         start_new_session=True,
     )
     lines: list[str] = []
