@@ -410,8 +410,9 @@ class JobRun:
 
     def _progress(self) -> tuple[list[m.Message], int, list[str], bool]:
         """Progress and checkpoint facts since the last pump, the new offset, all checkpoints,
-        and whether rows were left for the next commit. Every row ms-swift logged is a fact of its own, in the order it was written: the loss
-        curve, the timeline and replay show each step."""
+        and whether rows were left for the next commit. Every row ms-swift logged is a fact of
+        its own, in the order it was written: the loss curve, the timeline and replay show each
+        step."""
         if self.record.deploy:
             return [], self.rows.offset, self.checkpoints, False
         if self.version_dir is None:
