@@ -149,7 +149,9 @@ def read_stream(
                 events.append(sse)
                 if until(events):
                     return events
-            assert time.monotonic() < deadline, f"stream stalled after {[e.event for e in events]}"
+            assert time.monotonic() < deadline, (
+                f"stream stalled after {[e.event for e in events]}; the last: {events[-1].data if events else None}"
+            )
     raise AssertionError(f"stream ended after {[e.event for e in events]}")
 
 
