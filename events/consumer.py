@@ -16,7 +16,7 @@ import anyio
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events.bus import Ack, Append, Bus, Entry
@@ -253,8 +253,8 @@ class GroupConsumer:
             assert self.handler is not None
             try:
                 reply = await self.handler(delivery)
-            except (RedisConnectionError, RedisTimeoutError):
-                raise  # not the entry's fault: the service restarts once Redis is back
+            except (RedisConnectionError, RedisTimeoutError, OutOfMemoryError):
+                raise  # not the entry's fault: the service restarts once Redis is back (or has room)
             except Exception:
                 # Left pending: reclaimed after the idle threshold, dead-lettered when too often.
                 log.exception("handler failed; entry left pending", entry_id=entry.entry_id)

@@ -61,9 +61,11 @@ class Keys:
         """A job's output lines; capped."""
         return f"{self.tag}:logs:{job_id}"
 
-    def run(self, job_id: str) -> str:
-        """The runner's record of a process it started (pid, process group, run dir)."""
-        return f"{self.tag}:run:{job_id}"
+    def run(self, job_id: str, attempt: int | str) -> str:
+        """The runner's record of a process it started (pid, process group, run dir), per
+        attempt: a stale attempt on a node that was lost and the job's next attempt never share
+        one."""
+        return f"{self.tag}:run:{job_id}:{attempt}"
 
     @property
     def leader(self) -> str:

@@ -293,8 +293,10 @@ def _job(state: State, event: m.Message, *allowed: JobStatus) -> Job:
 
 def _is_stale(state: State, job: Job, attempt: int | None) -> bool:
     """A report of an attempt that is not the current one, or of one already ended by a requeue
-    (the job waits for its next attempt: nothing of ours runs it)."""
-    if attempt is not None and (attempt != job.attempt or (job.status in WAITING and job.attempt > 0)):
+    (the job waits for its next attempt: nothing of ours runs it) or by the scheduler (its node
+    was lost with no retries left: the paused node's runner reports on when it comes back)."""
+    ended = job.status in WAITING or job.status in TERMINAL
+    if attempt is not None and (attempt != job.attempt or (ended and job.attempt > 0)):
         state.stale_reports += 1
         return True
     return False

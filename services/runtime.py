@@ -16,6 +16,7 @@ import anyio
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events.bus import Bus, connect
@@ -63,7 +64,10 @@ def configure_logging(settings: Settings, service: str) -> None:
     structlog.contextvars.bind_contextvars(service=service, instance=settings.instance)
 
 
-REDIS_LOST = (RedisConnectionError, RedisTimeoutError, ConnectionError)
+# Redis away (refused, reset, timed out), or full: at maxmemory, with noeviction, it refuses every
+# write while reads go on. Either way a service pauses, and starts its work again once Redis is
+# back and takes writes (a refused script or transaction has no effect, so nothing is half done).
+REDIS_LOST = (RedisConnectionError, RedisTimeoutError, ConnectionError, OutOfMemoryError)
 
 
 GC_THRESHOLDS = (100_000, 50, 100)  # allocations before a young collection; then older ones
@@ -94,22 +98,43 @@ async def wait_for_redis(client: aioredis.Redis, *, timeout_s: float = math.inf)
                 await anyio.sleep(REDIS_RETRY_S)
 
 
+async def beat(bus: Bus, settings: Settings, service: str, started: datetime) -> None:
+    heartbeat = ServiceHeartbeat(
+        service=service,
+        instance=settings.instance,
+        started_at=started,
+        interval_s=settings.heartbeat_interval_s,
+        node=settings.node_name,
+    )
+    await bus.append(bus.keys.telemetry, heartbeat, maxlen=settings.telemetry_maxlen)
+
+
 async def heartbeat_loop(bus: Bus, settings: Settings, service: str) -> None:
     """Tell everyone this instance is alive, every heartbeat interval."""
     started = datetime.now(UTC)
     while True:
-        beat = ServiceHeartbeat(
-            service=service,
-            instance=settings.instance,
-            started_at=started,
-            interval_s=settings.heartbeat_interval_s,
-            node=settings.node_name,
-        )
         try:
-            await bus.append(bus.keys.telemetry, beat, maxlen=settings.telemetry_maxlen)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+            await beat(bus, settings, service, started)
+        except REDIS_LOST as exc:
             structlog.get_logger().warning("heartbeat failed", error=str(exc))
         await anyio.sleep(settings.heartbeat_interval_s)
+
+
+async def wait_for_room(bus: Bus, settings: Settings, service: str) -> None:
+    """Wait until Redis takes writes again (a heartbeat lands): a full Redis answers reads, so
+    work started again at once would only fail again, and count another delivery of every
+    entry it re-reads."""
+    log = structlog.get_logger()
+    for attempt in itertools.count():
+        try:
+            await beat(bus, settings, service, datetime.now(UTC))
+            return
+        except OutOfMemoryError as exc:
+            if attempt % 20 == 0:
+                log.warning("redis is full; waiting for room", error=str(exc))
+            await anyio.sleep(REDIS_RETRY_S)
+        except REDIS_LOST:
+            await wait_for_redis(bus.redis)
 
 
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:
@@ -151,6 +176,8 @@ async def serve(settings: Settings, service: str, main: ServiceMain, *, heartbea
                     finished = True
                 except* REDIS_LOST as lost:
                     log.warning("lost redis; restarting when it is back", error=_first_leaf(lost))
+                    if lost.subgroup(OutOfMemoryError) is not None:
+                        await wait_for_room(bus, settings, service)
             outer.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):

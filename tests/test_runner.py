@@ -162,7 +162,7 @@ async def test_a_stop_that_overtakes_its_start_cancels_the_job_without_running_i
     # Then the job is reported cancelled and nothing was started
     assert isinstance(append.message, m.JobCancelled) and append.message.attempt == 1
     assert runner.runs == {}
-    assert not await bus.redis.exists(bus.keys.run("job-1"))
+    assert not await bus.redis.exists(bus.keys.run("job-1", 1))
 
 
 async def test_a_redelivered_start_adopts_the_process_it_already_started(bus: Bus, tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ async def test_a_redelivered_start_adopts_the_process_it_already_started(bus: Bu
             assert isinstance(outcome, Outcome)
             [append] = outcome.appends
             assert isinstance(append.message, m.JobStarted) and append.message.pid == already.pid
-            assert runner.runs["job-1"].record.pgid == already.pid
+            assert runner.runs[("job-1", 1)].record.pgid == already.pid
             assert not (runner.settings.runs_dir / "job-1" / "attempt-1" / "stdout.log").exists()
     finally:
         os.killpg(already.pid, signal.SIGKILL)
@@ -250,7 +250,7 @@ async def test_gpus_are_released_only_once_nvml_lists_none_of_the_jobs_processes
     def probe(indices: list[int]) -> set[int]:
         nonlocal seen_after_exit
         assert indices == [0]
-        job_pids = runner.runs["job-1"].pids
+        job_pids = runner.runs[("job-1", 1)].pids
         if seen_after_exit:
             seen_after_exit -= 1
             listed.append(set(job_pids))
@@ -270,7 +270,7 @@ async def test_gpus_are_released_only_once_nvml_lists_none_of_the_jobs_processes
         assert isinstance(outcome, Outcome) and outcome.committed is not None
         outcome.committed.set()
         with anyio.fail_after(30):
-            while "job-1" in runner.runs:
+            while ("job-1", 1) in runner.runs:
                 await anyio.sleep(0.05)
     assert seen_after_exit == 0 and all(listed)  # it waited through every listing of its processes
     [(_, final)] = await bus.redis.xrange(bus.keys.events)

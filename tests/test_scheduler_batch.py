@@ -219,6 +219,34 @@ def test_a_runner_heard_in_an_earlier_term_gets_a_full_timeout_when_the_schedule
     assert harness.state.nodes["a"].up and scheduler.runner_heard["a"] > long_ago
 
 
+def test_a_spell_in_which_no_one_could_write_is_no_ones_silence_but_a_node_silent_alone_is_lost() -> None:
+    # Given both nodes heard from
+    harness = Harness()
+    harness.read([harness.heartbeat(node, 0) for node in sorted(NODES)], conflict=False)
+    scheduler = harness.scheduler
+    timeout_s = harness.settings.node_timeout_s
+    start = datetime.now(UTC)
+
+    def gateway_beat(after_s: float) -> list[object]:
+        at = start + timedelta(seconds=after_s)
+        beat = m.ServiceHeartbeat(service="gateway", instance="g", started_at=start, interval_s=2)
+        entry_id = f"{int(at.timestamp() * 1000)}-0"
+        decided, _ = scheduler.decide(Delivery(harness.keys.telemetry, entry_id, beat, 1), at)
+        return [append.message for append in decided]
+
+    # When nothing at all lands in the telemetry stream for twice the node timeout (Redis full)
+    # and then the first heartbeat does
+    assert gateway_beat(2 * timeout_s) == []
+    # Then no node is lost for that spell
+    assert all(node.up for node in harness.state.nodes.values())
+    # But heard from no more while others are, for the node timeout, they are
+    after_s = 2 * timeout_s
+    while not (lost := gateway_beat(after_s)):
+        after_s += harness.settings.heartbeat_interval_s
+        assert after_s < 4 * timeout_s, "the silent nodes were never lost"
+    assert any(isinstance(fact, m.NodeLost) for fact in lost)
+
+
 command = st.one_of(
     submit,
     st.tuples(st.sampled_from(["cancel", "release"]), st.integers(0, 30)),

@@ -133,6 +133,25 @@ def test_reports_from_a_superseded_attempt_are_ignored() -> None:
     assert log.state.stale_reports == 1
 
 
+def test_late_reports_of_an_attempt_failed_with_its_lost_node_are_ignored() -> None:
+    # Given a running job failed by the scheduler when its node was lost (no retries left)
+    log = Log()
+    log.add(node())
+    submit(log, "j")
+    log.add(m.JobScheduled(job_id="j", node="n1", gpu_ids=[0], attempt=1), started("j"))
+    log.add(m.JobFailed(job_id="j", attempt=1, reason="node_lost"), m.NodeLost(node="n1"))
+    # When the node's runner comes back and reports what its attempt did meanwhile
+    log.add(
+        m.JobProgress(job_id="j", attempt=1, step=3, max_steps=9),
+        m.CheckpointSaved(job_id="j", attempt=1, step=3, path="/c/checkpoint-3"),
+        m.JobFailed(job_id="j", attempt=1, reason="killed"),
+    )
+    # Then the reports are ignored as stale, not refused as illegal: the job stays as it ended
+    job = log.state.jobs["j"]
+    assert (job.status, job.reason, job.checkpoints) == (JobStatus.failed, "node_lost", [])
+    assert log.state.stale_reports == 3
+
+
 def test_cancel_of_a_queued_job_and_rejection_are_terminal() -> None:
     log = Log()
     submit(log, "a")

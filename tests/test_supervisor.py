@@ -62,7 +62,7 @@ async def test_a_job_that_ends_while_the_runners_main_starts_again_is_reported_w
         outcome = await runner.handle(Delivery("stream", "1-0", start, 1))
         assert isinstance(outcome, Outcome) and outcome.committed is not None
         outcome.committed.set()
-        pid = runner.runs["job-1"].record.pid
+        pid = runner.runs[("job-1", 1)].record.pid
         # When the runner's main ends, as it does when Redis goes away, while the job runs
         tg.cancel_scope.cancel()
     # And the job ends before the main starts again: it waits, a zombie, for its parent
@@ -79,7 +79,7 @@ async def test_a_job_that_ends_while_the_runners_main_starts_again_is_reported_w
         tg.cancel_scope.cancel()
     assert isinstance(final, m.JobFailed) and final.exit_code == 3
     assert not psutil.pid_exists(pid)  # reaped
-    assert not await bus.redis.exists(bus.keys.run("job-1"))
+    assert not await bus.redis.exists(bus.keys.run("job-1", 1))
 
 
 async def test_every_logged_row_is_a_progress_fact_in_order_with_eval_rows_kept(bus: Bus, tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ async def test_a_long_backlog_of_rows_is_reported_whole_in_several_commits(bus: 
     await JobRun(bus, record, log_maxlen=100, stop_grace_s=1).pump()
     # Then every one is reported, in order, and the stored offset is the file's end
     assert [p.step for p in await facts(bus, total)] == list(range(1, total + 1))  # type: ignore[attr-defined]
-    saved = await bus.redis.hgetall(bus.keys.run("job-1"))
+    saved = await bus.redis.hgetall(bus.keys.run("job-1", 1))
     assert int(saved["jsonl_offset"]) == (version_dir / "logging.jsonl").stat().st_size
     assert JsonlTail(version_dir / "logging.jsonl", int(saved["jsonl_offset"])).peek() == (
         [],

@@ -6,6 +6,7 @@ and reports the ones that ended while no runner watched them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from anyio.abc import TaskGroup
 
 from events import messages as m
 from events.bus import Append, Bus, connect
+from events.codec import DecodeError, decode
 from events.consumer import Delivery, GroupConsumer, Outcome
 from events.keys import RUNNER_GROUP
 from services.config import Settings
@@ -41,6 +43,8 @@ from services.swift import swift_executable
 
 log = structlog.get_logger("runner")
 
+STOP_LOOKAHEAD = 500  # entries of the node's stream read at a time, looking for a later stop
+
 
 def free_port(ports: range, taken: set[int]) -> int:
     """A port of the deploy pool that no job of ours holds and nothing else listens on."""
@@ -62,7 +66,9 @@ class Runner:
         self.bus = bus
         self.tg = tg
         self.gpu_probe = gpu_probe
-        self.runs: dict[str, JobRun] = {}
+        # (job id, attempt) -> its run: a stale attempt of a job (its node was lost and is back)
+        # and the job's next one, on this node, are two runs
+        self.runs: dict[tuple[str, int], JobRun] = {}
 
     def _track(
         self, record: RunRecord, saved: dict[str, str] | None = None, process: subprocess.Popen[bytes] | None = None
@@ -76,7 +82,7 @@ class Runner:
             process=process,
             gpu_probe=self.gpu_probe,
         )
-        self.runs[record.job_id] = run
+        self.runs[(record.job_id, record.attempt)] = run
 
         async def supervise() -> None:
             try:
@@ -88,7 +94,7 @@ class Runner:
                 # running and its run record kept, so a restarted runner adopts it again.
                 log.exception("supervising the job failed", job_id=record.job_id)
             finally:
-                self.runs.pop(record.job_id, None)
+                self.runs.pop((record.job_id, record.attempt), None)
 
         self.tg.start_soon(supervise)
         return run
@@ -96,13 +102,16 @@ class Runner:
     async def adopt(self) -> None:
         """Take over the jobs a previous runner on this node started. They report nothing until
         release_adopted(): a start still pending must first land its job.started."""
-        async for key in self.bus.redis.scan_iter(match=self.bus.keys.run("*"), count=500):
+        every_run = self.bus.keys.run("*", "*").removesuffix(":*")  # older runners kept one per job
+        async for key in self.bus.redis.scan_iter(match=every_run, count=500):
             fields = await self.bus.redis.hgetall(key)
             if "record" not in fields:  # only a stop that arrived before its start
                 continue
             record = RunRecord.from_redis(fields)
-            if record.node != self.settings.node_name or record.job_id in self.runs:
+            if record.node != self.settings.node_name or (record.job_id, record.attempt) in self.runs:
                 continue
+            if key != self.bus.keys.run(record.job_id, record.attempt):
+                await self.bus.redis.rename(key, self.bus.keys.run(record.job_id, record.attempt))
             log.info("adopting job", job_id=record.job_id, pid=record.pid)
             self._track(record, fields)
 
@@ -114,30 +123,32 @@ class Runner:
     async def handle(self, delivery: Delivery) -> Sequence[Append] | Outcome | None:
         message = delivery.message
         if isinstance(message, m.StartJob):
-            return await self.start(message)
+            return await self.start(message, delivery)
         if isinstance(message, m.StopJob):
-            run = self.runs.get(message.job_id or "")
-            if run is not None and run.record.attempt == message.attempt:
+            run = self.runs.get((message.job_id or "", message.attempt))
+            if run is not None:
                 await run.request_stop(message.reason)
-            elif run is None:
+            else:
                 # Its start has not been handled (it failed and waits to be retried): remember
                 # the stop, so that the start reports the job cancelled instead of running it.
                 await self.bus.redis.hset(
-                    self.bus.keys.run(message.job_id or ""),
+                    self.bus.keys.run(message.job_id or "", message.attempt),
                     mapping={"stop_reason": message.reason, "stop_attempt": message.attempt},
                 )
             return None
         log.warning("unexpected command for the runner", type=message.type)
         return None
 
-    async def start(self, command: m.StartJob) -> Outcome | Sequence[Append]:
+    async def start(self, command: m.StartJob, delivery: Delivery) -> Outcome | Sequence[Append]:
         job_id = command.job_id or ""
-        run = self.runs.get(job_id)
-        if run is None or run.record.attempt != command.attempt:
-            key = self.bus.keys.run(job_id)
+        run = self.runs.get((job_id, command.attempt))
+        if run is None:
+            key = self.bus.keys.run(job_id, command.attempt)
             early = await self.bus.redis.hgetall(key)
             end = {"id": f"{job_id}-{command.attempt}-final", "job_id": job_id, "attempt": command.attempt}
-            if early.get("stop_attempt") == str(command.attempt) and "record" not in early:
+            stop = early.get("stop_reason") if early.get("stop_attempt") == str(command.attempt) else None
+            stop = stop or await self._stop_follows(delivery, command)
+            if stop and "record" not in early and not await self._running(command):
                 await self.bus.redis.delete(key)
                 return [Append(self.bus.keys.events, m.JobCancelled(**end))]
             try:
@@ -152,9 +163,32 @@ class Runner:
                 return [Append(self.bus.keys.events, failed)]
             await self.bus.redis.hset(key, mapping=record.to_redis())
             run = self._track(record, process=process)
+            if stop:  # a process of the attempt ran already (its start was never recorded)
+                await run.request_stop(stop)
         recorded = await anyio.to_thread.run_sync(recorded_command, run.record)
         started = started_event(run.record, recorded, ",".join(str(i) for i in command.gpu_ids))
         return Outcome([Append(self.bus.keys.events, started)], committed=run.committed)
+
+    async def _stop_follows(self, delivery: Delivery, command: m.StartJob) -> str | None:
+        """The reason of a stop of this attempt that the node's stream already holds after its
+        start: the scheduler gave up on the attempt before it was started (its node was declared
+        lost while this runner was paused or cut off, or the job was cancelled), and starting it
+        now would run the job twice."""
+        after = f"({delivery.entry_id}"
+        while page := await self.bus.redis.xrange(delivery.stream, after, "+", count=STOP_LOOKAHEAD):
+            for _, fields in page:
+                if fields.get("type") == "job.stop" and fields.get("job_id") == command.job_id:
+                    with contextlib.suppress(DecodeError):
+                        stop = decode(fields)
+                        if isinstance(stop, m.StopJob) and stop.attempt == command.attempt:
+                            return stop.reason
+            after = f"({page[-1][0]}"
+        return None
+
+    async def _running(self, command: m.StartJob) -> bool:
+        """Whether a process of the attempt runs (started before a crash, never recorded)."""
+        tag = job_tag(command.job_id or "", command.attempt)
+        return await anyio.to_thread.run_sync(find_running, tag) is not None
 
     def _deploy_port(self) -> int:
         taken = {

@@ -302,7 +302,7 @@ class JobRun:
         if self.stop_reason is not None:
             return
         # Recorded first: a runner that adopts the job after a crash knows why it ends.
-        await self.bus.redis.hset(self.bus.keys.run(self.record.job_id), "stop_reason", reason)
+        await self.bus.redis.hset(self.bus.keys.run(self.record.job_id, self.record.attempt), "stop_reason", reason)
         self.stop_reason = reason
         self.stop_requested.set()
         log.info("stopping job", job_id=self.record.job_id, reason=reason)
@@ -393,7 +393,7 @@ class JobRun:
             if facts:
                 await self.bus.append_events(facts, client=pipe)
             pipe.hset(
-                self.bus.keys.run(self.record.job_id),
+                self.bus.keys.run(self.record.job_id, self.record.attempt),
                 mapping={
                     "stdout_offset": out_end,
                     "stderr_offset": err_end,
@@ -467,7 +467,7 @@ class JobRun:
         # The final fact has a fixed id: reporting it twice (a crash before the record is deleted)
         # appends it once.
         await self.bus.commit([Append(self.bus.keys.events, final)], dedupe_id=f"fact:{final.id}")
-        await self.bus.redis.delete(self.bus.keys.run(self.record.job_id))
+        await self.bus.redis.delete(self.bus.keys.run(self.record.job_id, self.record.attempt))
         CHILDREN.forget(self.record.pid)
         log.info("job ended", job_id=self.record.job_id, outcome=final.type, exit_code=exit_code)
 

@@ -145,6 +145,7 @@ class Scheduler:
         self.last_heard: dict[str, datetime] = {}
         self.runner_heard: dict[str, datetime] = {}  # node -> when its runner was last heard
         self.heartbeat_ids: dict[str, tuple[int, int]] = {}  # node -> entry id of its kept heartbeat
+        self.telemetry_at: datetime | None = None  # arrival of the newest telemetry entry read
         self.redis_clock_behind = timedelta(0)  # this scheduler's clock minus Redis's
         self.own: deque[str] = deque()  # ids of facts committed here, not yet read back
         self.unacked: list[Ack] = []  # entries read and done with, whose acknowledgement waits
@@ -218,6 +219,21 @@ class Scheduler:
         a full timeout from now: this scheduler has not heard anyone in this term yet."""
         self.last_heard = {name: now for name, node in self.state.nodes.items() if node.up}
         self.runner_heard = dict.fromkeys(self.runner_heard, now)
+        self.telemetry_at = None
+
+    def credit_quiet(self, entry_id: str, now: datetime) -> None:
+        """A spell in which no one at all was heard (Redis refused every write while full, or
+        stalled) is no one's silence: every node and runner is credited with it, so that Redis
+        taking writes again does not read as lost nodes. Heartbeats of every process land every
+        interval; a gap of more than two means nobody could write."""
+        arrived = min(now, entry_time(entry_id) + self.redis_clock_behind)
+        interval = timedelta(seconds=self.settings.heartbeat_interval_s)
+        if self.telemetry_at is not None and arrived - self.telemetry_at > 2 * interval:
+            quiet = arrived - self.telemetry_at - interval
+            log.warning("no one was heard for a while; their silence does not count", quiet_s=quiet.total_seconds())
+            self.last_heard = {node: heard + quiet for node, heard in self.last_heard.items()}
+            self.runner_heard = {node: heard + quiet for node, heard in self.runner_heard.items()}
+        self.telemetry_at = max(arrived, self.telemetry_at or arrived)
 
     def _pass(self, cause: m.Message) -> list[Append]:
         return rules.schedule(self.state, self.keys, self.heartbeats, self.limits, datetime.now(UTC), cause)
@@ -226,6 +242,8 @@ class Scheduler:
         """What a delivery decides directly, and the cause of the scheduling pass it calls for
         (None: no pass, or one is part of the decision already)."""
         message = delivery.message
+        if delivery.stream == self.keys.telemetry:
+            self.credit_quiet(delivery.entry_id, now)
         stale_beat = isinstance(message, m.NodeHeartbeat) and not self._newest(message.node, delivery.entry_id)
         if isinstance(message, m.NodeHeartbeat) and not stale_beat:
             # Aged by when it reached Redis (its entry id, on this scheduler's clock), one clock

@@ -1,0 +1,93 @@
+"""The chaos run at a small size with a fixed seed (`python -m tests.chaos` runs the full size),
+and the faults it found, one by one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from events import messages as m
+from events.bus import Bus
+from events.codec import encode
+from events.consumer import Delivery
+from services.runner.supervisor import RunRecord
+from tests.chaos import FAULTS, Chaos, Cluster, Config, PlannedJob, Tally, job_request, prepare, run
+from tests.conftest import wait_for
+from tests.test_runner import running, start_command
+
+
+@pytest.mark.e2e
+def test_a_seeded_chaos_run_loses_nothing_runs_nothing_twice_and_the_audit_passes(tmp_path: Path) -> None:
+    # Given the whole system under a workload, while every kind of fault is injected once
+    report = run(Config(jobs=24, seed=7, faults=len(FAULTS), span_s=45), tmp_path, progress=print)
+    print(report.table())
+    # Then every fault was recovered from, no job was lost, run twice or given a GPU held by
+    # another, nothing exited by itself, and `audit verify` and `audit check` pass
+    assert {fault.kind for fault in report.injected} == set(FAULTS)
+    assert report.ok, report.table()
+    assert report.verdict.accepted >= 24 and report.verdict.outcomes["job.succeeded"] > 0
+    assert report.tally.refused_while_full and set(report.tally.refused_while_full) == {503}
+
+
+def ended_in_ledger(ledger: Path, job_id: str) -> bool:
+    rows = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
+    return any(row["event"] == "end" and row["tag"].startswith(f"{job_id}:") for row in rows)
+
+
+@pytest.mark.e2e
+def test_a_full_redis_is_a_503_and_a_pause_not_a_crash_and_a_job_that_ended_meanwhile_is_reported(
+    tmp_path: Path,
+) -> None:
+    prepare(tmp_path)
+    config = Config(jobs=0)
+    cluster = Cluster(tmp_path, config)
+    cluster.start()
+    chaos = Chaos(cluster, config, Tally())
+    base = cluster.sys.base
+    try:
+        # Given a job training
+        body = job_request(tmp_path, PlannedJob(0, 0, 5, 1, 30, 10, False, 0))
+        job_id = httpx.post(f"{base}/jobs", json=body).json()["job_id"]
+        wait_for(lambda: httpx.get(f"{base}/jobs/{job_id}").json()["status"] == "running", 30, "the job to run")
+        # When Redis fills up to its maxmemory, and stays full until the trainer has finished
+        chaos.fill()
+        refused = httpx.post(f"{base}/jobs", json=body)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+        wait_for(lambda: ended_in_ledger(cluster.ledger, job_id), 30, "the trainer to finish")
+        cluster.check_alive()
+        assert not cluster.unexpected_exits, cluster.unexpected_exits
+        chaos.free()
+        # Then no process exited, and the job is reported completed once Redis has room again
+        wait_for(lambda: httpx.get(f"{base}/jobs/{job_id}").json()["status"] == "completed", 30, "the job's end")
+        cluster.sys.wait_healthy(timeout_s=30)
+        cluster.check_alive()
+        assert not cluster.unexpected_exits, cluster.unexpected_exits
+    finally:
+        chaos.close()
+        cluster.stop()
+
+
+async def test_a_start_the_stream_already_revokes_is_not_run_and_leaves_the_next_attempt_alone(
+    bus: Bus, tmp_path: Path
+) -> None:
+    # Given the job's attempt 2 running on node n2, as its run record says
+    elsewhere = RunRecord("job-1", 2, "n2", 4242, 4242, str(tmp_path / "n2"), str(tmp_path / "n2"), 0.0, False)
+    await bus.redis.hset(bus.keys.run("job-1", 2), mapping=elsewhere.to_redis())
+    # And node n1's stream with attempt 1's start and, after it, its stop: n1 was declared lost
+    # while its runner was paused, before it took the start
+    command = start_command(tmp_path)
+    stream = bus.keys.node("n1")
+    start_id = await bus.redis.xadd(stream, encode(command))
+    await bus.redis.xadd(stream, encode(m.StopJob(job_id="job-1", attempt=1, reason="preempt")))
+    async with running(bus, tmp_path) as runner:
+        # When n1's runner comes back and takes the start
+        [append] = await runner.handle(Delivery(stream, start_id, command, 1))  # type: ignore[misc]
+    # Then attempt 1 is reported ended, no process was started for it, and attempt 2's record
+    # is as it was
+    assert isinstance(append.message, m.JobCancelled) and append.message.attempt == 1
+    assert runner.runs == {}
+    assert not (tmp_path / "data" / "runs" / "job-1").exists()
+    assert RunRecord.from_redis(await bus.redis.hgetall(bus.keys.run("job-1", 2))) == elsewhere
