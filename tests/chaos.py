@@ -459,6 +459,7 @@ class Chaos:
     def pause_node(self, node: str) -> str:
         since = self.log_end()
         pids = self.cluster.node_processes(node)
+        paused = time.monotonic()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
@@ -473,7 +474,7 @@ class Chaos:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
-        return f"{len(pids) - 2} trainers paused; lost ({lost.reason})"
+        return f"{len(pids) - 2} trainers paused; lost ({lost.reason}) after {time.monotonic() - paused:.1f} s"
 
     def fill_redis(self, hold_s: float) -> str:
         """Fill Redis to its maxmemory; submit meanwhile (every answer must be a 503); then free
@@ -808,7 +809,8 @@ class Report:
     def table(self) -> str:
         lines = [
             f"chaos run: {self.config.jobs} jobs, seed {self.config.seed}, {len(self.injected)} faults, "
-            f"{self.duration_s:.0f} s",
+            f"{self.duration_s:.0f} s (2 nodes of {GPUS_PER_NODE} GPUs; NODE_TIMEOUT_S={self.config.node_timeout_s:g}, "
+            f"HEARTBEAT_INTERVAL_S={self.config.heartbeat_interval_s:g}, LEADER_LEASE_MS={self.config.leader_lease_ms})",
             "",
             f"{'fault':<18} {'count':>5} {'recovery p50':>13} {'p99':>8} {'max':>8}",
         ]
@@ -839,7 +841,7 @@ class Report:
             + (f"  {(v.double_booked + v.gpu_shared)[:5]}" if v.double_booked or v.gpu_shared else ""),
             f"{'exports run twice at once':<44} {len(v.exports_twice)}",
             f"{'facts the fold refuses':<44} {len(v.illegal)}" + (f"  {v.illegal[:3]}" if v.illegal else ""),
-            f"{'stale attempts running on after node loss':<44} {len(v.fenced)}"
+            f"{'stale attempts alive beside the next (node lost)':<44} {len(v.fenced)}"
             + (f"  {v.fenced[:3]}" if v.fenced else ""),
             f"{'dead-lettered entries':<44} {v.dead_letters}",
             f"{'processes that exited by themselves':<44} {len(self.unexpected_exits)}"

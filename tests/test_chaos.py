@@ -3,18 +3,37 @@ and the faults it found, one by one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
 from events import messages as m
 from events.bus import Bus
 from events.codec import encode
-from events.consumer import Delivery
+from events.consumer import Delivery, Outcome
+from events.params import LanguageModelJob
+from services.config import load_settings
+from services.runner.service import Runner
 from services.runner.supervisor import RunRecord
-from tests.chaos import FAULTS, Chaos, Cluster, Config, PlannedJob, Tally, job_request, prepare, run
+from tests.chaos import (
+    FAULTS,
+    Chaos,
+    Cluster,
+    Config,
+    PlannedJob,
+    Tally,
+    job_request,
+    prepare,
+    run,
+    stand_in_swift,
+)
 from tests.conftest import wait_for
 from tests.test_runner import running, start_command
 
@@ -33,8 +52,7 @@ def test_a_seeded_chaos_run_loses_nothing_runs_nothing_twice_and_the_audit_passe
 
 
 def ended_in_ledger(ledger: Path, job_id: str) -> bool:
-    rows = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
-    return any(row["event"] == "end" and row["tag"].startswith(f"{job_id}:") for row in rows)
+    return bool(ledger_rows(ledger, "end", job_id))
 
 
 @pytest.mark.e2e
@@ -91,3 +109,64 @@ async def test_a_start_the_stream_already_revokes_is_not_run_and_leaves_the_next
     assert runner.runs == {}
     assert not (tmp_path / "data" / "runs" / "job-1").exists()
     assert RunRecord.from_redis(await bus.redis.hgetall(bus.keys.run("job-1", 2))) == elsewhere
+
+
+async def test_a_start_waits_until_an_attempt_told_to_stop_has_left_its_gpus(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    monkeypatch.setenv("CHAOS_LEDGER", str(ledger))
+    monkeypatch.setenv("CHAOS_STEP_S", "0.3")
+    settings = load_settings(
+        namespace=bus.keys.namespace,
+        data_dir=tmp_path / "data",
+        path_roots=str(tmp_path),
+        node_name="n1",
+        swift_bin=str(stand_in_swift(tmp_path)),
+    )
+    prepare(tmp_path)
+
+    def start(job_id: str) -> m.StartJob:
+        spec = LanguageModelJob.model_validate(job_request(tmp_path, PlannedJob(0, 0, 5, 1, 1000, 1000, False, 0)))
+        return m.StartJob(job_id=job_id, attempt=1, node="n1", gpu_ids=[0], spec=spec)
+
+    async def started(runner: Runner, entry_id: str, job_id: str) -> None:
+        """Hand a start to the runner, and wait until the trainer it starts is up."""
+        outcome = await runner.handle(Delivery("s", entry_id, start(job_id), 1))
+        assert isinstance(outcome, Outcome) and outcome.committed is not None
+        outcome.committed.set()
+        with anyio.fail_after(30):
+            while not ledger_rows(ledger, "start", job_id):
+                await anyio.sleep(0.05)
+
+    async with anyio.create_task_group() as tg, trainers_killed(ledger):
+        runner = Runner(settings, bus, tg)
+        # Given an attempt training on GPU 0, told to stop: its node was lost and is back, and
+        # GPU 0 went to another job meanwhile
+        await started(runner, "1-0", "stale")
+        await runner.handle(Delivery("s", "2-0", m.StopJob(job_id="stale", attempt=1, reason="preempt"), 1))
+        # When the other job's start for GPU 0 arrives
+        await started(runner, "3-0", "next")
+        tg.cancel_scope.cancel()
+    # Then its process started only once the stopped attempt's had exited
+    [stale_end] = ledger_rows(ledger, "end", "stale")
+    [next_start] = ledger_rows(ledger, "start", "next")
+    assert stale_end["stopped"] and stale_end["t"] <= next_start["t"]
+
+
+def ledger_rows(ledger: Path, event: str, job_id: str | None = None) -> list[dict[str, object]]:
+    """What the stand-in trainers recorded: ``event`` rows, of one job's processes or all."""
+    rows = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
+    return [row for row in rows if row["event"] == event and job_id in (None, str(row["tag"]).split(":")[0])]
+
+
+@contextlib.asynccontextmanager
+async def trainers_killed(ledger: Path) -> AsyncIterator[None]:
+    """The stand-in trainers a test's runner started are killed when it ends (a runner leaves
+    its jobs running when it stops)."""
+    try:
+        yield
+    finally:
+        for row in ledger_rows(ledger, "start"):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(str(row["pid"])), signal.SIGKILL)

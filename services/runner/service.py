@@ -28,6 +28,7 @@ from services.launch import build_launch
 from services.nvml import NvmlSource
 from services.paths import PathOutsideRoots, check_spec_paths, make_dir_inside
 from services.runner.supervisor import (
+    GROUP_EXIT_TIMEOUT_S,
     GpuProbe,
     JobRun,
     RunRecord,
@@ -69,6 +70,7 @@ class Runner:
         # (job id, attempt) -> its run: a stale attempt of a job (its node was lost and is back)
         # and the job's next one, on this node, are two runs
         self.runs: dict[tuple[str, int], JobRun] = {}
+        self.ended: dict[tuple[str, int], anyio.Event] = {}  # set when a run's supervision ends
 
     def _track(
         self, record: RunRecord, saved: dict[str, str] | None = None, process: subprocess.Popen[bytes] | None = None
@@ -83,6 +85,7 @@ class Runner:
             gpu_probe=self.gpu_probe,
         )
         self.runs[(record.job_id, record.attempt)] = run
+        ended = self.ended[(record.job_id, record.attempt)] = anyio.Event()
 
         async def supervise() -> None:
             try:
@@ -95,6 +98,8 @@ class Runner:
                 log.exception("supervising the job failed", job_id=record.job_id)
             finally:
                 self.runs.pop((record.job_id, record.attempt), None)
+                self.ended.pop((record.job_id, record.attempt), None)
+                ended.set()
 
         self.tg.start_soon(supervise)
         return run
@@ -151,6 +156,7 @@ class Runner:
             if stop and "record" not in early and not await self._running(command):
                 await self.bus.redis.delete(key)
                 return [Append(self.bus.keys.events, m.JobCancelled(**end))]
+            await self._gpus_left(command)
             try:
                 record, process = await anyio.to_thread.run_sync(self._launch, command)
             except PathOutsideRoots as exc:
@@ -184,6 +190,18 @@ class Runner:
                             return stop.reason
             after = f"({page[-1][0]}"
         return None
+
+    async def _gpus_left(self, command: m.StartJob) -> None:
+        """Wait until no other run here uses the attempt's GPUs: an attempt of this node from
+        before it was lost (it was told to stop first) may still be stopping on them, saving
+        its checkpoint, for up to its grace period."""
+        wanted = {str(index) for index in command.gpu_ids}
+        with anyio.move_on_after(self.settings.stop_grace_s + GROUP_EXIT_TIMEOUT_S):
+            while busy := [key for key, run in self.runs.items() if wanted & set(run.record.gpus.split(","))]:
+                log.info("waiting for a run to leave the job's GPUs", job_id=command.job_id, run=busy[0])
+                await self.ended[busy[0]].wait()
+            return
+        log.warning("another run still uses the job's GPUs; starting it anyway", job_id=command.job_id)
 
     async def _running(self, command: m.StartJob) -> bool:
         """Whether a process of the attempt runs (started before a crash, never recorded)."""
