@@ -630,6 +630,7 @@ class Verdict:
 
     accepted: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)  # reason -> jobs failed for it
     lost: list[str] = field(default_factory=list)  # accepted (or acknowledged), never ended
     exports_lost: list[str] = field(default_factory=list)
     run_twice: list[str] = field(default_factory=list)  # in the log
@@ -697,6 +698,8 @@ def check_log(entries: list[tuple[str, m.Message]], acknowledged: set[str], verd
             if job not in ended:
                 ended.add(job)
                 verdict.outcomes[event.type] += 1
+                if isinstance(event, (m.JobFailed, m.JobRejected)):
+                    verdict.failures[event.reason] += 1
             if isinstance(event, m.JobFailed) and event.reason in ("node_lost", "runner_lost"):
                 fenced.add((job, attempt or 0))
         elif isinstance(event, m.ExportRequested):
@@ -829,7 +832,7 @@ class Report:
             "",
             f"jobs accepted {v.accepted} ({len(self.tally.acknowledged)} of the workload, "
             f"{len(self.tally.probes)} probes): {outcomes}; {v.requeued} attempts requeued; "
-            f"{v.processes} trainer processes; {v.exports} exports",
+            f"{v.processes} trainer processes; {v.exports} exports; failed for {dict(v.failures)}",
             f"submits while Redis was full: {dict(self.tally.refused_while_full)}; "
             f"answers seen: {dict(sorted(self.tally.statuses.items()))}; unanswered {self.tally.unanswered}",
             "",

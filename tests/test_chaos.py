@@ -16,7 +16,7 @@ import pytest
 
 from events import messages as m
 from events.bus import Bus
-from events.codec import encode
+from events.codec import decode, encode
 from events.consumer import Delivery, Outcome
 from events.params import LanguageModelJob
 from services.config import load_settings
@@ -114,40 +114,12 @@ async def test_a_start_the_stream_already_revokes_is_not_run_and_leaves_the_next
 async def test_a_start_waits_until_an_attempt_told_to_stop_has_left_its_gpus(
     bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ledger = tmp_path / "ledger.jsonl"
-    monkeypatch.setenv("CHAOS_LEDGER", str(ledger))
-    monkeypatch.setenv("CHAOS_STEP_S", "0.3")
-    settings = load_settings(
-        namespace=bus.keys.namespace,
-        data_dir=tmp_path / "data",
-        path_roots=str(tmp_path),
-        node_name="n1",
-        swift_bin=str(stand_in_swift(tmp_path)),
-    )
-    prepare(tmp_path)
-
-    def start(job_id: str) -> m.StartJob:
-        spec = LanguageModelJob.model_validate(job_request(tmp_path, PlannedJob(0, 0, 5, 1, 1000, 1000, False, 0)))
-        return m.StartJob(job_id=job_id, attempt=1, node="n1", gpu_ids=[0], spec=spec)
-
-    async def started(runner: Runner, entry_id: str, job_id: str) -> None:
-        """Hand a start to the runner, and wait until the trainer it starts is up."""
-        outcome = await runner.handle(Delivery("s", entry_id, start(job_id), 1))
-        assert isinstance(outcome, Outcome) and outcome.committed is not None
-        outcome.committed.set()
-        with anyio.fail_after(30):
-            while not ledger_rows(ledger, "start", job_id):
-                await anyio.sleep(0.05)
-
-    async with anyio.create_task_group() as tg, trainers_killed(ledger):
-        runner = Runner(settings, bus, tg)
+    async with stand_in_runner(bus, tmp_path, monkeypatch, step_s=0.3) as (runner, ledger):
         # Given an attempt training on GPU 0, told to stop: its node was lost and is back, and
         # GPU 0 went to another job meanwhile
-        await started(runner, "1-0", "stale")
-        await runner.handle(Delivery("s", "2-0", m.StopJob(job_id="stale", attempt=1, reason="preempt"), 1))
+        await stopping(runner, tmp_path, ledger, "stale")
         # When the other job's start for GPU 0 arrives
-        await started(runner, "3-0", "next")
-        tg.cancel_scope.cancel()
+        await started(runner, stand_in_start(tmp_path, "next", 1, gpu=0, steps=1000), ledger)
     # Then its process started only once the stopped attempt's had exited
     [stale_end] = ledger_rows(ledger, "end", "stale")
     [next_start] = ledger_rows(ledger, "start", "next")
@@ -170,3 +142,70 @@ async def trainers_killed(ledger: Path) -> AsyncIterator[None]:
         for row in ledger_rows(ledger, "start"):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(str(row["pid"])), signal.SIGKILL)
+
+
+async def test_an_attempt_reports_from_its_own_run_directory_not_from_the_one_its_stopped_predecessor_just_wrote(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with stand_in_runner(bus, tmp_path, monkeypatch, step_s=0.05) as (runner, ledger):
+        # Given attempt 1 stopped (its node was lost): it saves a checkpoint in its run directory
+        # on the way out
+        await stopping(runner, tmp_path, ledger, "job-1")
+        with anyio.fail_after(30):
+            await runner.ended[("job-1", 1)].wait()
+        # When attempt 2 starts at once, in the same output directory, and trains to the end
+        await started(runner, stand_in_start(tmp_path, "job-1", 2, gpu=1, steps=5), ledger)
+        with anyio.fail_after(30):
+            while ("job-1", 2) in runner.runs:
+                await anyio.sleep(0.05)
+    # Then it is reported as it ended, from its own run directory: succeeded, at its last step
+    reports = [decode(fields) for _, fields in await bus.redis.xrange(bus.keys.events)]
+    final = [r for r in reports if r.type in ("job.succeeded", "job.failed") and getattr(r, "attempt", 0) == 2]
+    assert [r.type for r in final] == ["job.succeeded"]
+    [row] = ledger_rows(ledger, "start", "job-1")[1:]
+    steps = [r.step for r in reports if isinstance(r, m.JobProgress) and r.attempt == 2]
+    assert steps == [1, 2, 3, 4, 5] and final[0].run_dir == row["output_dir"]  # type: ignore[attr-defined]
+
+
+@contextlib.asynccontextmanager
+async def stand_in_runner(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, step_s: float
+) -> AsyncIterator[tuple[Runner, Path]]:
+    """A runner of node n1 whose `swift` is the chaos run's stand-in trainer, and the ledger its
+    trainers write; the trainers are killed, and its supervising tasks end, with the block."""
+    ledger = tmp_path / "ledger.jsonl"
+    monkeypatch.setenv("CHAOS_LEDGER", str(ledger))
+    monkeypatch.setenv("CHAOS_STEP_S", str(step_s))
+    prepare(tmp_path)
+    settings = load_settings(
+        namespace=bus.keys.namespace,
+        data_dir=tmp_path / "data",
+        path_roots=str(tmp_path),
+        node_name="n1",
+        swift_bin=str(stand_in_swift(tmp_path)),
+    )
+    async with anyio.create_task_group() as tg, trainers_killed(ledger):
+        yield Runner(settings, bus, tg), ledger
+        tg.cancel_scope.cancel()
+
+
+def stand_in_start(tmp_path: Path, job_id: str, attempt: int, *, gpu: int, steps: int) -> m.StartJob:
+    spec = LanguageModelJob.model_validate(job_request(tmp_path, PlannedJob(0, 0, 5, 1, steps, steps, False, 0)))
+    return m.StartJob(job_id=job_id, attempt=attempt, node="n1", gpu_ids=[gpu], spec=spec)
+
+
+async def started(runner: Runner, command: m.StartJob, ledger: Path) -> None:
+    """Hand a start to the runner, and wait until the trainer it starts is up."""
+    outcome = await runner.handle(Delivery("s", f"{command.attempt}-0", command, 1))
+    assert isinstance(outcome, Outcome) and outcome.committed is not None
+    outcome.committed.set()
+    tag = f"{command.job_id}:{command.attempt}"
+    with anyio.fail_after(30):
+        while not any(row["tag"] == tag for row in ledger_rows(ledger, "start")):
+            await anyio.sleep(0.05)
+
+
+async def stopping(runner: Runner, tmp_path: Path, ledger: Path, job_id: str) -> None:
+    """Attempt 1 of a job, training on GPU 0, told to stop: its node was lost, and is back."""
+    await started(runner, stand_in_start(tmp_path, job_id, 1, gpu=0, steps=1000), ledger)
+    await runner.handle(Delivery("s", "2-0", m.StopJob(job_id=job_id, attempt=1, reason="preempt"), 1))

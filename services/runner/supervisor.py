@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +158,10 @@ def spawn(launch: Launch, job_id: str, attempt: int, node: str) -> tuple[RunReco
     """Start the process in a new session (its own process group) writing to the run dir."""
     launch.run_dir.mkdir(parents=True, exist_ok=True)
     launch.output_dir.mkdir(parents=True, exist_ok=True)
-    (launch.run_dir / "command.json").write_text(json.dumps({"argv": launch.argv, "env": launch.env}, indent=2))
+    # The run directories an earlier attempt left in the same output directory: not this one's.
+    before = sorted(p.name for p in launch.output_dir.glob("v*-*") if p.is_dir())
+    command = {"argv": launch.argv, "env": launch.env, "version_dirs_before": before}
+    (launch.run_dir / "command.json").write_text(json.dumps(command, indent=2))
     with (launch.run_dir / "stdout.log").open("ab") as out, (launch.run_dir / "stderr.log").open("ab") as err:
         process = subprocess.Popen(
             launch.argv,
@@ -243,9 +246,12 @@ async def stop_group(pgid: int, grace_s: float) -> None:
         await wait_group_exit(pgid, math.inf)
 
 
-def find_version_dir(output_dir: Path, since: float) -> Path | None:
-    """The `vN-YYYYMMDD-HHMMSS` directory ms-swift created for this run."""
-    candidates = [p for p in output_dir.glob("v*-*") if p.is_dir() and p.stat().st_mtime >= since - 1]
+def find_version_dir(output_dir: Path, since: float, before: Collection[str] = ()) -> Path | None:
+    """The `vN-YYYYMMDD-HHMMSS` directory ms-swift created for this run: not one of those there
+    ``before`` it started (an earlier attempt's, still written to as it stopped)."""
+    candidates = [
+        p for p in output_dir.glob("v*-*") if p.is_dir() and p.name not in before and p.stat().st_mtime >= since - 1
+    ]
     if not candidates:
         return None
     return max(candidates, key=lambda p: int(p.name[1:].split("-")[0]) if p.name[1:].split("-")[0].isdigit() else -1)
@@ -416,7 +422,8 @@ class JobRun:
         if self.record.deploy:
             return [], self.rows.offset, self.checkpoints, False
         if self.version_dir is None:
-            self.version_dir = find_version_dir(Path(self.record.output_dir), self.record.started_at)
+            before = recorded_command(self.record).get("version_dirs_before", [])
+            self.version_dir = find_version_dir(Path(self.record.output_dir), self.record.started_at, before)
             if self.version_dir is None:
                 return [], self.rows.offset, self.checkpoints, False
             self.rows = JsonlTail(self.version_dir / "logging.jsonl")
