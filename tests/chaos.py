@@ -154,7 +154,9 @@ def plan_faults(rng: random.Random, config: Config) -> list[Fault]:
     spacing = config.workload_span_s / (len(kinds) + 1)
     faults = []
     for number, kind in enumerate(kinds, start=1):
-        hold = {"redis": rng.uniform(0.2, 2.0), "maxmemory": rng.uniform(2.0, 4.0)}.get(kind, 0.0)
+        # Redis full for longer than the node timeout: no heartbeat lands meanwhile either.
+        full_s = rng.uniform(1.1, 1.6) * config.node_timeout_s
+        hold = {"redis": rng.uniform(0.2, 2.0), "maxmemory": full_s}.get(kind, 0.0)
         faults.append(
             Fault(
                 at_s=round(spacing * number + rng.uniform(-0.2, 0.2) * spacing, 3),
@@ -185,7 +187,6 @@ class Cluster:
         self.root = root
         self.ledger = root / "ledger.jsonl"
         self.redis = RedisServer(root / "redis")
-        self.redis_started_at = 0.0
         self.system: System | None = None
         self.config = config
         self.specs: dict[str, tuple[str, str]] = {}  # process name -> (node or "", start spec)
@@ -483,16 +484,18 @@ class Chaos:
         full_until = time.monotonic() + hold_s
         body = job_request(self.cluster.root, PlannedJob(-1, 0, 5, 1, 4, 4, False, 0))
         body["hold"] = True
+        answers: Counter[int] = Counter()
         while time.monotonic() < full_until:
             response = call(self.http, "POST", f"{self.base}/jobs", json=body)
             if response is not None:
+                answers[response.status_code] += 1
                 self.tally.refused_while_full[response.status_code] += 1
                 if response.status_code == 202:
                     self.tally.probes.append(response.json()["job_id"])
                     call(self.http, "POST", f"{self.base}/jobs/{response.json()['job_id']}/cancel")
             time.sleep(0.25)  # the schedule's hold, probed four times a second
         self.free()
-        return f"{used / 1e6:.1f} MB full; submits answered {dict(self.tally.refused_while_full)}"
+        return f"{used / 1e6:.1f} MB full for {hold_s:.1f} s; submits answered {dict(answers)}"
 
     def fill(self) -> int:
         """Set maxmemory just above what Redis holds and fill it until writes are refused, then
@@ -513,6 +516,12 @@ class Chaos:
         for start in range(0, len(keys), 500):
             self.client.delete(*keys[start : start + 500])
         self.client.config_set("maxmemory", 0)
+
+    def quiet_s(self) -> float:
+        """Seconds since the last heartbeat of any process reached Redis, by Redis's clock."""
+        last = retrying(lambda: self.client.xrevrange(self.keys.telemetry, count=1))
+        seconds, micros = retrying(lambda: self.client.time())
+        return seconds + micros / 1e6 - int(last[0][0].split("-")[0]) / 1000 if last else 0.0
 
     @property
     def filler(self) -> str:

@@ -70,11 +70,13 @@ def test_a_full_redis_is_a_503_and_a_pause_not_a_crash_and_a_job_that_ended_mean
         body = job_request(tmp_path, PlannedJob(0, 0, 5, 1, 30, 10, False, 0))
         job_id = httpx.post(f"{base}/jobs", json=body).json()["job_id"]
         wait_for(lambda: httpx.get(f"{base}/jobs/{job_id}").json()["status"] == "running", 30, "the job to run")
-        # When Redis fills up to its maxmemory, and stays full until the trainer has finished
+        # When Redis fills up to its maxmemory, and stays full until the trainer has finished and
+        # no heartbeat has landed for longer than the node timeout
         chaos.fill()
         refused = httpx.post(f"{base}/jobs", json=body)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
         wait_for(lambda: ended_in_ledger(cluster.ledger, job_id), 30, "the trainer to finish")
+        wait_for(lambda: chaos.quiet_s() > config.node_timeout_s, 30, "no heartbeat for the node timeout")
         cluster.check_alive()
         assert not cluster.unexpected_exits, cluster.unexpected_exits
         chaos.free()
