@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from events.bus import Bus
 from services.config import load_settings
@@ -23,7 +23,6 @@ from services.gateway.projection import Projection
 from tests.conftest import RedisServer, wait_for
 from tests.system import TRAINING_TIMEOUT_S, System, running
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright's own browsers are never downloaded
 KEY = "dashboard-key-0123456789"
 WAIT_MS = 20_000
 TRAINING_MS = TRAINING_TIMEOUT_S * 1000
@@ -53,18 +52,6 @@ def system(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
     settings = {"SIMULATED_GPUS": "1", "API_KEYS": f"alice:user:{KEY}", "AUTH_TOKEN_TTL_S": "10"}
     with running(redis_server.url, data, **settings) as system:
         yield system
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        if os.environ.get("DASHBOARD_BROWSER_REQUIRED"):
-            pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
-        pytest.skip(f"no {CHROMIUM} (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield browser
-        browser.close()
 
 
 def submit(page: Page, assets: DemoAssets, name: str, max_steps: int) -> str:

@@ -23,6 +23,7 @@ import redis as sync_redis
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from playwright.sync_api import Browser, expect
 
 from events import messages as m
 from events.audit import Query
@@ -623,8 +624,6 @@ def _answers(url: str) -> bool:
 
 # --- the real process, and a real browser -------------------------------------------------------
 
-CHROMIUM = Path("/usr/bin/chromium")
-
 
 @pytest.fixture(scope="module")
 def open_gateway(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
@@ -653,33 +652,23 @@ def test_over_the_network_a_rebinding_or_cross_site_page_is_refused(open_gateway
     assert httpx.post(jobs, json=body).status_code == 200  # curl
 
 
-def test_the_submit_page_shows_the_live_badge_and_submits_from_its_own_origin(open_gateway: System) -> None:
-    if not CHROMIUM.exists():
-        pytest.skip(f"no {CHROMIUM} (apt-get install chromium)")
-    from playwright.sync_api import expect, sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
-        )
-        try:
-            page = browser.new_page()
-            problems: list[str] = []
-            page.on("pageerror", lambda exc: problems.append(str(exc)))
-            # When the form is opened directly
-            page.goto(f"http://127.0.0.1:{open_gateway.port}/#/submit")
-            # Then the top bar says live, as on every other view
-            expect(page.locator("#live")).to_be_visible()
-            expect(page.locator("#live")).to_have_text("live")
-            # And a dry run from the page (its own origin, JSON) reaches the gateway's validation
-            page.click("#task-tabs [data-task-type=language_model]")
-            page.click("#dry-run-button")
-            expect(page.locator('.field.invalid [name="model_path"]')).to_be_visible()
-            # And the icon browsers ask for is there
-            icon = page.request.get(f"http://127.0.0.1:{open_gateway.port}/favicon.ico")
-            assert icon.status == 200
-            assert not problems, problems
-        finally:
-            browser.close()
+def test_the_submit_page_shows_the_live_badge_and_submits_from_its_own_origin(
+    open_gateway: System, browser: Browser
+) -> None:
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    # When the form is opened directly
+    page.goto(f"http://127.0.0.1:{open_gateway.port}/#/submit")
+    # Then the top bar says live, as on every other view
+    expect(page.locator("#live")).to_be_visible()
+    expect(page.locator("#live")).to_have_text("live")
+    # And a dry run from the page (its own origin, JSON) reaches the gateway's validation
+    page.click("#task-tabs [data-task-type=language_model]")
+    page.click("#dry-run-button")
+    expect(page.locator('.field.invalid [name="model_path"]')).to_be_visible()
+    # And the icon browsers ask for is there
+    icon = page.request.get(f"http://127.0.0.1:{open_gateway.port}/favicon.ico")
+    assert icon.status == 200
+    assert not problems, problems
+    page.close()

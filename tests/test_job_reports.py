@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
 from services.demo.tinymodel import DemoAssets
 from services.exporter.service import export_tag
@@ -27,7 +27,6 @@ from tests.system import System, job_body, read_stream, running, seen
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright's own browsers are never downloaded
 REPORTED_AFTER_REDIS_S = 30  # how soon a job that ended during an outage is reported once Redis is back
 
 
@@ -171,18 +170,6 @@ def status(system: System, job_id: str) -> str:
         return str(httpx.get(f"{system.base}/jobs/{job_id}", timeout=5).json()["status"])
     except httpx.TransportError:
         return ""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        if os.environ.get("DASHBOARD_BROWSER_REQUIRED"):
-            pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
-        pytest.skip(f"no {CHROMIUM} (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield browser
-        browser.close()
 
 
 def test_a_failed_job_says_why_in_one_line_and_its_page_shows_only_what_applies(
