@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,3 +101,28 @@ def swift_fields(cache_dir: Path) -> dict[str, SwiftField] | None:
     if described is None:
         return None
     return {name: SwiftField(**field) for name, field in described["fields"].items()}
+
+
+_RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s?")  # torchrun prefixes each worker's lines
+# The line a Python traceback ends with: the exception's type (dotted), a colon and its message.
+_EXCEPTION_LINE = re.compile(
+    r"^(?:[A-Za-z_]\w*\.)*(?:[A-Za-z_]\w*: \S.*|[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit):?)$"
+)
+# torchrun's own exception only says that a worker failed; the worker's exception says why.
+_LAUNCHER_FAILURES = ("ChildFailedError",)
+
+
+def failure_message(lines: list[str], *, limit: int = 1000) -> str:
+    """One line that says why a process failed: the last exception its tracebacks end with (the
+    frames, source lines and carets stay in the lines themselves), or, without a traceback, the
+    last line that names an error; "" if nothing does."""
+    lines = [_RANK_PREFIX.sub("", line).rstrip() for line in lines]
+    found: list[str] = []
+    for previous, line in itertools.pairwise(lines):
+        # A traceback's frames are indented; the exception follows them at the margin.
+        if previous[:1].isspace() and not line[:1].isspace() and _EXCEPTION_LINE.match(line):
+            found.append(line)
+    causes = [line for line in found if not line.split(":", 1)[0].endswith(_LAUNCHER_FAILURES)]
+    named = [line for line in lines if "Error" in line and not line[:1].isspace()]
+    message = " ".join((causes or found or named or [""])[-1].split())
+    return message if len(message) <= limit else message[: limit - 1] + "…"

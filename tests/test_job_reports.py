@@ -21,7 +21,7 @@ from playwright.sync_api import Browser, expect
 from services.demo.tinymodel import DemoAssets
 from services.exporter.service import export_tag
 from services.launch import SECRET_VARIABLES, TAG_VARIABLE
-from services.runner.supervisor import find_running
+from services.processes import find_running
 from tests.conftest import RedisServer, wait_for
 from tests.system import System, job_body, read_stream, running, seen
 

@@ -20,9 +20,10 @@ from events.codec import decode
 from events.consumer import Delivery, Outcome
 from events.params import LanguageModelJob
 from services.config import load_settings
-from services.runner.progress import JsonlTail, failure_message
+from services.runner.progress import JsonlTail
 from services.runner.service import Runner
 from services.runner.supervisor import PROGRESS_ROWS_PER_COMMIT, JobRun, RunRecord
+from services.swift import failure_message
 from tests.conftest import wait_for
 
 DATA = Path(__file__).parent / "data"

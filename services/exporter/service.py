@@ -24,9 +24,8 @@ from events.consumer import Delivery, GroupConsumer
 from events.keys import EXPORTER_GROUP
 from services.config import Settings
 from services.launch import TAG_VARIABLE, job_environ
-from services.runner.progress import failure_message
-from services.runner.supervisor import find_running, stop_group
-from services.swift import swift_executable
+from services.processes import find_running, stop_group
+from services.swift import failure_message, swift_executable
 
 log = structlog.get_logger("exporter")
 

@@ -27,12 +27,12 @@ from services.config import Settings
 from services.launch import build_launch
 from services.nvml import NvmlSource
 from services.paths import PathOutsideRoots, check_spec_paths, make_dir_inside
+from services.processes import find_running
 from services.runner.supervisor import (
     GROUP_EXIT_TIMEOUT_S,
     GpuProbe,
     JobRun,
     RunRecord,
-    find_running,
     job_tag,
     record_for,
     recorded_command,

@@ -7,10 +7,8 @@ the run record in Redis (pid, process group, run dir) lets a new runner adopt it
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import signal
 import subprocess
 import time
@@ -21,22 +19,22 @@ from typing import Any
 
 import anyio
 import httpx
-import psutil
 import structlog
 import watchfiles
 
 from events import messages as m
 from events.bus import Append, Bus
-from services.launch import TAG_VARIABLE, Launch, merged_env
+from services.launch import Launch, merged_env
+from services.processes import process_tree, signal_group, wait_exit, wait_group_exit
 from services.runner.progress import (
     JsonlTail,
     LineTail,
     classify_failure,
-    failure_message,
     progress_fields,
     read_rows,
     tail_lines,
 )
+from services.swift import failure_message
 
 log = structlog.get_logger("runner")
 
@@ -44,7 +42,6 @@ GPU_RELEASE_TIMEOUT_S = 30.0
 STDERR_TAIL_LINES = 30
 CLASSIFY_LINES = 300
 GROUP_EXIT_TIMEOUT_S = 15.0  # after the wrapper exits, how long the rest of its group may linger
-_REAP_WAIT_S = 0.05  # no notification tells when another process reaps its child
 _NVML_CHECK_S = 0.25  # NVML has no change notification: it is asked again after this long
 READY_PROBE_S = 0.5  # how often a starting server's /v1/models is asked whether it is ready
 PROGRESS_ROWS_PER_COMMIT = 500  # a long backlog of rows (a runner away for hours) goes in parts
@@ -125,18 +122,6 @@ def job_tag(job_id: str, attempt: int) -> str:
     return f"{job_id}:{attempt}"
 
 
-def find_running(tag: str) -> psutil.Process | None:
-    """The session leader of an attempt's processes, should one still run (a start whose
-    record never reached Redis before the runner died)."""
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get(TAG_VARIABLE) == tag and os.getpgid(process.pid) == process.pid:
-                return process
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return None
-
-
 def record_for(launch: Launch, job_id: str, attempt: int, node: str, pid: int, started_at: float) -> RunRecord:
     return RunRecord(
         job_id=job_id,
@@ -177,73 +162,6 @@ def spawn(launch: Launch, job_id: str, attempt: int, node: str) -> tuple[RunReco
 
 
 GpuProbe = Callable[[list[int]], set[int]]  # GPU indices -> pids NVML lists on them
-
-
-def process_tree(pid: int) -> set[int]:
-    """A process and all its descendants (torchrun's workers, dataloader workers)."""
-    try:
-        root = psutil.Process(pid)
-        return {pid, *(child.pid for child in root.children(recursive=True))}
-    except psutil.Error:
-        return set()
-
-
-def signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signum)
-
-
-def group_members(pgid: int) -> list[tuple[int, bool]]:
-    """The processes of a process group, each with whether it has exited (a zombie not yet
-    reaped by its parent, which still counts as a member)."""
-    members = []
-    for process in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(process.pid) == pgid:
-                members.append((process.pid, process.info["status"] == psutil.STATUS_ZOMBIE))
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return sorted(members, key=lambda member: member[1])  # running ones first
-
-
-async def wait_group_exit(pgid: int, timeout_s: float) -> bool:
-    """Wait until no process of the group is left: a running one wakes us through a pidfd when it
-    exits; an exited one only has to be reaped by its parent, which takes a moment."""
-    with anyio.move_on_after(timeout_s):
-        while members := await anyio.to_thread.run_sync(group_members, pgid):
-            pid, exited = members[0]
-            if exited:
-                await anyio.sleep(_REAP_WAIT_S)
-            else:
-                await wait_exit(pid, None)
-        return True
-    return False
-
-
-async def wait_exit(pid: int, process: subprocess.Popen[bytes] | None) -> int | None:
-    """Wait for a process to exit without polling (a pidfd becomes readable); its exit code when
-    it is our child. An adopted process is not: its status went to whoever reaped it."""
-    if process is not None and process.poll() is not None:
-        return process.returncode  # reaped already, before the service's main started again
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return process.wait() if process else None
-    try:
-        await anyio.wait_readable(fd)
-    finally:
-        os.close(fd)
-    return process.wait() if process else None
-
-
-async def stop_group(pgid: int, grace_s: float) -> None:
-    """SIGTERM a process group, SIGKILL it after the grace period, and wait until none of its
-    processes is left."""
-    signal_group(pgid, signal.SIGTERM)
-    signal_group(pgid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
-    if not await wait_group_exit(pgid, grace_s):
-        signal_group(pgid, signal.SIGKILL)
-        await wait_group_exit(pgid, math.inf)
 
 
 def find_version_dir(output_dir: Path, since: float, before: Collection[str] = ()) -> Path | None:
