@@ -7,16 +7,19 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError
 
 from events import audit, snapshot
 from events import messages as m
 from events.bus import Ack, Append, Bus, Fenced
 from events.codec import decode, encode
 from events.consumer import Delivery, GroupConsumer
+from events.keys import Keys
 from events.log import catch_up
 from events.state import State
 from services.scheduler.service import take_lease
@@ -356,3 +359,42 @@ async def test_a_reader_group_that_was_caught_up_is_moved_past_its_own_commit(bu
     [later] = (await bus.commit(facts[:1], expect_last=done.entry_ids[-1], reader_group="other")).entry_ids
     assert len((await bus.redis.xreadgroup("other", "c", {bus.keys.events: ">"}))[0][1]) == 4
     assert later == (await bus.redis.xrevrange(bus.keys.events, count=1))[0][0]
+
+
+async def test_a_handler_refused_by_a_full_redis_stops_the_consumer_without_counting_a_failure(tmp_path: Path) -> None:
+    # Given a consumer on a Redis of its own, and an entry whose handler writes to Redis
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    bus = Bus(client, Keys("full"), "test")
+    stream = bus.keys.commands
+    await bus.append(stream, m.CancelJob(job_id="j1"))
+    handled: list[str] = []
+
+    async def writes(delivery: Delivery) -> None:
+        await client.hset("full:record", "job", delivery.message.job_id or "")
+        handled.append(delivery.entry_id)
+
+    def consumer() -> GroupConsumer:
+        return GroupConsumer(bus, client, [stream], "workers", "c", writes, block_ms=50, max_deliveries=2)
+
+    try:
+        first = consumer()
+        await first.setup()
+        # When Redis is full (writes refused) as the handler writes
+        await client.config_set("maxmemory", 1)
+        # Then the consumer stops on it, as on a lost Redis: the service pauses until it has room
+        with pytest.raises(OutOfMemoryError):
+            await first.poll(10)
+        assert handled == [] and not await client.xlen(bus.keys.dead_letter)
+        # And once Redis has room, the entry is handled once by the consumer that starts again
+        await client.config_set("maxmemory", 0)
+        again = consumer()
+        await again.setup()
+        await again.drain_own_pending()
+        assert len(handled) == 1 and await client.hget("full:record", "job") == "j1"
+        assert (await client.xpending(stream, "workers"))["pending"] == 0
+        assert not await client.xlen(bus.keys.dead_letter)
+    finally:
+        await client.aclose()
+        server.stop()
