@@ -89,6 +89,18 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
 
 
 @pytest.fixture
+def local_job(tmp_path: Path) -> dict[str, Any]:
+    """A valid language-model job body on a local model and dataset under ``tmp_path``."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    return {
+        "task_type": "language_model",
+        "model_path": str(tmp_path / "model"),
+        "data_path": str(tmp_path / "train.jsonl"),
+    }
+
+
+@pytest.fixture
 def keys() -> Keys:
     return Keys(f"t{uuid.uuid4().hex[:12]}")
 

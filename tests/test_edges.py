@@ -64,14 +64,8 @@ async def gateway(
 
 
 @pytest.fixture
-def job(tmp_path: Path) -> dict[str, Any]:
-    (tmp_path / "model").mkdir()
-    (tmp_path / "train.jsonl").write_text("{}\n")
-    return {
-        "task_type": "language_model",
-        "model_path": str(tmp_path / "model"),
-        "data_path": str(tmp_path / "train.jsonl"),
-    }
+def job(local_job: dict[str, Any]) -> dict[str, Any]:
+    return local_job
 
 
 def error(response: httpx.Response) -> tuple[int, str, set[str]]:

@@ -16,10 +16,10 @@ import anyio
 import pytest
 
 from events import messages as m
-from events.bus import Bus
+from events.bus import Append, Bus
 from events.consumer import Delivery, Outcome
 from events.params import LanguageModelJob
-from services.config import load_settings
+from services.config import Settings, load_settings
 from services.launch import TAG_VARIABLE
 from services.runner.progress import classify_failure, parse_duration_s, progress_fields
 from services.runner.service import Runner
@@ -50,6 +50,15 @@ def deliver(message: m.Message) -> Delivery:
     return Delivery("stream", "1-0", message, 1)
 
 
+async def handled_alone(settings: Settings, bus: Bus, command: m.StartJob) -> tuple[Append, Runner]:
+    """What a runner with these settings answers to one start (its supervising tasks stopped)."""
+    async with anyio.create_task_group() as tg:
+        runner = Runner(settings, bus, tg)
+        [append] = await runner.handle(deliver(command))  # type: ignore[misc]
+        tg.cancel_scope.cancel()
+    return append, runner
+
+
 async def test_a_job_that_cannot_start_fails_with_the_reason_instead_of_holding_its_gpus(
     bus: Bus, tmp_path: Path
 ) -> None:
@@ -77,10 +86,7 @@ async def test_an_output_dir_whose_parent_became_a_symlink_out_of_the_roots_is_r
     settings = load_settings(
         namespace=bus.keys.namespace, data_dir=roots / "data", path_roots=str(roots), node_name="n1"
     )
-    async with anyio.create_task_group() as tg:
-        runner = Runner(settings, bus, tg)
-        [append] = await runner.handle(deliver(command))  # type: ignore[misc]
-        tg.cancel_scope.cancel()
+    append, runner = await handled_alone(settings, bus, command)
     # Then the job fails with the reason, naming the field and where it leads, and nothing was
     # written there (nor started)
     assert isinstance(append.message, m.JobFailed) and append.message.reason == "path_outside_roots"
@@ -123,10 +129,7 @@ async def test_every_local_path_of_the_job_is_checked_again_at_launch(
     settings = load_settings(
         namespace=bus.keys.namespace, data_dir=roots / "data", path_roots=str(roots), node_name="n1"
     )
-    async with anyio.create_task_group() as tg:
-        runner = Runner(settings, bus, tg)
-        [append] = await runner.handle(deliver(command))  # type: ignore[misc]
-        tg.cancel_scope.cancel()
+    append, _ = await handled_alone(settings, bus, command)
     # Then the job is refused, naming that value and where it leads
     assert isinstance(append.message, m.JobFailed) and append.message.reason == "path_outside_roots"
     assert append.message.message.startswith(f"refused to start: {named}: ")
@@ -143,10 +146,7 @@ async def test_a_job_naming_the_services_own_files_is_refused_at_launch(bus: Bus
     spec = command.spec.model_copy(update={"data_path": str(tmp_path / "data" / "secrets" / "redis-password")})
     command = command.model_copy(update={"spec": spec})
     # When its start arrives
-    async with anyio.create_task_group() as tg:
-        runner = Runner(settings.model_copy(update={"node_name": "n1"}), bus, tg)
-        [append] = await runner.handle(deliver(command))  # type: ignore[misc]
-        tg.cancel_scope.cancel()
+    append, runner = await handled_alone(settings.model_copy(update={"node_name": "n1"}), bus, command)
     # Then it fails with the reason, and nothing ran
     assert isinstance(append.message, m.JobFailed) and append.message.reason == "path_outside_roots"
     assert "data_path" in append.message.message and "the service's own files" in append.message.message
