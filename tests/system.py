@@ -18,7 +18,7 @@ from httpx_sse import ServerSentEvent, connect_sse
 
 from services.demo.tinymodel import DemoAssets
 from services.launch import TAG_VARIABLE
-from tests.conftest import free_port, wait_for
+from tests.conftest import RedisServer, free_port, wait_for
 
 TRAINING_TIMEOUT_S = 120
 SERVICES = ("scheduler", "gpu-monitor", "runner", "exporter", "gateway")
@@ -172,3 +172,21 @@ def running(redis_url: str, data_dir: Path, *, clean_exits: bool = False, **sett
         system.kill_jobs()  # a runner leaves its jobs running when it stops (it adopts them on restart)
     if clean_exits:
         assert all(code == 0 for code in codes.values()), f"unclean exits: {codes}"
+
+
+@contextlib.contextmanager
+def on_own_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, System]]:
+    """The system, healthy, on a Redis of its own (AOF) that a test may kill and start again; on
+    the way out every process must stop cleanly (exit 0)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    system = System(server.url, tmp_path / "system", PATH_ROOTS=str(tmp_path.parent))
+    system.start()
+    try:
+        system.wait_healthy()
+        yield server, system
+    finally:
+        codes = system.stop()
+        system.kill_jobs()
+        server.stop()
+    assert all(code == 0 for code in codes.values()), codes

@@ -18,7 +18,7 @@ import redis
 from events.keys import Keys
 from services.demo.tinymodel import DemoAssets
 from tests.conftest import RedisServer, wait_for
-from tests.system import System, job_body, read_stream, running, seen
+from tests.system import System, job_body, on_own_redis, read_stream, running, seen
 
 pytestmark = pytest.mark.e2e
 
@@ -148,12 +148,7 @@ def test_a_standby_scheduler_takes_over_when_the_leader_dies(system: System, tmp
 
 def test_a_redis_crash_mid_job_loses_nothing(assets: DemoAssets, tmp_path: Path) -> None:
     # Given the system on its own Redis, with AOF, and a job training
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    system = System(server.url, tmp_path / "system", PATH_ROOTS=str(tmp_path.parent))
-    system.start()
-    try:
-        system.wait_healthy()
+    with on_own_redis(tmp_path) as (server, system):
         body = job_body(assets, max_steps=16, save_steps=8)
         job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
         url = f"{system.base}/jobs/{job_id}/stream"
@@ -168,10 +163,6 @@ def test_a_redis_crash_mid_job_loses_nothing(assets: DemoAssets, tmp_path: Path)
         assert [e.id for e in first + rest] == [e["entry_id"] for e in history(system, job_id)]
         assert types.count("job.started") == 1 and types.count("job.succeeded") == 1
         assert all(process.poll() is None for process in system.processes.values())
-    finally:
-        codes = system.stop()
-        server.stop()
-    assert all(code == 0 for code in codes.values()), codes
 
 
 def test_a_job_that_dies_while_its_runner_is_down_is_lost_and_retried(system: System, assets: DemoAssets) -> None:

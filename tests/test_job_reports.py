@@ -23,7 +23,7 @@ from services.exporter.service import export_tag
 from services.launch import SECRET_VARIABLES, TAG_VARIABLE
 from services.processes import find_running
 from tests.conftest import RedisServer, wait_for
-from tests.system import System, job_body, read_stream, running, seen
+from tests.system import System, job_body, on_own_redis, read_stream, running, seen
 
 pytestmark = pytest.mark.e2e
 
@@ -105,12 +105,7 @@ def test_a_job_that_ends_while_redis_is_away_is_reported_soon_after_it_returns(
     assets: DemoAssets, tmp_path: Path
 ) -> None:
     # Given the system on its own Redis, with AOF, and a job training
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    system = System(server.url, tmp_path / "system", PATH_ROOTS=str(tmp_path.parent))
-    system.start()
-    try:
-        system.wait_healthy()
+    with on_own_redis(tmp_path) as (server, system):
         body = job_body(assets, max_steps=24, save_steps=12, logging_steps=1)
         job_id = httpx.post(f"{system.base}/jobs", json=body).json()["job_id"]
         url = f"{system.base}/jobs/{job_id}/stream"
@@ -140,11 +135,6 @@ def test_a_job_that_ends_while_redis_is_away_is_reported_soon_after_it_returns(
         assert [e.id for e in first + rest] == [e["entry_id"] for e in history(system, job_id)]
         system.wait_healthy()
         assert all(process.poll() is None for process in system.processes.values())
-    finally:
-        codes = system.stop()
-        system.kill_jobs()
-        server.stop()
-    assert all(code == 0 for code in codes.values()), codes
 
 
 def exports(output_dir: str) -> list[psutil.Process]:
