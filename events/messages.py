@@ -11,6 +11,11 @@ job.export              command    gateway      scheduler [{st}:commands]
 job.set_priority        command    gateway      scheduler [{st}:commands]
 job.delete              command    gateway      scheduler [{st}:commands]
 job.release             command    gateway      scheduler [{st}:commands]
+job.suspend             command    gateway      scheduler [{st}:commands]
+job.resume              command    gateway      scheduler [{st}:commands]
+quotas.set              command    gateway      scheduler [{st}:commands]
+                                   scheduler    (itself, at start: the QUOTAS setting)
+usage.set_half_life     command    scheduler    (itself, at start: FAIR_SHARE_HALF_LIFE_S)
 queue.process           command    gateway      scheduler [{st}:commands]
 job.start               command    scheduler    runner of the node [{st}:node:<name>]
 job.stop                command    scheduler    runner of the node [{st}:node:<name>]
@@ -24,6 +29,12 @@ job.priority_changed    event      scheduler
 job.requeued            event      scheduler    (an attempt lost with its node; retried)
 job.deleted             event      scheduler
 job.held                event      scheduler    (submitted with hold: waits for job.release)
+job.preempted           event      scheduler    (its GPUs go to a more urgent job; stopped, then
+                                                queued again when job.stopped reports it gone)
+job.suspended           event      scheduler    (on request: stopped and held until job.resume)
+job.resumed             event      scheduler    (a suspended job queued again in its place)
+quotas.changed          event      scheduler    (from QUOTAS at start, or an admin's quotas.set)
+usage.half_life_changed event      scheduler    (FAIR_SHARE_HALF_LIFE_S differs from the log's)
 job.cancelled           event      scheduler (queued job), runner (running job)
 export.requested        event      scheduler    exporter's work arrives as export.start
 node.joined             event      scheduler    (from a heartbeat of a new or changed node)
@@ -32,6 +43,8 @@ job.started             event      runner
 job.progress            event      runner
 job.checkpoint_saved    event      runner
 job.serving             event      runner
+job.stopped             event      runner       (a preempted or suspended attempt is gone, with
+                                                the checkpoint it saved on the way out)
 job.succeeded           event      runner       scheduler reacts: export.requested (LoRA)
 job.failed              event      runner, scheduler (node or runner lost, no retries left)
 job.lost                event      runner       (the attempt ended while no runner watched it;
@@ -59,6 +72,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from events.params import JobSpec
+from events.quotas import Quotas
 
 ENVELOPE_FIELDS = ("type", "v", "id", "at", "source", "causation_id", "job_id", "actor")
 
@@ -110,6 +124,7 @@ class Telemetry(Message):
 class SubmitJob(Command):
     type: Literal["job.submit"] = "job.submit"
     spec: JobSpec
+    team: str | None = None  # the submitter's team (from its API key entry), for team quotas
 
 
 class CancelJob(Command):
@@ -140,6 +155,33 @@ class ProcessQueue(Command):
     type: Literal["queue.process"] = "queue.process"
 
 
+class SuspendJob(Command):
+    """Checkpoint a running job, free its GPUs, and hold it until resumed."""
+
+    type: Literal["job.suspend"] = "job.suspend"
+
+
+class ResumeJob(Command):
+    """Queue a suspended job again in its original place."""
+
+    type: Literal["job.resume"] = "job.resume"
+
+
+class SetQuotas(Command):
+    """Replace the quota table (an admin's ``PUT /admin/quotas``, or QUOTAS at start)."""
+
+    type: Literal["quotas.set"] = "quotas.set"
+    quotas: Quotas
+    from_config: bool = False  # sent by the scheduler at start, from its QUOTAS setting
+
+
+class SetHalfLife(Command):
+    """Fair share's usage half-life, sent by the scheduler at start from its setting."""
+
+    type: Literal["usage.set_half_life"] = "usage.set_half_life"
+    half_life_s: float = Field(gt=0)
+
+
 # Commands from the scheduler to a node's runner ({st}:node:<name>) and to the exporter.
 
 
@@ -155,7 +197,9 @@ class StartJob(Command):
 class StopJob(Command):
     type: Literal["job.stop"] = "job.stop"
     attempt: int
-    reason: Literal["cancel", "timeout", "preempt"] = "cancel"
+    # preempt: for a more urgent job (or its node was lost); suspend: on request. Both report
+    # job.stopped when the attempt is gone; a stop of an attempt already given up is ignored.
+    reason: Literal["cancel", "timeout", "preempt", "suspend"] = "cancel"
 
 
 class StartExport(Command):
@@ -174,6 +218,7 @@ class StartExport(Command):
 class JobAccepted(Event):
     type: Literal["job.accepted"] = "job.accepted"
     spec: JobSpec
+    team: str | None = None
 
 
 class JobRejected(Event):
@@ -194,6 +239,10 @@ class JobScheduled(Event):
     node: str
     gpu_ids: list[int]
     attempt: int
+    # Started over its owner's GPU quota on GPUs no job within quota waited for: the first to be
+    # preempted when one does.
+    borrowing: bool = False
+    preempted: list[str] = Field(default_factory=list)  # the jobs preempted for it, in this decision
 
 
 class JobStarted(Event):
@@ -276,6 +325,56 @@ class JobRequeued(Event):
     type: Literal["job.requeued"] = "job.requeued"
     attempt: int
     reason: str
+
+
+class JobPreempted(Event):
+    """The attempt gives its GPUs to a more urgent job (``by_job_id``, scheduled in the same
+    decision): its runner stops it, with a checkpoint, and it is queued again in its original
+    place once job.stopped reports it gone."""
+
+    type: Literal["job.preempted"] = "job.preempted"
+    attempt: int
+    by_job_id: str
+    reason: Literal["priority", "borrowing"]  # a lower priority, or it ran over its quota
+    step: int | None = None  # the last step the log knew of when it was decided
+
+
+class JobSuspended(Event):
+    """Suspended on request: its GPUs are freed, its runner stops it with a checkpoint, and it
+    waits for job.resume."""
+
+    type: Literal["job.suspended"] = "job.suspended"
+    attempt: int
+
+
+class JobStopped(Event):
+    """A preempted or suspended attempt's processes are gone."""
+
+    type: Literal["job.stopped"] = "job.stopped"
+    attempt: int
+    exit_code: int | None = None
+    last_checkpoint: str | None = None  # what the next attempt resumes from
+    step: int | None = None  # the step of that checkpoint
+    reason: str = ""  # preempt, suspend; node_lost / runner_lost when the scheduler gave up waiting
+
+
+class JobResumed(Event):
+    type: Literal["job.resumed"] = "job.resumed"
+    position: int
+    behind_job_id: str | None = None
+
+
+class QuotasChanged(Event):
+    type: Literal["quotas.changed"] = "quotas.changed"
+    quotas: Quotas
+    from_config: bool = False
+
+
+class HalfLifeChanged(Event):
+    """Fair share's usage half-life: usage so far keeps its decayed value."""
+
+    type: Literal["usage.half_life_changed"] = "usage.half_life_changed"
+    half_life_s: float = Field(gt=0)
 
 
 class JobPriorityChanged(Event):
@@ -398,6 +497,10 @@ AnyMessage = Annotated[
     | DeleteJob
     | ReleaseJob
     | ProcessQueue
+    | SuspendJob
+    | ResumeJob
+    | SetQuotas
+    | SetHalfLife
     | StartJob
     | StopJob
     | StartExport
@@ -418,6 +521,12 @@ AnyMessage = Annotated[
     | JobDeleted
     | JobHeld
     | JobCancelled
+    | JobPreempted
+    | JobSuspended
+    | JobStopped
+    | JobResumed
+    | QuotasChanged
+    | HalfLifeChanged
     | ExportRequested
     | ExportStarted
     | ExportCompleted

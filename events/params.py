@@ -128,6 +128,11 @@ class JobBase(_Strict):
     gpu_ids: list[int] | None = Field(None, min_length=1, max_length=64, description="these GPUs of `node`")
     max_retries: int = Field(0, ge=0, le=10, description="runs again after its node is lost, from its last checkpoint")
     hold: bool = Field(False, description="accept, but queue only once released by POST /jobs/{id}/start")
+    preemptible: bool = Field(
+        True,
+        description="with preemption on, may be stopped (checkpointed) for a more urgent job and resumed later;"
+        " default true for training, false for deploy",
+    )
 
     @model_validator(mode="after")
     def _placement(self) -> JobBase:
@@ -162,6 +167,7 @@ class DeployJob(JobBase):
         None, max_length=64, description="serve the exported (merged) model of this completed job"
     )
     deploy_params: DeployParams = DeployParams()
+    preemptible: bool = Field(False, description="with preemption on, may be stopped for a more urgent job")
 
     @model_validator(mode="after")
     def _one_model(self) -> DeployJob:

@@ -19,7 +19,7 @@ from events.state import State
 log = structlog.get_logger("events.snapshot")
 
 # Bump when State changes shape: an older snapshot is then ignored and the log folded in full.
-SNAPSHOT_VERSION = "2"  # 2: the state's JSON compressed (zlib, then base64)
+SNAPSHOT_VERSION = "3"  # 2: the state's JSON compressed (zlib, then base64); 3: quotas and usage
 SNAPSHOT_EVERY = 100_000  # events folded between two snapshots (a large state takes a while to write)
 
 # Only a snapshot further along the log replaces the stored one.

@@ -7,17 +7,18 @@ all build their view with it, so replaying the log rebuilds exactly what the ser
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field, PrivateAttr
 from sortedcontainers import SortedList
 
 from events import messages as m
 from events.params import JobSpec, TrainType
+from events.quotas import DEFAULT_HALF_LIFE_S, Quotas, Usage, team_key, user_key
 
 
 class JobStatus(StrEnum):
@@ -27,6 +28,8 @@ class JobStatus(StrEnum):
     scheduled = "scheduled"  # GPUs allocated, start command sent to the node's runner
     running = "running"  # the swift process runs
     serving = "serving"  # a deploy job answers requests
+    preempted = "preempted"  # gave its GPUs to a more urgent job; queued again once stopped
+    suspended = "suspended"  # stopped on request with a checkpoint; waits to be resumed
     completed = "completed"  # training finished with exit code 0
     failed = "failed"  # rejected, crashed, or timed out
     cancelled = "cancelled"  # stopped on request
@@ -35,6 +38,12 @@ class JobStatus(StrEnum):
 TERMINAL = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled})
 HOLDS_GPUS = frozenset({JobStatus.scheduled, JobStatus.running, JobStatus.serving})
 WAITING = frozenset({JobStatus.pending, JobStatus.held, JobStatus.queued})
+# Gave up its GPUs before its end: while ``stopping``, its attempt's process is still on its way
+# out (reports of that attempt still count).
+YIELDED = frozenset({JobStatus.preempted, JobStatus.suspended})
+# Counted against a user's limit of jobs waiting at once.
+QUEUED_FOR_QUOTA = frozenset({JobStatus.pending, JobStatus.held, JobStatus.queued, JobStatus.preempted})
+ANONYMOUS = "anonymous"  # the owner of jobs submitted with access control off
 
 
 class ExportStatus(StrEnum):
@@ -93,6 +102,19 @@ class Job(BaseModel):
     cancel_requested: bool = False
     retries: int = 0  # attempts ended by the infrastructure and run again
     export: Export = Field(default_factory=Export)
+    team: str | None = None
+    borrowing: bool = False  # holds GPUs over its owner's quota
+    stopping: bool = False  # its attempt gave up its GPUs and its process is being stopped
+    preemptions: int = 0
+    preempted_by: str | None = None  # the job it last gave its GPUs to
+    preempted_jobs: list[str] = Field(default_factory=list)  # the jobs preempted for its last start
+    checkpoint_at: datetime | None = None  # when the attempt's last checkpoint was saved
+    checkpoint_step: int | None = None
+    usage_mark: datetime | None = None  # GPU time is credited to its owner up to here
+
+    @property
+    def owner(self) -> str:
+        return self.submitted_by or ANONYMOUS
 
     @property
     def is_lora(self) -> bool:
@@ -110,6 +132,17 @@ class Node(BaseModel):
     lost_at: datetime | None = None
 
 
+class Mark(NamedTuple):
+    """What the state's indexes know of a job: its place in the queue, and what it counts for
+    against its owner's and team's quotas."""
+
+    queue: tuple[int, int, str] | None
+    owner: str
+    team: str | None
+    waiting: bool
+    gpus: int  # GPUs held within quota
+
+
 class State(BaseModel):
     jobs: dict[str, Job] = Field(default_factory=dict)
     nodes: dict[str, Node] = Field(default_factory=dict)
@@ -119,15 +152,83 @@ class State(BaseModel):
     accepted: int = 0
     deleted: set[str] = Field(default_factory=set)  # ids of jobs deleted from the list
     stale_reports: int = 0  # reports from an attempt that is no longer current, ignored
+    quotas: Quotas = Field(default_factory=Quotas)
+    config_quotas: Quotas | None = None  # the last table the QUOTAS setting gave
+    half_life_s: float = DEFAULT_HALF_LIFE_S
+    usage: dict[str, Usage] = Field(default_factory=dict)  # user:<name> / team:<name> -> usage
     # The queue in start order, kept sorted as events arrive: (-priority, seq, job id).
     _queued: SortedList = PrivateAttr(default_factory=SortedList)
+    # Per priority, per owner, the owner's queued jobs by submit order (fair share's order).
+    _levels: dict[int, dict[str, SortedList]] = PrivateAttr(default_factory=dict)
+    _waiting: dict[str, int] = PrivateAttr(default_factory=dict)  # user:/team: key -> jobs waiting
+    _holding: dict[str, int] = PrivateAttr(default_factory=dict)  # user:/team: key -> GPUs within quota
     _journals: list[Journal] = PrivateAttr(default_factory=list)  # open savepoints, oldest first
 
     # Private attributes are read through ``__pydantic_private__`` on the hot paths: a plain
     # ``self._queued`` goes through BaseModel.__getattr__, which costs a microsecond each time.
 
     def model_post_init(self, context: Any, /) -> None:
-        self._queued = SortedList(filter(None, map(queue_key, self.jobs.values())))
+        for job in self.jobs.values():
+            self._index(mark(job), 1)
+
+    def _index(self, marked: Mark | None, sign: int) -> None:
+        """Add (sign 1) or remove (-1) a job's marks in the indexes."""
+        if marked is None:
+            return
+        private = self.__pydantic_private__
+        if marked.queue is not None:
+            levels = private["_levels"]
+            priority, seq, job_id = -marked.queue[0], marked.queue[1], marked.queue[2]
+            owners = levels.setdefault(priority, {})
+            if sign > 0:
+                private["_queued"].add(marked.queue)
+                owners.setdefault(marked.owner, SortedList()).add((seq, job_id))
+            else:
+                private["_queued"].remove(marked.queue)
+                mine = owners[marked.owner]
+                mine.remove((seq, job_id))
+                if not mine:
+                    del owners[marked.owner]
+                    if not owners:
+                        del levels[priority]
+        keys = (user_key(marked.owner),) if marked.team is None else (user_key(marked.owner), team_key(marked.team))
+        if marked.waiting:
+            counts = private["_waiting"]
+            for key in keys:
+                counts[key] = counts.get(key, 0) + sign
+        if marked.gpus:
+            counts = private["_holding"]
+            for key in keys:
+                counts[key] = counts.get(key, 0) + sign * marked.gpus
+
+    def waiting(self, key: str) -> int:
+        """Jobs of a user or team (``user:<name>``, ``team:<name>``) waiting to run."""
+        return self.__pydantic_private__["_waiting"].get(key, 0)
+
+    def holding(self, key: str) -> int:
+        """GPUs a user's or team's jobs hold within quota (borrowing ones aside)."""
+        return self.__pydantic_private__["_holding"].get(key, 0)
+
+    def fair_queue_iter(self, rank: Callable[[str], float], extra: Job | None = None) -> Iterator[Job]:
+        """Queued jobs in fair-share order: by priority, then by their owner's ``rank`` (decayed
+        usage, lowest first), then by submit order; ``extra`` (a job not folded in yet) in its
+        place among them."""
+        levels = self.__pydantic_private__["_levels"]
+        priorities = set(levels)
+        if extra is not None:
+            priorities.add(extra.priority)
+        for priority in sorted(priorities, reverse=True):
+            owners = dict(levels.get(priority, {}))
+            tail = extra is not None and extra.priority == priority
+            if tail and extra is not None and extra.owner not in owners:
+                owners[extra.owner] = SortedList()
+            for owner in sorted(
+                owners, key=lambda name: (rank(name), owners[name][0][0] if owners[name] else math.inf)
+            ):
+                for _, job_id in owners[owner]:
+                    yield self.jobs[job_id]
+                if tail and extra is not None and owner == extra.owner:
+                    yield extra
 
     def queue_iter(self) -> Iterator[Job]:
         """Queued jobs in start order: higher priority first, FIFO within a priority."""
@@ -157,14 +258,12 @@ class State(BaseModel):
         journals = self.__pydantic_private__["_journals"]
         if journals:
             journals[-1].keep(self, event)
-        before = queue_key(self.jobs.get(event.job_id or ""))
+        before = mark(self.jobs.get(event.job_id or ""))
         handler(self, entry_id, event)
-        after = queue_key(self.jobs.get(event.job_id or ""))
+        after = mark(self.jobs.get(event.job_id or ""))
         if before != after:
-            if before is not None:
-                self.__pydantic_private__["_queued"].remove(before)
-            if after is not None:
-                self.__pydantic_private__["_queued"].add(after)
+            self._index(before, -1)
+            self._index(after, 1)
         self.position = entry_id
 
     # --- savepoints: fold facts before they are in the log, and take them back if they never land
@@ -175,7 +274,15 @@ class State(BaseModel):
         Savepoints nest: a later one is rolled back before an earlier one, and the earliest is
         released first, while later ones may still be open."""
         self.__pydantic_private__["_journals"].append(
-            Journal(self.position, self.accepted, self.stale_reports, dict(self.allocations))
+            Journal(
+                self.position,
+                self.accepted,
+                self.stale_reports,
+                dict(self.allocations),
+                self.quotas,
+                self.config_quotas,
+                self.half_life_s,
+            )
         )
 
     @property
@@ -196,16 +303,18 @@ class State(BaseModel):
             return
         journal = journals.pop()
         for job_id, saved in journal.jobs.items():
-            key = queue_key(self.jobs.get(job_id))
-            if key is not None:
-                self.__pydantic_private__["_queued"].remove(key)
+            self._index(mark(self.jobs.get(job_id)), -1)
             if saved is None:
                 self.jobs.pop(job_id, None)
                 continue
             self.jobs[job_id] = saved
-            key = queue_key(saved)
-            if key is not None:
-                self.__pydantic_private__["_queued"].add(key)
+            self._index(mark(saved), 1)
+        for key, used in journal.usage.items():
+            if used is None:
+                self.usage.pop(key, None)
+            else:
+                self.usage[key] = used
+        self.quotas, self.config_quotas, self.half_life_s = journal.quotas, journal.config_quotas, journal.half_life_s
         for name, node in journal.nodes.items():
             if node is None:
                 self.nodes.pop(name, None)
@@ -250,7 +359,11 @@ class Journal:
     accepted: int
     stale_reports: int
     allocations: dict[str, str]
+    quotas: Quotas
+    config_quotas: Quotas | None
+    half_life_s: float
     jobs: dict[str, Job | None] = field(default_factory=dict)
+    usage: dict[str, Usage | None] = field(default_factory=dict)
     nodes: dict[str, Node | None] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
 
@@ -269,13 +382,41 @@ class Journal:
             self.nodes[event.node] = None if node is None else node.model_copy()
         if isinstance(event, m.JobDeleted) and job_id:
             self.deleted.add(job_id)
+        # Usage changes with facts about a job that holds GPUs (credited to its owner and team),
+        # and all of it with a new half-life.
+        job = state.jobs.get(job_id or "")
+        keys = (
+            list(state.usage)
+            if isinstance(event, m.HalfLifeChanged)
+            else [user_key(job.owner)] + ([team_key(job.team)] if job.team else [])
+            if job is not None and job.status in HOLDS_GPUS
+            else []
+        )
+        for key in keys:
+            if key not in self.usage:
+                used = state.usage.get(key)
+                self.usage[key] = None if used is None else used.copy()
 
 
 def queue_key(job: Job | None) -> tuple[int, int, str] | None:
-    """A queued job's place in the queue; None for a job that is not queued."""
-    if job is None or job.status != JobStatus.queued:
+    """A queued job's place in the queue; None for a job that is not queued, or whose previous
+    attempt is still being stopped (it starts again only from the checkpoint that saves)."""
+    if job is None or job.status != JobStatus.queued or job.stopping:
         return None
     return (-job.priority, job.seq, job.job_id)
+
+
+def mark(job: Job | None) -> Mark | None:
+    if job is None:
+        return None
+    holds = job.status in HOLDS_GPUS and not job.borrowing
+    return Mark(
+        queue_key(job),
+        job.owner,
+        job.team,
+        job.status in QUEUED_FOR_QUOTA,
+        job.spec.gpu_count if holds else 0,
+    )
 
 
 def gpu_key(node: str, index: int) -> str:
@@ -295,29 +436,55 @@ def _is_stale(state: State, job: Job, attempt: int | None) -> bool:
     """A report of an attempt that is not the current one, or of one already ended by a requeue
     (the job waits for its next attempt: nothing of ours runs it) or by the scheduler (its node
     was lost with no retries left: the paused node's runner reports on when it comes back)."""
-    ended = job.status in WAITING or job.status in TERMINAL
-    if attempt is not None and (attempt != job.attempt or (ended and job.attempt > 0)):
+    if attempt is None:
+        return False
+    if attempt == job.attempt and job.stopping:
+        return False  # on its way out after giving up its GPUs: its reports still count
+    ended = job.status in WAITING or job.status in TERMINAL or job.status in YIELDED
+    if attempt != job.attempt or (ended and job.attempt > 0):
         state.stale_reports += 1
         return True
     return False
 
 
 def _reported(state: State, event: m.Message, *allowed: JobStatus) -> Job | None:
-    """The job a runner reports on, or None for a report of a superseded attempt (ignored)."""
+    """The job a runner reports on, or None for a report of a superseded attempt (ignored). An
+    attempt being stopped after giving up its GPUs still reports, whatever the job's status."""
     job = _job(state, event)
     if _is_stale(state, job, getattr(event, "attempt", None)):
         return None
+    if job.stopping and getattr(event, "attempt", None) == job.attempt:
+        return job
     return _job(state, event, *allowed)
 
 
-def _release(state: State, job: Job) -> None:
+def _credit(state: State, job: Job, at: datetime) -> None:
+    """Credit the GPU time a job has held since it was last credited to its owner and team."""
+    if job.status not in HOLDS_GPUS or job.usage_mark is None:
+        return
+    seconds = (at - job.usage_mark).total_seconds()
+    if seconds <= 0:
+        return
+    job.usage_mark = at
+    used = seconds * len(job.gpu_ids)
+    keys = (user_key(job.owner),) if job.team is None else (user_key(job.owner), team_key(job.team))
+    for key in keys:
+        usage = state.usage.get(key)
+        if usage is None:
+            usage = state.usage[key] = Usage()
+        usage.add(used, at, state.half_life_s)
+
+
+def _release(state: State, job: Job, at: datetime) -> None:
+    _credit(state, job, at)
     for index in job.gpu_ids:
         if state.allocations.get(gpu_key(job.node or "", index)) == job.job_id:
             del state.allocations[gpu_key(job.node or "", index)]
 
 
 def _finish(state: State, job: Job, entry_id: str, event: m.Message, status: JobStatus) -> None:
-    _release(state, job)
+    _release(state, job, event.at)
+    job.stopping = False
     job.status = status
     job.finished_at = event.at
     job.last_entry_id = entry_id
@@ -339,6 +506,7 @@ def new_job(event: m.JobAccepted, seq: int, entry_id: str) -> Job:
         seq=seq,
         submitted_at=event.at,
         submitted_by=event.actor,
+        team=event.team,
         first_entry_id=entry_id,
         last_entry_id=entry_id,
     )
@@ -377,7 +545,9 @@ def _scheduled(state: State, entry_id: str, event: m.JobScheduled) -> None:
         state.allocations[gpu_key(event.node, index)] = job.job_id
     job.status = JobStatus.scheduled
     job.node, job.gpu_ids, job.attempt = event.node, list(event.gpu_ids), event.attempt
-    job.scheduled_at = event.at
+    job.scheduled_at = job.usage_mark = event.at
+    job.borrowing, job.preempted_jobs = event.borrowing, list(event.preempted)
+    job.checkpoint_at = job.checkpoint_step = None
     job.last_entry_id = entry_id
 
 
@@ -385,6 +555,7 @@ def _started(state: State, entry_id: str, event: m.JobStarted) -> None:
     job = _reported(state, event, JobStatus.scheduled)
     if job is None:
         return
+    _credit(state, job, event.at)
     job.status = JobStatus.running
     job.pid, job.run_dir, job.argv, job.env = event.pid, event.run_dir, list(event.argv), dict(event.env)
     job.started_at = event.at
@@ -395,6 +566,7 @@ def _progress(state: State, entry_id: str, event: m.JobProgress) -> None:
     job = _reported(state, event, JobStatus.running, JobStatus.serving)
     if job is None:
         return
+    # (no usage credit here: a run of progress reports folds as its last one alone, see events.log)
     job.progress = Progress(**event.payload(), at=event.at)
     job.last_entry_id = entry_id
 
@@ -403,9 +575,11 @@ def _checkpoint(state: State, entry_id: str, event: m.CheckpointSaved) -> None:
     job = _reported(state, event, JobStatus.running)
     if job is None:
         return
+    _credit(state, job, event.at)
     if event.path not in job.checkpoints:
         job.checkpoints.append(event.path)
     job.last_checkpoint = event.path
+    job.checkpoint_at, job.checkpoint_step = event.at, event.step
     job.last_entry_id = entry_id
 
 
@@ -413,6 +587,7 @@ def _serving(state: State, entry_id: str, event: m.JobServing) -> None:
     job = _reported(state, event, JobStatus.running)
     if job is None:
         return
+    _credit(state, job, event.at)
     job.status = JobStatus.serving
     job.endpoint = event.endpoint
     job.last_entry_id = entry_id
@@ -438,7 +613,8 @@ def _failed(state: State, entry_id: str, event: m.JobFailed) -> None:
 
 
 def _lost(state: State, entry_id: str, event: m.JobLost) -> None:
-    """Noted: the scheduler's job.requeued or job.failed that follows ends the attempt."""
+    """Noted: the scheduler's job.requeued, job.failed or (an attempt being stopped)
+    job.stopped that follows ends the attempt."""
     job = _reported(state, event, *HOLDS_GPUS)
     if job is not None:
         job.last_entry_id = entry_id
@@ -448,10 +624,72 @@ def _requeued(state: State, entry_id: str, event: m.JobRequeued) -> None:
     job = _job(state, event, *HOLDS_GPUS)
     if event.attempt != job.attempt:
         raise IllegalTransition(f"job {job.job_id} requeued for attempt {event.attempt}, not {job.attempt}")
-    _release(state, job)
+    _release(state, job, event.at)
     job.status = JobStatus.queued
     job.retries += 1
     job.last_entry_id = entry_id
+
+
+def _current_attempt(job: Job, event: m.JobPreempted | m.JobSuspended) -> None:
+    if event.attempt != job.attempt or job.stopping:
+        raise IllegalTransition(f"{event.type} for attempt {event.attempt} of job {job.job_id} (at {job.attempt})")
+
+
+def _preempted(state: State, entry_id: str, event: m.JobPreempted) -> None:
+    job = _job(state, event, JobStatus.running, JobStatus.serving)
+    _current_attempt(job, event)
+    _release(state, job, event.at)
+    job.status = JobStatus.preempted
+    job.stopping, job.borrowing = True, False
+    job.preemptions += 1
+    job.preempted_by = event.by_job_id
+    job.last_entry_id = entry_id
+
+
+def _suspended(state: State, entry_id: str, event: m.JobSuspended) -> None:
+    job = _job(state, event, JobStatus.running)
+    _current_attempt(job, event)
+    _release(state, job, event.at)
+    job.status = JobStatus.suspended
+    job.stopping, job.borrowing = True, False
+    job.last_entry_id = entry_id
+
+
+def _stopped(state: State, entry_id: str, event: m.JobStopped) -> None:
+    """The attempt that gave up its GPUs is gone: a preempted job is queued again (in its
+    original place: its priority and submit order are unchanged)."""
+    job = _job(state, event)
+    if event.attempt != job.attempt or not job.stopping:
+        state.stale_reports += 1
+        return
+    job.stopping = False
+    job.exit_code = event.exit_code
+    if event.last_checkpoint:
+        if event.last_checkpoint not in job.checkpoints:
+            job.checkpoints.append(event.last_checkpoint)
+        job.last_checkpoint = event.last_checkpoint
+        job.checkpoint_at, job.checkpoint_step = event.at, event.step
+    if job.status == JobStatus.preempted:
+        job.status = JobStatus.queued
+    job.last_entry_id = entry_id
+
+
+def _resumed(state: State, entry_id: str, event: m.JobResumed) -> None:
+    job = _job(state, event, JobStatus.suspended)
+    job.status = JobStatus.queued  # in the queue once its attempt is gone (see queue_key)
+    job.last_entry_id = entry_id
+
+
+def _quotas_changed(state: State, entry_id: str, event: m.QuotasChanged) -> None:
+    state.quotas = event.quotas
+    if event.from_config:
+        state.config_quotas = event.quotas
+
+
+def _half_life_changed(state: State, entry_id: str, event: m.HalfLifeChanged) -> None:
+    for usage in state.usage.values():
+        usage.rescaled(state.half_life_s, event.half_life_s, event.at)
+    state.half_life_s = event.half_life_s
 
 
 def _priority_changed(state: State, entry_id: str, event: m.JobPriorityChanged) -> None:
@@ -564,4 +802,10 @@ _HANDLERS = {
     m.ExportFailed: _export_failed,
     m.NodeJoined: _node_joined,
     m.NodeLost: _node_lost,
+    m.JobPreempted: _preempted,
+    m.JobSuspended: _suspended,
+    m.JobStopped: _stopped,
+    m.JobResumed: _resumed,
+    m.QuotasChanged: _quotas_changed,
+    m.HalfLifeChanged: _half_life_changed,
 }

@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "gpus":
         return check_gpus()
+    try:
+        settings.configured_quotas  # noqa: B018 (read for its check: a bad QUOTAS table stops every process)
+    except ConfigError as exc:
+        print(f"swift-trainer: {exc}", file=sys.stderr)
+        return 2
     if args.command == "gateway":
         from services.gateway.auth import check_startup
 

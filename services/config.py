@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events.keys import Keys
+from events.quotas import Quotas
 from services import host_secrets
 
 
@@ -67,6 +68,19 @@ class Settings(BaseSettings):
     node_timeout_s: float = Field(30.0, gt=0)
     backfill: bool = False  # start short jobs ahead of a blocked one when they end before it could start
     foreign_memory_threshold_mb: int = Field(1024, ge=0)
+    # Sharing the pool. PREEMPTION=priority: a queued job may stop (checkpoint and requeue)
+    # running preemptible jobs at least PREEMPT_PRIORITY_GAP below it that have run
+    # PREEMPT_MIN_RUNTIME_S since they started, when that lets it start at once.
+    preemption: Literal["off", "priority"] = "off"
+    preempt_priority_gap: int = Field(1, ge=1, le=10)
+    preempt_min_runtime_s: float = Field(300.0, ge=0)
+    max_preemptions: int = Field(3, ge=0, le=1000)  # a job preempted this often is not preempted again
+    # Quotas per user and team: a JSON table, inline or in a file (see README, Quotas); applied
+    # when it differs from the last table the scheduler applied (admins change it at run time).
+    quotas: str = ""
+    quota_borrowing: bool = False  # over-quota jobs may use GPUs no job within quota waits for
+    fair_share: bool = False  # within a priority, the owner with the least decayed GPU usage first
+    fair_share_half_life_s: float = Field(7 * 24 * 3600.0, gt=0)
 
     swift_bin: str = "swift"
     deploy_port_range: str = Field("20000-20999", pattern=r"^\d{2,5}-\d{2,5}$")
@@ -108,6 +122,25 @@ class Settings(BaseSettings):
     def _prefix(cls, value: str) -> str:
         value = "/" + value.strip("/")
         return "" if value == "/" else value
+
+    @cached_property
+    def configured_quotas(self) -> Quotas | None:
+        """The QUOTAS table (inline JSON, or the path of a JSON file); None when not set.
+        Raises ConfigError naming what is wrong."""
+        text = self.quotas.strip()
+        if not text:
+            return None
+        if not text.startswith("{"):
+            try:
+                text = Path(text).expanduser().read_text()
+            except OSError as exc:
+                raise ConfigError(f"QUOTAS: cannot read {self.quotas!r}: {exc.strerror}") from exc
+        try:
+            return Quotas.model_validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "the table"
+            raise ConfigError(f"QUOTAS: {where}: {first['msg']}") from exc
 
     @property
     def embedded(self) -> bool:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from events import messages as m
 from events.params import DeployJob, LanguageModelJob, MultiModalJob
+from events.quotas import Limit, Quotas
 
 LM = LanguageModelJob(task_type="language_model", model_path="/models/tiny", data_path="/data/train.jsonl")
 MM = MultiModalJob(task_type="multimodal", model_path="Qwen/Qwen2.5-VL-3B-Instruct", data_path="AI-ModelScope/coco#200")
 DEPLOY = DeployJob(task_type="deploy", model_path="/models/merged")
+QUOTAS = Quotas(users={"alice": Limit(gpus=2, queued=10), "*": Limit(gpus=1)}, teams={"ml": Limit(gpus=4)})
 GPU = m.GpuInfo(index=0, uuid="GPU-0", name="Simulated GPU (no NVML)", memory_total_mb=24576)
 SAMPLE = m.GpuSample(
     **GPU.model_dump(), memory_used_mb=10, utilization_pct=3, processes=[m.GpuProcess(pid=1, used_memory_mb=5)]
@@ -25,6 +27,16 @@ def examples() -> list[m.Message]:
         m.SetPriority(priority=9, **job),
         m.DeleteJob(**job),
         m.ReleaseJob(**job),
+        m.SuspendJob(**job),
+        m.ResumeJob(**job),
+        m.SetQuotas(quotas=QUOTAS, actor="root"),
+        m.SetHalfLife(half_life_s=3600.0),
+        m.JobPreempted(attempt=1, by_job_id="job-2", reason="priority", step=40, **job),
+        m.JobSuspended(attempt=1, **job),
+        m.JobStopped(attempt=1, exit_code=0, last_checkpoint="/out/v0/checkpoint-42", step=42, reason="preempt", **job),
+        m.JobResumed(position=1, **job),
+        m.QuotasChanged(quotas=QUOTAS, actor="root"),
+        m.HalfLifeChanged(half_life_s=3600.0),
         m.JobHeld(**job),
         m.JobPriorityChanged(priority=9, previous=5, **job),
         m.JobDeleted(**job),

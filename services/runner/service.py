@@ -155,7 +155,8 @@ class Runner:
             stop = stop or await self._stop_follows(delivery, command)
             if stop and "record" not in early and not await self._running(command):
                 await self.bus.redis.delete(key)
-                return [Append(self.bus.keys.events, m.JobCancelled(**end))]
+                ended = m.JobStopped(reason=stop, **end) if stop in ("preempt", "suspend") else m.JobCancelled(**end)
+                return [Append(self.bus.keys.events, ended)]
             await self._gpus_left(command)
             try:
                 record, process = await anyio.to_thread.run_sync(self._launch, command)

@@ -413,6 +413,12 @@ class JobRun:
             return m.JobFailed(reason="timeout", message="time limit reached", **failed)
         rows = read_rows(self.rows.path) if self.version_dir else []
         last_row = next((row for row in reversed(rows) if "last_model_checkpoint" in row), None)
+        if self.stop_reason in ("preempt", "suspend") and not (last_row is not None and exit_code in (0, None)):
+            # It gave up its GPUs (unless it had just finished): it goes on from the checkpoint
+            # it saved on the way out, or its last one.
+            last = self.checkpoints[-1] if self.checkpoints else None
+            step = _step_of(Path(last)) if last else None
+            return m.JobStopped(exit_code=exit_code, last_checkpoint=last, step=step, reason=self.stop_reason, **common)
         if self.record.deploy and (exit_code == 0 or exit_code is None):
             return m.JobFailed(reason="unknown", message="the server exited", **failed)
         if last_row is not None and exit_code in (0, None):

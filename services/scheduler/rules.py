@@ -9,11 +9,23 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from events import messages as m
+from events.admission import charge, gpu_quota_block, queue_order, queued_quota_block
 from events.bus import Append
 from events.estimates import Estimate, estimate_queue, placement_request
 from events.keys import Keys
 from events.placement import foreign_gpus, free_mb, freeable_gpus, in_service, matching, never_fits
-from events.state import HOLDS_GPUS, TERMINAL, ExportStatus, Job, JobStatus, State, gpu_key, new_job
+from events.state import (
+    ANONYMOUS,
+    HOLDS_GPUS,
+    TERMINAL,
+    YIELDED,
+    ExportStatus,
+    Job,
+    JobStatus,
+    State,
+    gpu_key,
+    new_job,
+)
 
 BACKFILL_SCAN = 1000  # queued jobs looked at behind a blocked one, when backfilling
 
@@ -27,6 +39,12 @@ class Limits:
     # How long past its time limit a job may hold its GPUs (it is stopped gracefully): a job is
     # backfilled only if its limit plus this ends before the blocked job's estimated start
     backfill_margin_s: float = 0.0
+    preemption: bool = False  # a blocked job may preempt running jobs of a lower priority
+    preempt_gap: int = 1  # by at least this much
+    preempt_min_runtime_s: float = 300.0  # only victims running at least this long
+    max_preemptions: int = 3  # a job preempted this often is not preempted again
+    borrowing: bool = False  # over-quota jobs may use GPUs no job within quota waits for
+    fair_share: bool = False  # within a priority, the owner with the least decayed usage first
 
 
 def submit(
@@ -43,16 +61,23 @@ def submit(
         return []
     spec = command.spec
     common = {"job_id": job_id, "causation_id": command.id, "actor": command.actor}
-    accepted = m.JobAccepted(spec=spec, **common)
+    accepted = m.JobAccepted(spec=spec, team=command.team, **common)
     impossible = never_fits(spec, state)
     if impossible:
         rejected = m.JobRejected(reason="unsatisfiable", message=impossible, **common)
+        return [Append(keys.events, accepted), Append(keys.events, rejected)]
+    over = queued_quota_block(state, command.actor or ANONYMOUS, command.team)
+    if over:
+        rejected = m.JobRejected(reason="quota", message=over, **common)
         return [Append(keys.events, accepted), Append(keys.events, rejected)]
     if spec.hold:
         return [Append(keys.events, accepted), Append(keys.events, m.JobHeld(**common))]
     decided = [Append(keys.events, accepted), Append(keys.events, _queued(state, spec.priority, common))]
     # The queue as it will be once these facts are folded in, to place the new job right away.
-    queue = _joined(state.queue_iter(), accepted, state.accepted + 1)
+    if limits.fair_share:
+        queue = queue_order(state, True, extra=_new_queued(accepted, state.accepted + 1))
+    else:
+        queue = _joined(state.queue_iter(), accepted, state.accepted + 1)
     return decided + schedule(state, keys, heartbeats, limits, now, command, queue=queue)
 
 
@@ -95,12 +120,62 @@ def cancel(state: State, keys: Keys, command: m.CancelJob) -> list[Append]:
     if job is None or job.status not in (set(JobStatus) - {JobStatus.completed, JobStatus.failed, JobStatus.cancelled}):
         return []
     common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
-    if job.status in (JobStatus.pending, JobStatus.held, JobStatus.queued):
+    if job.status in (JobStatus.pending, JobStatus.held, JobStatus.queued, *YIELDED):
+        # (an attempt still stopping after giving up its GPUs was told to stop already)
         return [Append(keys.events, m.JobCancelled(**common))]
     stop = Append(keys.node(job.node or ""), m.StopJob(attempt=job.attempt, reason="cancel", **common))
     if job.cancel_requested:
         return [stop]  # asked again: the runner's stop is idempotent, and a stop may have been lost
     return [Append(keys.events, m.JobCancelRequested(reason=command.reason, **common)), stop]
+
+
+def suspend(state: State, keys: Keys, command: m.SuspendJob) -> list[Append]:
+    """Stop a running training job with a checkpoint, free its GPUs, and hold it."""
+    job = state.jobs.get(command.job_id or "")
+    if job is None or not suspendable(job):
+        return []
+    common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
+    return [
+        Append(keys.events, m.JobSuspended(attempt=job.attempt, **common)),
+        Append(keys.node(job.node or ""), m.StopJob(attempt=job.attempt, reason="suspend", **common)),
+    ]
+
+
+def suspendable(job: Job) -> bool:
+    return (
+        job.status == JobStatus.running
+        and job.spec.task_type != "deploy"
+        and not job.cancel_requested
+        and not job.stopping
+    )
+
+
+def resume(state: State, keys: Keys, command: m.ResumeJob) -> list[Append]:
+    """Queue a suspended job again in its original place (its priority and submit order)."""
+    job = state.jobs.get(command.job_id or "")
+    if job is None or job.status != JobStatus.suspended:
+        return []
+    common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
+    ahead = state.queued_ahead_of(job.priority, job.seq)
+    resumed = m.JobResumed(position=ahead + 1, behind_job_id=state.queued_at(ahead) if ahead else None, **common)
+    return [Append(keys.events, resumed)]
+
+
+def set_quotas(state: State, keys: Keys, command: m.SetQuotas) -> list[Append]:
+    """Replace the quota table. One from the configuration at start is applied only when it
+    differs from the last one the configuration gave (an admin's change since then stands)."""
+    if command.from_config and command.quotas == state.config_quotas:
+        return []
+    if not command.from_config and command.quotas == state.quotas:
+        return []
+    changed = m.QuotasChanged(quotas=command.quotas, from_config=command.from_config, causation_id=command.id)
+    return [Append(keys.events, changed.model_copy(update={"actor": command.actor}))]
+
+
+def set_half_life(state: State, keys: Keys, command: m.SetHalfLife) -> list[Append]:
+    if command.half_life_s == state.half_life_s:
+        return []
+    return [Append(keys.events, m.HalfLifeChanged(half_life_s=command.half_life_s, causation_id=command.id))]
 
 
 def set_priority(state: State, keys: Keys, command: m.SetPriority) -> list[Append]:
@@ -140,6 +215,9 @@ def react(state: State, keys: Keys, event: m.Message) -> list[Append]:
     """Facts the scheduler adds in response to another fact."""
     if isinstance(event, m.JobLost):
         job = state.jobs.get(event.job_id or "")
+        if job is not None and job.stopping and job.attempt == event.attempt:
+            # It gave up its GPUs and ended unwatched: queued (or held) from its last checkpoint
+            return [_stopped(keys, job, "lost", event)]
         if job is None or job.status not in HOLDS_GPUS or job.attempt != event.attempt:
             return []  # a report of an attempt already ended: the fold ignored it too
         message = "the job ended while no runner watched it" + (f": {event.message}" if event.message else "")
@@ -162,6 +240,11 @@ RESCHEDULE_ON = (
     m.JobCancelled,
     m.NodeJoined,
     m.NodeLost,
+    m.JobPreempted,  # (a victim may free more GPUs than its preemptor takes)
+    m.JobSuspended,
+    m.JobStopped,
+    m.JobResumed,
+    m.QuotasChanged,
 )
 
 
@@ -227,6 +310,9 @@ def lose_node(state: State, keys: Keys, node: str, cause: m.Message, reason: str
     what = "its runner" if reason == "runner_lost" else f"node {node}"
     decided: list[Append] = []
     for job in sorted(state.jobs.values(), key=lambda j: j.seq):
+        if job.node == node and job.stopping:
+            decided.append(_stopped(keys, job, reason, cause))  # no report will come: stop waiting
+            continue
         if job.node != node or job.status not in HOLDS_GPUS:
             continue
         decided.append(_retry_or_fail(keys, job, reason, f"{what} stopped sending heartbeats", cause))
@@ -234,6 +320,20 @@ def lose_node(state: State, keys: Keys, node: str, cause: m.Message, reason: str
         decided.append(Append(keys.node(node), m.StopJob(attempt=job.attempt, reason="preempt", **common)))
     decided.append(Append(keys.events, m.NodeLost(node=node, reason=reason, causation_id=cause.id)))
     return decided
+
+
+def _stopped(keys: Keys, job: Job, reason: str, cause: m.Message) -> Append:
+    """An attempt being stopped whose end nobody will report: the job goes on from the last
+    checkpoint the log knows of."""
+    stopped = m.JobStopped(
+        attempt=job.attempt,
+        last_checkpoint=job.last_checkpoint,
+        step=job.checkpoint_step,
+        reason=reason,
+        job_id=job.job_id,
+        causation_id=cause.id,
+    )
+    return Append(keys.events, stopped)
 
 
 def _retry_or_fail(keys: Keys, job: Job, reason: str, message: str, cause: m.Message) -> Append:
@@ -324,10 +424,13 @@ def schedule(
 ) -> list[Append]:
     """One scheduling pass: start queued jobs in order while they fit; the first that does not
     fit, but would on the GPUs of the nodes offering GPUs now once they are free, blocks those
-    behind it (strict priority order). One that could not start even then (it needs a node that
-    is lost, silent or reads degraded) blocks no one. With backfill on, a job behind a blocked
-    one may still start if its time limit ends before the blocked job's estimated start."""
-    queue = iter(state.queue_iter() if queue is None else queue)
+    behind it (strict priority order) unless it may preempt running jobs to start at once. One
+    that could not start even then (it needs a node that is lost, silent or reads degraded)
+    blocks no one. With backfill on, a job behind a blocked one may still start if its time
+    limit ends before the blocked job's estimated start. A job over its GPU quota blocks no one;
+    with borrowing on, it starts at the end of the pass on GPUs left over, if no job within quota
+    was blocked."""
+    queue = iter(queue_order(state, limits.fair_share) if queue is None else queue)
     offered = usable_gpus(state, heartbeats, limits, now)
     usable = {name: list(gpus) for name, gpus in offered.items()}  # less what this pass hands out
     freeable: dict[str, list[m.GpuInfo]] | None = None  # worked out at the first job that does not fit
@@ -336,8 +439,13 @@ def schedule(
     passed_over: set[tuple[object, ...]] = set()
     decisions: list[Append] = []
     backfill_until: float | None = None  # seconds from now by which a backfilled job must end
+    quotas = bool(state.quotas.users or state.quotas.teams)
+    taken: dict[str, int] = {}  # GPUs handed out within quota in this pass, per user and team
+    borrowers: list[Job] = []
+    blocked_in_quota = False
+    victims = _Victims(state, limits, now) if limits.preemption or limits.borrowing else None
     for job in queue:
-        if not any(usable.values()):
+        if not any(usable.values()) and (victims is None or not victims.any()):
             break  # nothing left to hand out
         if backfill_until is not None and (
             job.spec.time_limit_s is None or job.spec.time_limit_s + limits.backfill_margin_s > backfill_until
@@ -345,28 +453,174 @@ def schedule(
             continue  # it might outlast the blocked job's start
         if passed_over and placement_request(job) in passed_over:
             continue
+        if quotas and gpu_quota_block(state, job, taken):
+            if limits.borrowing and job.spec.preemptible and job.preemptions < limits.max_preemptions:
+                borrowers.append(job)
+            continue  # waits for its quota: it holds up no one
         placement = place(job, usable)
         if placement is None and backfill_until is not None:
             continue  # a backfill candidate that does not fit
+        preempted: list[Job] = []
         if placement is None:
             if freeable is None:
                 freeable = freeable_gpus(state, heartbeats, offered, limits.foreign_memory_threshold_mb)
             if place(job, freeable) is None:
                 passed_over.add(placement_request(job))
                 continue  # it waits on nothing our jobs hold: it holds up no one
-            blocked = _estimate(state, heartbeats, limits, now, freeable).get(job.job_id) if limits.backfill else None
-            if blocked is None or blocked.start_in_s is None:
-                break  # strict order (or nothing proves that a job behind would not delay it)
-            backfill_until = blocked.start_in_s
-            queue = itertools.islice(queue, BACKFILL_SCAN)
-            continue
-        node, gpu_ids = placement
-        usable[node] = [gpu for gpu in usable[node] if gpu.index not in gpu_ids]
-        attempt = job.attempt + 1
-        common = {"job_id": job.job_id, "causation_id": cause.id}
-        decisions.append(Append(keys.events, m.JobScheduled(node=node, gpu_ids=gpu_ids, attempt=attempt, **common)))
-        start = m.StartJob(
-            attempt=attempt, node=node, gpu_ids=gpu_ids, spec=job.spec, resume_from=job.last_checkpoint, **common
-        )
-        decisions.append(Append(keys.node(node), start))
+            found = victims.choose(job, usable, freeable) if victims is not None else None
+            if found is None:
+                blocked_in_quota = True
+                blocked = (
+                    _estimate(state, heartbeats, limits, now, freeable).get(job.job_id) if limits.backfill else None
+                )
+                if blocked is None or blocked.start_in_s is None:
+                    break  # strict order (or nothing proves that a job behind would not delay it)
+                backfill_until = blocked.start_in_s
+                queue = itertools.islice(queue, BACKFILL_SCAN)
+                continue
+            placement, preempted = found
+            decisions += _preempt(keys, job, preempted, victims, cause) if victims is not None else []
+        if quotas:
+            charge(taken, job)
+        decisions += _start(keys, job, placement, cause, usable, preempted=preempted)
+    if borrowers and not blocked_in_quota:
+        for job in borrowers:
+            placement = place(job, usable)
+            if placement is not None:
+                decisions += _start(keys, job, placement, cause, usable, borrowing=True)
     return decisions
+
+
+def _start(
+    keys: Keys,
+    job: Job,
+    placement: tuple[str, list[int]],
+    cause: m.Message,
+    usable: dict[str, list[m.GpuSample]],
+    *,
+    borrowing: bool = False,
+    preempted: Sequence[Job] = (),
+) -> list[Append]:
+    node, gpu_ids = placement
+    usable[node] = [gpu for gpu in usable.get(node, []) if gpu.index not in gpu_ids]
+    attempt = job.attempt + 1
+    common = {"job_id": job.job_id, "causation_id": cause.id}
+    scheduled = m.JobScheduled(
+        node=node,
+        gpu_ids=gpu_ids,
+        attempt=attempt,
+        borrowing=borrowing,
+        preempted=[victim.job_id for victim in preempted],
+        **common,
+    )
+    start = m.StartJob(
+        attempt=attempt, node=node, gpu_ids=gpu_ids, spec=job.spec, resume_from=job.last_checkpoint, **common
+    )
+    return [Append(keys.events, scheduled), Append(keys.node(node), start)]
+
+
+def _preempt(keys: Keys, job: Job, preempted: Sequence[Job], victims: _Victims, cause: m.Message) -> list[Append]:
+    """Facts and stop commands for the victims of one preemption (before the preemptor's start
+    in the node's stream: its runner starts it once their process groups are gone)."""
+    decided: list[Append] = []
+    for victim in preempted:
+        victims.taken.add(victim.job_id)
+        reason = "borrowing" if victim.borrowing else "priority"
+        step = victim.progress.step if victim.progress is not None else None
+        common = {"job_id": victim.job_id, "causation_id": cause.id}
+        fact = m.JobPreempted(attempt=victim.attempt, by_job_id=job.job_id, reason=reason, step=step, **common)
+        decided.append(Append(keys.events, fact))
+        decided.append(
+            Append(keys.node(victim.node or ""), m.StopJob(attempt=victim.attempt, reason="preempt", **common))
+        )
+    return decided
+
+
+class _Victims:
+    """Running jobs a blocked job may preempt, found once per pass, and the choice among them."""
+
+    def __init__(self, state: State, limits: Limits, now: datetime) -> None:
+        self.state, self.limits, self.now = state, limits, now
+        self.taken: set[str] = set()  # preempted earlier in this pass
+        self._running: list[Job] | None = None
+
+    @property
+    def running(self) -> list[Job]:
+        if self._running is None:
+            limits = self.limits
+            holders = dict.fromkeys(self.state.allocations.values())  # each job once, in a set order
+            self._running = [
+                job
+                for job in map(self.state.jobs.__getitem__, holders)
+                if job.status in (JobStatus.running, JobStatus.serving)
+                and job.started_at is not None
+                and job.spec.preemptible
+                and not job.cancel_requested
+                and not job.stopping
+                and job.preemptions < limits.max_preemptions
+                and ((limits.borrowing and job.borrowing) or limits.preemption)
+            ]
+        return self._running
+
+    def any(self) -> bool:
+        return any(job.job_id not in self.taken for job in self.running)
+
+    def may_preempt(self, job: Job, victim: Job) -> bool:
+        if victim.job_id in self.taken or victim.job_id == job.job_id:
+            return False
+        if self.limits.borrowing and victim.borrowing:
+            return True  # whatever its priority: the job is within its quota
+        return (
+            self.limits.preemption
+            and victim.priority <= job.priority - self.limits.preempt_gap
+            and victim.started_at is not None
+            and (self.now - victim.started_at).total_seconds() >= self.limits.preempt_min_runtime_s
+        )
+
+    def loss(self, victim: Job) -> tuple[int, int, float, float]:
+        """What preempting a victim costs, lowest first: borrowing ones first, then by priority,
+        by the GPU-seconds run since its last checkpoint, and the most recently started."""
+        since = max(filter(None, (victim.started_at, victim.checkpoint_at)))
+        gpu_seconds = max(0.0, (self.now - since).total_seconds()) * len(victim.gpu_ids)
+        started = victim.started_at.timestamp() if victim.started_at else 0.0
+        return (0 if self.limits.borrowing and victim.borrowing else 1, victim.priority, gpu_seconds, -started)
+
+    def choose(
+        self, job: Job, usable: Mapping[str, Sequence[m.GpuInfo]], freeable: Mapping[str, Sequence[m.GpuInfo]]
+    ) -> tuple[tuple[str, list[int]], list[Job]] | None:
+        """The placement and victims that let the job start now at the least loss, or None when
+        no set of victims it may preempt would. Never a useless victim: each one chosen is needed."""
+        candidates: dict[str, list[Job]] = {}
+        for victim in self.running:
+            if victim.node in freeable and self.may_preempt(job, victim):
+                candidates.setdefault(victim.node or "", []).append(victim)
+        best: tuple[tuple[object, ...], tuple[str, list[int]], list[Job]] | None = None
+        for node, found in candidates.items():
+            found.sort(key=self.loss)
+            gpus = {gpu.index: gpu for gpu in freeable[node]}
+            pool = list(usable.get(node, []))
+            chosen: list[Job] = []
+            placement = None
+            for victim in found:
+                chosen.append(victim)
+                pool += [gpus[i] for i in victim.gpu_ids if i in gpus]
+                placement = place(job, {node: pool})
+                if placement is not None:
+                    break
+            if placement is None:
+                continue
+            for victim in sorted(chosen, key=self.loss, reverse=True):  # drop the ones not needed
+                rest = [v for v in chosen if v is not victim]
+                without = list(usable.get(node, [])) + [gpus[i] for v in rest for i in v.gpu_ids if i in gpus]
+                if len(rest) and (fit := place(job, {node: without})) is not None:
+                    chosen, placement = rest, fit
+            cost = (
+                sum(1 for v in chosen if not (self.limits.borrowing and v.borrowing)),
+                max(v.priority for v in chosen),
+                sum(self.loss(v)[2] for v in chosen),
+                len(chosen),
+                node,
+            )
+            if best is None or cost < best[0]:
+                best = (cost, placement, chosen)
+        return None if best is None else (best[1], best[2])

@@ -141,6 +141,12 @@ class Scheduler:
             node_timeout_s=settings.node_timeout_s,
             backfill=settings.backfill,
             backfill_margin_s=settings.stop_grace_s,
+            preemption=settings.preemption == "priority",
+            preempt_gap=settings.preempt_priority_gap,
+            preempt_min_runtime_s=settings.preempt_min_runtime_s,
+            max_preemptions=settings.max_preemptions,
+            borrowing=settings.quota_borrowing,
+            fair_share=settings.fair_share,
         )
         self.last_heard: dict[str, datetime] = {}
         self.runner_heard: dict[str, datetime] = {}  # node -> when its runner was last heard
@@ -282,6 +288,14 @@ class Scheduler:
             return rules.delete(self.state, self.keys, message), None
         if isinstance(message, m.ReleaseJob):
             return rules.release(self.state, self.keys, message), None
+        if isinstance(message, m.SuspendJob):
+            return rules.suspend(self.state, self.keys, message), None
+        if isinstance(message, m.ResumeJob):
+            return rules.resume(self.state, self.keys, message), None
+        if isinstance(message, m.SetQuotas):
+            return rules.set_quotas(self.state, self.keys, message), None
+        if isinstance(message, m.SetHalfLife):
+            return rules.set_half_life(self.state, self.keys, message), None
         if isinstance(message, m.RequestExport):
             job = self.state.jobs.get(message.job_id or "")
             return (rules.export(self.state, self.keys, job, message) if job else []), None
@@ -582,6 +596,7 @@ class Scheduler:
             on_idle=self.flush_acks,
         )
         await consumer.setup()
+        await self.apply_settings()
         await self.commit_pass()
         try:
             await consumer.run()
@@ -589,6 +604,18 @@ class Scheduler:
             if self.inflight is not None:  # its outcome is read from the log by the next leader
                 self.inflight.result.cancel()
                 self.inflight = None
+
+    async def apply_settings(self) -> None:
+        """Put the pool's settings that the log folds (the QUOTAS table, the usage half-life) in
+        the log when they differ from what it holds: decided like any other command."""
+        commands: list[m.Message] = []
+        if self.settings.fair_share_half_life_s != self.state.half_life_s:
+            commands.append(m.SetHalfLife(half_life_s=self.settings.fair_share_half_life_s, actor="config"))
+        configured = self.settings.configured_quotas
+        if configured is not None and configured != self.state.config_quotas:
+            commands.append(m.SetQuotas(quotas=configured, from_config=True, actor="config"))
+        for command in commands:
+            await self.bus.send(self.keys.commands, command)
 
     async def retain(self) -> None:
         """Apply the log's retention policy now and then: archive, then trim. The snapshot is
