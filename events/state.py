@@ -117,6 +117,20 @@ class Job(BaseModel):
         return self.submitted_by or ANONYMOUS
 
     @property
+    def may_suspend(self) -> bool:
+        """A running training job, not already on its way out, may be suspended."""
+        return (
+            self.status == JobStatus.running
+            and self.spec.task_type != "deploy"
+            and not self.cancel_requested
+            and not self.stopping
+        )
+
+    @property
+    def may_resume(self) -> bool:
+        return self.status == JobStatus.suspended
+
+    @property
     def is_lora(self) -> bool:
         params = getattr(self.spec, "train_params", None)
         return params is not None and params.train_type == TrainType.lora

@@ -132,7 +132,7 @@ def cancel(state: State, keys: Keys, command: m.CancelJob) -> list[Append]:
 def suspend(state: State, keys: Keys, command: m.SuspendJob) -> list[Append]:
     """Stop a running training job with a checkpoint, free its GPUs, and hold it."""
     job = state.jobs.get(command.job_id or "")
-    if job is None or not suspendable(job):
+    if job is None or not job.may_suspend:
         return []
     common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     return [
@@ -141,19 +141,10 @@ def suspend(state: State, keys: Keys, command: m.SuspendJob) -> list[Append]:
     ]
 
 
-def suspendable(job: Job) -> bool:
-    return (
-        job.status == JobStatus.running
-        and job.spec.task_type != "deploy"
-        and not job.cancel_requested
-        and not job.stopping
-    )
-
-
 def resume(state: State, keys: Keys, command: m.ResumeJob) -> list[Append]:
     """Queue a suspended job again in its original place (its priority and submit order)."""
     job = state.jobs.get(command.job_id or "")
-    if job is None or job.status != JobStatus.suspended:
+    if job is None or not job.may_resume:
         return []
     common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     ahead = state.queued_ahead_of(job.priority, job.seq)
