@@ -10,8 +10,10 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from events.admission import gpu_quota_block, queue_order
 from events.messages import GpuInfo
 from events.placement import matching
+from events.policy import Policy
 from events.state import Job, JobStatus, State, gpu_key
 
 UNKNOWN = math.inf
@@ -82,6 +84,7 @@ class QueueEstimates(Mapping[str, Estimate]):
         gpus: Mapping[str, Sequence[GpuInfo]] | None = None,
     ) -> None:
         self._state = state
+        self._quotas = bool(state.quotas.users or state.quotas.teams)
         self._simulated = simulated
         self._free_at = free_at  # None: the whole queue was simulated
         self._blockers = blockers or {}
@@ -96,6 +99,8 @@ class QueueEstimates(Mapping[str, Estimate]):
         job = self._state.jobs.get(job_id)
         if self._free_at is None or job is None or job.status != JobStatus.queued:
             raise KeyError(job_id)
+        if self._quotas and (why := gpu_quota_block(self._state, job)):
+            return _over_quota(why)
         request = placement_request(job)
         if request not in self._behind:
             best = _earliest(job, self._gpus, self._free_at, 0.0)
@@ -129,6 +134,17 @@ def _earliest(
     return best
 
 
+def _over_quota(why: str) -> Estimate:
+    return Estimate(None, f"unknown: it waits for its {why}")
+
+
+def _preemptible_gpus(state: State, policy: Policy | None) -> list[tuple[str, Job]]:
+    """GPUs held by jobs that some job could preempt, with their holders."""
+    if policy is None or not (policy.preemption or policy.borrowing):
+        return []
+    return [(key, job) for key, job_id in state.allocations.items() if policy.preemptible(job := state.jobs[job_id])]
+
+
 def _unknown(best: tuple[float, list[str]] | None, blockers: dict[str, str], head: str | None = None) -> Estimate:
     """Why a job's start is not known: what holds the GPUs it would take, or (GPUs it could take
     free at a known time) the job ahead of it in strict order whose own start is not known."""
@@ -151,11 +167,15 @@ def estimate_queue(
     now: datetime,
     gpus: Mapping[str, Sequence[GpuInfo]] | None = None,
     foreign: Collection[str] = (),
+    policy: Policy | None = None,
 ) -> QueueEstimates:
     """An estimate for every queued job, in start order (strict: none starts before the one ahead,
     unless that one cannot start on the nodes simulated at all). The nodes simulated are those
     up in the log with their GPUs, or (``gpus``) the nodes in service with the memory each GPU
-    could free; GPUs in use by another's processes (``foreign``) free at no known time."""
+    could free; GPUs in use by another's processes (``foreign``) free at no known time. With a
+    ``policy`` that preempts, the GPUs of a job a queued job may preempt are free for it as soon
+    as it may; a job over its GPU quota waits for it (its start is not known) and holds up no one;
+    with fair share the queue is simulated in fair share's order."""
     if gpus is None:
         gpus = {name: node.gpus for name, node in sorted(state.nodes.items()) if node.up}
     free_at: dict[str, float] = {}  # GPU -> seconds from now until it is free
@@ -175,8 +195,19 @@ def estimate_queue(
     history: dict[tuple[str, str], list[float]] | None = None  # past durations, gathered when needed
     estimates: dict[str, Estimate] = {}
     not_before = 0.0
-    for job in state.queue_iter():
-        best = _earliest(job, gpus, free_at, not_before)
+    quotas = bool(state.quotas.users or state.quotas.teams)
+    preemptible = _preemptible_gpus(state, policy)
+    for job in queue_order(state, policy is not None and policy.fair_share):
+        if quotas and (why := gpu_quota_block(state, job)):
+            estimates[job.job_id] = _over_quota(why)
+            continue
+        times = free_at
+        if preemptible and policy is not None:
+            ready = {key: policy.preemptible_in(job, victim, now) for key, victim in preemptible}
+            sooner = {key: t for key, t in ready.items() if t is not None and t < free_at.get(key, -1.0)}
+            if sooner:
+                times = {**free_at, **sooner}
+        best = _earliest(job, gpus, times, not_before)
         if best is None:  # not enough of the GPUs it could use are up: it holds up no one
             estimates[job.job_id] = _unknown(best, blockers)
             continue
@@ -187,11 +218,13 @@ def estimate_queue(
         if history is None and job.spec.time_limit_s is None:
             history = durations(state)
         duration = expected_duration_s(job, history or {})
+        basis = "GPUs free now" if start == 0 else "running jobs' ETA or time limit, queued jobs' expected durations"
+        if times is not free_at and any(times[key] < free_at[key] for key in chosen_keys):
+            basis = "by preempting lower-priority or borrowing jobs" + (" now" if start == 0 else "")
         for key in chosen_keys:
             free_at[key] = start + duration
             if duration == UNKNOWN:
                 blockers[key] = job.job_id
         not_before = start
-        basis = "GPUs free now" if start == 0 else "running jobs' ETA or time limit, queued jobs' expected durations"
         estimates[job.job_id] = Estimate(start, basis)
     return QueueEstimates(state, estimates)

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events.keys import Keys
+from events.policy import Policy
 from events.quotas import Quotas
 from services import host_secrets
 
@@ -122,6 +123,18 @@ class Settings(BaseSettings):
     def _prefix(cls, value: str) -> str:
         value = "/" + value.strip("/")
         return "" if value == "/" else value
+
+    @property
+    def policy(self) -> Policy:
+        """How the pool is shared, as the scheduler decides and the gateway explains it."""
+        return Policy(
+            preemption=self.preemption == "priority",
+            preempt_gap=self.preempt_priority_gap,
+            preempt_min_runtime_s=self.preempt_min_runtime_s,
+            max_preemptions=self.max_preemptions,
+            borrowing=self.quota_borrowing,
+            fair_share=self.fair_share,
+        )
 
     @cached_property
     def configured_quotas(self) -> Quotas | None:

@@ -7,15 +7,17 @@ from datetime import UTC, datetime, timedelta
 
 from events import messages as m
 from events.estimates import estimate_queue
+from events.policy import Policy
+from events.quotas import Limit, Quotas
 from tests.examples import LM
 from tests.test_state import Log, node
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
 
-def submit(log: Log, job_id: str, priority: int = 5, **spec: object) -> None:
+def submit(log: Log, job_id: str, priority: int = 5, actor: str | None = None, **spec: object) -> None:
     full = LM.model_validate({**LM.model_dump(), "priority": priority, **spec})
-    log.add(m.JobAccepted(job_id=job_id, spec=full, at=NOW), m.JobQueued(job_id=job_id, position=1))
+    log.add(m.JobAccepted(job_id=job_id, spec=full, at=NOW, actor=actor), m.JobQueued(job_id=job_id, position=1))
 
 
 def run(log: Log, job_id: str, gpu: int, *, remaining_s: float | None = None) -> None:
@@ -148,3 +150,43 @@ def test_a_job_asking_for_memory_no_gpu_can_free_holds_up_no_estimate() -> None:
     estimates = estimate_queue(log.state, NOW, gpus=freeable)
     assert estimates["greedy"].basis == "unknown: no node in service has enough GPUs it could use"
     assert estimates["next"].start_in_s == 0
+
+
+def test_a_job_that_may_preempt_is_estimated_to_start_when_its_victim_may_be_preempted() -> None:
+    # Given a low-priority job with no ETA on the only GPU, started 100 s ago
+    log = Log()
+    log.add(node(gpus=1))
+    submit(log, "low", priority=1)
+    run(log, "low", 0)
+    submit(log, "urgent", priority=9)
+    submit(log, "peer", priority=1)  # as low as the running one: it may preempt no one
+    later = NOW + timedelta(seconds=100)
+    policy = Policy(preemption=True, preempt_min_runtime_s=300)
+    # Then the urgent job starts once the victim has run its minimum, 200 s from now
+    estimates = estimate_queue(log.state, later, policy=policy)
+    assert estimates["urgent"].start_in_s == 200
+    assert "preempting" in estimates["urgent"].basis
+    # and without preemption its start is not known (the running job has no ETA)
+    assert estimate_queue(log.state, later)["urgent"].start_in_s is None
+    # and the job that may not preempt waits behind it, for a time nothing tells
+    assert estimates["peer"].start_in_s is None
+    # A non-preemptible victim gives no such promise
+    log2 = Log()
+    log2.add(node(gpus=1))
+    submit(log2, "low", priority=1, preemptible=False)
+    run(log2, "low", 0)
+    submit(log2, "urgent", priority=9)
+    assert estimate_queue(log2.state, later, policy=policy)["urgent"].start_in_s is None
+
+
+def test_a_job_over_its_gpu_quota_says_so_and_holds_up_no_one() -> None:
+    log = Log()
+    log.add(node(gpus=2), m.QuotasChanged(quotas=Quotas(users={"bob": Limit(gpus=1)})))
+    submit(log, "r0", actor="bob", time_limit_s=600)
+    run(log, "r0", 0)
+    submit(log, "bob2", actor="bob", priority=9)
+    submit(log, "alice1", actor="alice")
+    estimates = estimate_queue(log.state, NOW)
+    assert estimates["bob2"].start_in_s is None
+    assert "quota" in estimates["bob2"].basis and "bob" in estimates["bob2"].basis
+    assert estimates["alice1"].start_in_s == 0
