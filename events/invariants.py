@@ -6,7 +6,8 @@ apart from the fold's, so that a fold that let something through would not hide 
 - every entry decodes, and its message id appears once in the whole history;
 - every fact applies to the state it arrives in (the fold raises on none of them);
 - attempt numbers of a job only increase, and a job has at most one live attempt: an attempt is
-  live from its ``job.scheduled`` until a fact ends it (succeeded, failed, cancelled, requeued);
+  live from its ``job.scheduled`` until a fact ends it (succeeded, failed, cancelled, requeued,
+  or its GPUs given up: preempted, suspended);
   no process of another attempt reports having started meanwhile;
 - no GPU is held by two live attempts at any position of the log;
 - at the end, each job is in exactly one state: queued jobs are the queue, jobs holding GPUs are
@@ -26,8 +27,10 @@ from events import messages as m
 from events.codec import DecodeError, decode
 from events.state import HOLDS_GPUS, TERMINAL, IllegalTransition, JobStatus, State, gpu_key
 
-# Facts that end the attempt they name (or, naming none, the job's live attempt).
-_ENDINGS = (m.JobSucceeded, m.JobFailed, m.JobCancelled, m.JobRequeued)
+# Facts that end the attempt they name (or, naming none, the job's live attempt). A preempted or
+# suspended attempt gives up its GPUs at once; its process may still be stopping (its runner
+# starts the GPUs' next holder only once it is gone).
+_ENDINGS = (m.JobSucceeded, m.JobFailed, m.JobCancelled, m.JobRequeued, m.JobPreempted, m.JobSuspended)
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,7 @@ class LogCheck:
         """The checks on the state the whole log leaves. ``submissions``: (commands entry id,
         job id) of each acknowledged submission the scheduler has taken."""
         state = self.state
-        queued = {job.job_id for job in state.jobs.values() if job.status == JobStatus.queued}
+        queued = {job.job_id for job in state.jobs.values() if job.status == JobStatus.queued and not job.stopping}
         in_queue = [job.job_id for job in state.queue()]
         if set(in_queue) != queued or len(in_queue) != len(queued):
             extra = sorted(set(in_queue) ^ queued)

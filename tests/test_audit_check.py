@@ -65,6 +65,32 @@ def test_a_sound_log_passes() -> None:
     assert result.attempts == 3 and result.entries == len(sound_log())
 
 
+def test_a_preemption_and_a_suspension_pass_the_check() -> None:
+    # The victim's GPU goes to the urgent job in the same decision, while its process still
+    # stops; it reports its checkpoint, is queued again and runs on; another is suspended.
+    log = [
+        node(),
+        *placed("low", gpu=0),
+        started("low"),
+        *placed("other", gpu=1),
+        started("other"),
+        m.JobAccepted(job_id="urgent", spec=LM.model_copy(update={"priority": 9})),
+        m.JobQueued(job_id="urgent", position=1),
+        m.JobPreempted(job_id="low", attempt=1, by_job_id="urgent", reason="priority", step=4),
+        m.JobScheduled(job_id="urgent", node="n1", gpu_ids=[0], attempt=1, preempted=["low"]),
+        m.CheckpointSaved(job_id="low", attempt=1, step=5, path="/out/checkpoint-5"),
+        m.JobStopped(job_id="low", attempt=1, last_checkpoint="/out/checkpoint-5", step=5, reason="preempt"),
+        started("urgent"),
+        m.JobSuspended(job_id="other", attempt=1),
+        m.JobScheduled(job_id="low", node="n1", gpu_ids=[1], attempt=2),
+        m.JobStopped(job_id="other", attempt=1, reason="suspend"),
+    ]
+    result = checked(log)
+    assert result.violations == []
+    assert result.state.jobs["low"].last_checkpoint == "/out/checkpoint-5"
+    assert result.state.jobs["other"].status == "suspended"
+
+
 def test_a_gpu_held_by_two_attempts_is_named() -> None:
     result = checked([node(), *placed("a", gpu=0), *placed("b", gpu=0)])
     assert result.first is not None
