@@ -9,6 +9,7 @@ from typing import Any
 from events import messages as m
 from events.bus import Entry
 from events.codec import DecodeError, decode, encode
+from events.quotas import Quotas
 
 
 def _by(message: m.Message) -> str:
@@ -37,7 +38,47 @@ def _queued(e: m.JobQueued) -> str:
 
 
 def _scheduled(e: m.JobScheduled) -> str:
-    return f"placed on node {e.node}, {_gpus(e.gpu_ids)} (attempt {e.attempt})"
+    text = f"placed on node {e.node}, {_gpus(e.gpu_ids)} (attempt {e.attempt})"
+    if e.borrowing:
+        text += ", borrowing: over its quota, on GPUs no job within quota waited for"
+    if e.preempted:
+        text += f", preempting job{'s' if len(e.preempted) != 1 else ''} {', '.join(map(_short, e.preempted))}"
+    return text
+
+
+_PREEMPTED_FOR = {"priority": "a higher priority", "borrowing": "within its quota; this one was borrowing"}
+
+
+def _preempted(e: m.JobPreempted) -> str:
+    step = f" at step {e.step}" if e.step is not None else " before its first step"
+    return f"preempted by job {_short(e.by_job_id)} ({_PREEMPTED_FOR.get(e.reason, e.reason)}){step}"
+
+
+_STOPPED_WHY = {"node_lost": " (its node was lost)", "runner_lost": " (its runner was lost)"}
+
+
+def _stopped(e: m.JobStopped) -> str:
+    why = _STOPPED_WHY.get(e.reason, "")
+    if e.last_checkpoint:
+        step = f" at step {e.step}" if e.step is not None else ""
+        return f"stopped{why}; checkpoint{step} saved: {e.last_checkpoint}"
+    return f"stopped{why} without a new checkpoint"
+
+
+def _resumed(e: m.JobResumed) -> str:
+    behind = f", behind job {_short(e.behind_job_id)}" if e.behind_job_id else ", first in line"
+    return f"resumed{_by(e)}: queued again at position {e.position}{behind}"
+
+
+def _table(quotas: Quotas) -> str:
+    users, teams = len(quotas.users), len(quotas.teams)
+    return f"{users} user{'s' if users != 1 else ''}, {teams} team{'s' if teams != 1 else ''}"
+
+
+def _quotas_changed(e: m.QuotasChanged) -> str:
+    if e.from_config:
+        return f"quotas set from the QUOTAS setting: {_table(e.quotas)}"
+    return f"quotas changed{_by(e)}: {_table(e.quotas)}"
 
 
 def _started(e: m.JobStarted) -> str:
@@ -74,6 +115,12 @@ _TEXT: dict[type[m.Message], Callable[[Any], str]] = {
     m.DeleteJob: lambda e: f"delete asked{_by(e)}",
     m.RequestExport: lambda e: f"export asked{_by(e)}",
     m.ProcessQueue: lambda e: f"scheduling pass asked{_by(e)}",
+    m.SuspendJob: lambda e: f"suspend asked{_by(e)}",
+    m.ResumeJob: lambda e: f"resume asked{_by(e)}",
+    m.SetQuotas: lambda e: (
+        f"quotas asked{_by(e)}: {_table(e.quotas)}" + (" (the QUOTAS setting)" if e.from_config else "")
+    ),
+    m.SetHalfLife: lambda e: f"fair share's half-life of {e.half_life_s / 3600:g} h asked{_by(e)}",
     m.JobAccepted: _accepted,
     m.JobRejected: lambda e: f"rejected ({e.reason}): {e.message}",
     m.JobQueued: _queued,
@@ -93,6 +140,12 @@ _TEXT: dict[type[m.Message], Callable[[Any], str]] = {
     m.JobDeleted: lambda e: f"deleted{_by(e)}",
     m.JobCancelRequested: _cancel_requested,
     m.JobCancelled: _cancelled,
+    m.JobPreempted: _preempted,
+    m.JobSuspended: lambda e: f"suspended{_by(e)}: its GPUs are freed; it waits to be resumed",
+    m.JobStopped: _stopped,
+    m.JobResumed: _resumed,
+    m.QuotasChanged: _quotas_changed,
+    m.HalfLifeChanged: lambda e: f"fair share's half-life of usage set to {e.half_life_s / 3600:g} h",
     m.ExportRequested: lambda e: f"export requested{_by(e)}: merge {e.checkpoint}",
     m.ExportStarted: lambda e: "export started",
     m.ExportCompleted: lambda e: f"exported to {e.path}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,7 +127,7 @@ async def test_browsers_use_a_short_lived_signed_token_not_the_key(
     api.cookies.clear()
     assert (await api.get("/auth/me")).status_code == 401
     me = await api.get("/auth/me", headers={"Cookie": f"st_token={cookie}"})
-    assert me.json() == {"name": "alice", "role": "user", "access_control": True}
+    assert me.json() == {"name": "alice", "role": "user", "team": None, "access_control": True}
     # A token altered in any byte, or one past its lifetime, is refused
     forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
     assert (await api.get("/auth/me", params={"access_token": forged})).status_code == 401
@@ -143,6 +144,35 @@ def test_keys_are_checked_and_kept_hashed() -> None:
         with pytest.raises(ConfigError):
             parse_keys(bad)
     assert ALICE not in repr(load_settings(api_keys=KEYS))
+
+
+def test_a_key_entry_may_name_the_users_team() -> None:
+    keys = parse_keys(f"alice:user@ml:{ALICE}, bob:user:{BOB}, carol:admin@ml-2.x:sha256:{'0' * 64}")
+    assert {p.name: (p.role, p.team) for p in keys.values()} == {
+        "alice": ("user", "ml"),
+        "bob": ("user", None),
+        "carol": ("admin", "ml-2.x"),
+    }
+    for bad, named in (
+        (f"alice:user@:{ALICE}", "(alice): team ''"),
+        (f"alice:user@m l:{ALICE}", "(alice): team 'm l'"),
+        (f"alice:user@*:{ALICE}", "(alice): team '*'"),
+        (f"alice:user@{'t' * 101}:{ALICE}", "(alice): team"),
+        (f"alice:user@ml:{ALICE}, alice:user@cv:{BOB}", "entry 2 (alice): team cv, but an earlier entry"),
+        (f"alice:user@ml:{ALICE}, alice:admin:{BOB}", "entry 2 (alice): team none"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            parse_keys(bad)
+
+
+async def test_a_browsers_token_carries_the_team(bus: Bus, tmp_path: Path) -> None:
+    settings = load_settings(namespace=bus.keys.namespace, data_dir=tmp_path, api_keys=f"alice:user@ml:{ALICE}")
+    app = create_app(settings, bus, Projection(bus, bus.redis))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway/api/v1") as api:
+        token = (await api.post("/auth/token", headers=bearer(ALICE))).json()["token"]
+        api.cookies.clear()
+        me = (await api.get("/auth/me", params={"access_token": token})).json()
+    assert (me["name"], me["team"]) == ("alice", "ml")
 
 
 def test_the_gateway_refuses_to_serve_unprotected_beyond_loopback(tmp_path: Path) -> None:

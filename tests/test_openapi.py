@@ -17,6 +17,7 @@ from events import messages as m
 from events.bus import Bus
 from events.keys import SCHEDULER_GROUP
 from events.log import catch_up
+from events.quotas import Limit, Quotas
 from services.config import load_settings
 from services.gateway import openapi
 from services.gateway.app import create_app
@@ -146,6 +147,7 @@ async def lived(bus: Bus, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClie
         m.ExportStarted(job_id="done", argv=["swift", "export"]),
         m.ExportCompleted(job_id="done", path="/r/merged"),
     ]
+    facts += [*accepted("suspended"), *placed("suspended", 1), m.JobSuspended(job_id="suspended", attempt=1)]
     facts += [*accepted("serving", DEPLOY), *placed("serving", 2)]
     facts += [m.JobServing(job_id="serving", attempt=1, endpoint="http://127.0.0.1:9000/v1")]
     facts += [*accepted("held", lm.model_copy(update={"hold": True})), m.JobHeld(job_id="held")]
@@ -212,7 +214,7 @@ async def test_real_bodies_match_the_document(lived: tuple[httpx.AsyncClient, Pr
     assert (await check("GET", f"{api}/health", 200))["missing"] == []
     listing = await check("GET", f"{api}/jobs", 200, params={"size": 3})
     assert listing["next_cursor"] and len(listing["jobs"]) == 3
-    for job_id in ("running", "done", "serving", "held", "queued", "wide", "broken"):
+    for job_id in ("running", "done", "suspended", "serving", "held", "queued", "wide", "broken"):
         ids = {"job_id": job_id}
         await check("GET", job, 200, ids=ids)
         await check("GET", f"{job}/progress", 200, ids=ids)
@@ -254,6 +256,8 @@ async def test_real_bodies_match_the_document(lived: tuple[httpx.AsyncClient, Pr
     }
     assert (await check("POST", f"{api}/jobs", 200, json={**spec, "dry_run": True}))["dry_run"] is True
     assert (await check("POST", f"{api}/jobs", 202, json=spec))["status"] == "pending"
+    await check("POST", f"{job}/suspend", 202, ids={"job_id": "running"})
+    await check("POST", f"{job}/resume", 202, ids={"job_id": "suspended"})
     await check("POST", f"{job}/cancel", 202, ids={"job_id": "running"})
     await check("POST", f"{job}/stop", 202, ids={"job_id": "serving"})
     await check("POST", f"{job}/start", 202, ids={"job_id": "held"})
@@ -263,6 +267,11 @@ async def test_real_bodies_match_the_document(lived: tuple[httpx.AsyncClient, Pr
     await check("DELETE", job, 202, ids={"job_id": "broken"})
     await check("POST", f"{api}/queue/process", 202)
     assert (await check("DELETE", f"{api}/jobs", 202))["count"] == 2
+    assert (await check("GET", "/api/v1/admin/quotas", 200))["known_users"] == ["bob", "root"]
+    assert (await check("PUT", "/api/v1/admin/quotas", 200, json={}))["applied"] is True  # the table in force
+    table = {"users": {"root": {"gpus": 1}}}
+    assert (await check("PUT", "/api/v1/admin/quotas", 202, json=table))["applied"] is False  # no scheduler here
+    assert [row["name"] for row in (await check("GET", "/api/v1/usage", 200))["users"]] == ["bob", "root"]
 
     # Errors have the one shape
     await check("GET", job, 404, ids={"job_id": "gone"})
@@ -277,6 +286,11 @@ async def test_real_bodies_match_the_document(lived: tuple[httpx.AsyncClient, Pr
     await check("GET", f"{job}/logs", 400, ids={"job_id": "running"}, params={"tail": "0"})
     await check("GET", f"{api}/jobs", 401, headers={"Authorization": "Bearer wrong-key-0123456789"})
     await check("GET", "/api/v1/audit/state", 403, headers={"Authorization": "Bearer bob-key-0123456789ab"})
+    await check("POST", f"{job}/suspend", 409, ids={"job_id": "serving"})
+    await check("PUT", "/api/v1/admin/quotas", 422, json={"users": {"carol": {"gpus": 1}}})
+    await check("PUT", "/api/v1/admin/quotas", 403, json={}, headers={"Authorization": "Bearer bob-key-0123456789ab"})
+    projection.state.quotas = Quotas(users={"root": Limit(queued=0)})
+    assert (await check("POST", f"{api}/jobs", 429, json=spec))["error"]["code"] == "quota_exceeded"
 
     documented = {
         (method, path, int(status))

@@ -1,7 +1,8 @@
 """The gateway's HTTP surface: REST under ``{API_PREFIX}/training`` and live SSE streams.
 
 Handlers parse, call one function, render. Reads come from the projection; writes append a command
-and, for a submit, wait briefly for the scheduler's decision.
+and, for a submit or a new quota table, wait briefly for the scheduler's decision. Besides:
+``{API_PREFIX}/admin/quotas`` (admins) and ``{API_PREFIX}/usage``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import anyio
 import structlog
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from pydantic_core import from_json
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -31,10 +32,12 @@ from starlette.types import Receive, Scope, Send
 
 from events import audit
 from events import messages as m
+from events.admission import gpu_quota_block, queue_order, queued_quota_block
 from events.bus import Bus, entry_id_key, previous_id
 from events.estimates import Estimate
 from events.params import JobSpec, TaskType
-from events.state import TERMINAL, Job, JobStatus, State
+from events.quotas import EVERYONE, HOUR_S, Quotas, Usage, team_key, user_key
+from events.state import HOLDS_GPUS, TERMINAL, Job, JobStatus, State
 from services.config import Settings
 from services.gateway import catalog, dashboard, openapi, views
 from services.gateway.auth import (
@@ -44,6 +47,7 @@ from services.gateway.auth import (
     issue_token,
     may_see,
     principal,
+    require_admin,
     unauthorized,
     whoami,
 )
@@ -54,6 +58,7 @@ from services.gateway.errors import (
     http_error,
     redis_unavailable,
     server_error,
+    validation_details,
 )
 from services.gateway.history import audit_routes, job_routes
 from services.gateway.projection import Projection
@@ -96,6 +101,10 @@ def _job(request: Request) -> Job:
 
 def _actor(request: Request) -> str:
     return principal(request).name
+
+
+def _fair_share(request: Request) -> bool:
+    return bool(request.app.state.settings.fair_share)
 
 
 def _projection(request: Request) -> Projection:
@@ -186,12 +195,19 @@ async def create_job(request: Request) -> JSONResponse:
             submission.spec, runs_dir=settings.runs_dir, omp_num_threads=settings.job_omp_num_threads
         )
         return JSONResponse({"dry_run": True, **command_view(launch.argv, launch.env)})
-    command = m.SubmitJob(job_id=m.new_id(), spec=submission.spec, actor=_actor(request))
+    who = principal(request)
+    over = queued_quota_block(projection.state, who.name, who.team)
+    if over is not None:
+        raise _over_quota(over)
+    command = m.SubmitJob(job_id=m.new_id(), spec=submission.spec, actor=who.name, team=who.team)
     position = await _bus(request).send(_bus(request).keys.commands, command)
     job_id = command.job_id or ""
 
     await projection.wait_decided(job_id, settings.submit_wait_s)
     job = projection.job(job_id)
+    if job is not None and job.status == JobStatus.failed and job.reason == "quota":
+        # Submissions racing past the check above: the scheduler counted them, in log order.
+        raise _over_quota(job.message or "over the limit of jobs waiting", job_id)
     body = {
         "job_id": job_id,
         "status": job.status if job else JobStatus.pending,
@@ -201,6 +217,16 @@ async def create_job(request: Request) -> JSONResponse:
         "message": _submit_message(job),
     }
     return JSONResponse(body, status_code=202, headers={"Location": f"{request.url.path.rstrip('/')}/{job_id}"})
+
+
+def _over_quota(why: str, job_id: str | None = None) -> ApiError:
+    rejected = f" (job {job_id} was rejected)" if job_id else ""
+    return ApiError(
+        429,
+        "quota_exceeded",
+        f"over quota: {why}{rejected}",
+        [{"field": "queued", "message": why}],
+    )
 
 
 async def _swift_flags(request: Request, body: Any) -> dict[str, frozenset[str]] | None:
@@ -355,6 +381,29 @@ async def start_job(request: Request) -> JSONResponse:
     return await _command(request, m.ReleaseJob(job_id=job.job_id, actor=_actor(request)), "released to the queue", job)
 
 
+async def suspend_job(request: Request) -> JSONResponse:
+    """Stop a running training job with a checkpoint, free its GPUs, and hold it until resumed."""
+    job = _job(request)
+    if not job.may_suspend:
+        if job.spec.task_type == TaskType.deploy:
+            raise ApiError(
+                409,
+                "illegal_state",
+                f"cannot suspend job {job.job_id}: a deploy job is not suspended (it is {job.status})",
+                [{"field": "status", "message": job.status}],
+            )
+        raise _illegal(job, "suspend", "only a running training job can be" if job.status != JobStatus.running else "")
+    return await _command(request, m.SuspendJob(job_id=job.job_id, actor=_actor(request)), "suspend requested", job)
+
+
+async def resume_job(request: Request) -> JSONResponse:
+    """Queue a suspended job again in its original place (its priority and submit order)."""
+    job = _job(request)
+    if not job.may_resume:
+        raise _illegal(job, "resume", "only a suspended job can be")
+    return await _command(request, m.ResumeJob(job_id=job.job_id, actor=_actor(request)), "resume requested", job)
+
+
 async def export_job(request: Request) -> JSONResponse:
     job = _job(request)
     if job.status != JobStatus.completed or not job.is_lora or not job.last_checkpoint:
@@ -367,43 +416,77 @@ async def export_job(request: Request) -> JSONResponse:
     return await _command(request, m.RequestExport(job_id=job.job_id, actor=_actor(request)), "export requested", job)
 
 
-def _queue_entries(projection: Projection) -> list[dict[str, Any]]:
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _queue_entries(projection: Projection, fair_share: bool) -> list[dict[str, Any]]:
+    """The queue in the order jobs start (with fair share, fair share's order), each entry with
+    why it is where it is and what it waits for."""
     state = projection.state
     now = datetime.now(UTC)
     computed_at, estimates = projection.estimates(fresh=True)
     unknown = Estimate(None, "not estimated yet")
-    return [
-        {
-            "position": i,
-            "job_id": job.job_id,
-            "name": job.spec.name,
-            "priority": job.priority,
-            "gpu_count": job.spec.gpu_count,
-            "submitted_at": job.submitted_at.isoformat(),
-            "submitted_by": job.submitted_by,
-            **estimates.get(job.job_id, unknown).view(computed_at, now),
-        }
-        for i, job in enumerate(state.queue(), start=1)
-    ]
+    entries = []
+    submitted: dict[tuple[int, str | None], int] = {}  # how many of a level (and owner) came before
+    decayed: dict[str, float] = {}
+    for i, job in enumerate(queue_order(state, fair_share), start=1):
+        level = (job.priority, job.owner if fair_share else None)
+        submitted[level] = nth = submitted.get(level, 0) + 1
+        if fair_share:
+            if job.owner not in decayed:
+                used = state.usage.get(user_key(job.owner))
+                decayed[job.owner] = used.decayed(now, state.half_life_s) / HOUR_S if used else 0.0
+            order = (
+                f"priority {job.priority}; fair share: owner {job.owner} used {decayed[job.owner]:.1f} GPU-h"
+                f" (decayed), submitted {_ordinal(nth)} of theirs"
+            )
+        else:
+            order = f"priority {job.priority}, submitted {_ordinal(nth)}"
+        blocked = gpu_quota_block(state, job)
+        entries.append(
+            {
+                "position": i,
+                "job_id": job.job_id,
+                "name": job.spec.name,
+                "priority": job.priority,
+                "gpu_count": job.spec.gpu_count,
+                "submitted_at": job.submitted_at.isoformat(),
+                "submitted_by": job.submitted_by,
+                "team": job.team,
+                "order_reason": order,
+                "waiting_reason": "quota" if blocked else "gpus",
+                "waiting_message": blocked or "waiting for free GPUs",
+                **estimates.get(job.job_id, unknown).view(computed_at, now),
+            }
+        )
+    return entries
 
 
 async def queue(request: Request) -> JSONResponse:
     """Queued jobs in start order; a user sees their own, with their places in the whole queue."""
-    entries = [e for e in _queue_entries(_projection(request)) if may_see(request, e["submitted_by"])]
+    entries = [
+        e for e in _queue_entries(_projection(request), _fair_share(request)) if may_see(request, e["submitted_by"])
+    ]
     return JSONResponse({"queue": entries})
 
 
 async def queue_status(request: Request) -> JSONResponse:
     job = _job(request)
-    entry = next((e for e in _queue_entries(_projection(request)) if e["job_id"] == job.job_id), None)
+    entries = _queue_entries(_projection(request), _fair_share(request))
+    entry = next((e for e in entries if e["job_id"] == job.job_id), None)
     return JSONResponse({"job_id": job.job_id, "status": job.status, "queued": entry is not None, **(entry or {})})
 
 
-def _illegal(job: Job, action: str) -> ApiError:
+def _illegal(job: Job, action: str, only: str = "") -> ApiError:
+    why = f"it is {job.status}"
+    if job.cancel_requested and job.status not in TERMINAL:
+        why += ", and being cancelled"
     return ApiError(
         409,
         "illegal_state",
-        f"cannot {action} job {job.job_id}: it is {job.status}",
+        f"cannot {action} job {job.job_id}: {why}" + (f" ({only})" if only else ""),
         [{"field": "status", "message": job.status}],
     )
 
@@ -451,6 +534,135 @@ async def process_queue(request: Request) -> JSONResponse:
     position = await _bus(request).send(_bus(request).keys.commands, m.ProcessQueue(actor=_actor(request)))
     body = views.ProcessRequested(command_position=position, message="scheduling pass requested")
     return JSONResponse(body.model_dump(mode="json"), status_code=202)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharing the pool: quotas and usage
+
+DAY_S, WEEK_S = 24 * 3600, 7 * 24 * 3600
+
+
+def _quota_table(request: Request) -> dict[str, Any]:
+    state = _projection(request).state
+    auth: Auth = request.app.state.auth
+    return {
+        "quotas": state.quotas.model_dump(mode="json"),
+        "from_config": state.config_quotas is not None and state.quotas == state.config_quotas,
+        "known_users": sorted(auth.users),
+        "known_teams": sorted(auth.teams),
+    }
+
+
+async def get_quotas(request: Request) -> JSONResponse:
+    """The quota table in force, and whether the QUOTAS setting gave it. Admins only."""
+    require_admin(request)
+    return JSONResponse(_quota_table(request))
+
+
+def parse_quotas(body: Any, users: set[str], teams: set[str]) -> Quotas:
+    """A quota table as an admin sent it; 422 naming each field at fault, and each user or team
+    no API key names (a limit for a name no one acts as would never apply)."""
+    try:
+        quotas = Quotas.model_validate(body)
+    except ValidationError as exc:
+        details = validation_details(exc)
+        fields = ", ".join(dict.fromkeys(d["field"] for d in details))
+        raise ApiError(422, "validation_error", f"invalid quotas: {fields}", details) from exc
+    unknown = [
+        {"field": f"users.{name}", "message": f"no API key has the name {name!r}"}
+        for name in quotas.users
+        if name != EVERYONE and name not in users
+    ]
+    unknown += [
+        {"field": f"teams.{name}", "message": f"no API key names team {name!r}"}
+        for name in quotas.teams
+        if name not in teams
+    ]
+    if unknown:
+        names = ", ".join(d["field"] for d in unknown)
+        raise ApiError(422, "validation_error", f"unknown users or teams: {names}", unknown)
+    return quotas
+
+
+async def put_quotas(request: Request) -> JSONResponse:
+    """Replace the quota table (a quotas.set command with its actor), and answer once it is in
+    force: 200, or 202 when the scheduler has not decided within the submit wait."""
+    require_admin(request)
+    auth: Auth = request.app.state.auth
+    quotas = parse_quotas(await read_json(request), auth.users, auth.teams)
+    projection = _projection(request)
+    position = await _bus(request).send(_bus(request).keys.commands, m.SetQuotas(quotas=quotas, actor=_actor(request)))
+    settings: Settings = request.app.state.settings
+    applied = await projection.wait_until(lambda: projection.state.quotas == quotas, settings.submit_wait_s)
+    body = {**_quota_table(request), "applied": applied, "command_position": position}
+    return JSONResponse(body, status_code=200 if applied else 202)
+
+
+def _held_now(state: State, now: datetime) -> tuple[dict[str, int], dict[str, float]]:
+    """Per ``user:``/``team:`` key: the GPUs its jobs hold (borrowing ones too), and the
+    GPU-seconds they have held since the log last credited them (it does so at a job's facts)."""
+    in_use: dict[str, int] = {}
+    uncredited: dict[str, float] = {}
+    for job in state.jobs.values():
+        if job.status not in HOLDS_GPUS:
+            continue
+        since = max(0.0, (now - job.usage_mark).total_seconds()) if job.usage_mark else 0.0
+        for key in [user_key(job.owner)] + ([team_key(job.team)] if job.team else []):
+            in_use[key] = in_use.get(key, 0) + len(job.gpu_ids)
+            uncredited[key] = uncredited.get(key, 0.0) + since * len(job.gpu_ids)
+    return in_use, uncredited
+
+
+def _usage_rows(
+    state: State, now: datetime, kind: str, names: set[str], held: tuple[dict[str, int], dict[str, float]]
+) -> list[dict[str, Any]]:
+    """A row for each user (``kind`` user) or team, its usage counted up to now."""
+    in_use, uncredited = held
+    rows = []
+    for name in sorted(names):
+        key = user_key(name) if kind == "user" else team_key(name)
+        used = state.usage[key].copy() if key in state.usage else Usage()
+        used.add(uncredited.get(key, 0.0), now, state.half_life_s)
+        limit = state.quotas.user(name) if kind == "user" else state.quotas.team(name)
+        rows.append(
+            {
+                "name": name,
+                "gpus_in_use": in_use.get(key, 0),
+                "gpus_within_quota": state.holding(key),
+                "jobs_waiting": state.waiting(key),
+                "gpu_hours_day": round(used.within(now, DAY_S) / HOUR_S, 4),
+                "gpu_hours_week": round(used.within(now, WEEK_S) / HOUR_S, 4),
+                "decayed_gpu_hours": round(used.decayed(now, state.half_life_s) / HOUR_S, 4),
+                "limit": limit.model_dump(mode="json") if limit is not None else None,
+            }
+        )
+    return rows
+
+
+async def usage(request: Request) -> JSONResponse:
+    """GPU usage and limits per user and team: a user's own row and their team's; an admin's, every
+    user and team the keys name or the log has seen."""
+    state = _projection(request).state
+    who = principal(request)
+    auth: Auth = request.app.state.auth
+    if who.is_admin:
+        users = auth.users | {job.owner for job in state.jobs.values()}
+        teams = auth.teams | {job.team for job in state.jobs.values() if job.team is not None}
+        users |= {key.removeprefix("user:") for key in state.usage if key.startswith("user:")}
+        teams |= {key.removeprefix("team:") for key in state.usage if key.startswith("team:")}
+    else:
+        users, teams = {who.name}, {who.team} if who.team else set()
+    now = datetime.now(UTC)
+    held = _held_now(state, now)
+    settings: Settings = request.app.state.settings
+    body = {
+        "at": now.isoformat(),
+        "fair_share": settings.fair_share,
+        "half_life_s": state.half_life_s,
+        "users": _usage_rows(state, now, "user", users, held),
+        "teams": _usage_rows(state, now, "team", teams, held),
+    }
+    return JSONResponse(body)
 
 
 def gpus_view(projection: Projection) -> dict[str, Any]:
@@ -687,6 +899,8 @@ def routes(prefix: str) -> list[Route | Mount]:
         Route("/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
         Route("/jobs/{job_id}/stop", cancel_job, methods=["POST"]),
         Route("/jobs/{job_id}/start", start_job, methods=["POST"]),
+        Route("/jobs/{job_id}/suspend", suspend_job, methods=["POST"]),
+        Route("/jobs/{job_id}/resume", resume_job, methods=["POST"]),
         Route("/jobs/{job_id}/export", export_job, methods=["POST"]),
         Route("/queue", queue, methods=["GET"]),
         Route("/queue/{job_id}/status", queue_status, methods=["GET"]),
@@ -709,6 +923,11 @@ def routes(prefix: str) -> list[Route | Mount]:
         *dashboard.routes(),
         Mount(f"{prefix}/training", routes=training),
         Mount(f"{prefix}/audit", routes=audit_routes()),
+        Mount(
+            f"{prefix}/admin",
+            routes=[Route("/quotas", get_quotas, methods=["GET"]), Route("/quotas", put_quotas, methods=["PUT"])],
+        ),
+        Route(f"{prefix}/usage", usage, methods=["GET"]),
         Mount(f"{prefix}/auth", routes=auth),
     ]
 
@@ -739,5 +958,6 @@ def create_app(
     app.state.auth = auth
     app.state.bus = bus
     app.state.projection = projection
+    projection.policy = settings.policy  # the estimates judge preemption and fair share as the scheduler does
     app.state.swift_flags = swift_flags or SwiftFlags(settings.data_dir)
     return app

@@ -3,14 +3,18 @@ for browsers, whose EventSource cannot send a header.
 
 ``API_KEYS`` lists ``name:role:key`` entries (comma or newline separated); a key may be given as
 ``sha256:<hex digest>`` so that the configuration never holds it in clear. Only digests are kept
-in memory. A user sees and acts on their own jobs, an admin on all. With no keys configured,
-access control is off, which the gateway allows only when bound to a loopback address.
+in memory. The role may name the user's team, ``name:role@team:key`` (``alice:user@ml:<key>``):
+jobs the key submits count against that team's quota. A team name is letters, digits, ``_``,
+``.`` and ``-`` (up to 100); a user named in several entries has the same team in each. A user
+sees and acts on their own jobs, an admin on all. With no keys configured, access control is
+off, which the gateway allows only when bound to a loopback address.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Literal
@@ -30,12 +34,14 @@ ROLES: tuple[Role, ...] = ("admin", "user")
 ANONYMOUS = "anonymous"
 TOKEN_COOKIE = "st_token"  # noqa: S105 (a cookie name)
 TOKEN_PARAM = "access_token"  # noqa: S105 (a query parameter name)
+TEAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")  # also a name a quota table takes
 
 
 @dataclass(frozen=True)
 class Principal(BaseUser):
     name: str
     role: Role
+    team: str | None = None  # whose team quota the user's jobs count against
 
     @property
     def is_authenticated(self) -> bool:
@@ -66,8 +72,14 @@ def parse_keys(text: str) -> dict[str, Principal]:
         if not entry:
             continue
         name, role, key = [*entry.split(":", 2), "", ""][:3]
+        role, at, team = role.partition("@")
         if not name or role not in ROLES or not key:
-            raise ConfigError(f"API_KEYS entry {number} is not name:admin|user:key")
+            raise ConfigError(f"API_KEYS entry {number} is not name:admin|user[@team]:key")
+        if at and not TEAM_NAME.match(team):
+            raise ConfigError(
+                f"API_KEYS entry {number} ({name}): team {team!r} is not a team name"
+                " (letters, digits, _ . -, up to 100)"
+            )
         if key.startswith("sha256:"):
             hashed = key.removeprefix("sha256:").lower()
             if len(hashed) != 64 or any(c not in "0123456789abcdef" for c in hashed):
@@ -78,7 +90,13 @@ def parse_keys(text: str) -> dict[str, Principal]:
             hashed = digest(key)
         if hashed in found:
             raise ConfigError(f"API_KEYS entry {number} ({name}) repeats another entry's key")
-        found[hashed] = Principal(name, role)  # type: ignore[arg-type]
+        earlier = {p.team for p in found.values() if p.name == name}
+        if earlier and earlier != {team or None}:
+            raise ConfigError(
+                f"API_KEYS entry {number} ({name}): team {team or 'none'}, but an earlier entry of {name} has team"
+                f" {earlier.pop() or 'none'}"
+            )
+        found[hashed] = Principal(name, role, team or None)  # type: ignore[arg-type]
     return found
 
 
@@ -97,7 +115,7 @@ def check_startup(settings: Settings) -> None:
     if not keys and not _loopback(settings.app_host):
         raise ConfigError(
             f"APP_HOST={settings.app_host} is reachable from other machines, and no API_KEYS are set: "
-            "set API_KEYS (name:role:key, …) or bind to 127.0.0.1"
+            "set API_KEYS (name:role[@team]:key, …) or bind to 127.0.0.1"
         )
 
 
@@ -115,8 +133,17 @@ class Auth(AuthenticationBackend):
     def enabled(self) -> bool:
         return bool(self.keys)
 
+    @property
+    def users(self) -> set[str]:
+        """The names keys act as (with access control off, the one user ``anonymous``)."""
+        return {p.name for p in self.keys.values()} if self.enabled else {ANONYMOUS}
+
+    @property
+    def teams(self) -> set[str]:
+        return {p.team for p in self.keys.values() if p.team is not None}
+
     def issue(self, principal: Principal) -> str:
-        return self.signer.dumps([principal.name, principal.role])
+        return self.signer.dumps([principal.name, principal.role, principal.team])
 
     async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
         if not self.enabled:
@@ -131,10 +158,10 @@ class Auth(AuthenticationBackend):
         token = conn.query_params.get(TOKEN_PARAM) or conn.cookies.get(TOKEN_COOKIE)
         if token is not None:
             try:
-                name, role = self.signer.loads(token, max_age=self.ttl_s)
+                name, role, *team = self.signer.loads(token, max_age=self.ttl_s)  # (no team: issued before teams)
             except (BadSignature, ValueError, TypeError):
                 raise AuthenticationError("the token is not valid or has expired") from None
-            return AuthCredentials(["authenticated"]), Principal(name, role)
+            return AuthCredentials(["authenticated"]), Principal(name, role, team[0] if team else None)
         return None
 
 
@@ -210,7 +237,8 @@ async def issue_token(request: Request) -> JSONResponse:
 async def whoami(request: Request) -> JSONResponse:
     who = principal(request)
     auth: Auth = request.app.state.auth
-    return JSONResponse(views.Me(name=who.name, role=who.role, access_control=auth.enabled).model_dump(mode="json"))
+    body = views.Me(name=who.name, role=who.role, team=who.team, access_control=auth.enabled)
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 async def forget_token(request: Request) -> JSONResponse:

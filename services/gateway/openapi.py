@@ -17,6 +17,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from events.params import DeployJob, LanguageModelJob, MultiModalJob
+from events.quotas import Quotas
 from services.gateway import views as v
 
 SWAGGER_ASSETS = Path(swagger_ui.__file__).parent / "static"
@@ -93,7 +94,7 @@ _COMMAND = (404, 409, 503)  # a command on a job: no such job, not in its state,
 # fmt: off
 _OPERATIONS: list[Operation] = [
     Operation("post", "/training/jobs", "jobs", "Submit a job (or a dry run)",
-              {202: v.JobCreated, 200: v.DryRun}, (400, 413, 422, 503), body="JobSpec"),
+              {202: v.JobCreated, 200: v.DryRun}, (400, 413, 422, 429, 503), body="JobSpec"),
     Operation("get", "/training/jobs", "jobs", "List jobs, newest first", {200: v.JobList}, (400,), parameters=_LIST),
     Operation("delete", "/training/jobs", "jobs", "Delete every finished job", {202: v.DeletedFinished}, (503,)),
     Operation("get", "/training/jobs/{job_id}", "jobs", "A job", {200: v.JobView}, (404,)),
@@ -117,6 +118,10 @@ _OPERATIONS: list[Operation] = [
     Operation("post", "/training/jobs/{job_id}/stop", "jobs", "Cancel a job (alias)", {202: v.CommandAccepted}, _COMMAND),
     Operation("post", "/training/jobs/{job_id}/start", "jobs", "Release a held job", {202: v.CommandAccepted}, _COMMAND),
     Operation("post", "/training/jobs/{job_id}/export", "jobs", "Export (merge) a LoRA job",
+              {202: v.CommandAccepted}, _COMMAND),
+    Operation("post", "/training/jobs/{job_id}/suspend", "jobs",
+              "Suspend a running training job (checkpoint, free its GPUs, hold it)", {202: v.CommandAccepted}, _COMMAND),
+    Operation("post", "/training/jobs/{job_id}/resume", "jobs", "Queue a suspended job again in its place",
               {202: v.CommandAccepted}, _COMMAND),
     Operation("get", "/training/queue", "queue", "Queued jobs in start order, with estimates", {200: v.Queue}),
     Operation("get", "/training/queue/{job_id}/status", "queue", "One job's place in the queue",
@@ -145,6 +150,11 @@ _OPERATIONS: list[Operation] = [
               {200: v.AuditEvents}, (400, 403, 503), parameters=_AUDIT),
     Operation("get", "/audit/state", "audit", "The state this gateway folded from the log (admin)",
               {200: v.FoldedState}, (403,)),
+    Operation("get", "/admin/quotas", "sharing", "The quota table in force (admin)", {200: v.QuotaTable}, (403,)),
+    Operation("put", "/admin/quotas", "sharing", "Replace the quota table (admin)",
+              {200: v.QuotasApplied, 202: v.QuotasApplied}, (400, 403, 413, 422, 503), body=Quotas),
+    Operation("get", "/usage", "sharing", "GPU usage and limits per user and team (yours; an admin's: all)",
+              {200: v.UsageReport}),
     Operation("post", "/auth/token", "auth", "A short-lived token for browsers' streams", {200: v.Token}),
     Operation("delete", "/auth/token", "auth", "Sign a browser out (removes the token's cookie)", {200: v.SignedOut}),
     Operation("get", "/auth/me", "auth", "Who you are", {200: v.Me}),
@@ -161,9 +171,11 @@ _ERRORS = {
     415: "the body is not declared as JSON (Content-Type: application/json)",
     421: "addressed to a name (Host) this gateway does not answer to",
     422: "invalid input, naming the fields",
+    429: "over a quota (quota_exceeded): the limit of jobs waiting at once",
     503: "the event log (Redis) is unavailable: retry shortly",
 }
 _OK = {200: "ok", 202: "accepted", 503: "not healthy: what is missing"}
+_ACCEPTED = {"/admin/quotas": "accepted, not in force yet: the scheduler has not decided within the wait"}
 
 
 def _edge_errors(op: Operation) -> tuple[int, ...]:
@@ -195,11 +207,25 @@ def models() -> list[type[BaseModel]]:
     return found
 
 
+def _closed_patterns(node: Any) -> None:
+    """A map whose keys must match a pattern (a quota table's names) refuses other keys, as the
+    model does: JSON Schema lets them through unless it says so."""
+    if isinstance(node, dict):
+        if "patternProperties" in node and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        for value in node.values():
+            _closed_patterns(value)
+    elif isinstance(node, list):
+        for value in node:
+            _closed_patterns(value)
+
+
 def document(prefix: str) -> dict[str, Any]:
     _, schemas = models_json_schema(
         [(model, "serialization") for model in models()], ref_template="#/components/schemas/{model}"
     )
     defs = schemas.get("$defs", {})
+    _closed_patterns(defs)
     # The job specs first: the dashboard's form takes the first schema whose task_type names a type.
     components = {model.__name__: defs[model.__name__] for model in _JOB_SPECS}
     components["JobSpec"] = {
@@ -210,7 +236,10 @@ def document(prefix: str) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for op in _OPERATIONS:
         responses: dict[str, Any] = {
-            str(status): {"description": _OK[status], "content": _content(model)}
+            str(status): {
+                "description": _ACCEPTED.get(op.path, _OK[status]) if status == 202 else _OK[status],
+                "content": _content(model),
+            }
             for status, model in op.answers.items()
         }
         for status in sorted({*op.errors, *(() if op.open else (401,)), *_edge_errors(op)}):

@@ -23,6 +23,7 @@ from events.codec import DecodeError, decode
 from events.estimates import Estimate, estimate_queue
 from events.log import apply_entry, catch_up
 from events.placement import foreign_gpus, freeable_gpus, in_service
+from events.policy import Policy
 from events.state import Job, JobStatus, State, new_job
 from services.runtime import REDIS_LOST, settle_heap, wait_for_redis
 
@@ -127,6 +128,7 @@ class Projection:
     # As the scheduler judges GPUs, for the estimates: nodes in service, GPUs others use
     heartbeat_timeout_s: float = 10.0
     foreign_memory_threshold_mb: int = 1024
+    policy: Policy | None = None  # how the scheduler shares the pool (preemption, fair share), for the estimates
     _estimates: tuple[datetime, tuple[object, ...], Mapping[str, Estimate]] | None = None
     redis_clock_behind: timedelta = timedelta(0)  # this process's clock minus Redis's
     _clock_read_at: float = -math.inf
@@ -182,7 +184,7 @@ class Projection:
             threshold = self.foreign_memory_threshold_mb
             gpus = freeable_gpus(self.state, self.heartbeats, live, threshold)
             foreign = foreign_gpus(self.state, self.heartbeats, live, threshold)
-            self._estimates = (now, seen, estimate_queue(self.state, now, gpus, foreign))
+            self._estimates = (now, seen, estimate_queue(self.state, now, gpus, foreign, self.policy))
             self._estimate_cost_s = time.perf_counter() - started
         assert self._estimates is not None
         return self._estimates[0], self._estimates[2]
@@ -199,7 +201,9 @@ class Projection:
             return None
         if not isinstance(command, m.SubmitJob):
             return None
-        accepted = m.JobAccepted(job_id=job_id, spec=command.spec, actor=command.actor, at=command.at)
+        accepted = m.JobAccepted(
+            job_id=job_id, spec=command.spec, team=command.team, actor=command.actor, at=command.at
+        )
         return new_job(accepted, 0, entry_id)
 
     def is_decided(self, job_id: str) -> bool:

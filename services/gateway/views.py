@@ -18,6 +18,7 @@ from pydantic.json_schema import SkipJsonSchema
 from events import messages as m
 from events.keys import EXPORTER_GROUP, RUNNER_GROUP, SCHEDULER_GROUP
 from events.params import DeployParams, LanguageModelTrainParams, MultiModalTrainParams, TaskType
+from events.quotas import Limit, Quotas
 from events.state import Export, Job, JobStatus, Node, Progress, State
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +170,14 @@ class QueueEntry(View):
     gpu_count: int = Field(ge=1)
     submitted_at: datetime
     submitted_by: str | None
+    team: str | None = Field(description="the submitter's team, whose quota the job counts against")
+    order_reason: str = Field(
+        description="why it is where it is: its priority and submit order, or (fair share) its owner's decayed usage"
+    )
+    waiting_reason: Literal["quota", "gpus"] = Field(
+        description="quota: its owner or team holds their GPU quota (it holds up no one); gpus: it waits for GPUs"
+    )
+    waiting_message: str = Field(description="what it waits for, in words")
     estimated_start_at: datetime | None = Field(description="null when not known")
     estimated_wait_s: float | None = Field(ge=0, description="null when not known")
     estimate_basis: str = Field(description="how the start was estimated, or why it cannot be")
@@ -197,6 +206,41 @@ class PriorityChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     priority: int = Field(ge=0, le=10, description="0-10, higher starts first")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharing the pool
+
+
+class QuotaTable(View):
+    quotas: Quotas = Field(description="the table in force")
+    from_config: bool = Field(description="it is the table the QUOTAS setting gave")
+    known_users: list[str] = Field(description="the users API_KEYS names (a table may name only these, and *)")
+    known_teams: list[str] = Field(description="the teams API_KEYS names (a table may name only these)")
+
+
+class QuotasApplied(QuotaTable):
+    applied: bool = Field(description="the table asked for is in force (false: not yet within the wait)")
+    command_position: str = Field(description="the quotas.set command's entry in the commands stream")
+
+
+class UsageRow(View):
+    name: str
+    gpus_in_use: int = Field(ge=0, description="GPUs its jobs hold, borrowing ones included")
+    gpus_within_quota: int = Field(ge=0, description="GPUs its jobs hold within its quota")
+    jobs_waiting: int = Field(ge=0, description="jobs pending, held, queued or preempted")
+    gpu_hours_day: float = Field(ge=0, description="GPU-hours used in the hours that overlap the last day")
+    gpu_hours_week: float = Field(ge=0, description="GPU-hours used in the hours that overlap the last week")
+    decayed_gpu_hours: float = Field(ge=0, description="GPU-hours, each halved every half-life: fair share's measure")
+    limit: Limit | None = Field(description="its quota (for a user, its own or that of *); null: none")
+
+
+class UsageReport(View):
+    at: datetime = Field(description="when it was computed")
+    fair_share: bool
+    half_life_s: float = Field(description="fair share's half-life of usage")
+    users: list[UsageRow] = Field(description="a user sees their own row; an admin every user's")
+    teams: list[UsageRow] = Field(description="a user sees their team's row; an admin every team's")
 
 
 class ProcessRequested(View):
@@ -480,4 +524,5 @@ class SignedOut(View):
 class Me(View):
     name: str = Field(description="anonymous when access control is off")
     role: Role
+    team: str | None = Field(description="the team its API key names; null: none")
     access_control: bool = Field(description="whether API keys are required")
