@@ -83,6 +83,9 @@ class Config:
     heartbeat_interval_s: float = 0.5
     leader_lease_ms: int = 2000
     drain_timeout_s: float = 300.0
+    # Urgent jobs preempt lower-priority ones (checkpoint, requeue, resume) amid the faults: the
+    # ledger proves that a preemptor never shares a GPU with its victim's processes.
+    preemption: bool = True
 
     @property
     def fault_count(self) -> int:
@@ -213,6 +216,9 @@ class Cluster:
             STOP_GRACE_S="5",
             SUBMIT_WAIT_S="2",
             PATH_ROOTS=str(self.root),
+            PREEMPTION="priority" if self.config.preemption else "off",
+            PREEMPT_MIN_RUNTIME_S="1",
+            MAX_PREEMPTIONS="2",
         )
         for name, spec in (("scheduler", "scheduler"), ("standby", "standby=scheduler")):
             self.specs[name] = ("", spec)
@@ -650,6 +656,7 @@ class Verdict:
     exports_twice: list[str] = field(default_factory=list)
     illegal: list[str] = field(default_factory=list)  # facts the fold refuses
     requeued: int = 0
+    preempted: int = 0
     processes: int = 0
     exports: int = 0
     dead_letters: int = 0
@@ -665,6 +672,7 @@ def check_log(entries: list[tuple[str, m.Message]], acknowledged: set[str], verd
     exports: dict[str, str] = {}
     started: Counter[tuple[str, int]] = Counter()
     fenced: set[tuple[str, int]] = set()
+    stopping: set[tuple[str, int]] = set()  # attempts that gave up their GPUs and may still report
 
     def release(job: str) -> None:
         attempt, node, gpus = live.pop(job)
@@ -692,6 +700,13 @@ def check_log(entries: list[tuple[str, m.Message]], acknowledged: set[str], verd
             started[(job, event.attempt)] += 1
             if started[(job, event.attempt)] == 2:
                 verdict.run_twice.append(f"{job}: attempt {event.attempt} started twice (at {entry_id})")
+        elif isinstance(event, (m.JobPreempted, m.JobSuspended)):
+            verdict.preempted += isinstance(event, m.JobPreempted)
+            if job in live and live[job][0] == event.attempt:
+                release(job)  # its GPUs go to the preemptor; its process stops on its own time
+                stopping.add((job, event.attempt))
+        elif isinstance(event, m.JobStopped):
+            stopping.discard((job, event.attempt))
         elif isinstance(event, m.JobRequeued):
             verdict.requeued += 1
             if job in live and live[job][0] == event.attempt:
@@ -700,7 +715,9 @@ def check_log(entries: list[tuple[str, m.Message]], acknowledged: set[str], verd
                 fenced.add((job, event.attempt))
         elif event.type in TERMINAL_TYPES:
             attempt = getattr(event, "attempt", None)
-            if attempt is not None and (attempt != current.get(job) or job not in live):
+            if (job, attempt) in stopping:
+                stopping.discard((job, attempt))  # it ended on its own while being stopped
+            elif attempt is not None and (attempt != current.get(job) or job not in live):
                 continue  # a late report of an attempt already ended: ignored
             if job in live:
                 release(job)
@@ -840,7 +857,7 @@ class Report:
         lines += [
             "",
             f"jobs accepted {v.accepted} ({len(self.tally.acknowledged)} of the workload, "
-            f"{len(self.tally.probes)} probes): {outcomes}; {v.requeued} attempts requeued; "
+            f"{len(self.tally.probes)} probes): {outcomes}; {v.requeued} attempts requeued, {v.preempted} preempted; "
             f"{v.processes} trainer processes; {v.exports} exports; failed for {dict(v.failures)}",
             f"submits while Redis was full: {dict(self.tally.refused_while_full)}; "
             f"answers seen: {dict(sorted(self.tally.statuses.items()))}; unanswered {self.tally.unanswered}",
@@ -985,8 +1002,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=None, help="how many (default: about one per ten jobs)")
     parser.add_argument("--step-s", type=float, default=0.15, help="one step of the stand-in trainer")
     parser.add_argument("--dir", type=Path, default=None, help="keep the run's files (logs, ledger) here")
+    parser.add_argument("--no-preemption", action="store_true", help="run with PREEMPTION=off")
     args = parser.parse_args(argv)
-    config = Config(jobs=args.jobs, seed=args.seed, faults=args.faults, step_s=args.step_s)
+    config = Config(
+        jobs=args.jobs, seed=args.seed, faults=args.faults, step_s=args.step_s, preemption=not args.no_preemption
+    )
     with workspace(args.dir) as root:
         report = run(config, root)
         print()
