@@ -42,7 +42,7 @@ def queued_quota_block(state: State, owner: str, team: str | None) -> str | None
         waiting = state.waiting(key)
         allowed = _over(limit, "queued", waiting, 1)
         if allowed is not None:
-            return f"{kind} {name} has {waiting} jobs waiting, the limit of its quota"
+            return f"{kind} {name} has {waiting} jobs waiting, and its quota allows {allowed}"
     return None
 
 

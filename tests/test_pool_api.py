@@ -152,7 +152,7 @@ def test_a_users_gpu_quota_holds_their_second_job_while_another_users_starts(
     assert over.status_code == 429, over.text
     error = over.json()["error"]
     assert error["code"] == "quota_exceeded"
-    assert error["message"] == "over quota: user alice has 1 jobs waiting, the limit of its quota"
+    assert error["message"] == "over quota: user alice has 1 jobs waiting, and its quota allows 1"
     assert [job["spec"]["name"] for job in alice.get("/training/jobs").json()["jobs"]] == ["a2", "a1"]  # none added
 
     # Suspend and resume do not apply to a queued job: 409 naming its status; another's job is a 404
@@ -273,7 +273,7 @@ async def test_a_submission_the_scheduler_rejects_over_quota_is_a_429(
     assert response.status_code == 429, response.text
     error = response.json()["error"]
     assert error["code"] == "quota_exceeded"
-    assert "user anonymous has 1 jobs waiting, the limit of its quota" in error["message"]
+    assert "user anonymous has 1 jobs waiting, and its quota allows 1" in error["message"]
     [rejected] = [job for job in projection.state.jobs.values() if job.job_id != "first"]
     assert (rejected.status, rejected.reason) == ("failed", "quota")
     assert f"job {rejected.job_id} was rejected" in error["message"]
