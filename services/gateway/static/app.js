@@ -4,6 +4,7 @@
  * the page is open), then everything it shows comes from the REST API and stays current through
  * Server-Sent Events: every job event (/events/stream), the GPUs (/gpus/stream), and on a job's
  * page that job's events from its start (/jobs/{id}/stream) and its output (/jobs/{id}/logs/stream).
+ * The pool's page shows GPU usage (/usage) and the quota table (/admin/quotas), which an admin edits.
  */
 "use strict";
 
@@ -11,13 +12,17 @@
   const PREFIX = document.querySelector('meta[name="api-prefix"]').content;
   const API = `${PREFIX}/training`;
   const AUTH = `${PREFIX}/auth`;
+  const QUOTAS = `${PREFIX}/admin/quotas`;
+  const USAGE = `${PREFIX}/usage`;
   const TERMINAL = new Set(["completed", "failed", "cancelled"]);
   const JOB_EVENTS = [
     "job.accepted", "job.rejected", "job.queued", "job.held", "job.scheduled", "job.started",
     "job.progress", "job.checkpoint_saved", "job.serving", "job.succeeded", "job.failed",
     "job.lost", "job.requeued", "job.priority_changed", "job.deleted", "job.cancel_requested", "job.cancelled",
+    "job.preempted", "job.suspended", "job.stopped", "job.resumed",
     "export.requested", "export.started", "export.completed", "export.failed",
   ];
+  const POOL_EVENTS = ["quotas.changed", "usage.half_life_changed"];
   const MAX_LOG_LINES = 2000;
   const JOBS_SHOWN = 100;
 
@@ -115,6 +120,25 @@
 
   function badge(status) {
     return el("span", { class: `badge ${status}`, text: status });
+  }
+
+  /** What a job's status alone does not say: its process is still on its way out after it gave
+   * up its GPUs, or it holds GPUs over its owner's quota (the first to be preempted). */
+  function flags(job) {
+    return [
+      job.stopping ? el("span", { class: "badge stopping", title: "its process is being stopped (a checkpoint is saved)", text: "stopping" }) : null,
+      job.borrowing ? el("span", { class: "badge borrowing", title: "holds GPUs over its quota: preempted first when a job within quota needs them", text: "borrowing" }) : null,
+    ].filter(Boolean);
+  }
+
+  /** Whether a job may be suspended or resumed now (the gateway's answer when its view says). */
+  function maySuspend(job) {
+    if (typeof job.may_suspend === "boolean") return job.may_suspend;
+    return job.status === "running" && job.task_type !== "deploy" && !job.cancel_requested && !job.stopping;
+  }
+
+  function mayResume(job) {
+    return typeof job.may_resume === "boolean" ? job.may_resume : job.status === "suspended";
   }
 
   function setBar(bar, percent, done) {
@@ -233,6 +257,7 @@
 
   const session = {
     active: false,
+    who: null, // {name, role}
     refreshTimer: null,
 
     async start() {
@@ -298,6 +323,7 @@
 
     enter(who, controlled) {
       this.active = true;
+      this.who = { name: who.name, role: who.role };
       $("#sign-in").hidden = true;
       $("#who").textContent = `${who.name} (${who.role})`;
       $("#sign-out").hidden = !controlled;
@@ -354,9 +380,11 @@
     follow() {
       if (this.streams.length) return;
       const handlers = Object.fromEntries(JOB_EVENTS.map((type) => [type, (data, id) => this.onEvent(type, data, id)]));
+      for (const type of POOL_EVENTS) handlers[type] = () => poolPage.changed();
       // Follow first, then load: whatever happens in between arrives on the stream.
+      const types = ["job.*", "export.*", "quotas.*", "usage.*"].map((t) => `type=${encodeURIComponent(t)}`).join("&");
       this.streams.push(
-        follow(`${API}/events/stream?type=job.*&type=export.*`, handlers, { onOpen: indicator.up, onDown: indicator.down }),
+        follow(`${API}/events/stream?${types}`, handlers, { onOpen: indicator.up, onDown: indicator.down }),
         follow(`${API}/gpus/stream`, { gpus: (data) => this.onGpus(data) })
       );
       this.load();
@@ -439,6 +467,7 @@
       }
       this.refetch(jobId);
       this.loadQueue();
+      poolPage.changed();
     },
 
     throttledQueue: (() => {
@@ -559,6 +588,7 @@
       const status = row.querySelector(".status");
       status.replaceChildren(badge(job.status));
       if (job.queue_position) status.append(el("span", { class: "muted small", text: ` #${job.queue_position}` }));
+      for (const flag of flags(job)) status.append(" ", flag);
       const progress = job.progress;
       setBar(row.querySelector("[role=progressbar]"), percentOf(job), job.status === "completed");
       row.querySelector(".pct").textContent = progress && progress.max_steps ? `${progress.step}/${progress.max_steps}` : "";
@@ -576,7 +606,14 @@
             "tr",
             { dataset: { jobId: entry.job_id } },
             el("td", { class: "position", text: String(entry.position) }),
-            el("td", {}, this.jobLink(entry.job_id), el("div", { class: "job-id", text: `${entry.gpu_count} GPU · ${entry.submitted_by || ""}` })),
+            el(
+              "td",
+              {},
+              this.jobLink(entry.job_id),
+              el("div", { class: "job-id", text: `${entry.gpu_count} GPU · ${entry.submitted_by || ""}` }),
+              entry.waiting_reason === "quota" ? el("div", { class: "reason waiting", text: entry.waiting_message || "over its quota" }) : null,
+              entry.order_reason ? el("div", { class: "reason order", text: entry.order_reason }) : null
+            ),
             el("td", { text: String(entry.priority) }),
             el("td", { class: "estimate" }, this.estimate(entry))
           )
@@ -607,11 +644,15 @@
   };
 
   // ------------------------------------------------------------------------------------------
-  // A job's page: progress, loss curve, checkpoints, export, output, cancel and export buttons
+  // A job's page: progress, loss curve, checkpoints, export, output; cancel, suspend, resume and
+  // export buttons; who preempted it, and whom it preempted
 
   const jobPage = {
     jobId: null,
     job: null,
+    waiting: null, // its entry in the queue while queued: why it waits, and its order
+    waitingTimer: null, // while queued: its entry again now and then (others' jobs move it)
+    asked: null, // {action, status}: a request sent, until the job's status moves on
     streams: [],
     chart: null,
     losses: new Map(), // step -> {loss, eval}
@@ -629,8 +670,11 @@
       $("#job-status").replaceChildren();
       $("#job-logs").replaceChildren();
       $("#job-message").hidden = true;
-      $("#job-cancel").hidden = true;
-      $("#job-export").hidden = true;
+      $("#job-sharing").hidden = true;
+      $("#job-flags").replaceChildren();
+      this.waiting = null;
+      this.asked = null;
+      for (const id of ["#job-cancel", "#job-export", "#job-suspend", "#job-resume"]) $(id).hidden = true;
       $("#loss-empty").hidden = false;
       $("#loss-panel").hidden = false;
       $("#job-export-section").hidden = false;
@@ -657,6 +701,7 @@
     close() {
       for (const stream of this.streams) stream.close();
       this.streams = [];
+      this.followWaiting(false);
       if (this.chart) this.chart.destroy();
       this.chart = null;
       this.jobId = null;
@@ -693,7 +738,10 @@
       const status = $("#job-status");
       status.className = `badge ${job.status}`;
       status.textContent = job.status + (job.queue_position ? ` #${job.queue_position}` : "");
+      $("#job-flags").replaceChildren(...flags(job));
+      this.followWaiting(job.status === "queued");
       this.renderMessage(job);
+      this.renderSharing(job);
       this.renderProgress(job);
       this.renderLossPanel();
       this.renderCheckpoints(job);
@@ -703,6 +751,15 @@
       cancel.hidden = TERMINAL.has(job.status);
       cancel.disabled = job.cancel_requested;
       cancel.textContent = job.cancel_requested ? "Cancelling…" : "Cancel";
+      // A request sent keeps its button disabled until the job's status moves on.
+      if (this.asked && this.asked.status !== job.status) this.asked = null;
+      const asked = this.asked ? this.asked.action : null;
+      const suspend = $("#job-suspend");
+      suspend.hidden = !maySuspend(job);
+      suspend.disabled = asked === "suspend";
+      const resume = $("#job-resume");
+      resume.hidden = !mayResume(job);
+      resume.disabled = asked === "resume";
       const params = job.spec.train_params;
       const exportButton = $("#job-export");
       exportButton.textContent = job.export.status === "none" ? "Export" : "Export again";
@@ -720,13 +777,78 @@
       const box = $("#job-message");
       let text = "";
       if (job.status === "failed") text = `Failed${job.reason ? ` (${job.reason})` : ""}: ${job.message || ""}`;
+      else if (job.status === "queued" && job.stopping) text = "Queued again: it starts once its previous attempt has stopped (a checkpoint is saved), and resumes from that checkpoint.";
+      else if (job.status === "queued" && this.waiting && this.waiting.waiting_reason === "quota") text = `Waiting for its quota: ${this.waiting.waiting_message.replace(/^quota:\s*/, "")}.`;
       else if (job.status === "queued") text = "Waiting for free GPUs; see the queue for its estimated start.";
       else if (job.status === "held") text = "Held: it joins the queue once released (POST /jobs/{id}/start).";
+      else if (job.status === "preempted") text = "Preempted: its GPUs went to a more urgent job. Its process is being stopped with a checkpoint; then it is queued again in its original place and resumes from there.";
+      else if (job.status === "suspended" && job.stopping) text = "Suspended: its GPUs are free and its process is being stopped with a checkpoint. Resume queues it again in its original place.";
+      else if (job.status === "suspended") text = `Suspended${job.checkpoint_step != null ? ` at step ${job.checkpoint_step}` : ""}: Resume queues it again in its original place, to go on from its last checkpoint.`;
       else if (job.cancel_requested && !TERMINAL.has(job.status)) text = "Cancel requested: the process is being stopped.";
       else if (job.status === "serving" && job.endpoint) text = `Serving an OpenAI-compatible API at ${job.endpoint}`;
       box.textContent = text;
       box.className = `message ${job.status}`;
       box.hidden = !text;
+    },
+
+    /** Why a queued job waits (its quota) and its order in the queue, from its queue entry: the
+     * jobs of others change both without an event of this job's. */
+    loadWaiting: null, // set below: debounced
+
+    followWaiting(queued) {
+      if (queued) {
+        this.loadWaiting();
+        if (this.waitingTimer === null) this.waitingTimer = setInterval(() => this.loadWaiting(), 5000);
+      } else {
+        clearInterval(this.waitingTimer);
+        this.waitingTimer = null;
+        this.waiting = null;
+      }
+    },
+
+    async fetchWaiting() {
+      const jobId = this.jobId;
+      if (!jobId) return;
+      try {
+        const entry = await api(`${API}/queue/${encodeURIComponent(jobId)}/status`);
+        if (this.jobId !== jobId || !this.job || this.waitingTimer === null) return;
+        this.waiting = entry.queued ? entry : null;
+        this.renderMessage(this.job);
+        this.renderSharing(this.job);
+      } catch {
+        /* the next event asks again */
+      }
+    },
+
+    /** Sharing the pool: who preempted this job, whom it preempted to start, its order in the queue. */
+    renderSharing(job) {
+      const box = $("#job-sharing");
+      const lines = [];
+      const preemptions = job.preemptions || 0;
+      if (job.preempted_by || preemptions) {
+        lines.push(
+          el(
+            "div",
+            { class: "preempted-by" },
+            `Preempted ${preemptions === 1 ? "once" : `${preemptions} times`}`,
+            job.preempted_by ? [", last by ", overview.jobLink(job.preempted_by)] : null,
+            "."
+          )
+        );
+      }
+      const victims = job.preempted_jobs || [];
+      if (victims.length) {
+        const links = victims.flatMap((id, i) => (i ? [", ", overview.jobLink(id)] : [overview.jobLink(id)]));
+        lines.push(el("div", { class: "preempted-jobs" }, "Preempted to start: ", links, "."));
+      }
+      if (job.borrowing) {
+        lines.push(el("div", { text: "Borrowing: it holds GPUs over its quota, and is the first preempted when a job within quota needs them." }));
+      }
+      if (job.status === "queued" && this.waiting && this.waiting.order_reason) {
+        lines.push(el("div", { class: "order", text: `Order: ${this.waiting.order_reason}` }));
+      }
+      box.replaceChildren(...lines);
+      box.hidden = !lines.length;
     },
 
     renderProgress(job) {
@@ -790,9 +912,11 @@
         ["GPUs", job.gpu_ids.length ? job.gpu_ids.join(", ") : "—"],
         ["priority", String(job.priority)],
         ["attempt", String(job.attempt)],
+        ["preemptions", String(job.preemptions || 0)],
         ["started", localTime(job.started_at)],
         ["finished", localTime(job.finished_at)],
       ];
+      if (job.team) rows.splice(2, 0, ["team", job.team]);
       if (job.endpoint) rows.push(["endpoint", job.endpoint]);
       if (job.exit_code !== null && job.exit_code !== undefined) rows.push(["exit code", String(job.exit_code)]);
       $("#job-placement").replaceChildren(...rows.map(([name, value]) => el("div", {}, el("dt", { text: name }), el("dd", { text: value }))));
@@ -857,6 +981,7 @@
     },
   };
   jobPage.drawChart = throttle(() => jobPage.draw(), 100);
+  jobPage.loadWaiting = debounce(() => jobPage.fetchWaiting(), 250);
   jobPage.scrollLogs = throttle(() => {
     const pre = $("#job-logs");
     pre.scrollTop = pre.scrollHeight;
@@ -870,14 +995,18 @@
     button.disabled = true;
     try {
       await api(`${API}/jobs/${encodeURIComponent(jobId)}/${action}`, { method: "POST" });
+      if (jobPage.job && jobPage.jobId === jobId) jobPage.asked = { action, status: jobPage.job.status };
       live.refetch(jobId);
     } catch (error) {
       button.disabled = false;
+      if (error.status === 409) live.refetch(jobId); // it moved on meanwhile: show where it is
       if (error.status !== 401) window.alert(error.message);
     }
   }
   $("#job-cancel").addEventListener("click", (event) => jobAction("cancel", event.currentTarget));
   $("#job-export").addEventListener("click", (event) => jobAction("export", event.currentTarget));
+  $("#job-suspend").addEventListener("click", (event) => jobAction("suspend", event.currentTarget));
+  $("#job-resume").addEventListener("click", (event) => jobAction("resume", event.currentTarget));
 
   // ------------------------------------------------------------------------------------------
   // Submitting a job: one form per task type, with the gateway's defaults filled in
@@ -1143,7 +1272,261 @@
   $("#reset-button").addEventListener("click", () => submitPage.render());
 
   // ------------------------------------------------------------------------------------------
-  // Routing: #/ (overview), #/jobs/<id>, #/submit
+  // The pool: GPU usage per user and team, and the quota table (an admin edits it)
+
+  const poolPage = {
+    open: false,
+    quotas: null, // the table as the gateway last gave it
+    editing: false, // the form holds an admin's changes not saved yet
+    loaded: null, // the GET /admin/quotas answer
+
+    show() {
+      this.open = true;
+      this.editing = false; // changes not saved are dropped on leaving the page
+      $("#quotas-saved").textContent = "";
+      this.load();
+    },
+
+    close() {
+      this.open = false;
+    },
+
+    /** A job or the table changed: usage and limits with it (at most once a second). */
+    changed: null, // set below
+
+    async load() {
+      await Promise.all([this.loadUsage(), this.loadQuotas()]);
+    },
+
+    async loadUsage() {
+      try {
+        const data = await api(USAGE);
+        if (this.open) this.renderUsage(data);
+        $("#usage-error").textContent = "";
+      } catch (error) {
+        if (error.status !== 401) $("#usage-error").textContent = `Could not load the usage: ${error.message}`;
+      }
+    },
+
+    async loadQuotas() {
+      try {
+        const data = await api(QUOTAS);
+        this.loaded = data;
+        this.quotas = data.quotas || { users: {}, teams: {} };
+        if (this.open && !this.editing) this.renderQuotas();
+        this.renderSettings(data);
+      } catch (error) {
+        if (error.status === 401) return;
+        this.quotas = null;
+        $("#quotas").replaceChildren();
+        $("#quotas-table").hidden = true;
+        $("#quotas-empty").hidden = true;
+        $("#quotas-actions").hidden = true;
+        $("#quotas-note").textContent = "";
+        $("#quotas-error").textContent = error.status === 403 ? "Only an admin sees the whole quota table; your own limits are in the usage above." : `Could not load the quotas: ${error.message}`;
+      }
+    },
+
+    renderUsage(data) {
+      const hours = (value) => {
+        if (value === undefined || value === null) return "—";
+        return value === 0 ? "0" : value < 0.01 ? "< 0.01" : value.toFixed(2);
+      };
+      const rows = [
+        ...(data.users || []).map((row) => ({ kind: "user", ...row })),
+        ...(data.teams || []).map((row) => ({ kind: "team", ...row })),
+      ];
+      $("#usage").replaceChildren(
+        ...rows.map((row) => {
+          const borrowed = row.gpus_in_use - (row.gpus_within_quota ?? row.gpus_in_use);
+          return el(
+            "tr",
+            { dataset: { kind: row.kind, name: row.name } },
+            el("td", {}, el("span", { class: "badge", text: row.kind }), " ", el("strong", { text: row.name })),
+            el("td", { class: "gpus", text: String(row.gpus_in_use) + (borrowed > 0 ? ` (${borrowed} borrowed)` : "") }),
+            el("td", { class: "waiting", text: String(row.jobs_waiting) }),
+            el("td", { class: "day", title: String(row.gpu_hours_day), text: hours(row.gpu_hours_day) }),
+            el("td", { class: "week", title: String(row.gpu_hours_week), text: hours(row.gpu_hours_week) }),
+            el("td", { class: "decayed", title: String(row.decayed_gpu_hours), text: hours(row.decayed_gpu_hours) }),
+            el("td", { class: "limits", text: this.limitText(row.limit) })
+          );
+        })
+      );
+      $("#usage-table").hidden = rows.length === 0;
+      $("#usage-empty").hidden = rows.length > 0;
+      const whose = this.admin ? "everyone's" : "yours and your team's";
+      const fair = data.fair_share ? `fair share on, usage halved every ${duration(data.half_life_s)}` : "fair share off";
+      $("#usage-note").textContent = `(${whose}; ${fair})`;
+    },
+
+    limitText(limit) {
+      if (!limit || typeof limit !== "object") return "none";
+      const parts = [];
+      if (limit.gpus !== null && limit.gpus !== undefined) parts.push(`${limit.gpus} GPU${limit.gpus === 1 ? "" : "s"}`);
+      if (limit.queued !== null && limit.queued !== undefined) parts.push(`${limit.queued} waiting`);
+      return parts.length ? parts.join(" · ") : "none";
+    },
+
+    /** Whether the QUOTAS setting gave the table, and the names a table may use. */
+    renderSettings(data) {
+      const names = (list, kind) => list.map((name) => el("option", { value: name, label: kind }));
+      $("#quota-names").replaceChildren(
+        el("option", { value: "*", label: "every user not listed" }),
+        ...names(data.known_users || [], "user"),
+        ...names(data.known_teams || [], "team")
+      );
+      $("#pool-settings").replaceChildren(
+        el("div", {}, el("dt", { text: "source" }), el("dd", { text: data.from_config ? "the QUOTAS setting" : "set at run time" })),
+        el("div", {}, el("dt", { text: "users with a key" }), el("dd", { text: (data.known_users || []).join(", ") || "—" })),
+        el("div", {}, el("dt", { text: "teams" }), el("dd", { text: (data.known_teams || []).join(", ") || "—" }))
+      );
+    },
+
+    get admin() {
+      return Boolean(session.who && session.who.role === "admin");
+    },
+
+    renderQuotas() {
+      const table = this.quotas || { users: {}, teams: {} };
+      const entries = [
+        ...Object.entries(table.users || {}).map(([name, limit]) => ["user", name, limit]),
+        ...Object.entries(table.teams || {}).map(([name, limit]) => ["team", name, limit]),
+      ];
+      $("#quotas").replaceChildren(...entries.map(([kind, name, limit]) => this.quotaRow(kind, name, limit)));
+      this.editing = false;
+      this.refreshForm();
+      $("#quotas-error").textContent = "";
+    },
+
+    refreshForm() {
+      const count = $("#quotas").children.length;
+      $("#quotas-table").hidden = count === 0;
+      $("#quotas-empty").hidden = count > 0;
+      $("#quotas-actions").hidden = !this.admin;
+      $("#quotas-note").textContent = this.admin ? "" : "(read only: an admin edits them)";
+    },
+
+    quotaRow(kind, name, limit) {
+      const readOnly = !this.admin;
+      const edited = () => {
+        this.editing = true;
+        $("#quotas-saved").textContent = "";
+      };
+      const number = (field, value) =>
+        el("input", {
+          type: "number",
+          min: "0",
+          step: "1",
+          class: `quota-${field}`,
+          name: field,
+          placeholder: "no limit",
+          "aria-label": field === "gpus" ? "GPUs" : "jobs waiting",
+          disabled: readOnly,
+          value: value === null || value === undefined ? null : String(value),
+          oninput: edited,
+        });
+      const kindSelect = el(
+        "select",
+        { class: "quota-kind", name: "kind", "aria-label": "kind", disabled: readOnly, onchange: edited },
+        el("option", { value: "user", text: "user" }),
+        el("option", { value: "team", text: "team" })
+      );
+      kindSelect.value = kind;
+      return el(
+        "tr",
+        { dataset: { kind, name } },
+        el("td", {}, kindSelect),
+        el("td", {}, el("input", { class: "quota-name", name: "name", "aria-label": "name", list: "quota-names", value: name, placeholder: "name, or * for every user", disabled: readOnly, spellcheck: "false", autocomplete: "off", oninput: edited })),
+        el("td", {}, number("gpus", limit && limit.gpus)),
+        el("td", {}, number("queued", limit && limit.queued)),
+        el(
+          "td",
+          {},
+          readOnly
+            ? null
+            : el("button", {
+                type: "button",
+                class: "link quota-remove",
+                text: "Remove",
+                onclick: (event) => {
+                  event.currentTarget.closest("tr").remove();
+                  edited();
+                  this.refreshForm();
+                },
+              })
+        )
+      );
+    },
+
+    addRow() {
+      const row = this.quotaRow("user", "", {});
+      $("#quotas").append(row);
+      this.editing = true;
+      this.refreshForm();
+      row.querySelector(".quota-name").focus();
+    },
+
+    /** The table in the form, as the body of PUT /admin/quotas; what the gateway checks (names,
+     * whole numbers) it checks: its answer names what is wrong. */
+    body() {
+      const body = { users: {}, teams: {} };
+      const problems = [];
+      for (const row of $("#quotas").children) {
+        const kind = row.querySelector(".quota-kind").value;
+        const name = row.querySelector(".quota-name").value.trim();
+        const limit = {};
+        for (const field of ["gpus", "queued"]) {
+          const raw = row.querySelector(`.quota-${field}`).value.trim();
+          limit[field] = raw === "" ? null : Number(raw);
+        }
+        const group = kind === "team" ? body.teams : body.users;
+        if (Object.prototype.hasOwnProperty.call(group, name)) problems.push(`${kind} ${name || "(no name)"} is listed twice`);
+        group[name] = limit;
+      }
+      return { body, problems };
+    },
+
+    async save() {
+      const { body, problems } = this.body();
+      $("#quotas-saved").textContent = "";
+      if (problems.length) {
+        $("#quotas-error").textContent = problems.join("\n");
+        return;
+      }
+      $("#quotas-error").textContent = "";
+      const button = $("#quotas-save");
+      button.disabled = true;
+      try {
+        await api(QUOTAS, { method: "PUT", body });
+        this.editing = false;
+        $("#quotas-saved").textContent = "Saved.";
+        await this.load();
+      } catch (error) {
+        if (error.status !== 401) {
+          const details = error.details.map((d) => (d.field ? `${d.field}: ${d.message}` : d.message));
+          $("#quotas-error").textContent = [`Not saved (${error.status}): ${error.message}`, ...details].join("\n");
+        }
+      } finally {
+        button.disabled = false;
+      }
+    },
+  };
+  poolPage.changed = throttle(() => {
+    if (poolPage.open) poolPage.load();
+  }, 1000);
+
+  $("#quotas-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    poolPage.save();
+  });
+  $("#quota-add").addEventListener("click", () => poolPage.addRow());
+  $("#quotas-revert").addEventListener("click", () => {
+    poolPage.renderQuotas();
+    $("#quotas-saved").textContent = "";
+  });
+
+  // ------------------------------------------------------------------------------------------
+  // Routing: #/ (overview), #/jobs/<id>, #/submit, #/pool
 
   function show(view) {
     for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== `view-${view}`;
@@ -1151,15 +1534,18 @@
   }
 
   /** Each view holds only the streams it needs (a browser allows a handful of connections to a
-   * host, shared by all its tabs): the overview and the form every job event and the GPUs (on
-   * the form, so that the top bar says whether the gateway is there, and the overview is
-   * current when one goes back), a job's page that job's events and output. */
+   * host, shared by all its tabs): the overview, the form and the pool's page every job event
+   * and the GPUs (elsewhere than the overview, so that the top bar says whether the gateway is
+   * there, the overview is current when one goes back, and usage follows the jobs), a job's page
+   * that job's events and output. */
   function route() {
     if (!session.active || document.hidden) return;
     const hash = location.hash || "#/";
     const job = hash.match(/^#\/jobs\/([^/?#]+)$/);
     const form = hash === "#/submit";
+    const pool = hash === "#/pool";
     if (!job) jobPage.close();
+    if (!pool) poolPage.close();
     if (!job) live.follow();
     else live.unfollow();
     if (job) {
@@ -1168,6 +1554,9 @@
     } else if (form) {
       show("submit");
       submitPage.open();
+    } else if (pool) {
+      show("pool");
+      poolPage.show();
     } else {
       show("overview");
       overview.renderQueue();
@@ -1178,6 +1567,7 @@
   function pause() {
     live.unfollow();
     jobPage.close();
+    poolPage.close();
     indicator.off();
   }
 
