@@ -82,6 +82,7 @@ _SPEC = TypeAdapter(JobSpec)
 def job_view(job: Job, state: State, positions: dict[str, int] | None = None) -> dict[str, Any]:
     view = job.model_dump(mode="json")
     view["task_type"] = job.spec.task_type
+    view["suspendable"], view["resumable"] = job.may_suspend, job.may_resume
     if positions is None:
         view["queue_position"] = state.queue_position(job.job_id)
     else:

@@ -90,6 +90,8 @@ class RecordedJob(Job):
 class JobView(RecordedJob):
     task_type: TaskType
     queue_position: int | None = Field(ge=1, description="1-based place in the queue; null when not queued")
+    suspendable: bool = Field(description="POST /jobs/{id}/suspend applies now")
+    resumable: bool = Field(description="POST /jobs/{id}/resume applies now")
 
 
 class JobCreated(View):

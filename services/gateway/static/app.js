@@ -131,14 +131,13 @@
     ].filter(Boolean);
   }
 
-  /** Whether a job may be suspended or resumed now (the gateway's answer when its view says). */
+  /** Whether a job may be suspended or resumed now: the gateway's view says. */
   function maySuspend(job) {
-    if (typeof job.may_suspend === "boolean") return job.may_suspend;
-    return job.status === "running" && job.task_type !== "deploy" && !job.cancel_requested && !job.stopping;
+    return job.suspendable === true;
   }
 
   function mayResume(job) {
-    return typeof job.may_resume === "boolean" ? job.may_resume : job.status === "suspended";
+    return job.resumable === true;
   }
 
   function setBar(bar, percent, done) {
