@@ -20,18 +20,16 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
+from events import connection
 from events.codec import DecodeError, decode, encode
 from events.keys import Keys
 from events.messages import Message
 
 DEDUPE_TTL_S = 7 * 24 * 3600
 PAGE = 1000
-MAX_CONNECTIONS = 64  # per client: commands beyond wait their turn
 log = structlog.get_logger("events.bus")
 
 # Appends to the log go through this: each entry carries ``prev`` (the previous entry's hash) and
@@ -195,6 +193,24 @@ class Fenced(BusError):
     """A write of a scheduler that is no longer the leader was refused."""
 
 
+class NotReplicated(RedisError):
+    """Commands were appended, but fewer replicas than asked confirmed them in time: a failover
+    could lose them, so they are not acknowledged (whether they take effect is unknown)."""
+
+
+# Commands appended in one step, when they must then wait for replicas (a transaction's WAIT
+# would not wait). KEYS[1]: the stream; ARGV: per entry, its number of fields, then field, value...
+_XADD_ALL_LUA = """
+local ids, i = {}, 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + 2 * n))
+  i = i + 1 + 2 * n
+end
+return ids
+"""
+
+
 @dataclass(frozen=True)
 class Append:
     stream: str
@@ -234,22 +250,9 @@ class Entry:
 
 
 def connect(url: str, *, block_ms: int | None = None) -> aioredis.Redis:
-    """A client. A blocking reader gets its own, with a socket timeout above its block time.
-
-    A command that meets a dropped connection (a pooled connection to a Redis that restarted) is
-    retried a few times; a longer outage raises, and the service restarts its work once Redis is
-    back. A retried append may land twice only if Redis ran it and then died before replying;
-    commits are deduplicated, and every reader tolerates a repeated progress or heartbeat entry.
-    """
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
-    options: dict[str, Any] = {"decode_responses": True, "retry": retry, "health_check_interval": 30}
-    if block_ms is not None:
-        options.update(socket_timeout=block_ms / 1000 + 10)
-    # A bounded pool that makes a burst of commands wait for a connection instead of failing.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=4 if block_ms is not None else MAX_CONNECTIONS, timeout=30, **options
-    )
-    return aioredis.Redis.from_pool(pool)
+    """A client, to one Redis or to the master Sentinel names (see :mod:`events.connection`).
+    A blocking reader gets its own, with a socket timeout above its block time."""
+    return connection.connect(url, block_ms=block_ms)
 
 
 MAX_SEQ = 2**64 - 1  # the largest sequence part of an entry id
@@ -296,6 +299,21 @@ class Bus:
         self._scripts: dict[str, AsyncScript] = {}
         self._outbox: list[tuple[str, dict[str, str], asyncio.Future[str]]] = []
         self._sending = anyio.Lock()
+        self.wait_replicas = 0  # see replicate_commands
+        self.wait_timeout_ms = 0
+
+    def replicate_commands(self, replicas: int, timeout_ms: int) -> None:
+        """From now on, an append to the commands stream returns once ``replicas`` replicas hold
+        it (``WAIT``), or raises NotReplicated after ``timeout_ms``: what a caller acknowledges
+        then survives a failover to any of them. 0: return once the master holds it."""
+        self.wait_replicas, self.wait_timeout_ms = replicas, timeout_ms
+
+    def _replicated(self, confirmed: int) -> None:
+        if confirmed < self.wait_replicas:
+            raise NotReplicated(
+                f"appended, but {confirmed} of the {self.wait_replicas} replicas asked for confirmed it "
+                f"within {self.wait_timeout_ms} ms"
+            )
 
     def script(self, source: str) -> AsyncScript:
         """A Lua script, registered once per bus."""
@@ -313,6 +331,17 @@ class Bus:
     async def append(self, stream: str, *messages: Message, maxlen: int = 0) -> list[str]:
         if stream == self.keys.events:
             return [str(entry_id) for entry_id in await self.append_events(messages)]
+        if stream == self.keys.commands and self.wait_replicas:
+            args: list[str | int] = []
+            for message in messages:
+                fields = encode(message, self.source)
+                args += [len(fields), *(part for pair in fields.items() for part in pair)]
+            async with self.redis.pipeline(transaction=False) as pipe:  # WAIT: on the same connection
+                await self.script(_XADD_ALL_LUA)(keys=[stream], args=args, client=pipe)
+                pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+                ids, confirmed = await pipe.execute()
+            self._replicated(confirmed)
+            return [str(entry_id) for entry_id in ids]
         if len(messages) == 1:
             entry_id = await self.redis.xadd(
                 stream, encode(messages[0], self.source), maxlen=maxlen or None, approximate=bool(maxlen)
@@ -335,14 +364,19 @@ class Bus:
         async with self._sending:
             if not sent.done():
                 batch, self._outbox = self._outbox, []
+                durable = self.wait_replicas > 0 and any(target == self.keys.commands for target, _, _ in batch)
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         for target, fields, _ in batch:
                             pipe.xadd(target, fields)
+                        if durable:  # after the appends, on their connection
+                            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
                         ids = await pipe.execute()
+                    if durable:
+                        self._replicated(ids.pop())
                 except BaseException as exc:
                     for _, _, waiter in batch:
-                        if not waiter.done():
+                        if waiter is not sent and not waiter.done():  # this caller gets it raised
                             waiter.set_exception(exc)
                     raise
                 for (_, _, waiter), entry_id in zip(batch, ids, strict=True):

@@ -10,10 +10,10 @@ import sys
 import zlib
 
 import anyio
-import redis
 import structlog
 
 from events.bus import Bus
+from events.connection import connect_sync
 from events.state import State
 
 log = structlog.get_logger("events.snapshot")
@@ -68,7 +68,7 @@ def save_in_child(redis_url: str, key: str, state: State) -> int:
     code = 1
     try:
         gc.disable()  # a collection would touch (and so copy) every page of the image
-        client = redis.Redis.from_url(redis_url)
+        client = connect_sync(redis_url)
         client.eval(_SAVE_LUA, 1, key, state.position, SNAPSHOT_VERSION, _packed(state))
         code = 0
     except BaseException as exc:

@@ -6,15 +6,17 @@ An invalid setting stops the process at start with a message naming it.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from events.connection import SentinelTarget, parse_sentinel_url, parse_sentinels, sentinel_url
 from events.keys import Keys
 from events.policy import Policy
 from events.quotas import Quotas
@@ -40,6 +42,16 @@ class Settings(BaseSettings):
     redis_port: int = Field(6379, ge=1, le=65535)
     redis_db: int = Field(0, ge=0)
     redis_password: SecretStr | None = None
+    # Or through Sentinel: REDIS_SENTINELS=host:port,host:port,... (instead of REDIS_URL/REDIS_HOST),
+    # the master's name, and the sentinels' own password if they require one (REDIS_PASSWORD and
+    # REDIS_DB are the master's); or REDIS_URL=redis+sentinel://... (see events.connection).
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = Field("mymaster", pattern=r"^[A-Za-z0-9_.:-]+$")
+    redis_sentinel_password: SecretStr | None = None
+    # The gateway acknowledges a command once this many replicas hold it too (WAIT), else answers
+    # 503 after the timeout; default 1 through Sentinel, else 0 (see wait_replicas).
+    redis_wait_replicas: int | None = Field(None, ge=0, le=16)
+    redis_wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
     embedded_redis_port: int = Field(6399, ge=1, le=65535)
     namespace: str = Field("st", pattern=r"^[A-Za-z0-9_.:-]+$")
 
@@ -118,6 +130,23 @@ class Settings(BaseSettings):
     archive_dir_: Path | None = Field(None, alias="archive_dir")
     retention_interval_s: float = Field(60.0, gt=0)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _sentinel_url(cls, value: str | None) -> str | None:
+        if value:
+            parse_sentinel_url(value)  # raises, saying why, for a malformed redis+sentinel:// URL
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            return ""
+        if info.data.get("redis_url") or info.data.get("redis_host"):
+            raise ValueError("set either REDIS_SENTINELS or REDIS_URL/REDIS_HOST, not both")
+        parse_sentinels(value)
+        return value
+
     @field_validator("api_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
@@ -158,7 +187,7 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         """True when no Redis is configured: the `redis` process runs one in the data dir."""
-        return not self.redis_url and not self.redis_host
+        return not self.redis_url and not self.redis_host and not self.redis_sentinels
 
     @cached_property
     def embedded_redis_password(self) -> str:
@@ -172,15 +201,39 @@ class Settings(BaseSettings):
     def resolved_redis_url(self) -> str:
         if self.redis_url:
             return self.redis_url
+        if self.redis_sentinels:
+            secret = self.redis_sentinel_password
+            target = SentinelTarget(
+                sentinels=parse_sentinels(self.redis_sentinels),
+                master=self.redis_sentinel_master,
+                db=self.redis_db,
+                password=self.redis_password.get_secret_value() if self.redis_password else None,
+                sentinel_password=secret.get_secret_value() if secret else None,
+            )
+            return sentinel_url(target)
         if self.redis_host:
             password = self.redis_password.get_secret_value() if self.redis_password else ""
             return _redis_url(self.redis_host, self.redis_port, self.redis_db, password)
         return _redis_url("127.0.0.1", self.embedded_redis_port, self.redis_db, self.embedded_redis_password)
 
     @property
+    def redis_sentinel(self) -> bool:
+        """True when Redis is reached through Sentinel (a master that may fail over)."""
+        return parse_sentinel_url(self.resolved_redis_url) is not None
+
+    @property
+    def wait_replicas(self) -> int:
+        """How many replicas must hold a command before the gateway acknowledges it."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if self.redis_sentinel else 0
+
+    @property
     def redis_url_for_logs(self) -> str:
         """Where Redis is, with any password in the URL masked."""
         parts = urlsplit(self.resolved_redis_url)
+        if "sentinel_password=" in parts.query:
+            parts = parts._replace(query=re.sub(r"(sentinel_password=)[^&]*", r"\1***", parts.query))
         if parts.password is None:
             return parts.geturl()
         netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"

@@ -70,6 +70,30 @@ def configure_logging(settings: Settings, service: str) -> None:
 REDIS_LOST = (RedisConnectionError, RedisTimeoutError, ConnectionError, OutOfMemoryError)
 
 
+class MasterChanged(RedisConnectionError):
+    """Another server answers as the master (Sentinel promoted a replica, or the master restarted)."""
+
+
+async def server_id(client: aioredis.Redis) -> str:
+    """The run id of the server the client reaches: a new one after a failover or a restart."""
+    return str((await client.info("server"))["run_id"])
+
+
+async def watch_master(client: aioredis.Redis, started_on: str, interval_s: float) -> None:
+    """Raise MasterChanged once the master is not the server ``started_on`` names. Replication is
+    asynchronous: a promoted replica may lack the last writes the old master took, which a
+    service may already hold in memory; it starts its work again from what the new master holds.
+    (A client reconnects to a new master by itself, and may do so within its retries, unseen.)"""
+    while True:
+        await anyio.sleep(interval_s)
+        try:
+            now = await server_id(client)
+        except REDIS_LOST:
+            continue  # the service's own work meets the outage too; look again
+        if now != started_on:
+            raise MasterChanged(f"the master is another server now (run id {now}, was {started_on})")
+
+
 GC_THRESHOLDS = (100_000, 50, 100)  # allocations before a young collection; then older ones
 
 
@@ -157,7 +181,8 @@ ServiceMain = Callable[[Settings, Bus, aioredis.Redis], Awaitable[None]]
 async def serve(settings: Settings, service: str, main: ServiceMain, *, heartbeat: bool = True) -> None:
     """Run ``main`` and the heartbeat until a signal arrives. When Redis goes away, ``main`` is
     stopped and started again once Redis is back: every service rebuilds what it needs from
-    Redis at start (the runner re-adopts its jobs), so a Redis restart costs a pause, not a crash."""
+    Redis at start (the runner re-adopts its jobs), so a Redis restart costs a pause, not a crash.
+    Through Sentinel, ``main`` also starts again when another server has become the master."""
     log = structlog.get_logger()
     redis = connect(settings.resolved_redis_url)
     bus = Bus(redis, settings.keys, f"{service}@{settings.instance}", settings.archive_dir)
@@ -169,6 +194,8 @@ async def serve(settings: Settings, service: str, main: ServiceMain, *, heartbea
                 await wait_for_redis(redis)
                 try:
                     async with anyio.create_task_group() as tg:
+                        if settings.redis_sentinel:
+                            tg.start_soon(watch_master, redis, await server_id(redis), settings.heartbeat_interval_s)
                         if heartbeat:
                             tg.start_soon(heartbeat_loop, bus, settings, service)
                         await main(settings, bus, redis)

@@ -52,8 +52,23 @@ def listening_socket(settings: Settings) -> socket.socket:
     return sock
 
 
+async def serve_http(server: uvicorn.Server, sock: socket.socket) -> None:
+    """Serve until a signal; cancelled (Redis's master changed: the gateway starts again), close
+    the listener and the connections first, as a signal would."""
+    try:
+        await server.serve(sockets=[sock])
+    except anyio.get_cancelled_exc_class():
+        if server.started:
+            server.should_exit = True
+            with anyio.CancelScope(shield=True):
+                await server.shutdown(sockets=[sock])
+        raise
+
+
 async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
     settings = await signing_secret(redis, settings)
+    # A command is acknowledged (2xx) once it is on the replicas asked for: a failover keeps it.
+    bus.replicate_commands(settings.wait_replicas, settings.redis_wait_timeout_ms)
     reader = connect(settings.resolved_redis_url, block_ms=5000)
     projection = Projection(
         bus,
@@ -83,7 +98,7 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
             log.info("serving", url=f"http://{settings.app_host}:{settings.app_port}{settings.api_prefix}/training")
             try:
                 with listening_socket(settings) as sock:  # bound once the projection can answer
-                    await server.serve(sockets=[sock])
+                    await serve_http(server, sock)
             finally:
                 tg.cancel_scope.cancel()
     finally:

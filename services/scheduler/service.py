@@ -658,10 +658,23 @@ class Lease:
     left_ms: int  # otherwise: how long the holder's lease has left
 
 
-async def take_lease(redis: aioredis.Redis, keys: Keys, instance: str, lease_ms: int) -> Lease:
+async def take_lease(
+    redis: aioredis.Redis, keys: Keys, instance: str, lease_ms: int, *, replicas: int = 0, timeout_ms: int = 0
+) -> Lease:
     """The lease (taken, or still this instance's own) with the next fencing token, or how long
-    the instance holding it has left."""
-    token, left_ms = await redis.eval(_ACQUIRE_LUA, 2, keys.leader, keys.fence, instance, lease_ms)
+    the instance holding it has left. With ``replicas``, a token counts only once that many
+    replicas hold it: a failover to one of them cannot hand the same token to a second leader
+    (nor can a master cut off from its replicas hand out one of its own)."""
+    if not replicas:
+        token, left_ms = await redis.eval(_ACQUIRE_LUA, 2, keys.leader, keys.fence, instance, lease_ms)
+        return Lease(int(token) or None, int(left_ms))
+    async with redis.pipeline(transaction=False) as pipe:  # WAIT: on the script's connection
+        pipe.eval(_ACQUIRE_LUA, 2, keys.leader, keys.fence, instance, lease_ms)
+        pipe.wait(replicas, timeout_ms)
+        (token, left_ms), confirmed = await pipe.execute()
+    if int(token) and confirmed < replicas:
+        log.warning("the lease is not on enough replicas; not leading yet", replicas=replicas, confirmed=confirmed)
+        return Lease(None, lease_ms)  # looked at again a third of a lease from now
     return Lease(int(token) or None, int(left_ms))
 
 
@@ -670,7 +683,14 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
     reader = connect(settings.resolved_redis_url, block_ms=1000)
     try:
         while True:
-            lease = await take_lease(redis, settings.keys, settings.instance, settings.leader_lease_ms)
+            lease = await take_lease(
+                redis,
+                settings.keys,
+                settings.instance,
+                settings.leader_lease_ms,
+                replicas=settings.wait_replicas,
+                timeout_ms=settings.redis_wait_timeout_ms,
+            )
             if lease.token is None:
                 # Standby: keep the state folded, and look again when the holder's lease runs out
                 # (unless renewed), at the latest a third of a lease from now.
