@@ -1,9 +1,13 @@
 """The audit trail: the log's hash chain, its verification, archives, and the one history they form.
 
-Every entry of the log carries ``prev`` (the hash of the entry before it, empty for the first) and
-``hash``: SHA-1 over ``prev``, the entry id and every other field, in order, each length-prefixed
-(the Lua in :mod:`events.bus` computes it inside Redis, where SHA-1 is the hash scripts have).
-Editing, removing, inserting or reordering an entry breaks the chain at that entry.
+Every entry of the log carries ``hash``: SHA-1 over the hash of the entry before it (empty for the
+first), the entry id and every other field, in order, each length-prefixed (the Lua in
+:mod:`events.bus` computes it inside Redis, where SHA-1 is the hash scripts have). A compact entry
+(see :mod:`events.codec`) stores the 20 bytes of its hash in URL-safe base64 and not the hash
+before it, which is its predecessor's ``hash``; an envelope entry, as written before compact
+entries, stores both as hex, the one before as ``prev``. Both kinds chain on whatever the entry
+before stored, so a log may hold both. Editing, removing, inserting or reordering an entry breaks
+the chain at that entry.
 
 Entries older than the retention policy are written to compressed JSON-lines archives (with their
 chain fields) before they are trimmed; :func:`history` reads the archives and the live log as one.
@@ -11,6 +15,7 @@ chain fields) before they are trimmed; :func:`history` reads the archives and th
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import json
@@ -28,14 +33,28 @@ ARCHIVE_BATCH = 2000  # archived entries read per step off the event loop
 LIVE = "redis"  # where a live entry is, in reports
 
 
-def entry_hash(prev: str, entry_id: str, fields: Mapping[str, str]) -> str:
+def _digest(prev: str, entry_id: str, fields: Mapping[str, str]) -> bytes:
     parts = [prev, entry_id]
     for name, value in fields.items():
         if name not in CHAIN_FIELDS:
             parts.append(f"{len(name.encode())}:{name}={len(value.encode())}:{value}")
     # SHA-1 because it is what Redis scripts offer; finding a second entry with a given hash is
     # still out of reach, which is what an edit would need.
-    return hashlib.sha1("\n".join(parts).encode(), usedforsecurity=False).hexdigest()
+    return hashlib.sha1("\n".join(parts).encode(), usedforsecurity=False).digest()
+
+
+def is_compact(fields: Mapping[str, str]) -> bool:
+    """A compact entry: it does not store the hash before it (see :mod:`events.codec`)."""
+    return "at" in fields and "prev" not in fields
+
+
+def entry_hash(prev: str, entry_id: str, fields: Mapping[str, str]) -> str:
+    """The hash of an entry after ``prev``, as its layout stores it: the 20 bytes in URL-safe
+    base64 for a compact entry, in hex for an envelope entry."""
+    digest = _digest(prev, entry_id, fields)
+    if is_compact(fields):
+        return base64.urlsafe_b64encode(digest)[:27].decode()
+    return digest.hex()
 
 
 # --- archives -----------------------------------------------------------------------------------
@@ -151,7 +170,7 @@ class Verification:
             return False
         where = LIVE if entry.stream.endswith(":events") else entry.stream
         prev, stated = entry.fields.get("prev"), entry.fields.get("hash")
-        if stated is None or prev is None:
+        if stated is None or (prev is None and not is_compact(entry.fields)):
             if self._started:
                 return self._broken(entry, where, "carries no hash: appended outside the chain, or its hash removed")
             self.unchained += 1
@@ -159,9 +178,16 @@ class Verification:
             return True
         if self.head_id is not None and not is_after(entry.entry_id, self.head_id):
             return self._broken(entry, where, f"is out of order: it comes after {self.head_id}")
-        if entry_hash(prev, entry.entry_id, entry.fields) != stated:
+        if prev is None:
+            if entry_hash(self.head_hash, entry.entry_id, entry.fields) != stated:
+                if not self._started:
+                    cause = "the entry was altered, or entries before it were removed"
+                else:
+                    cause = f"the entry was altered, or entries after {self.head_id} were removed or inserted"
+                return self._broken(entry, where, f"does not match its hash: {cause}")
+        elif entry_hash(prev, entry.entry_id, entry.fields) != stated:
             return self._broken(entry, where, "does not match its hash: the entry was altered")
-        if prev != self.head_hash:
+        elif prev != self.head_hash:
             if self._started:
                 reason = f"does not follow {self.head_id}: entries between them were removed or inserted"
             else:

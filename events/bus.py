@@ -24,7 +24,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from events import connection
-from events.codec import DecodeError, decode, encode
+from events.codec import DecodeError, decode, encode, encode_fact
 from events.keys import Keys
 from events.messages import Message
 
@@ -32,10 +32,28 @@ DEDUPE_TTL_S = 7 * 24 * 3600
 PAGE = 1000
 log = structlog.get_logger("events.bus")
 
-# Appends to the log go through this: each entry carries ``prev`` (the previous entry's hash) and
-# ``hash`` = SHA-1 of (prev, entry id, fields), computed inside Redis so that concurrent writers
-# cannot fork the chain. The entry id is chosen here (as XADD * would) so that it is hashed too.
+# Appends to the log go through this: each entry carries ``hash`` = SHA-1 of (the previous entry's
+# hash, entry id, fields), computed inside Redis so that concurrent writers cannot fork the chain,
+# stored as its 20 bytes in URL-safe base64. The previous hash is not stored again: it is the
+# entry before's. The entry id is chosen here (as XADD * would) so that it is hashed too.
 _CHAIN_LUA = """
+local floor = math.floor
+
+local function b64_48(B, n)  -- 48 bits (12 hex digits, exact in a Lua number) in 8 characters
+  return B[floor(n / 4398046511104)] .. B[floor(n / 68719476736) % 64] .. B[floor(n / 1073741824) % 64]
+    .. B[floor(n / 16777216) % 64] .. B[floor(n / 262144) % 64] .. B[floor(n / 4096) % 64]
+    .. B[floor(n / 64) % 64] .. B[n % 64]
+end
+
+local function sha1_b64(B, text)
+  -- SHA-1 of text: its 20 bytes in URL-safe base64 without padding, 27 characters
+  local hex = redis.sha1hex(text)
+  local last = tonumber(string.sub(hex, 37, 40), 16) * 4  -- 16 bits and 2 zero bits: 3 characters
+  return b64_48(B, tonumber(string.sub(hex, 1, 12), 16)) .. b64_48(B, tonumber(string.sub(hex, 13, 24), 16))
+    .. b64_48(B, tonumber(string.sub(hex, 25, 36), 16)) .. B[floor(last / 4096)] .. B[floor(last / 64) % 64]
+    .. B[last % 64]
+end
+
 local function last_generated(events)
   local info = redis.pcall('XINFO', 'STREAM', events)
   if info.err then return '0-0' end
@@ -48,12 +66,17 @@ local function chain_open(events, chain)
   local last_id = head[1] or last_generated(events)
   local t = redis.call('TIME')
   local ms, seq = string.match(last_id, '^(%d+)-(%d+)$')
-  return {events = events, key = chain, prev = head[2] or '', last_ms = tonumber(ms),
+  -- the base64 alphabet, for the hashes (a table made on each call: here, only for appends)
+  local B64 = {[0] = 'A', 'B', 'C', 'D', 'E', 'F', 'G', 'H', 'I', 'J', 'K', 'L', 'M', 'N', 'O',
+    'P', 'Q', 'R', 'S', 'T', 'U', 'V', 'W', 'X', 'Y', 'Z', 'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h',
+    'i', 'j', 'k', 'l', 'm', 'n', 'o', 'p', 'q', 'r', 's', 't', 'u', 'v', 'w', 'x', 'y', 'z', '0',
+    '1', '2', '3', '4', '5', '6', '7', '8', '9', '-', '_'}
+  return {events = events, key = chain, prev = head[2] or '', last_ms = tonumber(ms), b64 = B64,
           last_seq = tonumber(seq), now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
 end
 
-local function chain_add(c, kind, job_id, data)
-  -- every entry of ours has three fields: type, job_id and data
+local function chain_add(c, kind, job_id, data, at)
+  -- every entry of ours has four fields, type, job_id, data and at (events.codec.encode_fact)
   if c.now > c.last_ms then
     c.last_ms, c.last_seq, c.ms = c.now, 0, nil
   else
@@ -61,15 +84,16 @@ local function chain_add(c, kind, job_id, data)
   end
   c.ms = c.ms or string.format('%.0f', c.last_ms)
   local id = c.ms .. '-' .. string.format('%.0f', c.last_seq)
-  local hashed = redis.sha1hex(c.prev .. '\\n' .. id .. '\\n4:type=' .. #kind .. ':' .. kind
-    .. '\\n6:job_id=' .. #job_id .. ':' .. job_id .. '\\n4:data=' .. #data .. ':' .. data)
-  local ok = redis.pcall('XADD', c.events, id, 'type', kind, 'job_id', job_id, 'data', data,
-    'prev', c.prev, 'hash', hashed)
+  local hashed = sha1_b64(c.b64, c.prev .. '\\n' .. id .. '\\n4:type=' .. #kind .. ':' .. kind
+    .. '\\n6:job_id=' .. #job_id .. ':' .. job_id .. '\\n4:data=' .. #data .. ':' .. data
+    .. '\\n2:at=' .. #at .. ':' .. at)
+  local ok = redis.pcall('XADD', c.events, id, 'type', kind, 'job_id', job_id, 'data', data, 'at', at,
+    'hash', hashed)
   if type(ok) == 'table' and ok.err then
     -- an entry appended outside the chain holds a later id: go on after it
     local ms, seq = string.match(last_generated(c.events), '^(%d+)-(%d+)$')
     c.last_ms, c.last_seq, c.now, c.ms = tonumber(ms), tonumber(seq), 0, nil
-    return chain_add(c, kind, job_id, data)
+    return chain_add(c, kind, job_id, data, at)
   end
   c.prev, c.id, c.count = hashed, id, (c.count or 0) + 1
   return id
@@ -83,11 +107,11 @@ end
 _APPEND_LUA = (
     _CHAIN_LUA
     + """
--- KEYS: events, chain; ARGV: per entry: type, job_id, data
+-- KEYS: events, chain; ARGV: per entry: type, job_id, data, at
 local c = chain_open(KEYS[1], KEYS[2])
 local reply = {}
-for i = 1, #ARGV, 3 do
-  reply[#reply + 1] = chain_add(c, ARGV[i], ARGV[i + 1], ARGV[i + 2])
+for i = 1, #ARGV, 4 do
+  reply[#reply + 1] = chain_add(c, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
 end
 chain_close(c)
 return reply
@@ -102,8 +126,9 @@ _COMMIT_LUA = (
 -- ARGV: token, expected_last, dedupe_ttl, n_dedupe, reader_group, maxlens, acks, appends, body
 --   maxlens: per stream, its cap (0: none), space-separated
 --   acks:    per run of acknowledgements, 'stream group id id ...', runs separated by ';'
---   appends: per entry 'stream n_type n_job_id n_data', space-separated; the three fields follow
---            each other in body, their lengths in bytes (a stream is its position among the KEYS)
+--   appends: per entry 'stream n_type n_job_id n_data n_at', space-separated; the four fields
+--            follow each other in body, their lengths in bytes (a stream is its position among the
+--            KEYS); at is empty, and not written, for a stream other than the log
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED the fencing token moved on: this scheduler is no longer the leader')
 end
@@ -142,18 +167,20 @@ for cap in string.gmatch(ARGV[6], '%d+') do maxlens[#maxlens + 1] = cap end
 local reply = {'OK', 0}
 local chain = nil
 local body, at = ARGV[9], 1
-for target, n_kind, n_job, n_data in string.gmatch(ARGV[8], '(%d+) (%d+) (%d+) (%d+)') do
+for target, n_kind, n_job, n_data, n_at in string.gmatch(ARGV[8], '(%d+) (%d+) (%d+) (%d+) (%d+)') do
   local kind = string.sub(body, at, at + n_kind - 1)
   at = at + n_kind
   local job_id = string.sub(body, at, at + n_job - 1)
   at = at + n_job
   local data = string.sub(body, at, at + n_data - 1)
   at = at + n_data
+  local time = string.sub(body, at, at + n_at - 1)
+  at = at + n_at
   local t = tonumber(target)
   local stream = KEYS[streams_from + t]
   if stream == KEYS[2] then
     if chain == nil then chain = chain_open(KEYS[2], KEYS[3]) end
-    reply[#reply + 1] = chain_add(chain, kind, job_id, data)
+    reply[#reply + 1] = chain_add(chain, kind, job_id, data, time)
   elseif maxlens[t] ~= '0' then
     reply[#reply + 1] = redis.call('XADD', stream, 'MAXLEN', '~', maxlens[t], '*',
       'type', kind, 'job_id', job_id, 'data', data)
@@ -325,7 +352,7 @@ class Bus:
         """Append facts to the log, on its hash chain, in one step (``client``: a pipeline)."""
         args: list[str] = []
         for message in messages:
-            args += encode(message, self.source).values()
+            args += encode_fact(message, self.source)
         return self._append_events(keys=[self.keys.events, self.keys.chain], args=args, client=client)
 
     async def append(self, stream: str, *messages: Message, maxlen: int = 0) -> list[str]:
@@ -432,10 +459,13 @@ class Bus:
         for item in appends:
             target = streams.setdefault(item.stream, len(streams) + 1)
             maxlens[item.stream] = max(maxlens.get(item.stream, 0), item.maxlen)
-            fields = encode(item.message, self.source)
-            kind, job_id, data = fields["type"].encode(), fields["job_id"].encode(), fields["data"].encode()
-            header.append(f"{target} {len(kind)} {len(job_id)} {len(data)}")
-            body += (kind, job_id, data)
+            if item.stream == self.keys.events:
+                parts = encode_fact(item.message, self.source)
+            else:
+                parts = (*encode(item.message, self.source).values(), "")
+            kind, job_id, data, at = (part.encode() for part in parts)
+            header.append(f"{target} {len(kind)} {len(job_id)} {len(data)} {len(at)}")
+            body += (kind, job_id, data, at)
         keys = [self.keys.fence, self.keys.events, self.keys.chain]
         keys += [self.keys.done(d) for d in dedupe_ids]
         keys += streams

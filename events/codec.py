@@ -1,13 +1,34 @@
 """Turning messages into Redis stream entries and back, with upcasting of older versions.
 
-An entry has three fields: ``type`` and ``job_id`` (so readers can filter without decoding) and
-``data``, the JSON envelope ``{"type", "v", "id", "at", "source", "causation_id", "job_id", "actor",
-"payload": {...}}``.
+Two layouts of an entry. Both have ``type`` and ``job_id`` as their first fields (so readers can
+filter without decoding; ``job_id`` is empty for a message of no job) and then ``data``:
+
+- **Envelope** (every stream but the log; the log before compact entries): ``data`` is the JSON
+  envelope ``{"type", "v", "id", "at", "source", "causation_id", "job_id", "actor",
+  "payload": {...}}``. On the log it is followed by the chain's ``prev`` and ``hash`` (hex).
+- **Compact** (the log, ``{st}:events``, written by :func:`encode_fact`): ``data`` is a JSON array
+  ``[payload, id, source, actor, causation_id, v, at_text, empty_job]`` without its trailing
+  defaults (``""``, ``null``, ``null``, ``1``, absent, absent), then ``at``: the message's time in
+  microseconds since the epoch, as a decimal integer (Redis keeps it as an 8-byte integer), then
+  the chain's ``hash`` (see :mod:`events.audit`). An id of 32 hex digits (:func:`messages.new_id`)
+  is written as its 16 bytes in URL-safe base64 (22 characters), any other id as ``=`` and the
+  id. A time not in UTC is written in ``at_text`` (ISO 8601) with an empty ``at``; a ``job_id``
+  that is the empty string (not none) has ``empty_job`` = ``""``. The payload is a JSON object,
+  or, for the (type, version) pairs of :data:`POSITIONAL`, an array of its values in a fixed
+  order without trailing defaults. ``type`` and ``job_id`` are never repeated inside ``data``.
+
+A message decodes to the same value from either layout; :func:`decode` tells them apart by the
+``at`` field. :func:`envelope_json` gives the envelope of an entry of either layout (what a client
+of the event stream is sent).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -38,8 +59,11 @@ def upcaster(type_: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
     return register
 
 
+# --- the envelope layout ---
+
+
 def encode(message: Message, source: str = "") -> dict[str, str]:
-    """The entry of a message; ``source`` names the sender when the message does not."""
+    """The envelope entry of a message; ``source`` names the sender when the message does not."""
     payload = message.model_dump(mode="json")
     envelope = {name: payload.pop(name) for name in ENVELOPE_FIELDS}
     if source and not envelope["source"]:
@@ -56,17 +80,26 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _field(fields: Fields, name: str) -> bytes | str | None:
+    value = fields.get(name)
+    if value is None and fields and isinstance(next(iter(fields)), bytes):
+        value = fields.get(name.encode())
+    return value
+
+
 def decode(fields: Fields) -> Message:
-    raw = fields.get("data")
-    if raw is None:
-        raw = next((v for k, v in fields.items() if _text(k) == "data"), None)
+    """The message of an entry of either layout."""
+    raw = _field(fields, "data")
     if raw is None:
         raise DecodeError("entry has no 'data' field")
     try:
-        envelope = from_json(raw)  # parsed in Rust
+        data = from_json(raw)  # parsed in Rust
     except ValueError as exc:  # not JSON, or not UTF-8
         raise DecodeError(f"data is not JSON: {exc}") from exc
-    return decode_envelope(envelope)
+    at = _field(fields, "at")
+    if at is None:
+        return decode_envelope(data)
+    return decode_compact(_text(_field(fields, "type") or ""), _text(_field(fields, "job_id") or ""), data, _text(at))
 
 
 def decode_envelope(envelope: Any) -> Message:
@@ -78,21 +111,228 @@ def decode_envelope(envelope: Any) -> Message:
         raise DecodeError(f"unknown message type {type_!r}")
     payload = envelope.pop("payload")
     version = envelope.get("v", 1)
-    if not isinstance(version, int) or version < 1 or version > _CURRENT_VERSION[type_]:
+    current = _CURRENT_VERSION[type_]
+    if not isinstance(version, int) or version < 1 or version > current:
         raise DecodeError(f"{type_} has unsupported version {version!r}")
-    while version < _CURRENT_VERSION[type_]:
-        lift = UPCASTERS.get((type_, version))
-        if lift is None:
-            raise DecodeError(f"no upcaster for {type_} v{version}")
-        payload = lift(payload)
-        version += 1
-    envelope["v"] = version
+    payload = _lift(type_, version, current, payload)
+    envelope["v"] = current
     if "id" not in envelope or "at" not in envelope:  # defaults would differ at every read
         raise DecodeError(f"{type_} envelope lacks its id or time")
     if set(payload) & set(envelope):
         raise DecodeError("payload repeats envelope fields")
     try:
         return _ADAPTER.validate_python({**envelope, **payload})
+    except ValidationError as exc:
+        raise DecodeError(f"invalid {type_}: {exc.errors(include_url=False)}") from exc
+
+
+def _lift(type_: str, version: int, current: int, payload: dict[str, Any]) -> dict[str, Any]:
+    """A payload of an older version, upcast to the current one."""
+    while version < current:
+        lift = UPCASTERS.get((type_, version))
+        if lift is None:
+            raise DecodeError(f"no upcaster for {type_} v{version}")
+        payload = lift(payload)
+        version += 1
+    return payload
+
+
+def envelope_json(fields: Fields, message: Message | None = None) -> str:
+    """The JSON envelope of an entry of either layout (what a client of the event stream is sent):
+    as stored for an envelope entry, as :func:`encode` writes the message for a compact one.
+    ``message``: the entry's message, if it was decoded already. Raises DecodeError for a compact
+    entry that cannot be decoded."""
+    at = _field(fields, "at")
+    if at is None:
+        raw = _field(fields, "data")
+        if raw is None:
+            raise DecodeError("entry has no 'data' field")
+        return _text(raw)
+    return encode(message if message is not None else decode(fields))["data"]
+
+
+# --- the compact layout (the log) ---
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_ZERO = timedelta(0)
+_HEX_ID = re.compile(r"[0-9a-f]{32}")
+_REQUIRED = object()  # a positional value that is always written
+
+# (type, version) -> the payload's fields in the order of its array, each with the value an
+# absent trailing element stands for. Never change an existing layout: add a version. The first
+# element of job.progress is its attempt, which the fold reads without decoding (events.log).
+POSITIONAL: dict[tuple[str, int], tuple[tuple[str, Any], ...]] = {
+    ("job.progress", 1): (
+        ("attempt", _REQUIRED),
+        ("step", _REQUIRED),
+        ("max_steps", _REQUIRED),
+        ("percent", _REQUIRED),
+        ("loss", None),
+        ("grad_norm", None),
+        ("learning_rate", None),
+        ("token_acc", None),
+        ("epoch", None),
+        ("elapsed_s", None),
+        ("remaining_s", None),
+        ("train_speed_s_per_it", None),
+        ("eval", {}),
+    ),
+}
+_POSITIONAL_NAMES = {key: frozenset(name for name, _ in layout) for key, layout in POSITIONAL.items()}
+_POSITIONAL_ORDER = {key: tuple(name for name, _ in layout) for key, layout in POSITIONAL.items()}
+_POSITIONAL_DEFAULTS = {key: tuple(default for _, default in layout) for key, layout in POSITIONAL.items()}
+
+
+def _short_id(value: str) -> str:
+    if len(value) == 32 and _HEX_ID.fullmatch(value):
+        return base64.urlsafe_b64encode(bytes.fromhex(value))[:22].decode()
+    return "=" + value
+
+
+def _long_id(value: object) -> str:
+    if type(value) is not str:
+        raise DecodeError(f"id {value!r} is not a string")
+    if len(value) == 22 and value[0] != "=":
+        try:
+            return binascii.a2b_base64(value.replace("-", "+").replace("_", "/") + "==", strict_mode=True).hex()
+        except binascii.Error as exc:
+            raise DecodeError(f"id {value!r} is not base64: {exc}") from exc
+    if value.startswith("="):
+        return value[1:]
+    raise DecodeError(f"id {value!r} is neither 22 base64 characters nor '=' and an id")
+
+
+def _trimmed(values: list[Any], defaults: tuple[Any, ...]) -> list[Any]:
+    """Values without their trailing defaults (None, or an empty object)."""
+    n = len(values)
+    while n:
+        value, default = values[n - 1], defaults[n - 1]
+        if not (value is None if default is None else type(default) is dict and type(value) is dict and not value):
+            break
+        n -= 1
+    return values[:n]
+
+
+def encode_fact(message: Message, source: str = "") -> tuple[str, str, str, str]:
+    """The compact entry of a fact for the log: its ``type``, ``job_id``, ``data`` and ``at``
+    (the chain adds ``hash``); ``source`` names the sender when the message does not."""
+    type_, version = message.type, message.v
+    payload = message.model_dump(mode="json")
+    for name in ENVELOPE_FIELDS:
+        del payload[name]
+    key = (type_, version)
+    body: Any = payload
+    if key in POSITIONAL and payload.keys() == _POSITIONAL_NAMES[key]:
+        body = _trimmed([payload[name] for name in _POSITIONAL_ORDER[key]], _POSITIONAL_DEFAULTS[key])
+    at = message.at
+    if at.tzinfo is not None and at.utcoffset() == _ZERO:
+        at_us, at_text = str((at - _EPOCH) // _MICROSECOND), None
+    else:
+        at_us, at_text = "", to_json(at).decode()[1:-1]
+    data = [body, _short_id(message.id), message.source or source]
+    causation, actor, job_id = message.causation_id, message.actor, message.job_id
+    if actor is not None or causation is not None or version != 1 or at_text is not None or job_id == "":
+        data += (actor, None if causation is None else _short_id(causation), version, at_text)
+        if job_id == "":
+            data.append("")
+        while data[-1] is None or (len(data) == 6 and data[-1] == 1):
+            data.pop()
+    if data[-1] == "" and len(data) == 3:
+        data.pop()
+    return type_, job_id or "", to_json(data).decode(), at_us
+
+
+def _tails(layout: tuple[tuple[str, Any], ...]) -> list[tuple[dict[str, Any], tuple[str, ...]] | None]:
+    """Per count of values given: the fields after them, with the values they stand for (those
+    that are objects apart, to be made anew), or None where a required field would be missing."""
+    tails: list[tuple[dict[str, Any], tuple[str, ...]] | None] = []
+    for given in range(len(layout) + 1):
+        rest = layout[given:]
+        if any(default is _REQUIRED for _, default in rest):
+            tails.append(None)
+        else:
+            objects = tuple(name for name, default in rest if type(default) is dict)
+            tails.append(({name: default for name, default in rest if name not in objects}, objects))
+    return tails
+
+
+_POSITIONAL_TAILS = {key: _tails(layout) for key, layout in POSITIONAL.items()}
+assert not any(_POSITIONAL_NAMES[key] & set(ENVELOPE_FIELDS) for key in POSITIONAL)
+
+
+def _unpack(type_: str, version: int, values: list[Any]) -> dict[str, Any]:
+    names = _POSITIONAL_ORDER.get((type_, version))
+    if names is None:
+        raise DecodeError(f"{type_} v{version} has no positional layout")
+    payload = dict(zip(names, values, strict=False))
+    if len(values) != len(names):
+        if len(values) > len(names):
+            raise DecodeError(f"{type_} v{version} has {len(values)} values for {len(names)} fields")
+        tail = _POSITIONAL_TAILS[(type_, version)][len(values)]
+        if tail is None:
+            missing = next(
+                name for name, default in POSITIONAL[(type_, version)][len(values) :] if default is _REQUIRED
+            )
+            raise DecodeError(f"{type_} v{version} lacks its {missing}")
+        payload.update(tail[0])
+        for name in tail[1]:
+            payload[name] = {}
+    return payload
+
+
+def decode_compact(type_: str, job_id: str, data: Any, at: str) -> Message:
+    """A message from a compact entry's fields (``data`` parsed)."""
+    if type(data) is not list or not 2 <= len(data) <= 8:
+        raise DecodeError("data is not a compact entry")
+    current = _CURRENT_VERSION.get(type_)
+    if current is None:
+        raise DecodeError(f"unknown message type {type_!r}")
+    n = len(data)
+    version = data[5] if n > 5 else 1
+    if type(version) is not int or version < 1 or version > current:
+        raise DecodeError(f"{type_} has unsupported version {version!r}")
+    payload = data[0]
+    positional = type(payload) is list
+    if positional:
+        payload = _unpack(type_, version, payload)
+    elif type(payload) is not dict:
+        raise DecodeError(f"{type_} payload is neither an object nor an array")
+    if at:
+        try:
+            when: object = _EPOCH + int(at) * _MICROSECOND
+        except (ValueError, OverflowError) as exc:
+            raise DecodeError(f"at {at!r} is not a time in microseconds") from exc
+        if n > 6 and data[6] is not None:
+            raise DecodeError("entry has two times")
+    elif n > 6 and type(data[6]) is str:
+        when = data[6]
+    else:
+        raise DecodeError(f"{type_} entry lacks its time")
+    if n > 7:
+        if data[7] != "" or job_id:
+            raise DecodeError("entry has two job ids")
+        job: str | None = ""
+    else:
+        job = job_id or None
+    if version < current:
+        payload, version, positional = _lift(type_, version, current, payload), current, False
+    if not positional and not payload.keys().isdisjoint(ENVELOPE_FIELDS):
+        raise DecodeError("payload repeats envelope fields")
+    causation = data[4] if n > 4 else None
+    message = {
+        **payload,
+        "type": type_,
+        "v": version,
+        "id": _long_id(data[1]),
+        "at": when,
+        "source": data[2] if n > 2 else "",
+        "causation_id": None if causation is None else _long_id(causation),
+        "job_id": job,
+        "actor": data[3] if n > 3 else None,
+    }
+    try:
+        return _ADAPTER.validate_python(message)
     except ValidationError as exc:
         raise DecodeError(f"invalid {type_}: {exc.errors(include_url=False)}") from exc
 

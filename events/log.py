@@ -6,9 +6,10 @@ them: a run of ``job.progress`` entries of one job and one attempt, with no othe
 job and no entry without a job (a node joining or lost) between them, folds to the same state as
 its last entry alone. A progress report changes only its job's progress, position and the count
 of stale reports; whether it is taken, ignored as stale or refused depends only on the job's status
-and attempt, which the run itself does not change. So the run's last entry is folded, and when it
-was stale the stale count grows by the whole run. The result is the state :func:`apply_entry`
-reaches entry by entry; the tests compare the two.
+and attempt, which the run itself does not change. So the run's last entry is folded; when it was
+stale, or cannot be read, the run is folded entry by entry (a report of the run that cannot be
+read counts as nothing, not as stale; stale runs are rare). The result is the state
+:func:`apply_entry` reaches entry by entry; the tests compare the two.
 
 The live log is collapsed inside Redis, by a Lua script that runs on Redis's own core and returns
 only the entries to fold, as one JSON document per page; archives are collapsed as they are read,
@@ -32,7 +33,7 @@ import structlog
 
 from events.audit import archive_files, archive_range, is_after, is_within
 from events.bus import Bus, entry_id_key, previous_id
-from events.codec import DecodeError, decode, decode_envelope
+from events.codec import DecodeError, decode, decode_compact, decode_envelope
 from events.messages import Message
 from events.state import IllegalTransition, State
 
@@ -43,33 +44,44 @@ PROGRESS = "job.progress"
 
 _FOLD_PAGE_LUA = """
 -- KEYS[1]: the log. ARGV: min ('-' or '(<id>'), max ('+' or an id), count.
--- Returns {last id read, entries read, JSON array of [id, data, superseded, first id of run, job]}.
--- Our entries start with type, job_id, data; any other layout is read field by field.
+-- Returns {last id read, entries read, JSON array of [id, data, superseded, first id of run, job]
+-- (an envelope entry) or [id, data, superseded, first id of run, job, type, at] (a compact one)}.
+-- Our entries start with type, job_id, data (then at, for a compact entry); any other layout is
+-- read field by field. A progress report's attempt: the first value of a compact entry's
+-- positional payload, the last field of an envelope's payload.
 local page = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[3]))
 local n = #page
-local ids, datas, sup, firsts, jobs, alive = {}, {}, {}, {}, {}, {}
+local ids, datas, sup, firsts, jobs, kinds, ats, alive = {}, {}, {}, {}, {}, {}, {}, {}
 local open, open_attempt = {}, {}
 local k = 0
 for idx = 1, n do
   local e = page[idx]
   local f = e[2]
-  local kind, job, data
+  local kind, job, data, at
   if f[1] == 'type' and f[3] == 'job_id' and f[5] == 'data' then
     kind, job, data = f[2], f[4], f[6]
+    if f[7] == 'at' then at = f[8] end
   else
     kind, job, data = '', '', 'null'
     for j = 1, #f, 2 do
       local name = f[j]
       if name == 'type' then kind = f[j + 1]
       elseif name == 'job_id' then job = f[j + 1]
-      elseif name == 'data' then data = f[j + 1] end
+      elseif name == 'data' then data = f[j + 1]
+      elseif name == 'at' then at = f[j + 1] end
     end
   end
   k = k + 1
   local id = e[1]
   ids[k], datas[k], sup[k], firsts[k], jobs[k], alive[k] = id, data, 0, id, job, true
+  kinds[k], ats[k] = kind, at
   if kind == 'job.progress' and job ~= '' then
-    local attempt = string.match(string.sub(data, -32), '"attempt":(%d+)}}$')
+    local attempt
+    if at then
+      attempt = string.match(data, '^%[%[(%d+)[,%]]')
+    else
+      attempt = string.match(string.sub(data, -32), '"attempt":(%d+)}}$')
+    end
     local i = open[job]
     if i and attempt and open_attempt[job] == attempt then
       sup[k], firsts[k] = sup[i] + 1, firsts[i]
@@ -85,7 +97,9 @@ end
 local out = {}
 for i = 1, k do
   if alive[i] then
-    out[#out + 1] = '["' .. ids[i] .. '",' .. datas[i] .. ',' .. sup[i] .. ',"' .. firsts[i] .. '","' .. jobs[i] .. '"]'
+    local item = '["' .. ids[i] .. '",' .. datas[i] .. ',' .. sup[i] .. ',"' .. firsts[i] .. '","' .. jobs[i] .. '"'
+    if ats[i] then item = item .. ',"' .. kinds[i] .. '","' .. ats[i] .. '"' end
+    out[#out + 1] = item .. ']'
   end
 end
 local last = ''
@@ -110,17 +124,26 @@ def apply_entry(state: State, entry_id: str, fields: Mapping[str, str]) -> Messa
 @dataclass(frozen=True)
 class Kept:
     entry_id: str
-    data: object  # the parsed envelope (live log) or the raw data string (archives)
+    data: object  # the parsed data (live log), or the entry's fields (archives)
     superseded: int  # earlier entries of its run, passed over
     first_id: str  # the run's first entry
     job_id: str
+    compact: tuple[str, str] | None = None  # a compact entry of the live log: its type and at
+    whole: bool = False  # data is the entry's fields
+
+    def decode(self) -> Message:
+        if self.whole:
+            return decode(self.data)  # type: ignore[arg-type]
+        if self.compact is not None:
+            return decode_compact(self.compact[0], self.job_id, self.data, self.compact[1])
+        return decode_envelope(self.data)
 
 
 def _fold_kept(state: State, item: Kept) -> bool:
-    """Fold one kept entry; False when it cannot be decoded (its run must then be folded entry
-    by entry, should an earlier report of the run be readable)."""
+    """Fold one kept entry; False when it stands for earlier reports and cannot be decoded or was
+    stale: its run must then be folded entry by entry (only the reports that can be read count)."""
     try:
-        event = decode_envelope(item.data) if not isinstance(item.data, str) else decode({"data": item.data})
+        event = item.decode()
     except DecodeError as exc:
         if item.superseded:
             return False
@@ -135,7 +158,8 @@ def _fold_kept(state: State, item: Kept) -> bool:
         state.position = item.entry_id
         return True
     if item.superseded and state.stale_reports > stale:
-        state.stale_reports += item.superseded
+        state.stale_reports = stale  # taken back: the run is folded entry by entry
+        return False
     return True
 
 
@@ -152,8 +176,10 @@ async def _fold_page(bus: Bus, state: State, page: Page) -> None:
         async for entry in bus.entries(bus.keys.events, after=start.removeprefix("("), until=last):
             apply_entry(state, entry.entry_id, entry.fields)
     else:
-        for entry_id, data, superseded, first_id, job_id in items:
-            if not _fold_kept(state, Kept(entry_id, data, superseded, first_id, job_id)):
+        for item in items:
+            entry_id, data, superseded, first_id, job_id = item[:5]
+            compact = (item[5], item[6]) if len(item) == 7 else None
+            if not _fold_kept(state, Kept(entry_id, data, superseded, first_id, job_id, compact)):
                 async for entry in bus.entries(bus.keys.events, after=previous_id(first_id), until=entry_id):
                     if entry.fields.get("job_id") == job_id and entry.fields.get("type") == PROGRESS:
                         apply_entry(state, entry.entry_id, entry.fields)
@@ -195,8 +221,11 @@ async def _fold_live(bus: Bus, state: State, after: str, until: str) -> int:
 
 
 # An archive line as written by events.audit.write_archive: the leading fields, found without
-# parsing the line; the attempt, from the end of a progress report's data.
-_LINE = re.compile(r'^\{"id":"(\d+-\d+)","fields":\{"type":"([^"\\]*)","job_id":"([^"\\]*)","data":')
+# parsing the line; a progress report's attempt, from the start of a compact entry's data (its
+# positional payload's first value) or the end of an envelope's.
+_LINE = re.compile(
+    r'^\{"id":"(\d+-\d+)","fields":\{"type":"([^"\\]*)","job_id":"([^"\\]*)","data":(?:"\[\[(\d+)[,\]])?'
+)
 _ATTEMPT = re.compile(r'\\"attempt\\":(\d+)\}\}","prev"')
 
 
@@ -213,9 +242,11 @@ def _parse(raw: str) -> _Line:
     if found is None:  # not as written here: read it whole, and never pass it over
         record = json.loads(raw)
         return _Line(record["id"], "", record["fields"].get("job_id", ""), None, raw)
-    entry_id, kind, job_id = found.groups()
+    entry_id, kind, job_id, compact_attempt = found.groups()
     if kind != PROGRESS:
         return _Line(entry_id, kind, job_id, None, raw)
+    if compact_attempt is not None:
+        return _Line(entry_id, kind, job_id, compact_attempt, raw)
     attempt = _ATTEMPT.search(raw, max(0, len(raw) - 200))  # near the end: prev and hash follow
     return _Line(entry_id, kind, job_id, attempt[1] if attempt else None, raw)
 
@@ -273,12 +304,10 @@ def _fold_archive_lines(path: Path, state: State, after: str, until: str) -> int
     if not (is_after(first, after) and is_within(last, until)):  # only part of this file
         chosen = [line for line in chosen if is_after(line.entry_id, after) and is_within(line.entry_id, until)]
     for line, superseded, first_id in collapse(chosen):
-        record = json.loads(line.raw)
-        data = record["fields"].get("data")
-        kept = Kept(line.entry_id, data if data is not None else "", superseded, first_id, line.job_id)
-        if data is None:
-            apply_entry(state, line.entry_id, record["fields"])
-        elif not _fold_kept(state, kept):
+        fields = json.loads(line.raw)["fields"]
+        if "data" not in fields:
+            apply_entry(state, line.entry_id, fields)
+        elif not _fold_kept(state, Kept(line.entry_id, fields, superseded, first_id, line.job_id, whole=True)):
             ids = [each.entry_id for each in chosen]
             for run_line in chosen[ids.index(first_id) : ids.index(line.entry_id) + 1]:
                 if run_line.job_id == line.job_id and run_line.kind == PROGRESS:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
-import itertools
+import hashlib
 import json
 import subprocess
 import sys
@@ -52,13 +53,19 @@ async def test_every_append_is_chained_and_verifies_intact(bus: Bus) -> None:
     result = await bus.commit(
         [Append(bus.keys.events, progress("a", 4)), Append(bus.keys.node("n1"), m.StopJob(attempt=1, reason="cancel"))]
     )
-    # Then each entry carries its predecessor's hash and its own
+    # Then each entry carries its hash: the 20 bytes of SHA-1 over its predecessor's hash, its id
+    # and its fields (base64)
     entries = await bus.redis.xrange(bus.keys.events)
     assert [e[0] for e in entries] == [*first, *batch, result.entry_ids[0]]
-    assert entries[0][1]["prev"] == ""
-    for (_, before), (entry_id, fields) in itertools.pairwise(entries):
-        assert fields["prev"] == before["hash"]
-        assert fields["hash"] == audit.entry_hash(fields["prev"], entry_id, fields)
+    before = ""
+    for entry_id, fields in entries:
+        assert list(fields) == ["type", "job_id", "data", "at", "hash"]
+        text = "\n".join(
+            [before, entry_id, *(f"{len(k)}:{k}={len(v.encode())}:{v}" for k, v in fields.items() if k != "hash")]
+        )
+        assert base64.urlsafe_b64decode(fields["hash"] + "=") == hashlib.sha1(text.encode()).digest()
+        assert fields["hash"] == audit.entry_hash(before, entry_id, fields)
+        before = fields["hash"]
     assert "hash" not in (await bus.redis.xrange(bus.keys.node("n1")))[0][1]
     # And verification walks all four
     report = await audit.verify(bus)
@@ -71,7 +78,7 @@ async def test_an_edited_field_is_named_by_its_entry(bus: Bus) -> None:
     # When one field of one entry is edited
     entries = dict(await bus.redis.xrange(bus.keys.events))
     data = json.loads(entries[ids[20]]["data"])
-    data["payload"]["step"] = 999
+    data[0][1] = 999  # the step, in the progress report's positional payload
     await copy_with(bus.redis, bus.keys.events, {ids[20]: {"data": json.dumps(data)}})
     # Then verify names that entry, and says it was altered
     report = await audit.verify(bus)

@@ -39,7 +39,7 @@ async def test_pages_through_the_history_with_a_cursor(api: httpx.AsyncClient, b
             break
     assert seen == ids
     first = (await api.get("/events", params={"limit": "1"})).json()["events"][0]
-    assert first["type"] == "job.progress" and first["payload"]["step"] == 0 and len(first["hash"]) == 40
+    assert first["type"] == "job.progress" and first["payload"]["step"] == 0 and len(first["hash"]) == 27
 
 
 async def test_filters_by_job_type_and_range(api: httpx.AsyncClient, bus: Bus) -> None:

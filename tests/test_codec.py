@@ -1,9 +1,12 @@
-"""The codec: every message type round-trips, bad entries are refused with a reason, old
-versions are upcast."""
+"""The codec: every message type round-trips in both layouts, bad entries are refused with a
+reason, old versions are upcast."""
 
 from __future__ import annotations
 
+import base64
 import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
@@ -27,6 +30,121 @@ def test_every_message_type_round_trips(message: m.Message) -> None:
     raw = {k.encode(): v.encode() for k, v in fields.items()}
     assert codec.decode(fields) == message
     assert codec.decode(raw) == message
+    assert codec.envelope_json(fields) == fields["data"]
+
+
+def compact(message: m.Message, source: str = "") -> dict[str, str]:
+    return dict(zip(("type", "job_id", "data", "at"), codec.encode_fact(message, source), strict=True))
+
+
+@pytest.mark.parametrize("message", examples(), ids=lambda e: e.type)
+def test_every_message_type_round_trips_as_a_compact_entry(message: m.Message) -> None:
+    fields = compact(message)
+    assert (fields["type"], fields["job_id"]) == (message.type, message.job_id or "")
+    data = json.loads(fields["data"])
+    assert message.type not in fields["data"] and (not message.job_id or message.job_id not in fields["data"])
+    assert isinstance(data[0], dict | list) and len(data) <= 8
+    raw = {k.encode(): v.encode() for k, v in fields.items()}
+    assert codec.decode(fields) == message
+    assert codec.decode(raw) == message
+    # And its envelope is the one the envelope layout stores
+    assert codec.envelope_json(fields) == codec.envelope_json(fields, message) == codec.encode(message)["data"]
+
+
+def test_a_progress_report_is_a_few_numbers_and_its_stamp() -> None:
+    # Given a progress report as a runner writes it (random id, its time, metrics ms-swift left out)
+    at = datetime(2026, 12, 5, 2, 38, 50, 737426, tzinfo=UTC)
+    report = m.JobProgress(job_id="f" * 32, attempt=2, step=5, max_steps=94, percent=5.32, loss=1.95, at=at)
+    fields = compact(report, "runner@n1")
+    # Then data holds the attempt first, the metrics up to the last given, the id in base64 and the
+    # source; the time is an integer of microseconds; nothing else
+    short = base64.urlsafe_b64encode(bytes.fromhex(report.id)).decode()[:22]
+    assert fields["data"] == f'[[2,5,94,5.32,1.95],"{short}","runner@n1"]'
+    assert fields["at"] == "1796438330737426"
+    assert codec.decode(fields) == report.model_copy(update={"source": "runner@n1"})
+    # And an evaluation row keeps the metrics in between as nulls
+    evaluated = report.model_copy(update={"loss": None, "eval": {"eval_loss": 1.2}})
+    assert json.loads(compact(evaluated)["data"])[0] == [2, 5, 94, 5.32, *[None] * 8, {"eval_loss": 1.2}]
+    assert codec.decode(compact(evaluated)) == evaluated
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"id": "3ba1-1-started", "causation_id": "cmd-1"},  # ids that are not 32 hex digits
+        {"id": "AB" * 16, "causation_id": "cd" * 15},
+        {"id": "=" + "ab" * 16},
+        {"job_id": ""},  # an empty job id is not none
+        {"actor": "alice", "source": "scheduler@vm"},
+        {"at": datetime(2026, 1, 1, 1, tzinfo=timezone(timedelta(hours=2)))},  # not UTC
+        {"at": datetime(2026, 1, 1, 1)},  # no time zone
+        {"at": datetime(1969, 7, 20, 20, 17, 40, 5, tzinfo=UTC)},  # before the epoch
+        {"at": datetime(2026, 1, 1, tzinfo=timezone(timedelta(0), "GMT"))},
+    ],
+)
+def test_what_a_compact_entry_cannot_shorten_it_keeps_as_it_is(change: dict[str, Any]) -> None:
+    for message in (m.JobQueued(job_id="j", position=1, behind_job_id="k"), m.JobProgress(job_id="j", attempt=1)):
+        changed = message.model_copy(update=change)
+        back = codec.decode(compact(changed))
+        assert back == changed
+        assert codec.encode(back)["data"] == codec.encode(changed)["data"]  # to the character
+
+
+def test_a_payload_that_does_not_fit_its_positional_layout_is_written_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given job.progress with a field its positional layout does not know (added without a version)
+    names = codec._POSITIONAL_NAMES[("job.progress", 1)]
+    monkeypatch.setitem(codec._POSITIONAL_NAMES, ("job.progress", 1), names | {"tokens_per_s"})
+    report = m.JobProgress(job_id="j", attempt=1, step=3, max_steps=9, percent=33.33)
+    # Then its payload is written as an object, and read back the same
+    fields = compact(report)
+    assert json.loads(fields["data"])[0] == report.payload()
+    assert codec.decode(fields) == report
+
+
+STAMPED = {"type": "job.queued", "job_id": "j", "at": "1796438330737426"}
+ID = "A" * 22
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({**STAMPED, "data": "{not json"}, "not JSON"),
+        ({**STAMPED, "data": '{"payload": {}}'}, "not a compact entry"),
+        ({**STAMPED, "data": f'[{{"position":1}},"{ID}",1,2,3,4,5,6,7]'}, "not a compact entry"),
+        ({**STAMPED, "type": "job.exploded", "data": f'[{{}},"{ID}"]'}, "unknown message type"),
+        ({**STAMPED, "data": f'[{{"position":1}},"{ID}","",null,null,9]'}, "unsupported version"),
+        ({**STAMPED, "data": f'[5,"{ID}"]'}, "neither an object nor an array"),
+        ({**STAMPED, "data": f'[[1],"{ID}"]'}, "no positional layout"),
+        ({**STAMPED, "data": '[{"position":1},"short"]'}, "neither 22 base64"),
+        ({**STAMPED, "data": '[{"position":1},"AAAAAAAAAAAAAAAAAAAA!!"]'}, "not base64"),
+        ({**STAMPED, "data": '[{"position":1},7]'}, "not a string"),
+        ({**STAMPED, "at": "soon", "data": f'[{{"position":1}},"{ID}"]'}, "not a time"),
+        ({**STAMPED, "at": "", "data": f'[{{"position":1}},"{ID}"]'}, "lacks its time"),
+        ({**STAMPED, "data": f'[{{"position":1}},"{ID}","",null,null,2,"2026-01-01T00:00:00Z"]'}, "two times"),
+        ({**STAMPED, "data": f'[{{"position":1}},"{ID}","",null,null,2,null,""]'}, "two job ids"),
+        ({**STAMPED, "data": f'[{{"position":"first"}},"{ID}","",null,null,2]'}, "invalid job.queued"),
+        ({**STAMPED, "type": "job.progress", "data": f'[[1,2,3,4,5,6,7,8,9,10,11,12,{{}},14],"{ID}"]'}, "14 values"),
+        ({**STAMPED, "type": "job.progress", "data": f'[[1,2],"{ID}"]'}, "lacks its max_steps"),
+    ],
+)
+def test_bad_compact_entries_are_refused_with_a_reason(fields: dict[str, str], reason: str) -> None:
+    with pytest.raises(codec.DecodeError, match=reason):
+        codec.decode(fields)
+
+
+def test_an_older_version_is_upcast_from_a_compact_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given job.queued v1 written compact (no version written: 1)
+    v1 = {**STAMPED, "data": f'[{{"position":4}},"{ID}","scheduler@vm"]'}
+    # Then it is read as v2, upcast
+    queued = codec.decode(v1)
+    assert isinstance(queued, m.JobQueued) and (queued.v, queued.position, queued.behind_job_id) == (2, 4, None)
+    # And given job.progress at v2, where v1 gave the percent as a fraction, a v1 report written
+    # with its positional layout is read by that layout, then upcast
+    monkeypatch.setitem(codec._CURRENT_VERSION, "job.progress", 2)
+    monkeypatch.setattr(codec, "UPCASTERS", {})
+    codec.upcaster("job.progress", 1)(lambda p: {**p, "percent": 100 * p["percent"]})
+    report = codec.decode({**STAMPED, "type": "job.progress", "data": f'[[1,5,94,0.25,1.5],"{ID}"]'})
+    assert isinstance(report, m.JobProgress) and (report.v, report.step, report.percent) == (2, 5, 25.0)
 
 
 STAMP = {"v": 1, "id": "e1", "at": "2026-01-01T00:00:00Z"}

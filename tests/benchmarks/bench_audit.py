@@ -5,7 +5,9 @@
 Runs a throwaway redis-server (with AOF, as the embedded one) and prints, in one run:
 - append throughput of plain XADD and of the hash-chained append, batched and one per call;
 - the Redis memory a log of ``--events`` entries takes (a realistic mix: per job, submit
-  decisions, start, progress rows, a checkpoint, the outcome);
+  decisions, start, progress rows, a checkpoint, the outcome), and per entry of a log of progress
+  reports only (as the bench writes them, then with every metric ms-swift logs) and of a log of the
+  other entries only;
 - replay (read and decode), rebuild (read and fold) and verify (read and check the chain) in
   events per second, from Redis and from archive files.
 """
@@ -28,7 +30,7 @@ import redis.asyncio as aioredis
 from events import audit
 from events import messages as m
 from events.bus import Bus, Entry
-from events.codec import decode, encode
+from events.codec import decode, encode_fact
 from events.keys import Keys
 from events.log import apply_entry, catch_up
 from events.params import LanguageModelJob
@@ -82,8 +84,9 @@ async def timed(label: str, count: int, work: Callable[[], Coroutine[Any, Any, A
     return count / seconds
 
 
-async def append_throughput(client: aioredis.Redis, fields: list[dict[str, str]]) -> None:
+async def append_throughput(client: aioredis.Redis, entries: list[tuple[str, str, str, str]]) -> None:
     print("Append throughput (the same encoded entries; plain XADD vs the hash-chained append):")
+    fields = [dict(zip(("type", "job_id", "data", "at"), entry, strict=True)) for entry in entries]
     for batch in (100, 1):
         count = len(fields) if batch > 1 else len(fields) // 10
         plain_stream = f"{{p{uuid.uuid4().hex[:6]}}}:events"
@@ -99,16 +102,59 @@ async def append_throughput(client: aioredis.Redis, fields: list[dict[str, str]]
         async def chained(bus: Bus = bus, batch: int = batch, count: int = count) -> None:
             for start in range(0, count, batch):
                 args: list[Any] = []
-                for item in fields[start : start + batch]:
-                    args.append(len(item))
-                    for name, value in item.items():
-                        args += [name, value]
+                for entry in entries[start : start + batch]:
+                    args += entry
                 await bus._append_events(keys=[bus.keys.events, bus.keys.chain], args=args)
 
         base = await timed(f"plain XADD, {batch} per round trip", count, plain)
         with_chain = await timed(f"chained append, {batch} per round trip", count, chained)
         print(f"  {'cost of the chain':<44} {100 * (1 - with_chain / base):>9.1f} %")
         await client.delete(plain_stream, bus.keys.events, bus.keys.chain)
+
+
+def full_progress(job_id: str) -> list[m.Message]:
+    """Progress rows with every metric ms-swift logs, as it logs them (8 decimals; see
+    tests/data/logging-with-eval.jsonl), and the percent as the runner rounds it."""
+    return [
+        m.JobProgress(
+            job_id=job_id,
+            source="bench@host",
+            attempt=1,
+            step=s,
+            max_steps=500,
+            percent=round(100 * s / 500, 2),
+            loss=round(5.99777317 - s / 997, 8),
+            grad_norm=round(0.96513981 + s / 1009, 8),
+            learning_rate=round(0.00497861 - s / 100_003, 8),
+            token_acc=round(0.00558659 + s / 1013, 8),
+            epoch=round(s / 977, 8),
+            elapsed_s=float(s // 3),
+            remaining_s=float(500 - s),
+            train_speed_s_per_it=0.227063,
+        )
+        for s in range(1, 95)
+    ]
+
+
+async def memory_per_entry(client: aioredis.Redis, jobs: int) -> None:
+    """Bytes per entry of logs holding one kind of entry."""
+    print(f"Redis memory per entry of a log of one kind ({jobs:,} jobs):")
+    kinds: list[tuple[str, Callable[[str], list[m.Message]]]] = [
+        ("progress reports (as above)", lambda job: [f for f in job_log(job) if f.type == "job.progress"]),
+        ("progress reports, every metric ms-swift logs", full_progress),
+        ("the other entries", lambda job: [f for f in job_log(job) if f.type != "job.progress"]),
+    ]
+    for label, facts in kinds:
+        bus = Bus(client, Keys(f"k{uuid.uuid4().hex[:6]}"), "bench")
+        before = (await client.info("memory"))["used_memory"]
+        count = 0
+        for _ in range(jobs):
+            batch = facts(uuid.uuid4().hex)
+            await bus.append_events(batch)
+            count += len(batch)
+        used = (await client.info("memory"))["used_memory"] - before
+        print(f"  {label:<46} {used / count:>6,.0f} bytes   ({count:,} entries)")
+        await client.delete(bus.keys.events, bus.keys.chain)
 
 
 async def read_rates(bus: Bus, count: int, where: str) -> None:
@@ -148,7 +194,7 @@ async def main(events: int) -> None:
     client = aioredis.Redis(port=port, decode_responses=True)
     try:
         jobs = events // PER_JOB
-        sample = [encode(fact) for fact in job_log("j" * 32)] * 2000
+        sample = [encode_fact(fact) for fact in job_log("j" * 32)] * 2000
         await append_throughput(client, sample[:200_000])
 
         keys = Keys("audit")
@@ -163,6 +209,7 @@ async def main(events: int) -> None:
         used = (await client.info("memory"))["used_memory"] - before
         print(f"Redis memory for the log:  {used / 2**20:,.0f} MiB  ({used / events:,.0f} bytes per entry;")
         print(f"                           {used / 2**20 * 1_000_000 / events:,.0f} MiB per 1,000,000 entries)")
+        await memory_per_entry(client, min(jobs, 1000))
 
         await read_rates(bus, events, "Redis")
 
