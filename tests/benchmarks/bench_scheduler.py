@@ -141,7 +141,7 @@ class Pool:
         self.team: dict[str, str | None] = {user: self.TEAMS[i % 4] for i, user in enumerate(self.backlog)}
         self.team |= dict.fromkeys(self.batch) | dict.fromkeys(self.urgent, "prod")
         self.borrowing: list[str] = []  # running borrowing jobs, in the order they are ended
-        self.urgent_sent = 0
+        self.urgent_ids: set[str] = set()  # the urgent submissions made
 
     def quotas(self) -> dict[str, object]:
         users: dict[str, dict[str, int]] = {user: {"gpus": 2, "queued": 5000} for user in self.backlog + self.batch}
@@ -213,14 +213,15 @@ class Pool:
 
     def submit(self, urgent: bool = False) -> m.SubmitJob:
         """A submission over quota, of a backlog user; or an urgent one that must preempt."""
+        job_id = uuid.uuid4().hex
         if urgent:
-            owner = self.urgent[self.urgent_sent % len(self.urgent)]
-            self.urgent_sent += 1
+            owner = self.urgent[len(self.urgent_ids) % len(self.urgent)]
+            self.urgent_ids.add(job_id)
             spec = self.spec(9, False)
         else:
             owner = self.rng.choice(self.backlog)
             spec = self.spec(self.rng.randint(0, 4), self.rng.random() < 0.85)
-        return m.SubmitJob(job_id=uuid.uuid4().hex, spec=spec, actor=owner, team=self.team[owner])
+        return m.SubmitJob(job_id=job_id, spec=spec, actor=owner, team=self.team[owner])
 
     def every(self, count: int, urgent: int) -> Submit:
         """The i-th of ``count`` submissions: ``urgent`` of them, spread out, urgent."""
@@ -342,8 +343,10 @@ def sustained(client: redis.Redis, keys: Keys, submit: Submit, count: int, label
     print(f"{row(label + 'sustained decisions:')}{rate:,.0f} submits decided/s ({count} submits)")
 
 
-def paths_run(client: redis.Redis, keys: Keys, after: bytes) -> None:
-    """What the pool's run did: preemptions by reason, borrowing starts, rejections."""
+def paths_run(client: redis.Redis, keys: Keys, after: bytes, urgent: set[str]) -> None:
+    """What the pool's run did: preemptions by reason, borrowing starts, rejections, and how many
+    urgent submissions started (each should, in its own decision: one that did not may have been
+    decided on a heartbeat that had grown too old while the scheduler was busy)."""
     tally: Counter[str] = Counter()
     start = b"(" + after
     while True:
@@ -359,6 +362,7 @@ def paths_run(client: redis.Redis, keys: Keys, after: bytes) -> None:
                 tally["scheduled"] += 1
                 tally["borrowing starts"] += scheduled.borrowing  # type: ignore[attr-defined]
                 tally["preempting starts"] += bool(scheduled.preempted)  # type: ignore[attr-defined]
+                tally["urgent starts"] += scheduled.job_id in urgent
             elif kind == b"job.rejected":
                 tally["rejected"] += 1
         start = b"(" + entries[-1][0]
@@ -366,7 +370,8 @@ def paths_run(client: redis.Redis, keys: Keys, after: bytes) -> None:
         f"{row('pool paths run:')}{tally['preempted (priority)'] + tally['preempted (borrowing)']} preemptions "
         f"({tally['preempted (borrowing)']} of borrowing jobs, {tally['preempted (priority)']} by priority) for "
         f"{tally['preempting starts']} starts; {tally['borrowing starts']} borrowing starts; "
-        f"{tally['scheduled']} starts in all; {tally['rejected']} rejected"
+        f"{tally['scheduled']} starts in all; {tally['rejected']} rejected; "
+        f"{tally['urgent starts']} of {len(urgent)} urgent submissions started"
     )
 
 
@@ -522,7 +527,7 @@ def measure(root: Path, job: LanguageModelJob, args: argparse.Namespace, pool: P
                     f"  redis {name}: {stat['calls']} calls, {stat['usec'] / 1e6:.2f} s, {stat['usec_per_call']:.1f} us/call"
                 )
         if pool is not None:
-            paths_run(client, keys, prefilled)
+            paths_run(client, keys, prefilled, pool.urgent_ids)
         else:
             rest_load(client, keys, job, args, env, processes, app_port)
     finally:
