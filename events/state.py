@@ -6,8 +6,9 @@ all build their view with it, so replaying the log rebuilds exactly what the ser
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -232,17 +233,17 @@ class State(BaseModel):
         if extra is not None:
             priorities.add(extra.priority)
         for priority in sorted(priorities, reverse=True):
-            owners = dict(levels.get(priority, {}))
-            tail = extra is not None and extra.priority == priority
-            if tail and extra is not None and extra.owner not in owners:
-                owners[extra.owner] = SortedList()
-            for owner in sorted(
-                owners, key=lambda name: (rank(name), owners[name][0][0] if owners[name] else math.inf)
-            ):
-                for _, job_id in owners[owner]:
-                    yield self.jobs[job_id]
-                if tail and extra is not None and owner == extra.owner:
-                    yield extra
+            # Owners of the same rank (none has used GPUs yet, say) share it: their jobs by
+            # submit order, as if they were one owner's
+            ranked: dict[float, list[Iterable[tuple[int, str]]]] = {}
+            for owner, mine in levels.get(priority, {}).items():
+                ranked.setdefault(rank(owner), []).append(mine)
+            if extra is not None and extra.priority == priority:
+                ranked.setdefault(rank(extra.owner), []).append([(extra.seq, extra.job_id)])
+            for value in sorted(ranked):
+                lists = ranked[value]
+                for _, job_id in lists[0] if len(lists) == 1 else heapq.merge(*lists):
+                    yield extra if extra is not None and job_id == extra.job_id else self.jobs[job_id]
 
     def queue_iter(self) -> Iterator[Job]:
         """Queued jobs in start order: higher priority first, FIFO within a priority."""
