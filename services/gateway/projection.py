@@ -19,7 +19,7 @@ import structlog
 from events import messages as m
 from events import snapshot
 from events.bus import Bus, clock_behind, entry_id_key, entry_time
-from events.codec import DecodeError, decode
+from events.codec import DecodeError, decode, envelope_json
 from events.estimates import Estimate, estimate_queue
 from events.log import apply_entry, catch_up
 from events.placement import foreign_gpus, freeable_gpus, in_service
@@ -299,7 +299,7 @@ class Projection:
                 self.pending.pop(event.job_id or "", None)
             if event is not None:
                 job_id = fields.get("job_id", "")
-                self.subscribers.publish(LiveEvent(entry_id, job_id, event.type, fields["data"]))
+                self.subscribers.publish(LiveEvent(entry_id, job_id, event.type, envelope_json(fields, event)))
                 waiter = self._deciding.get(job_id)
                 if waiter is not None and not waiter.done() and self.is_decided(job_id):
                     waiter.set_result(None)
