@@ -7,6 +7,7 @@ and reports the ones that ended while no runner watched them.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import subprocess
@@ -193,16 +194,22 @@ class Runner:
         return None
 
     async def _gpus_left(self, command: m.StartJob) -> None:
-        """Wait until no other run here uses the attempt's GPUs: an attempt of this node from
-        before it was lost (it was told to stop first) may still be stopping on them, saving
-        its checkpoint, for up to its grace period."""
+        """Wait until no other run here uses the attempt's GPUs: a job preempted for this one, or
+        suspended, or an attempt of this node from before it was lost, was told to stop first and
+        may still be saving its checkpoint. A run being stopped is waited for to its end, however
+        long that takes: its GPUs are free only once its processes are gone (they are killed when
+        its grace period is over, and its end waits, bounded, until NVML lists none of them). One
+        that nobody asked to stop is waited for up to a grace period, then the job starts anyway."""
         wanted = {str(index) for index in command.gpu_ids}
-        with anyio.move_on_after(self.settings.stop_grace_s + GROUP_EXIT_TIMEOUT_S):
-            while busy := [key for key, run in self.runs.items() if wanted & set(run.record.gpus.split(","))]:
-                log.info("waiting for a run to leave the job's GPUs", job_id=command.job_id, run=busy[0])
+        deadline = anyio.current_time() + self.settings.stop_grace_s + GROUP_EXIT_TIMEOUT_S
+        while busy := [key for key, run in self.runs.items() if wanted & set(run.record.gpus.split(","))]:
+            log.info("waiting for a run to leave the job's GPUs", job_id=command.job_id, run=busy[0])
+            stopping = self.runs[busy[0]].stop_reason is not None
+            with anyio.move_on_after(math.inf if stopping else deadline - anyio.current_time()) as waited:
                 await self.ended[busy[0]].wait()
-            return
-        log.warning("another run still uses the job's GPUs; starting it anyway", job_id=command.job_id)
+            if waited.cancelled_caught:
+                log.warning("another run still uses the job's GPUs; starting it anyway", job_id=command.job_id)
+                return
 
     async def _running(self, command: m.StartJob) -> bool:
         """Whether a process of the attempt runs (started before a crash, never recorded)."""

@@ -206,6 +206,7 @@ class JobRun:
         self.committed = anyio.Event()  # set once job.started is known to be in the log
         self.stop_reason: str | None = None
         self.stop_requested = anyio.Event()
+        self.stop_deadline: float | None = None  # (monotonic) the end of a requested stop's grace period
         self.stdout = LineTail(Path(record.run_dir) / "stdout.log", int(saved.get("stdout_offset", 0)))
         self.stderr = LineTail(Path(record.run_dir) / "stderr.log", int(saved.get("stderr_offset", 0)))
         self.rows = JsonlTail(Path(saved.get("jsonl_path", "")), int(saved.get("jsonl_offset", 0)))
@@ -216,6 +217,7 @@ class JobRun:
         self.ready = self.serving  # the server answered /v1/models
         if saved.get("stop_reason"):  # a stop asked of a runner that died before the job ended
             self.stop_reason = saved["stop_reason"]
+            self.stop_deadline = time.monotonic() + stop_grace_s
             self.stop_requested.set()
 
     def common(self) -> dict[str, Any]:
@@ -228,6 +230,7 @@ class JobRun:
         # Recorded first: a runner that adopts the job after a crash knows why it ends.
         await self.bus.redis.hset(self.bus.keys.run(self.record.job_id, self.record.attempt), "stop_reason", reason)
         self.stop_reason = reason
+        self.stop_deadline = time.monotonic() + self.stop_grace_s
         self.stop_requested.set()
         log.info("stopping job", job_id=self.record.job_id, reason=reason)
         signal_group(self.record.pgid, signal.SIGTERM)
@@ -382,7 +385,12 @@ class JobRun:
 
     async def finish(self, exit_code: int | None) -> None:
         """Wait until no process of the job remains, then report how it ended."""
-        if not await wait_group_exit(self.record.pgid, GROUP_EXIT_TIMEOUT_S):
+        linger = GROUP_EXIT_TIMEOUT_S
+        if self.stop_deadline is not None:
+            # The `swift` wrapper dies at once on SIGTERM while the trainer it started saves its
+            # checkpoint: the group has the rest of the stop's grace period for that.
+            linger = max(linger, self.stop_deadline - time.monotonic())
+        if not await wait_group_exit(self.record.pgid, linger):
             log.warning("processes of the job outlived it; killing the group", job_id=self.record.job_id)
             signal_group(self.record.pgid, signal.SIGKILL)
             await wait_group_exit(self.record.pgid, math.inf)
@@ -413,15 +421,18 @@ class JobRun:
             return m.JobFailed(reason="timeout", message="time limit reached", **failed)
         rows = read_rows(self.rows.path) if self.version_dir else []
         last_row = next((row for row in reversed(rows) if "last_model_checkpoint" in row), None)
-        if self.stop_reason in ("preempt", "suspend") and not (last_row is not None and exit_code in (0, None)):
+        gave_up = self.stop_reason in ("preempt", "suspend")
+        if gave_up and not _trained_to_the_end(rows, last_row):
             # It gave up its GPUs (unless it had just finished): it goes on from the checkpoint
-            # it saved on the way out, or its last one.
+            # it saved on the way out, or its last one. ms-swift closes a run stopped this way as
+            # it closes a finished one (the closing row, exit 0), so only the steps tell them apart.
             last = self.checkpoints[-1] if self.checkpoints else None
             step = _step_of(Path(last)) if last else None
             return m.JobStopped(exit_code=exit_code, last_checkpoint=last, step=step, reason=self.stop_reason, **common)
         if self.record.deploy and (exit_code == 0 or exit_code is None):
             return m.JobFailed(reason="unknown", message="the server exited", **failed)
-        if last_row is not None and exit_code in (0, None):
+        if last_row is not None and (exit_code in (0, None) or gave_up):
+            # (a stop that came as it finished killed the `swift` wrapper: its exit status says nothing)
             return m.JobSucceeded(
                 exit_code=0,
                 run_dir=str(self.version_dir or self.record.output_dir),
@@ -444,6 +455,19 @@ class JobRun:
 
 
 _TRAIN_METRICS = ("loss", "grad_norm", "learning_rate", "token_acc", "train_speed_s_per_it")
+
+
+def _trained_to_the_end(rows: list[dict[str, Any]], last_row: dict[str, Any] | None) -> bool:
+    """Whether the run's closing row says it reached its last step (max_steps, as its training
+    rows give it); unknown counts as not."""
+    if last_row is None:
+        return False
+    for row in reversed(rows):
+        step, _, total = str(row.get("global_step/max_steps", "")).partition("/")
+        if step.isdigit() and total.isdigit():
+            reached = last_row.get("global_step")
+            return (reached if isinstance(reached, int) else int(step)) >= int(total)
+    return False
 
 
 def _step_of(path: Path) -> int:
