@@ -1,7 +1,8 @@
 """A stand-in for the `swift` CLI in the chaos run: `sft` writes what ms-swift writes (a
 `vN-<time>` run directory with `logging.jsonl` rows, `checkpoint-N` directories completed by
 their `trainer_state.json`, a closing row naming the last checkpoint) at a steady pace, resumes
-from `--resume_from_checkpoint`, and on SIGTERM saves a checkpoint and exits 0 as ms-swift does;
+from `--resume_from_checkpoint`, and on SIGTERM saves a checkpoint, writes the closing row with
+the step it reached and exits 0 as ms-swift does;
 `export` writes the merged model's `config.json`.
 
 Each process records its start and its end, with its job tag, node and GPUs, in the ledger file
@@ -106,12 +107,10 @@ def sft(options: dict[str, str]) -> int:
             )
         if step % save_steps == 0 or step == max_steps:
             last = save_checkpoint(run, step, max_steps)
-    if stopping:
-        # The jit checkpoint on SIGTERM; then exit 0 without the closing row, as ms-swift does.
-        if step and (last is None or not last.name.endswith(f"-{step}")):
-            save_checkpoint(run, step, max_steps)
-        record("end", step=step, stopped=True)
-        return 0
+    if stopping and step and (last is None or not last.name.endswith(f"-{step}")):
+        last = save_checkpoint(run, step, max_steps)  # the jit checkpoint on SIGTERM
+    # The closing row, written after a stop too (as ms-swift does): only its global_step tells
+    # a stopped run from a finished one.
     runtime = time.monotonic() - started
     append_row(
         rows,
@@ -119,9 +118,10 @@ def sft(options: dict[str, str]) -> int:
             "train_runtime": round(runtime, 3),
             "global_step/max_steps": f"{step}/{max_steps}",
             "last_model_checkpoint": str(last) if last else None,
+            "global_step": step,
         },
     )
-    record("end", step=step, stopped=False)
+    record("end", step=step, stopped=stopping)
     return 0
 
 

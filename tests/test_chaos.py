@@ -107,7 +107,8 @@ async def test_a_start_the_stream_already_revokes_is_not_run_and_leaves_the_next
         [append] = await runner.handle(Delivery(stream, start_id, command, 1))  # type: ignore[misc]
     # Then attempt 1 is reported ended, no process was started for it, and attempt 2's record
     # is as it was
-    assert isinstance(append.message, m.JobCancelled) and append.message.attempt == 1
+    assert isinstance(append.message, m.JobStopped) and append.message.attempt == 1
+    assert append.message.reason == "preempt"
     assert runner.runs == {}
     assert not (tmp_path / "data" / "runs" / "job-1").exists()
     assert RunRecord.from_redis(await bus.redis.hgetall(bus.keys.run("job-1", 2))) == elsewhere
