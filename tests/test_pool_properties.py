@@ -498,8 +498,17 @@ class Scheduler(Cluster):
                 "preemptible": preemptible,
             }
             spec = LM.model_validate({**LM.model_dump(), **fields})
-            command = m.SubmitJob(job_id=f"j{self.n}", spec=spec, actor=user, team=self.pool.teams[user])
+            team = self.pool.teams[user]
+            command = m.SubmitJob(job_id=f"j{self.n}", spec=spec, actor=user, team=team)
+            limits = [
+                (user_key(user), self.state.quotas.user(user)),
+                (team_key(team or ""), self.state.quotas.team(team)),
+            ]
+            over = any(q is not None and q.queued is not None and self.state.waiting(k) >= q.queued for k, q in limits)
             self.decide(rules.submit(self.state, KEYS, command, self.heartbeats, self.limits, self.now))
+            job = self.state.jobs[command.job_id or ""]
+            if over and job.reason != "unsatisfiable":  # one job too many waiting
+                assert (job.status, job.reason) == (JobStatus.failed, "quota")
         elif kind == "start":
             for job in sorted(self.state.jobs.values(), key=lambda job: job.seq):
                 if job.status == JobStatus.scheduled:
@@ -721,6 +730,17 @@ SCENARIOS = [
             ("advance", MIN_RUNTIME_S + 1),
             ("cancel", 0),
             ("submit", 0, 8, 2, None, 0, True),
+        ],
+    ),
+    # A node is lost while a job preempted there is being stopped: it is queued again
+    (
+        pool(),
+        [
+            ("submit", 0, 0, 2, "a", 0, True),
+            ("start",),
+            ("advance", MIN_RUNTIME_S + 1),
+            ("submit", 0, 8, 2, "a", 0, True),
+            ("lose", "a"),
         ],
     ),
     # bob, over his quota, borrows nothing while alice's pair waits for GPUs
