@@ -19,11 +19,17 @@ def _over(limit: Limit | None, field: str, used: int, adding: int) -> int | None
 def gpu_quota_block(state: State, job: Job, taken: Mapping[str, int] | None = None) -> str | None:
     """Why starting the job now would take its owner or team over their GPU quota (None if it
     would not). ``taken``: GPUs handed out within quota earlier in the same decision."""
+    return gpus_quota_block(state, job.owner, job.team, job.spec.gpu_count, taken)
+
+
+def gpus_quota_block(
+    state: State, owner: str, team: str | None, need: int, taken: Mapping[str, int] | None = None
+) -> str | None:
+    """Why taking ``need`` more GPUs now would take the owner or team over their GPU quota."""
     taken = taken or {}
-    need = job.spec.gpu_count
-    checks = [("user", job.owner, state.quotas.user(job.owner), user_key(job.owner))]
-    if job.team is not None:
-        checks.append(("team", job.team, state.quotas.team(job.team), team_key(job.team)))
+    checks = [("user", owner, state.quotas.user(owner), user_key(owner))]
+    if team is not None:
+        checks.append(("team", team, state.quotas.team(team), team_key(team)))
     for kind, name, limit, key in checks:
         held = state.holding(key) + taken.get(key, 0)
         allowed = _over(limit, "gpus", held, need)
@@ -64,12 +70,14 @@ def usage_rank(state: State) -> Callable[[str], float]:
     return rank
 
 
-def queue_order(state: State, fair_share: bool, extra: Job | None = None) -> Iterator[Job]:
+def queue_order(
+    state: State, fair_share: bool, extra: Job | None = None, skip: frozenset[str] = frozenset()
+) -> Iterator[Job]:
     """Queued jobs in the order they start: by priority, then FIFO, or with fair share by the
-    owner's decayed usage before submit order."""
+    owner's decayed usage before submit order. The jobs of the owners in ``skip`` are left out."""
     if fair_share:
-        return state.fair_queue_iter(usage_rank(state), extra)
-    return state.queue_iter()
+        return state.fair_queue_iter(usage_rank(state), extra, skip)
+    return state.queue_iter(skip)
 
 
 def decayed_usage(state: State, owner: str, now: datetime) -> float:

@@ -177,6 +177,11 @@ class State(BaseModel):
     _levels: dict[int, dict[str, SortedList]] = PrivateAttr(default_factory=dict)
     _waiting: dict[str, int] = PrivateAttr(default_factory=dict)  # user:/team: key -> jobs waiting
     _holding: dict[str, int] = PrivateAttr(default_factory=dict)  # user:/team: key -> GPUs within quota
+    # Per owner, the teams their queued jobs count against (None: no team) -> how many jobs.
+    _owner_teams: dict[str, dict[str | None, int]] = PrivateAttr(default_factory=dict)
+    # Bumped when what full_owners() reads changes (GPUs held within quota, owners' teams)
+    _version: int = PrivateAttr(0)
+    _full: tuple[int, Quotas, frozenset[str]] | None = PrivateAttr(None)  # full_owners(), cached
     _journals: list[Journal] = PrivateAttr(default_factory=list)  # open savepoints, oldest first
 
     # Private attributes are read through ``__pydantic_private__`` on the hot paths: a plain
@@ -195,6 +200,16 @@ class State(BaseModel):
             levels = private["_levels"]
             priority, seq, job_id = -marked.queue[0], marked.queue[1], marked.queue[2]
             owners = levels.setdefault(priority, {})
+            teams = private["_owner_teams"].setdefault(marked.owner, {})
+            count = teams.get(marked.team, 0) + sign
+            if count:
+                teams[marked.team] = count
+            else:
+                del teams[marked.team]
+                if not teams:
+                    del private["_owner_teams"][marked.owner]
+            if count == 0 or (count == 1 and sign > 0):
+                private["_version"] += 1
             if sign > 0:
                 private["_queued"].add(marked.queue)
                 owners.setdefault(marked.owner, SortedList()).add((seq, job_id))
@@ -215,6 +230,7 @@ class State(BaseModel):
             counts = private["_holding"]
             for key in keys:
                 counts[key] = counts.get(key, 0) + sign * marked.gpus
+            private["_version"] += 1
 
     def waiting(self, key: str) -> int:
         """Jobs of a user or team (``user:<name>``, ``team:<name>``) waiting to run."""
@@ -224,11 +240,49 @@ class State(BaseModel):
         """GPUs a user's or team's jobs hold within quota (borrowing ones aside)."""
         return self.__pydantic_private__["_holding"].get(key, 0)
 
-    def fair_queue_iter(self, rank: Callable[[str], float], extra: Job | None = None) -> Iterator[Job]:
+    def full_owners(self) -> frozenset[str]:
+        """Owners every queued job of whom would take them or their team over a GPU quota: the
+        owner, or each team their queued jobs count against, already holds its whole quota."""
+        private = self.__pydantic_private__
+        cached = private["_full"]
+        if cached is not None and cached[0] == private["_version"] and cached[1] is self.quotas:
+            return cached[2]
+        quotas, holding = self.quotas, private["_holding"]
+        full: set[str] = set()
+        if quotas.users or quotas.teams:
+            teams_full: dict[str, bool] = {}
+            for owner, teams in private["_owner_teams"].items():
+                limit = quotas.user(owner)
+                if limit is not None and limit.gpus is not None and holding.get(user_key(owner), 0) >= limit.gpus:
+                    full.add(owner)
+                    continue
+                for team in teams:
+                    if team is None:
+                        break
+                    if team not in teams_full:
+                        limit = quotas.team(team)
+                        teams_full[team] = (
+                            limit is not None
+                            and limit.gpus is not None
+                            and holding.get(team_key(team), 0) >= limit.gpus
+                        )
+                    if not teams_full[team]:
+                        break
+                else:
+                    full.add(owner)
+        private["_full"] = (private["_version"], quotas, frozenset(full))
+        return private["_full"][2]
+
+    def fair_queue_iter(
+        self, rank: Callable[[str], float], extra: Job | None = None, skip: frozenset[str] = frozenset()
+    ) -> Iterator[Job]:
         """Queued jobs in fair-share order: by priority, then by their owner's ``rank`` (decayed
         usage, lowest first), then by submit order; ``extra`` (a job not folded in yet) in its
-        place among them."""
-        levels = self.__pydantic_private__["_levels"]
+        place among them. The jobs of the owners in ``skip`` are left out."""
+        private = self.__pydantic_private__
+        if skip and extra is None and private["_owner_teams"].keys() <= skip:
+            return  # every queued job left out
+        levels = private["_levels"]
         priorities = set(levels)
         if extra is not None:
             priorities.add(extra.priority)
@@ -236,7 +290,12 @@ class State(BaseModel):
             # Owners of the same rank (none has used GPUs yet, say) share it: their jobs by
             # submit order, as if they were one owner's
             ranked: dict[float, list[Iterable[tuple[int, str]]]] = {}
-            for owner, mine in levels.get(priority, {}).items():
+            level = levels.get(priority, {})
+            if skip and level.keys() <= skip:
+                level = {}
+            for owner, mine in level.items():
+                if skip and owner in skip:
+                    continue
                 ranked.setdefault(rank(owner), []).append(mine)
             if extra is not None and extra.priority == priority:
                 ranked.setdefault(rank(extra.owner), []).append([(extra.seq, extra.job_id)])
@@ -245,9 +304,25 @@ class State(BaseModel):
                 for _, job_id in lists[0] if len(lists) == 1 else heapq.merge(*lists):
                     yield extra if extra is not None and job_id == extra.job_id else self.jobs[job_id]
 
-    def queue_iter(self) -> Iterator[Job]:
-        """Queued jobs in start order: higher priority first, FIFO within a priority."""
-        return (self.jobs[job_id] for _, _, job_id in self.__pydantic_private__["_queued"])
+    def queue_iter(self, skip: frozenset[str] = frozenset()) -> Iterator[Job]:
+        """Queued jobs in start order: higher priority first, FIFO within a priority. The jobs
+        of the owners in ``skip`` are left out."""
+        if not skip:
+            return (self.jobs[job_id] for _, _, job_id in self.__pydantic_private__["_queued"])
+        return self._queue_skipping(skip)
+
+    def _queue_skipping(self, skip: frozenset[str]) -> Iterator[Job]:
+        private = self.__pydantic_private__
+        if private["_owner_teams"].keys() <= skip:
+            return  # every queued job left out
+        levels = private["_levels"]
+        for priority in sorted(levels, reverse=True):
+            level = levels[priority]
+            if level.keys() <= skip:
+                continue
+            lists = [mine for owner, mine in level.items() if owner not in skip]
+            for _, job_id in lists[0] if len(lists) == 1 else heapq.merge(*lists):
+                yield self.jobs[job_id]
 
     def queue(self) -> list[Job]:
         return list(self.queue_iter())

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from events import messages as m
-from events.admission import charge, gpu_quota_block, queue_order, queued_quota_block
+from events.admission import charge, gpu_quota_block, gpus_quota_block, queue_order, queued_quota_block
 from events.bus import Append
 from events.estimates import Estimate, estimate_queue, placement_request
 from events.keys import Keys
@@ -74,11 +74,23 @@ def submit(
         return [Append(keys.events, accepted), Append(keys.events, m.JobHeld(**common))]
     decided = [Append(keys.events, accepted), Append(keys.events, _queued(state, spec.priority, common))]
     # The queue as it will be once these facts are folded in, to place the new job right away.
+    return decided + schedule(state, keys, heartbeats, limits, now, command, accepted=accepted)
+
+
+def _queue(state: State, limits: Limits, accepted: m.JobAccepted | None, skip: frozenset[str]) -> Iterator[Job]:
+    """The queue in start order, less the jobs of the owners in ``skip``; with ``accepted``, as
+    it will be once that job is queued (left out too, with ``skip``, when it is over quota)."""
+    if accepted is not None and skip and _over_quota(state, accepted):
+        accepted = None  # over quota from the start of the pass, like the jobs left out
+    if accepted is None:
+        return iter(queue_order(state, limits.fair_share, skip=skip))
     if limits.fair_share:
-        queue = queue_order(state, True, extra=_new_queued(accepted, state.accepted + 1))
-    else:
-        queue = _joined(state.queue_iter(), accepted, state.accepted + 1)
-    return decided + schedule(state, keys, heartbeats, limits, now, command, queue=queue)
+        return iter(queue_order(state, True, extra=_new_queued(accepted, state.accepted + 1), skip=skip))
+    return _joined(state.queue_iter(skip), accepted, state.accepted + 1)
+
+
+def _over_quota(state: State, accepted: m.JobAccepted) -> bool:
+    return gpus_quota_block(state, accepted.actor or ANONYMOUS, accepted.team, accepted.spec.gpu_count) is not None
 
 
 def _joined(queue: Iterator[Job], accepted: m.JobAccepted, seq: int) -> Iterator[Job]:
@@ -411,7 +423,7 @@ def schedule(
     now: datetime,
     cause: m.Message,
     *,
-    queue: Iterable[Job] | None = None,
+    accepted: m.JobAccepted | None = None,
 ) -> list[Append]:
     """One scheduling pass: start queued jobs in order while they fit; the first that does not
     fit, but would on the GPUs of the nodes offering GPUs now once they are free, blocks those
@@ -421,18 +433,21 @@ def schedule(
     limit ends before the blocked job's estimated start. A job over its GPU quota blocks no one;
     with borrowing on, it starts at the end of the pass on GPUs left over, if no job within quota
     was blocked."""
-    queue = iter(queue_order(state, limits.fair_share) if queue is None else queue)
     offered = usable_gpus(state, heartbeats, limits, now)
     usable = {name: list(gpus) for name, gpus in offered.items()}  # less what this pass hands out
+    quotas = bool(state.quotas.users or state.quotas.teams)
+    # Jobs over quota block no one: the owners who hold their whole quota (or whose teams do) are
+    # left out of the walk, and borrowers are looked for after it. (With backfill, the jobs looked
+    # at behind a blocked one are counted, those over quota among them.)
+    skip = state.full_owners() if quotas and not limits.backfill else frozenset()
+    queue = _queue(state, limits, accepted, skip)
     freeable: dict[str, list[m.GpuInfo]] | None = None  # worked out at the first job that does not fit
     # Requests that neither fit nor block in this pass: a queue of thousands pinned to a lost node
     # is passed over at a set lookup each (what is usable only shrinks during a pass)
     passed_over: set[tuple[object, ...]] = set()
     decisions: list[Append] = []
     backfill_until: float | None = None  # seconds from now by which a backfilled job must end
-    quotas = bool(state.quotas.users or state.quotas.teams)
     taken: dict[str, int] = {}  # GPUs handed out within quota in this pass, per user and team
-    borrowers: list[Job] = []
     blocked_in_quota = False
     victims = _Victims(state, limits, now) if limits.preemption or limits.borrowing else None
     for job in queue:
@@ -445,8 +460,6 @@ def schedule(
         if passed_over and placement_request(job) in passed_over:
             continue
         if quotas and gpu_quota_block(state, job, taken):
-            if limits.borrowing and job.spec.preemptible and job.preemptions < limits.max_preemptions:
-                borrowers.append(job)
             continue  # waits for its quota: it holds up no one
         placement = place(job, usable)
         if placement is None and backfill_until is not None:
@@ -474,11 +487,33 @@ def schedule(
         if quotas:
             charge(taken, job)
         decisions += _start(keys, job, placement, cause, usable, preempted=preempted)
-    if borrowers and not blocked_in_quota:
-        for job in borrowers:
-            placement = place(job, usable)
-            if placement is not None:
-                decisions += _start(keys, job, placement, cause, usable, borrowing=True)
+    if quotas and limits.borrowing and not blocked_in_quota and any(usable.values()):
+        decisions += _borrow(state, keys, limits, accepted, cause, usable, decisions)
+    return decisions
+
+
+def _borrow(
+    state: State,
+    keys: Keys,
+    limits: Limits,
+    accepted: m.JobAccepted | None,
+    cause: m.Message,
+    usable: dict[str, list[m.GpuSample]],
+    decided: Sequence[Append],
+) -> list[Append]:
+    """Jobs over quota started, in queue order, on the GPUs a pass left over (no job within quota
+    was blocked). Every job of the queue not started by the pass is tried: one within quota that
+    did not start did not fit then, and fits even less now."""
+    started = {append.message.job_id for append in decided if isinstance(append.message, m.JobScheduled)}
+    decisions: list[Append] = []
+    for job in _queue(state, limits, accepted, frozenset()):
+        if not any(usable.values()):
+            break
+        if job.job_id in started or not job.spec.preemptible or job.preemptions >= limits.max_preemptions:
+            continue
+        placement = place(job, usable)
+        if placement is not None:
+            decisions += _start(keys, job, placement, cause, usable, borrowing=True)
     return decisions
 
 
