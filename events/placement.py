@@ -40,7 +40,7 @@ def foreign_gpus(
         key
         for name in nodes
         for sample in heartbeats[name].gpus
-        if (key := gpu_key(name, sample.index)) not in state.allocations and sample.memory_used_mb > threshold_mb
+        if sample.memory_used_mb > threshold_mb and (key := gpu_key(name, sample.index)) not in state.allocations
     }
 
 
@@ -77,7 +77,7 @@ def matching(spec: JobBase, node: str, gpus: Sequence[GpuInfo]) -> list[GpuInfo]
     return [
         gpu
         for gpu in gpus
-        if model in gpu.name.lower()
+        if (not model or model in gpu.name.lower())
         and (spec.min_gpu_memory_mb is None or free_mb(gpu) >= spec.min_gpu_memory_mb)
         and (spec.gpu_ids is None or gpu.index in spec.gpu_ids)
     ]
