@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from events import messages as m
 from events.admission import charge, gpu_quota_block, gpus_quota_block, queue_order, queued_quota_block
@@ -14,6 +15,7 @@ from events.bus import Append
 from events.estimates import Estimate, estimate_queue, placement_request
 from events.keys import Keys
 from events.placement import foreign_gpus, free_mb, freeable_gpus, in_service, matching, never_fits
+from events.policy import Policy
 from events.state import (
     ANONYMOUS,
     HOLDS_GPUS,
@@ -45,6 +47,18 @@ class Limits:
     max_preemptions: int = 3  # a job preempted this often is not preempted again
     borrowing: bool = False  # over-quota jobs may use GPUs no job within quota waits for
     fair_share: bool = False  # within a priority, the owner with the least decayed usage first
+
+    @cached_property
+    def policy(self) -> Policy:
+        """The pool's sharing rules, as the gateway also explains them."""
+        return Policy(
+            preemption=self.preemption,
+            preempt_gap=self.preempt_gap,
+            preempt_min_runtime_s=self.preempt_min_runtime_s,
+            max_preemptions=self.max_preemptions,
+            borrowing=self.borrowing,
+            fair_share=self.fair_share,
+        )
 
 
 def submit(
@@ -567,41 +581,22 @@ class _Victims:
 
     def __init__(self, state: State, limits: Limits, now: datetime) -> None:
         self.state, self.limits, self.now = state, limits, now
+        self.policy = limits.policy
         self.taken: set[str] = set()  # preempted earlier in this pass
         self._running: list[Job] | None = None
 
     @property
     def running(self) -> list[Job]:
         if self._running is None:
-            limits = self.limits
             holders = dict.fromkeys(self.state.allocations.values())  # each job once, in a set order
-            self._running = [
-                job
-                for job in map(self.state.jobs.__getitem__, holders)
-                if job.status in (JobStatus.running, JobStatus.serving)
-                and job.started_at is not None
-                and job.spec.preemptible
-                and not job.cancel_requested
-                and not job.stopping
-                and job.preemptions < limits.max_preemptions
-                and ((limits.borrowing and job.borrowing) or limits.preemption)
-            ]
+            self._running = [job for job in map(self.state.jobs.__getitem__, holders) if self.policy.preemptible(job)]
         return self._running
 
     def any(self) -> bool:
         return any(job.job_id not in self.taken for job in self.running)
 
     def may_preempt(self, job: Job, victim: Job) -> bool:
-        if victim.job_id in self.taken or victim.job_id == job.job_id:
-            return False
-        if self.limits.borrowing and victim.borrowing:
-            return True  # whatever its priority: the job is within its quota
-        return (
-            self.limits.preemption
-            and victim.priority <= job.priority - self.limits.preempt_gap
-            and victim.started_at is not None
-            and (self.now - victim.started_at).total_seconds() >= self.limits.preempt_min_runtime_s
-        )
+        return victim.job_id not in self.taken and self.policy.preemptible_in(job, victim, self.now) == 0
 
     def loss(self, victim: Job) -> tuple[int, int, float, float]:
         """What preempting a victim costs, lowest first: borrowing ones first, then by priority,
