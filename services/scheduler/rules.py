@@ -7,7 +7,6 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import cached_property
 
 from events import messages as m
 from events.admission import charge, gpu_quota_block, gpus_quota_block, queue_order, queued_quota_block
@@ -32,8 +31,10 @@ from events.state import (
 BACKFILL_SCAN = 1000  # queued jobs looked at behind a blocked one, when backfilling
 
 
-@dataclass(frozen=True)
-class Limits:
+@dataclass(frozen=True, kw_only=True)
+class Limits(Policy):
+    """The pool's sharing policy, and the scheduler's other bounds."""
+
     heartbeat_timeout_s: float  # a GPU of a node silent this long is offered to no one
     foreign_memory_threshold_mb: int
     node_timeout_s: float = 30.0  # a node silent this long is declared lost
@@ -41,24 +42,6 @@ class Limits:
     # How long past its time limit a job may hold its GPUs (it is stopped gracefully): a job is
     # backfilled only if its limit plus this ends before the blocked job's estimated start
     backfill_margin_s: float = 0.0
-    preemption: bool = False  # a blocked job may preempt running jobs of a lower priority
-    preempt_gap: int = 1  # by at least this much
-    preempt_min_runtime_s: float = 300.0  # only victims running at least this long
-    max_preemptions: int = 3  # a job preempted this often is not preempted again
-    borrowing: bool = False  # over-quota jobs may use GPUs no job within quota waits for
-    fair_share: bool = False  # within a priority, the owner with the least decayed usage first
-
-    @cached_property
-    def policy(self) -> Policy:
-        """The pool's sharing rules, as the gateway also explains them."""
-        return Policy(
-            preemption=self.preemption,
-            preempt_gap=self.preempt_gap,
-            preempt_min_runtime_s=self.preempt_min_runtime_s,
-            max_preemptions=self.max_preemptions,
-            borrowing=self.borrowing,
-            fair_share=self.fair_share,
-        )
 
 
 def submit(
@@ -581,7 +564,7 @@ class _Victims:
 
     def __init__(self, state: State, limits: Limits, now: datetime) -> None:
         self.state, self.limits, self.now = state, limits, now
-        self.policy = limits.policy
+        self.policy: Policy = limits
         self.taken: set[str] = set()  # preempted earlier in this pass
         self._running: list[Job] | None = None
 

@@ -13,7 +13,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -136,17 +136,12 @@ class Scheduler:
         self.heartbeats: dict[str, m.NodeHeartbeat] = {}
         self.token: str | None = None
         self.limits = rules.Limits(
+            **asdict(settings.policy),
             heartbeat_timeout_s=settings.heartbeat_interval_s * 5,
             foreign_memory_threshold_mb=settings.foreign_memory_threshold_mb,
             node_timeout_s=settings.node_timeout_s,
             backfill=settings.backfill,
             backfill_margin_s=settings.stop_grace_s,
-            preemption=settings.preemption == "priority",
-            preempt_gap=settings.preempt_priority_gap,
-            preempt_min_runtime_s=settings.preempt_min_runtime_s,
-            max_preemptions=settings.max_preemptions,
-            borrowing=settings.quota_borrowing,
-            fair_share=settings.fair_share,
         )
         self.last_heard: dict[str, datetime] = {}
         self.runner_heard: dict[str, datetime] = {}  # node -> when its runner was last heard
