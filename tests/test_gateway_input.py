@@ -56,6 +56,9 @@ def fields_of(response: httpx.Response) -> set[str]:
         ({"train_params": {"bogus": 1}}, "train_params.bogus"),
         ({"train_params": {"model_type": "qwen2 --deepspeed zero3"}}, "train_params.model_type"),
         ({"surprise": True}, "surprise"),
+        ({"preemptible": "yes"}, "preemptible"),
+        ({"preemptible": 1}, "preemptible"),
+        ({"hold": "true"}, "hold"),
     ],
 )
 async def test_invalid_jobs_are_422_naming_the_field_and_log_nothing(
