@@ -75,7 +75,7 @@ def test_a_lora_job_trains_live_exports_and_replays(system: System, assets: Demo
     # And replaying the log rebuilds what the API shows
     replayed = json.loads(system.cli("replay", "--state", "--job", job_id))
     assert replayed == {k: v for k, v in job.items() if k in replayed}
-    assert set(job) - set(replayed) == {"queue_position", "task_type"}
+    assert set(job) - set(replayed) == {"queue_position", "task_type", "suspendable", "resumable"}  # (views only)
     lines = [json.loads(line) for line in system.cli("replay", "--job", job_id).splitlines()]
     assert [line["entry_id"] for line in lines] == ids
     assert [line["type"] for line in lines] == types
