@@ -129,6 +129,35 @@ async def test_a_start_waits_until_an_attempt_told_to_stop_has_left_its_gpus(
     assert stale_end["stopped"] and stale_end["t"] <= next_start["t"]
 
 
+async def test_a_restarted_runner_starting_a_job_on_the_gpus_of_an_adopted_attempt_told_to_stop_waits_for_its_end_not_forever(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with stand_in_runner(bus, tmp_path, monkeypatch, step_s=0.3) as (runner, ledger):
+        # Given an attempt training on GPU 0, started by a runner of this node that is gone: the
+        # restarted runner adopts it, and has not yet handled the starts pending in its stream
+        old = stand_in_start(tmp_path, "old", 1, gpu=0, steps=1000)
+        record, _ = await anyio.to_thread.run_sync(runner._launch, old)
+        await bus.redis.hset(bus.keys.run("old", 1), mapping=record.to_redis())
+        await runner.adopt()
+        with anyio.fail_after(30):
+            while not ledger_rows(ledger, "start", "old"):
+                await anyio.sleep(0.05)
+        # And the attempt preempted: its stop is handled
+        await runner.handle(Delivery("s", "2-0", m.StopJob(job_id="old", attempt=1, reason="preempt"), 1))
+        # When the pending start of the job that takes GPU 0 is handled
+        with anyio.fail_after(30):
+            outcome = await runner.handle(Delivery("s", "3-0", stand_in_start(tmp_path, "next", 1, gpu=0, steps=1), 1))
+            while not ledger_rows(ledger, "start", "next"):
+                await anyio.sleep(0.05)
+    # Then it is handled once the adopted attempt has stopped and said so, not never
+    assert isinstance(outcome, Outcome)
+    [old_end] = ledger_rows(ledger, "end", "old")
+    [next_start] = ledger_rows(ledger, "start", "next")
+    assert old_end["stopped"] and old_end["t"] <= next_start["t"]
+    reports = [decode(fields) for _, fields in await bus.redis.xrange(bus.keys.events)]
+    assert [(r.type, r.job_id) for r in reports if r.type == "job.stopped"] == [("job.stopped", "old")]
+
+
 def ledger_rows(ledger: Path, event: str, job_id: str | None = None) -> list[dict[str, object]]:
     """What the stand-in trainers recorded: ``event`` rows, of one job's processes or all."""
     rows = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []

@@ -204,6 +204,11 @@ class Runner:
         deadline = anyio.current_time() + self.settings.stop_grace_s + GROUP_EXIT_TIMEOUT_S
         while busy := [key for key, run in self.runs.items() if wanted & set(run.record.gpus.split(","))]:
             log.info("waiting for a run to leave the job's GPUs", job_id=command.job_id, run=busy[0])
+            # An adopted run reports nothing until released (adopt()); this start may be one
+            # that a restarted runner handles before releasing them. The run's own start came
+            # before this one in the node's stream, so its job.started is in the log already:
+            # release it, or its end would wait for this start and this start for its end.
+            self.runs[busy[0]].committed.set()
             stopping = self.runs[busy[0]].stop_reason is not None
             with anyio.move_on_after(math.inf if stopping else deadline - anyio.current_time()) as waited:
                 await self.ended[busy[0]].wait()
