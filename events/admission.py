@@ -19,7 +19,7 @@ def _over(limit: Limit | None, field: str, used: int, adding: int) -> int | None
 def gpu_quota_block(state: State, job: Job, taken: Mapping[str, int] | None = None) -> str | None:
     """Why starting the job now would take its owner or team over their GPU quota (None if it
     would not). ``taken``: GPUs handed out within quota earlier in the same decision."""
-    return gpus_quota_block(state, job.owner, job.team, job.spec.gpu_count, taken)
+    return gpus_quota_block(state, job.owner, job.team, job.spec.total_gpus, taken)
 
 
 def gpus_quota_block(
@@ -55,7 +55,7 @@ def queued_quota_block(state: State, owner: str, team: str | None) -> str | None
 def charge(taken: dict[str, int], job: Job) -> None:
     """Count a job started within quota in this decision against its owner and team."""
     for key in (user_key(job.owner),) if job.team is None else (user_key(job.owner), team_key(job.team)):
-        taken[key] = taken.get(key, 0) + job.spec.gpu_count
+        taken[key] = taken.get(key, 0) + job.spec.total_gpus
 
 
 def usage_rank(state: State) -> Callable[[str], float]:

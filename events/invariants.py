@@ -43,8 +43,7 @@ class Violation:
 class Attempt:
     job_id: str
     number: int
-    node: str
-    gpu_ids: tuple[int, ...]
+    gpus: tuple[str, ...]  # node/index of every GPU it holds (on every node of a gang job)
     scheduled_at: str  # its job.scheduled entry
 
 
@@ -108,7 +107,9 @@ class LogCheck:
                 self._end(live)
 
     def _scheduled(self, entry_id: str, job_id: str, event: m.JobScheduled) -> None:
-        attempt = Attempt(job_id, event.attempt, event.node, tuple(event.gpu_ids), entry_id)
+        ranks = [m.Rank(node=event.node, gpu_ids=event.gpu_ids), *event.peers]
+        gpus = tuple(gpu_key(rank.node, index) for rank in ranks for index in rank.gpu_ids)
+        attempt = Attempt(job_id, event.attempt, gpus, entry_id)
         self.attempts += 1
         before = self.last_attempt.get(job_id)
         if before is not None and event.attempt <= before:
@@ -125,24 +126,23 @@ class LogCheck:
                 f"while attempt {live.number} still holds {_where(live)}",
             )
             self._end(live)
-        for index in event.gpu_ids:
-            holder = self.holders.get(gpu_key(event.node, index))
+        for key in gpus:
+            holder = self.holders.get(key)
             if holder is not None:
                 self._violated(
                     entry_id,
-                    f"GPU {event.node}/{index} is held by two attempts at entry {entry_id}: job {job_id} "
+                    f"GPU {key} is held by two attempts at entry {entry_id}: job {job_id} "
                     f"attempt {event.attempt}, and job {holder.job_id} attempt {holder.number} "
                     f"(scheduled at {holder.scheduled_at})",
                 )
         self.last_attempt[job_id] = max(event.attempt, before or 0)
         self.live[job_id] = attempt
-        for index in event.gpu_ids:
-            self.holders[gpu_key(event.node, index)] = attempt
+        for key in gpus:
+            self.holders[key] = attempt
 
     def _end(self, attempt: Attempt) -> None:
         del self.live[attempt.job_id]
-        for index in attempt.gpu_ids:
-            key = gpu_key(attempt.node, index)
+        for key in attempt.gpus:
             if self.holders.get(key) is attempt:
                 del self.holders[key]
 
@@ -158,13 +158,14 @@ class LogCheck:
         for key, job_id in sorted(state.allocations.items()):
             job = state.jobs.get(job_id)
             node, _, index = key.partition("/")
-            if job is None or job.status not in HOLDS_GPUS or job.node != node or int(index) not in job.gpu_ids:
+            if job is None or job.status not in HOLDS_GPUS or int(index) not in job.gpus_on(node):
                 status = job.status if job else "gone"
                 self._violated("", f"GPU {key} is allocated to job {job_id}, which is {status} and does not hold it")
         for job in sorted(state.jobs.values(), key=lambda j: j.seq):
             holds = job.status in HOLDS_GPUS
             live = self.live.get(job.job_id)
-            if holds and any(state.allocations.get(gpu_key(job.node or "", i)) != job.job_id for i in job.gpu_ids):
+            held = [gpu_key(rank.node, i) for rank in job.ranks for i in rank.gpu_ids]
+            if holds and any(state.allocations.get(key) != job.job_id for key in held):
                 self._violated("", f"job {job.job_id} is {job.status} but its GPUs are not allocated to it")
             if holds != (live is not None) or (live is not None and live.number != job.attempt):
                 seen = f"attempt {live.number} live" if live else "no attempt live"
@@ -181,5 +182,4 @@ class LogCheck:
 
 
 def _where(attempt: Attempt) -> str:
-    gpus = ",".join(str(i) for i in attempt.gpu_ids)
-    return f"{attempt.node} GPUs [{gpus}] (scheduled at {attempt.scheduled_at})"
+    return f"GPUs {', '.join(attempt.gpus)} (scheduled at {attempt.scheduled_at})"

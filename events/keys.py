@@ -57,15 +57,15 @@ class Keys:
         """Commands for the runner on one node (start, stop)."""
         return f"{self.tag}:node:{node}"
 
-    def logs(self, job_id: str) -> str:
-        """A job's output lines; capped."""
-        return f"{self.tag}:logs:{job_id}"
+    def logs(self, job_id: str, rank: int = 0) -> str:
+        """A job's output lines (of rank 0, or of another rank of a gang job); capped."""
+        return f"{self.tag}:logs:{job_id}" + (f":rank{rank}" if rank else "")
 
-    def run(self, job_id: str, attempt: int | str) -> str:
+    def run(self, job_id: str, attempt: int | str, rank: int = 0) -> str:
         """The runner's record of a process it started (pid, process group, run dir), per
-        attempt: a stale attempt on a node that was lost and the job's next attempt never share
-        one."""
-        return f"{self.tag}:run:{job_id}:{attempt}"
+        attempt (and rank of a gang job): a stale attempt on a node that was lost and the job's
+        next attempt never share one."""
+        return f"{self.tag}:run:{job_id}:{attempt}" + (f":{rank}" if rank else "")
 
     @property
     def leader(self) -> str:

@@ -49,6 +49,8 @@ job.succeeded           event      runner       scheduler reacts: export.request
 job.failed              event      runner, scheduler (node or runner lost, no retries left)
 job.lost                event      runner       (the attempt ended while no runner watched it;
                                                 the scheduler retries or fails the job)
+job.rank_ended          event      runner       (a gang job's rank ended; a failed one makes the
+                                                scheduler stop every rank and retry or fail)
 export.started          event      exporter
 export.completed        event      exporter
 export.failed           event      exporter
@@ -192,6 +194,11 @@ class StartJob(Command):
     gpu_ids: list[int]
     spec: JobSpec
     resume_from: str | None = None  # a checkpoint of an earlier attempt to continue from
+    # torchrun's rendezvous: a gang job's rank on this node (of spec.nodes), rank 0's address,
+    # and the port of the attempt (also set for a job on several GPUs of one node)
+    rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
 
 
 class StopJob(Command):
@@ -200,6 +207,7 @@ class StopJob(Command):
     # preempt: for a more urgent job (or its node was lost); suspend: on request. Both report
     # job.stopped when the attempt is gone; a stop of an attempt already given up is ignored.
     reason: Literal["cancel", "timeout", "preempt", "suspend"] = "cancel"
+    rank: int = 0  # of a gang job: the rank on the node the stop is sent to
 
 
 class StartExport(Command):
@@ -234,11 +242,21 @@ class JobQueued(Event):
     behind_job_id: str | None = None  # the job right ahead of it then (None: first in line)
 
 
-class JobScheduled(Event):
-    type: Literal["job.scheduled"] = "job.scheduled"
+class Rank(BaseModel):
+    """Where one rank of a gang job runs."""
+
     node: str
     gpu_ids: list[int]
+
+
+class JobScheduled(Event):
+    type: Literal["job.scheduled"] = "job.scheduled"
+    node: str  # rank 0's, for a gang job
+    gpu_ids: list[int]
     attempt: int
+    peers: list[Rank] = Field(default_factory=list)  # a gang job's ranks 1, 2, ... in order
+    master_addr: str | None = None  # rank 0's node address (a gang job)
+    master_port: int | None = None  # torchrun's rendezvous port for the attempt
     # Started over its owner's GPU quota on GPUs no job within quota waited for: the first to be
     # preempted when one does.
     borrowing: bool = False
@@ -255,6 +273,7 @@ class JobStarted(Event):
     argv: list[str]
     cuda_visible_devices: str
     env: dict[str, str] = Field(default_factory=dict)  # set on top of the runner's environment
+    rank: int = 0  # of a gang job; the job runs once every rank has started
 
 
 class ProgressMetrics(BaseModel):
@@ -316,6 +335,23 @@ class JobLost(Event):
     type: Literal["job.lost"] = "job.lost"
     attempt: int
     message: str = ""
+
+
+class RankEnded(Event):
+    """A rank of a gang job other than a finished or stopped rank 0 ended (rank 0's end is the
+    job's). ``failed``: it exited on its own with an error (or vanished), and the whole attempt is
+    stopped and retried from its last checkpoint while the job has retries, else it fails with
+    this rank's reason."""
+
+    type: Literal["job.rank_ended"] = "job.rank_ended"
+    attempt: int
+    rank: int
+    node: str
+    exit_code: int | None = None
+    failed: bool = False
+    reason: str = ""
+    message: str = ""
+    stderr_tail: list[str] = Field(default_factory=list)
 
 
 class JobRequeued(Event):
@@ -444,6 +480,7 @@ class NodeJoined(Event):
     node: str
     simulated: bool
     gpus: list[GpuInfo]
+    addr: str | None = None  # where other nodes reach it (NODE_ADDR): a gang's rank 0 address
 
 
 class NodeLost(Event):
@@ -478,6 +515,7 @@ class NodeHeartbeat(Telemetry):
     simulated: bool  # True when no NVML driver: the inventory is made up for laptops and CI
     gpus: list[GpuSample]
     degraded: str | None = None  # what NVML could not read; the inventory may be incomplete
+    addr: str | None = None  # NODE_ADDR
 
 
 class ServiceHeartbeat(Telemetry):
@@ -517,6 +555,7 @@ AnyMessage = Annotated[
     | JobCancelRequested
     | JobPriorityChanged
     | JobLost
+    | RankEnded
     | JobRequeued
     | JobDeleted
     | JobHeld

@@ -126,7 +126,18 @@ class JobBase(_Strict):
     gpu_model: str | None = Field(None, min_length=1, max_length=100, description="a part of the GPU name, e.g. H100")
     node: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", max_length=200, description="run on this node only")
     gpu_ids: list[int] | None = Field(None, min_length=1, max_length=64, description="these GPUs of `node`")
-    max_retries: int = Field(0, ge=0, le=10, description="runs again after its node is lost, from its last checkpoint")
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="a gang job: this many nodes with gpu_count GPUs each, started together under torchrun",
+    )
+    max_retries: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="runs again after its node is lost (or a rank of a gang fails), from its last checkpoint",
+    )
     hold: bool = Field(False, description="accept, but queue only once released by POST /jobs/{id}/start")
     preemptible: bool = Field(
         True,
@@ -143,7 +154,14 @@ class JobBase(_Strict):
                 raise ValueError("gpu_ids must be distinct indices")
             if len(self.gpu_ids) != self.gpu_count:
                 raise ValueError(f"gpu_count is {self.gpu_count} but {len(self.gpu_ids)} gpu_ids are given")
+        if self.nodes > 1 and self.node is not None:
+            raise ValueError("nodes and node exclude each other: a gang job is placed on any nodes that fit")
         return self
+
+    @property
+    def total_gpus(self) -> int:
+        """The GPUs the job holds while it runs: ``gpu_count`` on each of its nodes."""
+        return self.gpu_count * self.nodes
 
 
 class LanguageModelJob(JobBase):
@@ -173,6 +191,8 @@ class DeployJob(JobBase):
     def _one_model(self) -> DeployJob:
         if not self.model_path and not self.source_job_id:
             raise ValueError("give model_path or source_job_id")
+        if self.nodes != 1:
+            raise ValueError("a deploy job runs on one node: nodes must be 1")
         return self
 
 

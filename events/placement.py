@@ -90,7 +90,21 @@ def never_fits(spec: JobBase, state: State) -> str | None:
     if not nodes:
         return None
     count = spec.gpu_count
-    if any(len(matching(spec, node.name, node.gpus)) >= count for node in nodes):
+    fitting = [node for node in nodes if len(matching(spec, node.name, node.gpus)) >= count]
+    if spec.nodes > 1:
+        if len(fitting) >= spec.nodes and any(node.addr for node in fitting):
+            return None
+        each = f"{count} GPU{'s' if count > 1 else ''} each" + (
+            f" of model {spec.gpu_model!r}" if spec.gpu_model else ""
+        )
+        memory = f", at least {spec.min_gpu_memory_mb} MB free per GPU" if spec.min_gpu_memory_mb else ""
+        if len(fitting) >= spec.nodes:
+            return f"no node that could be rank 0 of a {spec.nodes}-node job advertises an address (NODE_ADDR)"
+        return (
+            f"a {spec.nodes}-node job needs {spec.nodes} nodes with {each}{memory};"
+            f" {len(fitting)} of the cluster's {len(nodes)} nodes could ever give that"
+        )
+    if fitting:
         return None
     wanted = [f"{count} GPU{'s' if count > 1 else ''}"]
     if spec.gpu_model:

@@ -82,8 +82,11 @@ class Job(BaseModel):
     first_entry_id: str
     last_entry_id: str
     attempt: int = 0
-    node: str | None = None
+    node: str | None = None  # rank 0's, for a gang job
     gpu_ids: list[int] = Field(default_factory=list)
+    peers: list[m.Rank] = Field(default_factory=list)  # a gang job's other ranks, 1, 2, ...
+    ranks_started: list[int] = Field(default_factory=list)  # of a gang job's attempt
+    master_port: int | None = None
     queue_position_at_submit: int | None = None
     pid: int | None = None
     run_dir: str | None = None
@@ -132,6 +135,24 @@ class Job(BaseModel):
         return self.status == JobStatus.suspended
 
     @property
+    def ranks(self) -> list[m.Rank]:
+        """Where the attempt runs, rank by rank (one rank unless a gang job)."""
+        if self.node is None:
+            return []
+        return [m.Rank(node=self.node, gpu_ids=self.gpu_ids), *self.peers]
+
+    def gpus_on(self, node: str) -> list[int]:
+        """The GPUs the attempt holds on a node."""
+        return [index for rank in self.ranks if rank.node == node for index in rank.gpu_ids]
+
+    def runs_on(self, node: str) -> bool:
+        return any(rank.node == node for rank in self.ranks)
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(len(rank.gpu_ids) for rank in self.ranks)
+
+    @property
     def is_lora(self) -> bool:
         params = getattr(self.spec, "train_params", None)
         return params is not None and params.train_type == TrainType.lora
@@ -141,6 +162,7 @@ class Node(BaseModel):
     name: str
     simulated: bool
     gpus: list[m.GpuInfo]
+    addr: str | None = None  # NODE_ADDR: where other nodes reach it
     up: bool = True
     epoch: int = 1  # how many times the node has joined
     joined_at: datetime
@@ -505,7 +527,7 @@ def mark(job: Job | None) -> Mark | None:
         job.owner,
         job.team,
         job.status in QUEUED_FOR_QUOTA,
-        job.spec.gpu_count if holds else 0,
+        job.spec.total_gpus if holds else 0,
     )
 
 
@@ -545,6 +567,8 @@ def _reported(state: State, event: m.Message, *allowed: JobStatus) -> Job | None
         return None
     if job.stopping and getattr(event, "attempt", None) == job.attempt:
         return job
+    if job.status == JobStatus.scheduled and JobStatus.running in allowed and job.ranks_started:
+        return job  # a gang job's rank 0 may report before every other rank's start is in
     return _job(state, event, *allowed)
 
 
@@ -556,7 +580,7 @@ def _credit(state: State, job: Job, at: datetime) -> None:
     if seconds <= 0:
         return
     job.usage_mark = at
-    used = seconds * len(job.gpu_ids)
+    used = seconds * job.gpu_total
     keys = (user_key(job.owner),) if job.team is None else (user_key(job.owner), team_key(job.team))
     for key in keys:
         usage = state.usage.get(key)
@@ -567,9 +591,10 @@ def _credit(state: State, job: Job, at: datetime) -> None:
 
 def _release(state: State, job: Job, at: datetime) -> None:
     _credit(state, job, at)
-    for index in job.gpu_ids:
-        if state.allocations.get(gpu_key(job.node or "", index)) == job.job_id:
-            del state.allocations[gpu_key(job.node or "", index)]
+    for rank in job.ranks:
+        for index in rank.gpu_ids:
+            if state.allocations.get(gpu_key(rank.node, index)) == job.job_id:
+                del state.allocations[gpu_key(rank.node, index)]
 
 
 def _finish(state: State, job: Job, entry_id: str, event: m.Message, status: JobStatus) -> None:
@@ -623,18 +648,24 @@ def _queued(state: State, entry_id: str, event: m.JobQueued) -> None:
 
 def _scheduled(state: State, entry_id: str, event: m.JobScheduled) -> None:
     job = _job(state, event, JobStatus.queued)
-    node = state.nodes.get(event.node)
-    if node is None or not node.up:
-        raise IllegalTransition(f"job {job.job_id} scheduled on unknown or lost node {event.node}")
-    known = {gpu.index for gpu in node.gpus}
-    for index in event.gpu_ids:
-        holder = state.allocations.get(gpu_key(event.node, index))
-        if index not in known or holder is not None:
-            raise IllegalTransition(f"GPU {event.node}/{index} is not free (held by {holder})")
-    for index in event.gpu_ids:
-        state.allocations[gpu_key(event.node, index)] = job.job_id
+    ranks = [m.Rank(node=event.node, gpu_ids=event.gpu_ids), *event.peers]
+    if len(ranks) != job.spec.nodes or len({rank.node for rank in ranks}) != len(ranks):
+        raise IllegalTransition(f"job {job.job_id} needs {job.spec.nodes} distinct nodes, scheduled on {len(ranks)}")
+    for rank in ranks:
+        node = state.nodes.get(rank.node)
+        if node is None or not node.up:
+            raise IllegalTransition(f"job {job.job_id} scheduled on unknown or lost node {rank.node}")
+        known = {gpu.index for gpu in node.gpus}
+        for index in rank.gpu_ids:
+            holder = state.allocations.get(gpu_key(rank.node, index))
+            if index not in known or holder is not None:
+                raise IllegalTransition(f"GPU {rank.node}/{index} is not free (held by {holder})")
+    for rank in ranks:
+        for index in rank.gpu_ids:
+            state.allocations[gpu_key(rank.node, index)] = job.job_id
     job.status = JobStatus.scheduled
     job.node, job.gpu_ids, job.attempt = event.node, list(event.gpu_ids), event.attempt
+    job.peers, job.ranks_started, job.master_port = list(event.peers), [], event.master_port
     job.scheduled_at = job.usage_mark = event.at
     job.borrowing, job.preempted_jobs = event.borrowing, list(event.preempted)
     job.checkpoint_at = job.checkpoint_step = None
@@ -645,11 +676,24 @@ def _started(state: State, entry_id: str, event: m.JobStarted) -> None:
     job = _reported(state, event, JobStatus.scheduled)
     if job is None:
         return
-    _credit(state, job, event.at)
-    job.status = JobStatus.running
-    job.pid, job.run_dir, job.argv, job.env = event.pid, event.run_dir, list(event.argv), dict(event.env)
-    job.started_at = event.at
+    if event.rank >= job.spec.nodes or event.rank in job.ranks_started:
+        raise IllegalTransition(f"rank {event.rank} of job {job.job_id} started twice or is not one of its ranks")
+    job.ranks_started.append(event.rank)
+    if event.rank == 0:
+        job.pid, job.run_dir, job.argv, job.env = event.pid, event.run_dir, list(event.argv), dict(event.env)
+    if len(job.ranks_started) == job.spec.nodes:  # a gang job runs once every rank has started
+        _credit(state, job, event.at)
+        job.status = JobStatus.running
+        job.started_at = event.at
     job.last_entry_id = entry_id
+
+
+def _rank_ended(state: State, entry_id: str, event: m.RankEnded) -> None:
+    """Noted: for a failed rank, the scheduler's job.requeued or job.failed that follows ends
+    the attempt (and stops its other ranks)."""
+    job = _reported(state, event, *HOLDS_GPUS)
+    if job is not None:
+        job.last_entry_id = entry_id
 
 
 def _progress(state: State, entry_id: str, event: m.JobProgress) -> None:
@@ -854,6 +898,7 @@ def _node_joined(state: State, entry_id: str, event: m.NodeJoined) -> None:
         name=event.node,
         simulated=event.simulated,
         gpus=list(event.gpus),
+        addr=event.addr,
         joined_at=event.at,
         epoch=previous.epoch + (0 if previous.up else 1) if previous else 1,
     )
@@ -883,6 +928,7 @@ _HANDLERS = {
     m.JobCancelRequested: _cancel_requested,
     m.JobPriorityChanged: _priority_changed,
     m.JobLost: _lost,
+    m.RankEnded: _rank_ended,
     m.JobRequeued: _requeued,
     m.JobDeleted: _deleted,
     m.JobCancelled: _cancelled,

@@ -5,6 +5,8 @@ An invalid setting stops the process at start with a message naming it.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import re
 import socket
@@ -21,6 +23,11 @@ from events.keys import Keys
 from events.policy import Policy
 from events.quotas import Quotas
 from services import host_secrets
+
+# A host name as RFC 1123 spells one: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 class ConfigError(Exception):
@@ -70,6 +77,9 @@ class Settings(BaseSettings):
     # then accepted from admins only.
     allow_code_flags: bool = False
     node_name: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9_.-]+$")
+    # Where the other nodes reach this one (an IP address or host name), advertised in its
+    # heartbeats: a gang job's rank 0 node is its ranks' MASTER_ADDR. Unset: not a rank 0 node.
+    node_addr: str | None = None
     instance: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         pattern=r"^[A-Za-z0-9_.:-]+$",
@@ -97,6 +107,9 @@ class Settings(BaseSettings):
 
     swift_bin: str = "swift"
     deploy_port_range: str = Field("20000-20999", pattern=r"^\d{2,5}-\d{2,5}$")
+    # torchrun's rendezvous port of each attempt on several GPUs or nodes (MASTER_PORT), chosen by
+    # the scheduler and recorded in the log.
+    rendezvous_port_range: str = Field("29500-29999", pattern=r"^\d{2,5}-\d{2,5}$")
     job_omp_num_threads: int = Field(1, ge=1)
     job_log_maxlen: int = Field(10_000, ge=100)
     telemetry_maxlen: int = Field(10_000, ge=100)
@@ -145,6 +158,19 @@ class Settings(BaseSettings):
         if info.data.get("redis_url") or info.data.get("redis_host"):
             raise ValueError("set either REDIS_SENTINELS or REDIS_URL/REDIS_HOST, not both")
         parse_sentinels(value)
+        return value
+
+    @field_validator("node_addr")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        """An IP address, or a host name the other nodes resolve."""
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(value))
+        if not _HOST_NAME.match(value):
+            raise ValueError(f"{value!r} is neither an IP address nor a host name")
         return value
 
     @field_validator("api_prefix")
@@ -257,8 +283,11 @@ class Settings(BaseSettings):
 
     @property
     def deploy_ports(self) -> range:
-        low, high = (int(part) for part in self.deploy_port_range.split("-"))
-        return range(low, high + 1)
+        return _port_range(self.deploy_port_range)
+
+    @property
+    def rendezvous_ports(self) -> range:
+        return _port_range(self.rendezvous_port_range)
 
     @property
     def archive_dir(self) -> Path:
@@ -271,6 +300,11 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.data_dir / "runs"
+
+
+def _port_range(text: str) -> range:
+    low, high = (int(part) for part in text.split("-"))
+    return range(low, high + 1)
 
 
 def _redis_url(host: str, port: int, db: int, password: str) -> str:

@@ -83,9 +83,12 @@ def build_launch(
     omp_num_threads: int,
     port: int | None = None,
     resume_from: str | None = None,
+    rank: int = 0,
+    master_addr: str | None = None,
+    master_port: int | None = None,
 ) -> Launch:
     job_dir = runs_dir.resolve() / job_id
-    run_dir = job_dir / f"attempt-{attempt}"
+    run_dir = job_dir / (f"attempt-{attempt}" + (f"-rank{rank}" if rank else ""))
     env = {
         "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids),
         # CUDA numbers GPUs fastest first unless told otherwise; NVML (and so the scheduler)
@@ -124,8 +127,7 @@ def build_launch(
 
     params = spec.train_params
     output_dir = Path(spec.output_dir).resolve() if spec.output_dir else job_dir / "output"
-    if len(gpu_ids) > 1:
-        env["NPROC_PER_NODE"] = str(len(gpu_ids))  # swift launches through torchrun
+    env.update(torchrun_env(spec.nodes, rank, len(gpu_ids), master_addr, master_port))
     argv = [
         swift,
         "sft",
@@ -153,6 +155,22 @@ def build_launch(
         ]
     argv += extra_flags(dict(params.extra_args))
     return Launch(argv, env, run_dir, output_dir, time_limit_s=spec.time_limit_s)
+
+
+def torchrun_env(
+    nodes: int, rank: int, processes: int, master_addr: str | None, master_port: int | None
+) -> dict[str, str]:
+    """What makes `swift` launch its trainer through torchrun, as ms-swift reads it: one process
+    per GPU, and for a gang job its node's rank and rank 0's rendezvous address. None for one
+    process on one node."""
+    if nodes == 1 and processes == 1:
+        return {}
+    env = {"NPROC_PER_NODE": str(processes)}
+    if master_port is not None:
+        env["MASTER_PORT"] = str(master_port)  # torchrun's default, 29500, is one per host
+    if nodes > 1:
+        env.update(NNODES=str(nodes), NODE_RANK=str(rank), MASTER_ADDR=master_addr or "127.0.0.1")
+    return env
 
 
 # The service's own secrets: a job runs what its user chose (a dataset's loader, a model's code),

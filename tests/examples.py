@@ -42,6 +42,7 @@ def examples() -> list[m.Message]:
         m.JobDeleted(**job),
         m.JobRequeued(attempt=1, reason="node_lost", **job),
         m.JobLost(attempt=1, message="Killed", **job),
+        m.RankEnded(attempt=1, rank=1, node="n2", exit_code=1, failed=True, reason="oom", message="OOM", **job),
         m.ProcessQueue(actor="bob"),
         m.StartJob(attempt=1, node="n1", gpu_ids=[0, 1], spec=LM, **job),
         m.StopJob(attempt=1, reason="cancel", **job),
@@ -50,6 +51,15 @@ def examples() -> list[m.Message]:
         m.JobRejected(reason="unsatisfiable", message="too many GPUs", **job),
         m.JobQueued(position=3, **job),
         m.JobScheduled(node="n1", gpu_ids=[0], attempt=1, **job),
+        m.JobScheduled(
+            node="n1",
+            gpu_ids=[0, 1],
+            attempt=2,
+            peers=[m.Rank(node="n2", gpu_ids=[2, 3])],
+            master_addr="10.0.0.1",
+            master_port=29501,
+            **job,
+        ),
         m.JobStarted(
             attempt=1, node="n1", pid=10, pgid=10, run_dir="/r", argv=["swift", "sft"], cuda_visible_devices="0", **job
         ),

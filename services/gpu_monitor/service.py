@@ -25,7 +25,11 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
             if reading.degraded:
                 log.warning("degraded GPU reading", problems=reading.degraded)
             beat = NodeHeartbeat(
-                node=settings.node_name, simulated=source.simulated, gpus=reading.gpus, degraded=reading.degraded
+                node=settings.node_name,
+                simulated=source.simulated,
+                gpus=reading.gpus,
+                degraded=reading.degraded,
+                addr=settings.node_addr,
             )
             await bus.append(bus.keys.telemetry, beat, maxlen=settings.telemetry_maxlen)
             await anyio.sleep(settings.heartbeat_interval_s)

@@ -116,8 +116,8 @@ class Runner:
             record = RunRecord.from_redis(fields)
             if record.node != self.settings.node_name or (record.job_id, record.attempt) in self.runs:
                 continue
-            if key != self.bus.keys.run(record.job_id, record.attempt):
-                await self.bus.redis.rename(key, self.bus.keys.run(record.job_id, record.attempt))
+            if key != (own := self.bus.keys.run(record.job_id, record.attempt, record.rank)):
+                await self.bus.redis.rename(key, own)
             log.info("adopting job", job_id=record.job_id, pid=record.pid)
             self._track(record, fields)
 
@@ -138,7 +138,7 @@ class Runner:
                 # Its start has not been handled (it failed and waits to be retried): remember
                 # the stop, so that the start reports the job cancelled instead of running it.
                 await self.bus.redis.hset(
-                    self.bus.keys.run(message.job_id or "", message.attempt),
+                    self.bus.keys.run(message.job_id or "", message.attempt, message.rank),
                     mapping={"stop_reason": message.reason, "stop_attempt": message.attempt},
                 )
             return None
@@ -149,9 +149,10 @@ class Runner:
         job_id = command.job_id or ""
         run = self.runs.get((job_id, command.attempt))
         if run is None:
-            key = self.bus.keys.run(job_id, command.attempt)
+            key = self.bus.keys.run(job_id, command.attempt, command.rank)
             early = await self.bus.redis.hgetall(key)
-            end = {"id": f"{job_id}-{command.attempt}-final", "job_id": job_id, "attempt": command.attempt}
+            rank = f"rank{command.rank}-" if command.rank else ""
+            end = {"id": f"{job_id}-{command.attempt}-{rank}final", "job_id": job_id, "attempt": command.attempt}
             stop = early.get("stop_reason") if early.get("stop_attempt") == str(command.attempt) else None
             stop = stop or await self._stop_follows(delivery, command)
             if stop and "record" not in early and not await self._running(command):
@@ -243,18 +244,25 @@ class Runner:
             omp_num_threads=self.settings.job_omp_num_threads,
             port=self._deploy_port() if command.spec.task_type == "deploy" else None,
             resume_from=command.resume_from,
+            rank=command.rank,
+            master_addr=command.master_addr,
+            master_port=command.master_port,
         )
         running = find_running(job_tag(job_id, command.attempt))
         if running is not None:
             log.warning("found the job already running; adopting it", job_id=job_id, pid=running.pid)
-            return record_for(launch, job_id, command.attempt, command.node, running.pid, running.create_time()), None
+            rank, nodes = command.rank, command.spec.nodes
+            record = record_for(
+                launch, job_id, command.attempt, command.node, running.pid, running.create_time(), rank, nodes
+            )
+            return record, None
         # Checked at submit; checked again now, as a directory may have been swapped for a
         # symlink to elsewhere in between (a held job can wait for days).
         settings = self.settings
         check_spec_paths(command.spec, settings.roots, settings.data_dir, settings.private_dirs)
         if command.spec.output_dir:
             make_dir_inside(launch.output_dir, settings.roots, "output_dir", settings.private_dirs)
-        record, process = spawn(launch, job_id, command.attempt, command.node)
+        record, process = spawn(launch, job_id, command.attempt, command.node, command.rank, command.spec.nodes)
         log.info("started job", job_id=job_id, pid=record.pid, argv=launch.argv)
         return record, process
 

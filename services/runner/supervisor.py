@@ -86,6 +86,12 @@ class RunRecord:
     endpoint: str = ""
     time_limit_s: float | None = None
     gpus: str = ""  # CUDA_VISIBLE_DEVICES: NVML indices
+    rank: int = 0  # of a gang job
+    nodes: int = 1  # a gang job's ranks
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.job_id, self.attempt)
 
     def to_redis(self) -> dict[str, str]:
         return {"record": json.dumps(asdict(self))}
@@ -101,10 +107,16 @@ def recorded_command(record: RunRecord) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"argv": [], "env": {}}
 
 
+def fact_id(record: RunRecord, what: str) -> str:
+    """A fixed id for a fact of the attempt's (rank's) life: reported twice, it is appended once."""
+    return f"{record.job_id}-{record.attempt}-" + (f"rank{record.rank}-" if record.rank else "") + what
+
+
 def started_event(record: RunRecord, command: dict[str, Any], gpus: str) -> m.JobStarted:
     # A fixed id: a redelivered start re-reports the same fact, which the commit's dedupe drops.
     return m.JobStarted(
-        id=f"{record.job_id}-{record.attempt}-started",
+        id=fact_id(record, "started"),
+        rank=record.rank,
         job_id=record.job_id,
         attempt=record.attempt,
         node=record.node,
@@ -122,8 +134,12 @@ def job_tag(job_id: str, attempt: int) -> str:
     return f"{job_id}:{attempt}"
 
 
-def record_for(launch: Launch, job_id: str, attempt: int, node: str, pid: int, started_at: float) -> RunRecord:
+def record_for(
+    launch: Launch, job_id: str, attempt: int, node: str, pid: int, started_at: float, rank: int = 0, nodes: int = 1
+) -> RunRecord:
     return RunRecord(
+        rank=rank,
+        nodes=nodes,
         job_id=job_id,
         attempt=attempt,
         node=node,
@@ -139,7 +155,9 @@ def record_for(launch: Launch, job_id: str, attempt: int, node: str, pid: int, s
     )
 
 
-def spawn(launch: Launch, job_id: str, attempt: int, node: str) -> tuple[RunRecord, subprocess.Popen[bytes]]:
+def spawn(
+    launch: Launch, job_id: str, attempt: int, node: str, rank: int = 0, nodes: int = 1
+) -> tuple[RunRecord, subprocess.Popen[bytes]]:
     """Start the process in a new session (its own process group) writing to the run dir."""
     launch.run_dir.mkdir(parents=True, exist_ok=True)
     launch.output_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +176,7 @@ def spawn(launch: Launch, job_id: str, attempt: int, node: str) -> tuple[RunReco
             start_new_session=True,
         )
     CHILDREN.add(process)
-    return record_for(launch, job_id, attempt, node, process.pid, time.time()), process
+    return record_for(launch, job_id, attempt, node, process.pid, time.time(), rank, nodes), process
 
 
 GpuProbe = Callable[[list[int]], set[int]]  # GPU indices -> pids NVML lists on them
@@ -223,12 +241,16 @@ class JobRun:
     def common(self) -> dict[str, Any]:
         return {"job_id": self.record.job_id}
 
+    @property
+    def run_key(self) -> str:
+        return self.bus.keys.run(self.record.job_id, self.record.attempt, self.record.rank)
+
     async def request_stop(self, reason: str) -> None:
         """SIGTERM the whole group (a checkpoint is saved), SIGKILL after the grace period."""
         if self.stop_reason is not None:
             return
         # Recorded first: a runner that adopts the job after a crash knows why it ends.
-        await self.bus.redis.hset(self.bus.keys.run(self.record.job_id, self.record.attempt), "stop_reason", reason)
+        await self.bus.redis.hset(self.run_key, "stop_reason", reason)
         self.stop_reason = reason
         self.stop_deadline = time.monotonic() + self.stop_grace_s
         self.stop_requested.set()
@@ -313,14 +335,14 @@ class JobRun:
         facts += progress
         if not lines and not facts and rows_end == self.rows.offset:
             return False
-        logs_key = self.bus.keys.logs(self.record.job_id)
+        logs_key = self.bus.keys.logs(self.record.job_id, self.record.rank)
         async with self.bus.redis.pipeline(transaction=True) as pipe:
             for fd, line in lines:
                 pipe.xadd(logs_key, {"fd": fd, "line": line[:8192]}, maxlen=self.log_maxlen, approximate=True)
             if facts:
                 await self.bus.append_events(facts, client=pipe)
             pipe.hset(
-                self.bus.keys.run(self.record.job_id, self.record.attempt),
+                self.run_key,
                 mapping={
                     "stdout_offset": out_end,
                     "stderr_offset": err_end,
@@ -340,8 +362,8 @@ class JobRun:
         and whether rows were left for the next commit. Every row ms-swift logged is a fact of
         its own, in the order it was written: the loss curve, the timeline and replay show each
         step."""
-        if self.record.deploy:
-            return [], self.rows.offset, self.checkpoints, False
+        if self.record.deploy or self.record.rank:
+            return [], self.rows.offset, self.checkpoints, False  # a gang job's rank 0 reports its progress
         if self.version_dir is None:
             before = recorded_command(self.record).get("version_dirs_before", [])
             self.version_dir = find_version_dir(Path(self.record.output_dir), self.record.started_at, before)
@@ -400,20 +422,52 @@ class JobRun:
         # The final fact has a fixed id: reporting it twice (a crash before the record is deleted)
         # appends it once.
         await self.bus.commit([Append(self.bus.keys.events, final)], dedupe_id=f"fact:{final.id}")
-        await self.bus.redis.delete(self.bus.keys.run(self.record.job_id, self.record.attempt))
+        await self.bus.redis.delete(self.run_key)
         CHILDREN.forget(self.record.pid)
         log.info("job ended", job_id=self.record.job_id, outcome=final.type, exit_code=exit_code)
 
     def outcome(self, exit_code: int | None) -> m.Message:
-        common = {
-            "id": f"{self.record.job_id}-{self.record.attempt}-final",
-            "attempt": self.record.attempt,
-            **self.common(),
-        }
+        common = {"id": fact_id(self.record, "final"), "attempt": self.record.attempt, **self.common()}
         # Enough lines for a whole traceback to classify the failure; the event keeps the last ones.
         stderr = tail_lines(Path(self.record.run_dir) / "stderr.log", CLASSIFY_LINES)
         stderr_tail = stderr[-STDERR_TAIL_LINES:]
         failed = {"exit_code": exit_code, "stderr_tail": stderr_tail, **common}
+        if self.record.rank:
+            return self._rank_ended(exit_code, stderr, common)
+        outcome = self._outcome(exit_code, stderr, failed, common)
+        if self.record.nodes > 1 and self.stop_reason is None and isinstance(outcome, (m.JobFailed, m.JobLost)):
+            # A gang job's rank 0 that failed by itself fails the attempt as a whole, which the
+            # scheduler stops everywhere and retries (its other ends are the job's)
+            reason = outcome.reason if isinstance(outcome, m.JobFailed) else "runner_lost"
+            return m.RankEnded(
+                rank=0,
+                node=self.record.node,
+                exit_code=exit_code,
+                failed=True,
+                reason=reason,
+                message=outcome.message,
+                stderr_tail=stderr_tail,
+                **common,
+            )
+        return outcome
+
+    def _rank_ended(self, exit_code: int | None, stderr: list[str], common: dict[str, Any]) -> m.RankEnded:
+        """A gang job's rank other than 0: ended as told (or with the job), or failed by itself,
+        which fails the attempt as a whole."""
+        ended = {"rank": self.record.rank, "node": self.record.node, "exit_code": exit_code, **common}
+        if self.stop_reason is not None or exit_code == 0:
+            return m.RankEnded(**ended)
+        return m.RankEnded(
+            failed=True,
+            reason=classify_failure(exit_code, stderr, stopped_by_us=False) if exit_code is not None else "runner_lost",
+            message=failure_message(stderr) or f"exited with code {exit_code}",
+            stderr_tail=stderr[-STDERR_TAIL_LINES:],
+            **ended,
+        )
+
+    def _outcome(
+        self, exit_code: int | None, stderr: list[str], failed: dict[str, Any], common: dict[str, Any]
+    ) -> m.Message:
         if self.stop_reason == "cancel":
             last = self.checkpoints[-1] if self.checkpoints else None
             return m.JobCancelled(exit_code=exit_code, last_checkpoint=last, **common)

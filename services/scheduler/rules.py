@@ -42,6 +42,7 @@ class Limits(Policy):
     # How long past its time limit a job may hold its GPUs (it is stopped gracefully): a job is
     # backfilled only if its limit plus this ends before the blocked job's estimated start
     backfill_margin_s: float = 0.0
+    rendezvous_ports: range = range(29500, 30000)  # torchrun's MASTER_PORT, one per attempt and node
 
 
 def submit(
@@ -87,7 +88,7 @@ def _queue(state: State, limits: Limits, accepted: m.JobAccepted | None, skip: f
 
 
 def _over_quota(state: State, accepted: m.JobAccepted) -> bool:
-    return gpus_quota_block(state, accepted.actor or ANONYMOUS, accepted.team, accepted.spec.gpu_count) is not None
+    return gpus_quota_block(state, accepted.actor or ANONYMOUS, accepted.team, accepted.spec.total_gpus) is not None
 
 
 def _joined(queue: Iterator[Job], accepted: m.JobAccepted, seq: int) -> Iterator[Job]:
@@ -132,10 +133,21 @@ def cancel(state: State, keys: Keys, command: m.CancelJob) -> list[Append]:
     if job.status in (JobStatus.pending, JobStatus.held, JobStatus.queued, *YIELDED):
         # (an attempt still stopping after giving up its GPUs was told to stop already)
         return [Append(keys.events, m.JobCancelled(**common))]
-    stop = Append(keys.node(job.node or ""), m.StopJob(attempt=job.attempt, reason="cancel", **common))
+    stops = _stops(keys, job, "cancel", common)
     if job.cancel_requested:
-        return [stop]  # asked again: the runner's stop is idempotent, and a stop may have been lost
-    return [Append(keys.events, m.JobCancelRequested(reason=command.reason, **common)), stop]
+        return stops  # asked again: the runner's stop is idempotent, and a stop may have been lost
+    return [Append(keys.events, m.JobCancelRequested(reason=command.reason, **common)), *stops]
+
+
+def _stops(
+    keys: Keys, job: Job, reason: str, common: Mapping[str, str | None], *, skip_rank: int | None = None
+) -> list[Append]:
+    """A stop of the job's attempt to the runner of each of its ranks (one, unless a gang)."""
+    return [
+        Append(keys.node(rank.node), m.StopJob(attempt=job.attempt, reason=reason, rank=index, **common))  # type: ignore[arg-type]
+        for index, rank in enumerate(job.ranks)
+        if index != skip_rank
+    ]
 
 
 def suspend(state: State, keys: Keys, command: m.SuspendJob) -> list[Append]:
@@ -146,7 +158,7 @@ def suspend(state: State, keys: Keys, command: m.SuspendJob) -> list[Append]:
     common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     return [
         Append(keys.events, m.JobSuspended(attempt=job.attempt, **common)),
-        Append(keys.node(job.node or ""), m.StopJob(attempt=job.attempt, reason="suspend", **common)),
+        *_stops(keys, job, "suspend", common),
     ]
 
 
@@ -221,7 +233,32 @@ def react(state: State, keys: Keys, event: m.Message) -> list[Append]:
         if job is None or job.status not in HOLDS_GPUS or job.attempt != event.attempt:
             return []  # a report of an attempt already ended: the fold ignored it too
         message = "the job ended while no runner watched it" + (f": {event.message}" if event.message else "")
-        return [_retry_or_fail(keys, job, "runner_lost", message, event)]
+        gang = _stops(keys, job, "preempt", {"job_id": job.job_id, "causation_id": event.id}) if job.peers else []
+        return [_retry_or_fail(keys, job, "runner_lost", message, event), *gang]
+    if isinstance(event, m.RankEnded):
+        job = state.jobs.get(event.job_id or "")
+        if (
+            not event.failed
+            or job is None
+            or job.status not in HOLDS_GPUS
+            or job.attempt != event.attempt
+            or job.stopping
+            or job.cancel_requested
+        ):
+            return []  # a rank that ended as told, or of an attempt already ended
+        # The whole attempt goes: every other rank is stopped, and the job runs again from its
+        # last checkpoint while it has retries, else fails with this rank's reason.
+        what = event.message or f"exited with code {event.exit_code}"
+        message = f"rank {event.rank} on node {event.node} failed: {what}"
+        common = {"job_id": job.job_id, "causation_id": event.id}
+        failed = _retry_or_fail(keys, job, event.reason or "unknown", message, event)
+        return [failed, *_stops(keys, job, "preempt", common, skip_rank=event.rank)]
+    if isinstance(event, m.JobFailed) and event.causation_id is None:
+        # A gang job's rank 0 failed by itself (a time limit, a refused start): the other ranks
+        # are told to stop. (The scheduler's own job.failed has stopped them already.)
+        job = state.jobs.get(event.job_id or "")
+        if job is not None and job.peers and job.attempt == event.attempt:
+            return _stops(keys, job, "cancel", {"job_id": job.job_id, "causation_id": event.id}, skip_rank=0)
     if isinstance(event, m.JobSucceeded):
         job = state.jobs.get(event.job_id or "")
         spec = job.spec if job else None
@@ -313,11 +350,11 @@ def lose_node(state: State, keys: Keys, node: str, cause: m.Message, reason: str
         if job.node == node and job.stopping:
             decided.append(_stopped(keys, job, reason, cause))  # no report will come: stop waiting
             continue
-        if job.node != node or job.status not in HOLDS_GPUS:
+        if job.status not in HOLDS_GPUS or not job.runs_on(node):
             continue
         decided.append(_retry_or_fail(keys, job, reason, f"{what} stopped sending heartbeats", cause))
-        common = {"job_id": job.job_id, "causation_id": cause.id}
-        decided.append(Append(keys.node(node), m.StopJob(attempt=job.attempt, reason="preempt", **common)))
+        # Every rank is told to stop: the others now, this node's should it come back.
+        decided += _stops(keys, job, "preempt", {"job_id": job.job_id, "causation_id": cause.id})
     decided.append(Append(keys.events, m.NodeLost(node=node, reason=reason, causation_id=cause.id)))
     return decided
 
@@ -355,12 +392,18 @@ def node_changes(state: State, heartbeat: m.NodeHeartbeat) -> list[m.Message]:
     inventory = [
         m.GpuInfo(index=g.index, uuid=g.uuid, name=g.name, memory_total_mb=g.memory_total_mb) for g in heartbeat.gpus
     ]
-    if known is not None and known.up and known.gpus == inventory and known.simulated == heartbeat.simulated:
+    if (
+        known is not None
+        and known.up
+        and known.gpus == inventory
+        and known.simulated == heartbeat.simulated
+        and known.addr == heartbeat.addr
+    ):
         return []
     held = {int(key.split("/")[1]) for key in state.allocations if key.split("/")[0] == heartbeat.node}
     if not held <= {gpu.index for gpu in inventory}:
         return []
-    return [m.NodeJoined(node=heartbeat.node, simulated=heartbeat.simulated, gpus=inventory)]
+    return [m.NodeJoined(node=heartbeat.node, simulated=heartbeat.simulated, gpus=inventory, addr=heartbeat.addr)]
 
 
 def usable_gpus(
@@ -412,6 +455,58 @@ def place(job: Job, usable: Mapping[str, Sequence[m.GpuInfo]]) -> tuple[str, lis
     return None if best is None else (best[0][2], best[1])
 
 
+Placement = list[tuple[str, list[int]]]  # (node, GPU indices) of each rank, rank 0 first
+
+
+def place_job(state: State, job: Job, usable: Mapping[str, Sequence[m.GpuInfo]]) -> Placement | None:
+    """Where the job's ranks fit best, all of them or none. A gang job takes the ``nodes`` best
+    nodes by :func:`place`'s measure, rank 0 on the best that advertises an address."""
+    if job.spec.nodes == 1:
+        single = place(job, usable)
+        return None if single is None else [single]
+    options = []
+    for name, gpus in usable.items():
+        one = place(job, {name: gpus})
+        if one is not None:
+            chosen = [gpu for gpu in gpus if gpu.index in one[1]]
+            options.append(((len(gpus) - len(chosen), -sum(free_mb(gpu) for gpu in chosen), name), one))
+    if len(options) < job.spec.nodes:
+        return None
+    options.sort()
+    first = next((i for i, (_, (name, _)) in enumerate(options) if state.nodes[name].addr), None)
+    if first is None:
+        return None  # no node of these could be its rank 0: none says where to reach it
+    ranks = [options[first][1]] + [one for i, (_, one) in enumerate(options) if i != first]
+    return ranks[: job.spec.nodes]
+
+
+def _master_port(
+    state: State, job: Job, attempt: int, node: str, limits: Limits, taken: dict[str, set[int]]
+) -> int | None:
+    """torchrun's rendezvous port for the attempt on its rank 0 node: one that no other attempt
+    there holds, from a start that depends on the job (so that a job's attempt after a stopped
+    one, still exiting, is unlikely to meet its port). None for a process of its own (one GPU on
+    one node, or a deploy)."""
+    if job.spec.task_type == "deploy" or job.spec.total_gpus == 1:
+        return None
+    ports = limits.rendezvous_ports
+    if node not in taken:
+        holders = {holder for key, holder in state.allocations.items() if key.partition("/")[0] == node}
+        taken[node] = {port for holder in holders if (port := state.jobs[holder].master_port) is not None}
+    used = taken[node]
+    first = int(job.job_id[:8], 16) if len(job.job_id) >= 8 and _is_hex(job.job_id[:8]) else sum(map(ord, job.job_id))
+    for step in range(len(ports)):
+        port = ports[(first + attempt + step) % len(ports)]
+        if port not in used:
+            used.add(port)
+            return port
+    return None  # every port of the range is held: torchrun's default
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
 def schedule(
     state: State,
     keys: Keys,
@@ -445,6 +540,7 @@ def schedule(
     decisions: list[Append] = []
     backfill_until: float | None = None  # seconds from now by which a backfilled job must end
     taken: dict[str, int] = {}  # GPUs handed out within quota in this pass, per user and team
+    ports: dict[str, set[int]] = {}  # rendezvous ports held per node, as handed out in this pass
     blocked_in_quota = False
     victims = _Victims(state, limits, now) if limits.preemption or limits.borrowing else None
     for job in queue:
@@ -458,14 +554,14 @@ def schedule(
             continue
         if quotas and gpu_quota_block(state, job, taken):
             continue  # waits for its quota: it holds up no one
-        placement = place(job, usable)
+        placement = place_job(state, job, usable)
         if placement is None and backfill_until is not None:
             continue  # a backfill candidate that does not fit
         preempted: list[Job] = []
         if placement is None:
             if freeable is None:
                 freeable = freeable_gpus(state, heartbeats, offered, limits.foreign_memory_threshold_mb)
-            if place(job, freeable) is None:
+            if place_job(state, job, freeable) is None:
                 passed_over.add(placement_request(job))
                 continue  # it waits on nothing our jobs hold: it holds up no one
             found = victims.choose(job, usable, freeable) if victims is not None else None
@@ -479,13 +575,14 @@ def schedule(
                 backfill_until = blocked.start_in_s
                 queue = itertools.islice(queue, BACKFILL_SCAN)
                 continue
-            placement, preempted = found
+            (node, gpu_ids), preempted = found
+            placement = [(node, gpu_ids)]
             decisions += _preempt(keys, job, preempted, victims, cause) if victims is not None else []
         if quotas:
             charge(taken, job)
-        decisions += _start(keys, job, placement, cause, usable, preempted=preempted)
+        decisions += _start(state, keys, limits, job, placement, cause, usable, ports, preempted=preempted)
     if quotas and limits.borrowing and not blocked_in_quota and any(usable.values()):
-        decisions += _borrow(state, keys, limits, accepted, cause, usable, decisions)
+        decisions += _borrow(state, keys, limits, accepted, cause, usable, decisions, ports)
     return decisions
 
 
@@ -497,6 +594,7 @@ def _borrow(
     cause: m.Message,
     usable: dict[str, list[m.GpuSample]],
     decided: Sequence[Append],
+    ports: dict[str, set[int]],
 ) -> list[Append]:
     """Jobs over quota started, in queue order, on the GPUs a pass left over (no job within quota
     was blocked). Every job of the queue not started by the pass is tried: one within quota that
@@ -508,38 +606,62 @@ def _borrow(
             break
         if job.job_id in started or not job.spec.preemptible or job.preemptions >= limits.max_preemptions:
             continue
-        placement = place(job, usable)
+        placement = place_job(state, job, usable)
         if placement is not None:
-            decisions += _start(keys, job, placement, cause, usable, borrowing=True)
+            decisions += _start(state, keys, limits, job, placement, cause, usable, ports, borrowing=True)
     return decisions
 
 
 def _start(
+    state: State,
     keys: Keys,
+    limits: Limits,
     job: Job,
-    placement: tuple[str, list[int]],
+    placement: Placement,
     cause: m.Message,
     usable: dict[str, list[m.GpuSample]],
+    ports: dict[str, set[int]],
     *,
     borrowing: bool = False,
     preempted: Sequence[Job] = (),
 ) -> list[Append]:
-    node, gpu_ids = placement
-    usable[node] = [gpu for gpu in usable.get(node, []) if gpu.index not in gpu_ids]
+    """The job's next attempt: its facts, and a start to the runner of each of its ranks."""
+    for node, gpu_ids in placement:
+        usable[node] = [gpu for gpu in usable.get(node, []) if gpu.index not in gpu_ids]
     attempt = job.attempt + 1
     common = {"job_id": job.job_id, "causation_id": cause.id}
+    (node, gpu_ids), peers = placement[0], [m.Rank(node=n, gpu_ids=ids) for n, ids in placement[1:]]
+    master_addr = state.nodes[node].addr if peers else None
+    master_port = _master_port(state, job, attempt, node, limits, ports)
     scheduled = m.JobScheduled(
         node=node,
         gpu_ids=gpu_ids,
         attempt=attempt,
         borrowing=borrowing,
         preempted=[victim.job_id for victim in preempted],
+        peers=peers,
+        master_addr=master_addr,
+        master_port=master_port,
         **common,
     )
-    start = m.StartJob(
-        attempt=attempt, node=node, gpu_ids=gpu_ids, spec=job.spec, resume_from=job.last_checkpoint, **common
-    )
-    return [Append(keys.events, scheduled), Append(keys.node(node), start)]
+    starts = [
+        Append(
+            keys.node(rank_node),
+            m.StartJob(
+                attempt=attempt,
+                node=rank_node,
+                gpu_ids=rank_gpus,
+                spec=job.spec,
+                resume_from=job.last_checkpoint,
+                rank=rank,
+                master_addr=master_addr,
+                master_port=master_port,
+                **common,
+            ),
+        )
+        for rank, (rank_node, rank_gpus) in enumerate(placement)
+    ]
+    return [Append(keys.events, scheduled), *starts]
 
 
 def _preempt(keys: Keys, job: Job, preempted: Sequence[Job], victims: _Victims, cause: m.Message) -> list[Append]:
@@ -553,9 +675,7 @@ def _preempt(keys: Keys, job: Job, preempted: Sequence[Job], victims: _Victims, 
         common = {"job_id": victim.job_id, "causation_id": cause.id}
         fact = m.JobPreempted(attempt=victim.attempt, by_job_id=job.job_id, reason=reason, step=step, **common)
         decided.append(Append(keys.events, fact))
-        decided.append(
-            Append(keys.node(victim.node or ""), m.StopJob(attempt=victim.attempt, reason="preempt", **common))
-        )
+        decided += _stops(keys, victim, "preempt", common)
     return decided
 
 
@@ -585,7 +705,7 @@ class _Victims:
         """What preempting a victim costs, lowest first: borrowing ones first, then by priority,
         by the GPU-seconds run since its last checkpoint, and the most recently started."""
         since = max(filter(None, (victim.started_at, victim.checkpoint_at)))
-        gpu_seconds = max(0.0, (self.now - since).total_seconds()) * len(victim.gpu_ids)
+        gpu_seconds = max(0.0, (self.now - since).total_seconds()) * victim.gpu_total
         started = victim.started_at.timestamp() if victim.started_at else 0.0
         return (0 if self.limits.borrowing and victim.borrowing else 1, victim.priority, gpu_seconds, -started)
 
@@ -594,10 +714,14 @@ class _Victims:
     ) -> tuple[tuple[str, list[int]], list[Job]] | None:
         """The placement and victims that let the job start now at the least loss, or None when
         no set of victims it may preempt would. Never a useless victim: each one chosen is needed."""
+        if job.spec.nodes > 1:
+            return None  # a gang job waits for its nodes: it preempts no one
         candidates: dict[str, list[Job]] = {}
         for victim in self.running:
-            if victim.node in freeable and self.may_preempt(job, victim):
-                candidates.setdefault(victim.node or "", []).append(victim)
+            if self.may_preempt(job, victim):
+                for rank in victim.ranks:
+                    if rank.node in freeable:
+                        candidates.setdefault(rank.node, []).append(victim)
         best: tuple[tuple[object, ...], tuple[str, list[int]], list[Job]] | None = None
         for node, found in candidates.items():
             found.sort(key=self.loss)
@@ -607,7 +731,7 @@ class _Victims:
             placement = None
             for victim in found:
                 chosen.append(victim)
-                pool += [gpus[i] for i in victim.gpu_ids if i in gpus]
+                pool += [gpus[i] for i in victim.gpus_on(node) if i in gpus]
                 placement = place(job, {node: pool})
                 if placement is not None:
                     break
@@ -615,7 +739,7 @@ class _Victims:
                 continue
             for victim in sorted(chosen, key=self.loss, reverse=True):  # drop the ones not needed
                 rest = [v for v in chosen if v is not victim]
-                without = list(usable.get(node, [])) + [gpus[i] for v in rest for i in v.gpu_ids if i in gpus]
+                without = list(usable.get(node, [])) + [gpus[i] for v in rest for i in v.gpus_on(node) if i in gpus]
                 if len(rest) and (fit := place(job, {node: without})) is not None:
                     chosen, placement = rest, fit
             cost = (

@@ -142,6 +142,7 @@ class Scheduler:
             node_timeout_s=settings.node_timeout_s,
             backfill=settings.backfill,
             backfill_margin_s=settings.stop_grace_s,
+            rendezvous_ports=settings.rendezvous_ports,
         )
         self.last_heard: dict[str, datetime] = {}
         self.runner_heard: dict[str, datetime] = {}  # node -> when its runner was last heard
