@@ -357,10 +357,11 @@ async def job_progress(request: Request) -> JSONResponse:
 async def job_logs(request: Request) -> JSONResponse:
     job = _job(request)
     tail = _int_param(request, "tail", 200, 1, 10_000)
+    rank = _int_param(request, "rank", 0, 0, job.spec.nodes - 1)  # a gang job's ranks each keep theirs
     bus = _bus(request)
-    entries = await bus.redis.xrevrange(bus.keys.logs(job.job_id), count=tail)
+    entries = await bus.redis.xrevrange(bus.keys.logs(job.job_id, rank), count=tail)
     lines = [{"entry_id": str(i), "fd": f.get("fd"), "line": f.get("line")} for i, f in reversed(entries)]
-    return JSONResponse({"job_id": job.job_id, "lines": lines})
+    return JSONResponse({"job_id": job.job_id, "rank": rank, "lines": lines})
 
 
 async def cancel_job(request: Request) -> JSONResponse:

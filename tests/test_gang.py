@@ -1,0 +1,56 @@
+"""A gang job end to end on one host: two nodes (each a gpu-monitor and a runner of its own), the
+real `swift` CLI under torchrun with one process per node (gloo on the CPU), ranks meeting at rank
+0's address and the attempt's rendezvous port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from services.demo.tinymodel import DemoAssets
+from tests.conftest import RedisServer, wait_for
+from tests.system import System, job_body, running
+from tests.test_preemption import assert_completed, ended, history, submit, until
+
+NODE = {"SIMULATED_GPUS": "1", "NODE_ADDR": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def two_nodes(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    with running(redis_server.url, tmp_path_factory.mktemp("gang"), **NODE) as system:
+        system.start_on("node-b", "gpu-monitor", "runner", **NODE)
+        wait_for(lambda: "node-b" in httpx.get(f"{system.base}/gpus").text, 30, "node-b to join")
+        yield system
+
+
+def ranks_started(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {e["payload"].get("rank", 0): e["payload"] for e in events if e["type"] == "job.started"}
+
+
+@pytest.mark.e2e
+def test_a_two_node_job_trains_to_the_end_with_both_ranks_in_the_log(two_nodes: System, assets: DemoAssets) -> None:
+    system = two_nodes
+    # When a job asks for two nodes with one GPU each
+    job_id = submit(system, {**job_body(assets, max_steps=8, save_steps=4), "nodes": 2, "auto_export": False})
+    # Then it completes
+    job = until(system, job_id, ended, "the gang job's end")
+    assert_completed(job)
+    # And both ranks started, one on each node, meeting at rank 0's address and port
+    events = history(system, job_id)
+    started = ranks_started(events)
+    assert set(started) == {0, 1} and {started[0]["node"], started[1]["node"]} == {"node-a", "node-b"}
+    scheduled = next(e["payload"] for e in events if e["type"] == "job.scheduled")
+    for rank, payload in started.items():
+        env = payload["env"]
+        assert env["NNODES"] == "2" and env["NODE_RANK"] == str(rank) and env["NPROC_PER_NODE"] == "1"
+        assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == str(scheduled["master_port"])
+    # And the progress came from rank 0, up to the last step
+    steps = [e["payload"]["step"] for e in events if e["type"] == "job.progress"]
+    assert steps and steps[-1] == 8
+    # And each rank's output lines are kept
+    for rank in (0, 1):
+        response = httpx.get(f"{system.base}/jobs/{job_id}/logs", params={"rank": rank})
+        assert response.status_code == 200 and response.json()["lines"], (rank, response.text)
