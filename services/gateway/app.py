@@ -41,6 +41,7 @@ from events.quotas import EVERYONE, HOUR_S, Quotas, Usage, team_key, user_key
 from events.state import HOLDS_GPUS, TERMINAL, Job, JobStatus, State
 from services.config import Settings
 from services.gateway import catalog, dashboard, openapi, views
+from services.gateway import gpus as gpu_views
 from services.gateway.auth import (
     Auth,
     RequireAuth,
@@ -668,33 +669,16 @@ async def usage(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-def gpus_view(projection: Projection) -> dict[str, Any]:
-    """Nodes and their GPUs, as the last heartbeats saw them, and the job that holds each."""
-    state = projection.state
-    nodes = []
-    for name, node in sorted(state.nodes.items()):
-        beat = projection.heartbeats.get(name)
-        samples = {g.index: g for g in beat.gpus} if beat else {}
-        nodes.append(
-            {
-                "node": name,
-                "up": node.up,
-                "simulated": node.simulated,
-                "last_heartbeat_at": beat.at.isoformat() if beat else None,
-                "gpus": [
-                    {
-                        **(
-                            samples[g.index].model_dump(mode="json")
-                            if g.index in samples
-                            else g.model_dump(mode="json")
-                        ),
-                        "held_by": state.allocations.get(f"{name}/{g.index}"),
-                    }
-                    for g in node.gpus
-                ],
-            }
-        )
-    return {"nodes": nodes}
+def gpus_view(projection: Projection, now: datetime | None = None) -> dict[str, Any]:
+    """Nodes and their GPUs, as the last heartbeats saw them, and the job that holds each; a
+    summary per node and the cluster's."""
+    return gpu_views.gpus_view(
+        projection.state,
+        projection.heartbeats,
+        now or datetime.now(UTC),
+        projection.heartbeat_timeout_s,
+        projection.foreign_memory_threshold_mb,
+    )
 
 
 async def gpus(request: Request) -> JSONResponse:
@@ -717,9 +701,11 @@ async def _gpu_views(projection: Projection) -> AsyncIterator[ServerSentEvent]:
     yield ServerSentEvent(retry=SSE_RETRY_MS, comment="stream open")
     sent = None
     while True:
-        view = json.dumps(gpus_view(projection), separators=(",", ":"))
-        if view != sent:
-            sent = view
+        now = datetime.now(UTC)
+        seen = gpu_views.inputs(projection.state, projection.heartbeats, now, projection.heartbeat_timeout_s)
+        if seen != sent:  # (a job's progress moves the log, not the GPUs: nothing to send)
+            sent = seen
+            view = json.dumps(gpus_view(projection, now), separators=(",", ":"))
             yield ServerSentEvent(data=view, event="gpus")
         await projection.wait_until(_moved_on(projection), SSE_PING_S)
         await anyio.sleep(GPU_STREAM_MIN_S)  # heartbeats of many nodes: one update for a burst of them

@@ -262,10 +262,20 @@ class ProcessorStatus(View):
 # The cluster
 
 
+GpuStatus = Annotated[
+    Literal["free", "busy", "foreign", "unavailable"],
+    Field(
+        description="free: a job could be placed on it now; busy: a job holds it; foreign: no job holds it but other "
+        "processes use more than FOREIGN_MEMORY_THRESHOLD_MB of it; unavailable: its node is not up (see its state)"
+    ),
+]
+
+
 class HeldGpu(m.GpuInfo):
     """A GPU of a node that has not sent a sample of it yet."""
 
     held_by: str | None = Field(description="the job that holds it")
+    status: GpuStatus
 
 
 class SampledGpu(m.GpuSample):
@@ -274,18 +284,55 @@ class SampledGpu(m.GpuSample):
     model_config = ConfigDict(json_schema_serialization_defaults_required=True)
 
     held_by: str | None = Field(description="the job that holds it")
+    status: GpuStatus
+
+
+class NodeSummary(View):
+    """A node in one line: what a dashboard of many nodes shows before its GPUs."""
+
+    state: Literal["up", "silent", "degraded", "lost"] = Field(
+        description="up: heard from and in service; silent: no heartbeat for 5 intervals, its GPUs offered to no "
+        "one; degraded: NVML could not read everything, its GPUs offered to no one; lost: declared lost in the log"
+    )
+    gpus: int = Field(ge=0)
+    free: int = Field(
+        ge=0, description="GPUs a job could be placed on now: the node up, no job holds it, no other process uses it"
+    )
+    busy: int = Field(ge=0, description="GPUs a job holds")
+    foreign: int = Field(
+        ge=0, description="GPUs no job holds that other processes use more than FOREIGN_MEMORY_THRESHOLD_MB of"
+    )
+    jobs: int = Field(ge=0, description="jobs holding its GPUs")
+    memory_used_mb: int = Field(ge=0, description="as its last heartbeat measured, over its GPUs")
+    memory_total_mb: int = Field(ge=0)
+    heartbeat_age_s: float | None = Field(ge=0, description="seconds since its last heartbeat, at the view's time")
+
+
+class ClusterSummary(View):
+    nodes: int = Field(ge=0)
+    nodes_up: int = Field(ge=0, description="nodes whose state is up")
+    gpus: int = Field(ge=0)
+    free: int = Field(ge=0)
+    busy: int = Field(ge=0)
+    foreign: int = Field(ge=0)
+    jobs: int = Field(ge=0, description="jobs holding GPUs (one on several nodes counts once)")
+    memory_used_mb: int = Field(ge=0)
+    memory_total_mb: int = Field(ge=0)
 
 
 class NodeGpus(View):
     node: str
-    up: bool
+    up: bool = Field(description="not declared lost in the log (see summary.state for whether it is heard from)")
     simulated: bool
     last_heartbeat_at: datetime | None
+    summary: NodeSummary
     gpus: list[SampledGpu | HeldGpu]
 
 
 class Gpus(View):
-    nodes: list[NodeGpus]
+    at: datetime = Field(description="when the view was made: what heartbeat ages count from")
+    summary: ClusterSummary
+    nodes: list[NodeGpus] = Field(description="by name")
 
 
 class NodeStatus(View):

@@ -25,6 +25,8 @@
   const POOL_EVENTS = ["quotas.changed", "usage.half_life_changed"];
   const MAX_LOG_LINES = 2000;
   const JOBS_SHOWN = 100;
+  const COLLAPSE_OVER = 8; // more nodes shown than this: their GPUs are collapsed until asked for
+  const GPU_STATUS = { free: "free", foreign: "used by another's processes", unavailable: "unavailable: its node is not up" };
 
   // ------------------------------------------------------------------------------------------
   // Small helpers
@@ -46,6 +48,11 @@
       if (child !== null && child !== undefined) node.append(child);
     }
     return node;
+  }
+
+  /** Set an element's text only when it differs: an unchanged update touches nothing. */
+  function setText(node, text) {
+    if (node.textContent !== text) node.textContent = text;
   }
 
   function debounce(fn, ms) {
@@ -106,6 +113,7 @@
 
   function mb(value) {
     if (value === null || value === undefined) return "—";
+    if (value >= 1024 * 1024) return `${(value / 1024 / 1024).toFixed(1)} TiB`;
     return value >= 1024 ? `${(value / 1024).toFixed(1)} GiB` : `${value} MiB`;
   }
 
@@ -145,6 +153,14 @@
     bar.setAttribute("aria-valuenow", String(Math.round(value * 10) / 10));
     bar.firstElementChild.style.width = `${value}%`;
     bar.classList.toggle("done", Boolean(done));
+  }
+
+  /** A meter's bar ({bar, percent}), changed only when its value is. */
+  function fillMeter(meter, percent) {
+    if (meter.percent !== percent) {
+      meter.percent = percent;
+      setBar(meter.bar, percent);
+    }
   }
 
   function bar(percent, done) {
@@ -371,7 +387,7 @@
   const live = {
     jobs: new Map(),
     queue: [],
-    nodes: [],
+    gpus: null, // the GPUs view, as last sent
     streams: [],
     fetching: new Map(), // job id -> debounced refetch
 
@@ -480,7 +496,8 @@
     })(),
 
     onGpus(view) {
-      this.nodes = view.nodes;
+      this.gpus = view;
+      this.gpusReceived = Date.now(); // heartbeat ages count on from here
       overview.renderGpus();
     },
   };
@@ -496,44 +513,250 @@
       return el("a", { href: `#/jobs/${encodeURIComponent(jobId)}`, text: job ? jobLabel(job) : jobId.slice(0, 8) });
     },
 
+    // The GPUs, one group per node: a summary line each, its GPUs' cards only while expanded.
+    // An update changes in place only what changed (a thousand GPUs arrive twice a second).
+    groups: new Map(), // node name -> {root, head, parts of its summary line, body, cards}
+    expanded: new Map(), // node name -> expanded or not, as the user chose (for the page's life)
+
+    gpuFilter() {
+      return $("#gpu-filter").value.trim().toLowerCase();
+    },
+
+    /** Whether a node's GPUs show: as the user chose, else only while few nodes are shown. */
+    isExpanded(name, shown) {
+      return this.expanded.has(name) ? this.expanded.get(name) : shown <= COLLAPSE_OVER;
+    },
+
+    toggleNode(name) {
+      const shown = Number($("#gpus").dataset.shown || 0);
+      this.expanded.set(name, !this.isExpanded(name, shown));
+      this.renderGpus();
+    },
+
+    /** Expand or collapse every node the filter shows. */
+    expandAll(expanded) {
+      const filter = this.gpuFilter();
+      for (const node of (live.gpus && live.gpus.nodes) || []) {
+        if (node.node.toLowerCase().includes(filter)) this.expanded.set(node.node, expanded);
+      }
+      this.renderGpus();
+    },
+
     renderGpus() {
+      if ($("#view-overview").hidden) return; // drawn when the overview shows again
       const box = $("#gpus");
-      box.replaceChildren();
-      if (!live.nodes.length) {
-        box.append(el("p", { class: "muted", text: "No node has reported yet." }));
+      const nodes = (live.gpus && live.gpus.nodes) || [];
+      const placeholder = $(":scope > p", box);
+      if (!nodes.length) {
+        for (const group of this.groups.values()) group.root.remove();
+        this.groups.clear();
+        if (placeholder) placeholder.textContent = "No node has reported yet.";
+        else box.append(el("p", { class: "muted", text: "No node has reported yet." }));
+        $("#gpu-count").textContent = "";
         return;
       }
-      for (const node of live.nodes) {
-        box.append(
-          el(
-            "div",
-            { class: "node" },
-            el("strong", { text: node.node }),
-            el("span", { class: `badge ${node.up ? "completed" : "failed"}`, text: node.up ? "up" : "lost" }),
-            node.simulated ? el("span", { class: "badge", text: "simulated" }) : null,
-            el("span", { class: "muted small", text: `heartbeat ${ago(node.last_heartbeat_at)}` })
-          )
-        );
-        for (const gpu of node.gpus) box.append(this.gpuCard(node, gpu));
+      if (placeholder) placeholder.remove();
+      const filter = this.gpuFilter();
+      const shown = filter ? nodes.filter((node) => node.node.toLowerCase().includes(filter)).length : nodes.length;
+      const present = new Set();
+      let anchor = box.firstElementChild;
+      for (const node of nodes) {
+        present.add(node.node);
+        let group = this.groups.get(node.node);
+        if (!group) {
+          group = this.nodeGroup(node.node);
+          this.groups.set(node.node, group);
+        }
+        if (group.root !== anchor) box.insertBefore(group.root, anchor);
+        else anchor = anchor.nextElementSibling;
+        const visible = !filter || node.node.toLowerCase().includes(filter);
+        if (group.root.hidden === visible) group.root.hidden = !visible;
+        if (visible) this.fillGroup(group, node, this.isExpanded(node.node, shown));
+      }
+      for (const [name, group] of this.groups) {
+        if (!present.has(name)) {
+          group.root.remove();
+          this.groups.delete(name);
+        }
+      }
+      if (box.dataset.shown !== String(shown)) box.dataset.shown = String(shown);
+      this.renderGpuCount(live.gpus.summary, nodes.length, shown, filter);
+    },
+
+    nodeGroup(name) {
+      const id = `gpus-of-${name}`; // (a node's name is letters, digits and . _ -)
+      const part = (cls) => el("span", { class: cls });
+      const group = {
+        name: el("strong", { class: "node-name", text: name }),
+        state: el("span", { class: "badge node-state" }),
+        simulated: el("span", { class: "badge", text: "simulated", hidden: true }),
+        pips: el("span", { class: "pips", "aria-hidden": "true" }),
+        gpus: part("n-gpus"),
+        free: part("n-free"),
+        busy: part("n-busy"),
+        foreign: part("n-foreign"),
+        jobs: part("n-jobs"),
+        memory: part("n-memory"),
+        age: part("n-age muted"),
+        body: el("div", { class: "node-gpus", id, hidden: true }),
+        cards: new Map(), // GPU index -> its card
+        expanded: false,
+      };
+      group.head = el(
+        "button",
+        { type: "button", class: "node-head", "aria-expanded": "false", "aria-controls": id, onclick: () => this.toggleNode(name) },
+        el("span", { class: "chevron", "aria-hidden": "true" }),
+        group.name,
+        group.state,
+        group.simulated,
+        group.pips,
+        el("span", { class: "node-line" }, group.gpus, group.free, group.busy, group.foreign, group.jobs, group.memory, group.age)
+      );
+      group.root = el("section", { class: "node-group", dataset: { node: name } }, group.head, group.body);
+      return group;
+    },
+
+    fillGroup(group, node, expanded) {
+      const s = node.summary;
+      group.node = node;
+      if (group.root.dataset.state !== s.state) {
+        group.root.dataset.state = s.state;
+        group.state.className = `badge node-state ${s.state}`;
+        group.state.textContent = s.state;
+      }
+      if (group.simulated.hidden === node.simulated) group.simulated.hidden = !node.simulated;
+      setText(group.gpus, `${s.gpus} GPU${s.gpus === 1 ? "" : "s"}`);
+      setText(group.free, `${s.free} free`);
+      setText(group.busy, `${s.busy} busy`);
+      group.busy.classList.toggle("zero", !s.busy);
+      setText(group.foreign, s.foreign ? `${s.foreign} used elsewhere` : "");
+      if (group.foreign.hidden === Boolean(s.foreign)) group.foreign.hidden = !s.foreign;
+      setText(group.jobs, `${s.jobs} job${s.jobs === 1 ? "" : "s"}`);
+      group.jobs.classList.toggle("zero", !s.jobs);
+      setText(group.memory, `memory ${mb(s.memory_used_mb)} / ${mb(s.memory_total_mb)}`);
+      this.fillAge(group);
+      this.fillPips(group.pips, node);
+      if (expanded !== group.expanded) {
+        group.expanded = expanded;
+        group.root.classList.toggle("expanded", expanded);
+        group.head.setAttribute("aria-expanded", String(expanded));
+        group.body.hidden = !expanded;
+        if (!expanded) {
+          group.body.replaceChildren(); // a collapsed node keeps no cards: the page stays light
+          group.cards.clear();
+        }
+      }
+      if (expanded) this.fillCards(group, node);
+    },
+
+    /** Its heartbeat's age now: as of the view's making, plus the time since it arrived. */
+    fillAge(group) {
+      const age = group.node.summary.heartbeat_age_s;
+      if (age === null || age === undefined) {
+        setText(group.age, "no heartbeat");
+        return;
+      }
+      const now = age + (Date.now() - live.gpusReceived) / 1000;
+      setText(group.age, now < 2 ? "heartbeat just now" : `heartbeat ${duration(now)} ago`);
+    },
+
+    /** A square per GPU: free, busy (a job holds it), used by others' processes, or unavailable. */
+    fillPips(pips, node) {
+      const gpus = node.gpus;
+      while (pips.childElementCount > gpus.length) pips.lastElementChild.remove();
+      while (pips.childElementCount < gpus.length) pips.append(el("span", { class: "pip" }));
+      let pip = pips.firstElementChild;
+      for (const gpu of gpus) {
+        const cls = `pip ${gpu.status}`;
+        if (pip.className !== cls) pip.className = cls;
+        pip = pip.nextElementSibling;
       }
     },
 
-    gpuCard(node, gpu) {
+    fillCards(group, node) {
+      const present = new Set();
+      let anchor = group.body.firstElementChild;
+      for (const gpu of node.gpus) {
+        present.add(gpu.index);
+        let card = group.cards.get(gpu.index);
+        if (!card) {
+          card = this.gpuCard(node.node, gpu.index);
+          group.cards.set(gpu.index, card);
+        }
+        if (card.root !== anchor) group.body.insertBefore(card.root, anchor);
+        else anchor = anchor.nextElementSibling;
+        this.fillCard(card, gpu);
+      }
+      for (const [index, card] of group.cards) {
+        if (!present.has(index)) {
+          card.root.remove();
+          group.cards.delete(index);
+        }
+      }
+    },
+
+    gpuCard(nodeName, index) {
+      const meter = (label) => {
+        const parts = { bar: bar(0), value: el("span", { class: "value" }) };
+        parts.root = el("div", { class: "meter" }, el("span", { text: label }), parts.bar, parts.value);
+        return parts;
+      };
+      const card = {
+        temperature: el("span", { class: "muted" }),
+        name: el("div", { class: "gpu-name" }),
+        memory: meter("memory"),
+        util: meter("util"),
+        holder: el("div", { class: "gpu-holder" }),
+        heldBy: undefined,
+      };
+      card.root = el(
+        "div",
+        { class: "gpu", dataset: { gpu: `${nodeName}/${index}` } },
+        el("div", { class: "gpu-title" }, el("span", { text: `GPU ${index}` }), card.temperature),
+        card.name,
+        card.memory.root,
+        card.util.root,
+        card.holder
+      );
+      return card;
+    },
+
+    fillCard(card, gpu) {
       const used = gpu.memory_used_mb;
       const total = gpu.memory_total_mb;
-      const memoryPct = used !== undefined && total ? (100 * used) / total : 0;
       const util = gpu.utilization_pct;
-      const meter = (label, percent, text) =>
-        el("div", { class: "meter" }, el("span", { text: label }), bar(percent || 0), el("span", { class: "value", text }));
-      return el(
-        "div",
-        { class: `gpu${gpu.held_by ? " busy" : ""}`, dataset: { gpu: `${node.node}/${gpu.index}` } },
-        el("div", { class: "gpu-title" }, el("span", { text: `GPU ${gpu.index}` }), gpu.temperature_c != null ? el("span", { class: "muted", text: `${gpu.temperature_c} °C` }) : null),
-        el("div", { class: "gpu-name", title: gpu.name, text: gpu.name }),
-        meter("memory", memoryPct, used !== undefined ? `${mb(used)} / ${mb(total)}` : mb(total)),
-        meter("util", util, util === null || util === undefined ? "—" : `${util} %`),
-        el("div", { class: "gpu-holder" }, gpu.held_by ? ["running ", this.jobLink(gpu.held_by)] : el("span", { class: "muted", text: "free" }))
-      );
+      card.root.classList.toggle("busy", Boolean(gpu.held_by));
+      if (card.root.dataset.status !== gpu.status) card.root.dataset.status = gpu.status;
+      setText(card.temperature, gpu.temperature_c != null ? `${gpu.temperature_c} °C` : "");
+      if (card.name.title !== gpu.name) {
+        card.name.title = gpu.name;
+        card.name.textContent = gpu.name;
+      }
+      fillMeter(card.memory, used !== undefined && total ? (100 * used) / total : 0);
+      setText(card.memory.value, used !== undefined ? `${mb(used)} / ${mb(total)}` : mb(total));
+      fillMeter(card.util, util || 0);
+      setText(card.util.value, util === null || util === undefined ? "—" : `${util} %`);
+      const label = gpu.held_by ? jobLabel(live.jobs.get(gpu.held_by)) || gpu.held_by.slice(0, 8) : "";
+      if (card.heldBy !== gpu.held_by || card.label !== label || card.status !== gpu.status) {
+        card.heldBy = gpu.held_by;
+        card.status = gpu.status;
+        card.label = label;
+        card.holder.replaceChildren(...(gpu.held_by ? ["running ", this.jobLink(gpu.held_by)] : [el("span", { class: "muted", text: GPU_STATUS[gpu.status] || gpu.status })]));
+      }
+    },
+
+    /** The cluster in one line, and how many nodes the filter shows. */
+    renderGpuCount(summary, total, shown, filter) {
+      const plural = (n, word) => `${n.toLocaleString()} ${word}${n === 1 ? "" : "s"}`;
+      const parts = [
+        `${plural(summary.nodes, "node")} (${summary.nodes_up.toLocaleString()} up)`,
+        `${plural(summary.gpus, "GPU")}: ${summary.free.toLocaleString()} free, ${summary.busy.toLocaleString()} busy` +
+          (summary.foreign ? `, ${summary.foreign.toLocaleString()} used elsewhere` : ""),
+        plural(summary.jobs, "job"),
+        `memory ${mb(summary.memory_used_mb)} / ${mb(summary.memory_total_mb)}`,
+      ];
+      if (filter) parts.push(`showing ${shown.toLocaleString()} of ${total.toLocaleString()} nodes`);
+      setText($("#gpu-count"), parts.join(" · "));
     },
 
     renderJobs() {
@@ -638,9 +861,15 @@
         if (job) row.querySelector(".submitted").textContent = ago(job.submitted_at);
       }
       if (live.queue.length) this.renderQueue();
-      if (live.nodes.length) this.renderGpus();
+      if (!$("#view-overview").hidden) {
+        for (const group of this.groups.values()) if (group.node && !group.root.hidden) this.fillAge(group);
+      }
     },
   };
+
+  $("#gpu-filter").addEventListener("input", () => overview.renderGpus());
+  $("#gpu-expand-all").addEventListener("click", () => overview.expandAll(true));
+  $("#gpu-collapse-all").addEventListener("click", () => overview.expandAll(false));
 
   // ------------------------------------------------------------------------------------------
   // A job's page: progress, loss curve, checkpoints, export, output; cancel, suspend, resume and
@@ -1559,6 +1788,7 @@
     } else {
       show("overview");
       overview.renderQueue();
+      overview.renderGpus();
     }
   }
 
