@@ -71,6 +71,15 @@ class Export(BaseModel):
     error: str | None = None
 
 
+class PeerCommand(BaseModel):
+    """How a gang job's rank other than 0 started."""
+
+    rank: int
+    node: str
+    argv: list[str]
+    env: dict[str, str]
+
+
 class Job(BaseModel):
     job_id: str
     spec: JobSpec
@@ -86,6 +95,7 @@ class Job(BaseModel):
     gpu_ids: list[int] = Field(default_factory=list)
     peers: list[m.Rank] = Field(default_factory=list)  # a gang job's other ranks, 1, 2, ...
     ranks_started: list[int] = Field(default_factory=list)  # of a gang job's attempt
+    peer_commands: list[PeerCommand] = Field(default_factory=list)  # as ranks 1, 2, ... started
     master_port: int | None = None
     queue_position_at_submit: int | None = None
     pid: int | None = None
@@ -666,6 +676,7 @@ def _scheduled(state: State, entry_id: str, event: m.JobScheduled) -> None:
     job.status = JobStatus.scheduled
     job.node, job.gpu_ids, job.attempt = event.node, list(event.gpu_ids), event.attempt
     job.peers, job.ranks_started, job.master_port = list(event.peers), [], event.master_port
+    job.peer_commands = []
     job.scheduled_at = job.usage_mark = event.at
     job.borrowing, job.preempted_jobs = event.borrowing, list(event.preempted)
     job.checkpoint_at = job.checkpoint_step = None
@@ -681,6 +692,9 @@ def _started(state: State, entry_id: str, event: m.JobStarted) -> None:
     job.ranks_started.append(event.rank)
     if event.rank == 0:
         job.pid, job.run_dir, job.argv, job.env = event.pid, event.run_dir, list(event.argv), dict(event.env)
+    else:
+        started = PeerCommand(rank=event.rank, node=event.node, argv=list(event.argv), env=dict(event.env))
+        job.peer_commands = sorted([*job.peer_commands, started], key=lambda peer: peer.rank)
     if len(job.ranks_started) == job.spec.nodes:  # a gang job runs once every rank has started
         _credit(state, job, event.at)
         job.status = JobStatus.running

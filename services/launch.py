@@ -96,7 +96,7 @@ def build_launch(
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "OMP_NUM_THREADS": str(omp_num_threads),
         "PYTHONUNBUFFERED": "1",
-        TAG_VARIABLE: f"{job_id}:{attempt}",  # tags every process of the attempt
+        TAG_VARIABLE: job_tag(job_id, attempt, rank),  # tags every process of the attempt
     }
     if isinstance(spec, DeployJob):
         params = spec.deploy_params
@@ -155,6 +155,12 @@ def build_launch(
         ]
     argv += extra_flags(dict(params.extra_args))
     return Launch(argv, env, run_dir, output_dir, time_limit_s=spec.time_limit_s)
+
+
+def job_tag(job_id: str, attempt: int, rank: int = 0) -> str:
+    """Set in the environment of every process of an attempt (of one rank of a gang job, whose
+    other ranks may run on the same host), to find them again."""
+    return f"{job_id}:{attempt}" + (f":{rank}" if rank else "")
 
 
 def torchrun_env(

@@ -50,7 +50,44 @@ def test_a_two_node_job_trains_to_the_end_with_both_ranks_in_the_log(two_nodes: 
     # And the progress came from rank 0, up to the last step
     steps = [e["payload"]["step"] for e in events if e["type"] == "job.progress"]
     assert steps and steps[-1] == 8
+    # And the job's command shows every rank's, as it started
+    command = httpx.get(f"{system.base}/jobs/{job_id}/command").json()
+    assert [(r["rank"], r["node"], r["env"]["NODE_RANK"]) for r in command["ranks"]] == [
+        (0, started[0]["node"], "0"),
+        (1, started[1]["node"], "1"),
+    ]
     # And each rank's output lines are kept
     for rank in (0, 1):
         response = httpx.get(f"{system.base}/jobs/{job_id}/logs", params={"rank": rank})
         assert response.status_code == 200 and response.json()["lines"], (rank, response.text)
+
+
+def test_a_dry_run_of_a_gang_job_shows_each_rank_command(two_nodes: System, assets: DemoAssets) -> None:
+    body = {**job_body(assets), "nodes": 2, "dry_run": True}
+    response = httpx.post(f"{two_nodes.base}/jobs", json=body)
+    assert response.status_code == 200, response.text
+    ranks = response.json()["ranks"]
+    assert [r["env"]["NODE_RANK"] for r in ranks] == ["0", "1"]
+    assert all(r["env"]["NNODES"] == "2" and r["env"]["NPROC_PER_NODE"] == "1" for r in ranks)
+    assert all(r["env"]["MASTER_PORT"] == "<from RENDEZVOUS_PORT_RANGE>" for r in ranks)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"nodes": 0}, "nodes"),
+        ({"nodes": 2, "node": "node-a"}, "nodes and node"),
+        ({"nodes": 3}, "3-node job needs 3 nodes"),
+    ],
+)
+def test_a_gang_job_that_cannot_be_is_refused_with_the_reason(
+    two_nodes: System, assets: DemoAssets, fields: dict[str, object], named: str
+) -> None:
+    response = httpx.post(f"{two_nodes.base}/jobs", json={**job_body(assets), **fields})
+    assert response.status_code == 422 and named in response.text, response.text
+
+
+def test_a_deploy_job_runs_on_one_node(two_nodes: System, assets: DemoAssets) -> None:
+    body = {"task_type": "deploy", "model_path": str(assets.model_dir), "nodes": 2}
+    response = httpx.post(f"{two_nodes.base}/jobs", json=body)
+    assert response.status_code == 422 and "nodes must be 1" in response.text, response.text

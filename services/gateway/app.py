@@ -197,7 +197,8 @@ async def create_job(request: Request) -> JSONResponse:
         launch = dry_run_launch(
             submission.spec, runs_dir=settings.runs_dir, omp_num_threads=settings.job_omp_num_threads
         )
-        return JSONResponse({"dry_run": True, **command_view(launch.argv, launch.env)})
+        ranks = _planned_ranks(submission.spec, "<job_id>", settings)
+        return JSONResponse({"dry_run": True, **command_view(launch.argv, launch.env), "ranks": [r.model_dump(mode="json") for r in ranks]})
     who = principal(request)
     over = queued_quota_block(projection.state, who.name, who.team)
     if over is not None:
@@ -253,11 +254,31 @@ async def job_command(request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
     if job.argv:
         argv, env = job.argv, job.env
+        ranks = [
+            views.RankCommand(rank=0, node=job.node, argv=argv, env=env, shell=shlex.join(argv)),
+            *(
+                views.RankCommand(rank=p.rank, node=p.node, argv=p.argv, env=p.env, shell=shlex.join(p.argv))
+                for p in job.peer_commands
+            ),
+        ]
+        ranks = ranks if job.spec.nodes > 1 else []
     else:
         launch = dry_run_launch(job.spec, job.job_id, settings.runs_dir, settings.job_omp_num_threads)
         argv, env = launch.argv, launch.env
-    body = views.JobCommand(job_id=job.job_id, started=bool(job.argv), argv=argv, env=env, shell=shlex.join(argv))
+        ranks = _planned_ranks(job.spec, job.job_id, settings)
+    body = views.JobCommand(
+        job_id=job.job_id, started=bool(job.argv), argv=argv, env=env, shell=shlex.join(argv), ranks=ranks
+    )
     return JSONResponse(body.model_dump(mode="json"))
+
+
+def _planned_ranks(spec: JobSpec, job_id: str, settings: Settings) -> list[views.RankCommand]:
+    """Each rank's command of a gang job as it will start (none for a job on one node)."""
+    ranks = []
+    for rank in range(spec.nodes if spec.nodes > 1 else 0):
+        launch = dry_run_launch(spec, job_id, settings.runs_dir, settings.job_omp_num_threads, rank=rank)
+        ranks.append(views.RankCommand(rank=rank, argv=launch.argv, env=launch.env, shell=shlex.join(launch.argv)))
+    return ranks
 
 
 def _decided_position(job: Job | None) -> int | None:

@@ -87,6 +87,7 @@ _AUDIT = (
 )
 _EVENTS = (_query("job_id", {"type": "string"}, "only this job's events"), _TYPES, *_RESUME)
 _TAIL = (_query("tail", _int(1, 10_000, 200), "the last N lines"),)
+_RANK = (_query("rank", _int(0, 1023, 0), "a gang job's rank whose lines to show"),)
 _STREAM_TAIL = (_query("tail", _int(0, 10_000, 200), "start with the last N lines (unless resuming)"), *_RESUME)
 _TASK_TYPE = (_query("task_type", {**_ref("TaskType"), "default": "multimodal"}, "the task type"),)
 _COMMAND = (404, 409, 503)  # a command on a job: no such job, not in its state, or not sent
@@ -101,7 +102,7 @@ _OPERATIONS: list[Operation] = [
     Operation("delete", "/training/jobs/{job_id}", "jobs", "Delete a finished job", {202: v.CommandAccepted}, _COMMAND),
     Operation("get", "/training/jobs/{job_id}/progress", "jobs", "A job's progress", {200: v.JobProgress}, (404,)),
     Operation("get", "/training/jobs/{job_id}/logs", "jobs", "A job's output lines",
-              {200: v.JobLogs}, (400, 404, 503), parameters=_TAIL),
+              {200: v.JobLogs}, (400, 404, 503), parameters=(*_TAIL, *_RANK)),
     Operation("get", "/training/jobs/{job_id}/events", "jobs", "A job's history from the log",
               {200: v.JobEvents}, (404, 503)),
     Operation("get", "/training/jobs/{job_id}/timeline", "jobs", "A job's life, in sentences",

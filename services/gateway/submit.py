@@ -160,11 +160,12 @@ def _check_extra_args(
 
 
 def dry_run_launch(
-    spec: Any, job_id: str = "<job_id>", runs_dir: Path = Path("data/runs"), omp_num_threads: int = 1
+    spec: Any, job_id: str = "<job_id>", runs_dir: Path = Path("data/runs"), omp_num_threads: int = 1, rank: int = 0
 ) -> Launch:
-    """The command as the runner will build it. The GPU ids, and a deploy job's port, are the
-    ones allocated at start; here the first ones stand in for them."""
-    return build_launch(
+    """The command as the runner will build it (of one rank, for a gang job). The GPU ids, a
+    deploy job's port and torchrun's rendezvous are the ones allocated at start; here the first
+    ones, or a placeholder, stand in for them."""
+    launch = build_launch(
         spec,
         swift="swift",
         job_id=job_id,
@@ -173,7 +174,12 @@ def dry_run_launch(
         runs_dir=runs_dir,
         omp_num_threads=omp_num_threads,
         port=8000 if isinstance(spec, DeployJob) else None,
+        rank=rank,
+        master_addr="<rank 0 node's NODE_ADDR>",
     )
+    if "NPROC_PER_NODE" in launch.env:
+        launch.env["MASTER_PORT"] = "<from RENDEZVOUS_PORT_RANGE>"
+    return launch
 
 
 class SwiftFlags:

@@ -137,6 +137,7 @@ class LogLine(View):
 
 class JobLogs(View):
     job_id: str
+    rank: int = Field(0, description="whose lines: a gang job's rank (?rank=), 0 by default")
     lines: list[LogLine] = Field(description="oldest first")
 
 
@@ -146,18 +147,27 @@ class CommandLine(View):
     shell: str = Field(description="argv quoted for a POSIX shell")
 
 
+class RankCommand(CommandLine):
+    """One rank of a gang job: its node's process."""
+
+    rank: int
+    node: str | None = Field(None, description="where it started (none before)")
+
+
 class JobCommand(View):
     job_id: str
     started: bool = Field(description="true: as started; false: as it will start")
     argv: list[str]
     env: dict[str, str] = Field(description="the environment set for the process, on top of the runner's")
     shell: str = Field(description="argv quoted for a POSIX shell")
+    ranks: list[RankCommand] = Field(default_factory=list, description="a gang job's ranks, 0 first (its argv above)")
 
 
 class DryRun(CommandLine):
     """What a submission would run, instead of submitting it."""
 
     dry_run: Literal[True]
+    ranks: list[RankCommand] = Field(default_factory=list, description="a gang job's ranks, 0 first")
 
 
 # ---------------------------------------------------------------------------------------------

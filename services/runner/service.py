@@ -25,7 +25,7 @@ from events.codec import DecodeError, decode
 from events.consumer import Delivery, GroupConsumer, Outcome
 from events.keys import RUNNER_GROUP
 from services.config import Settings
-from services.launch import build_launch
+from services.launch import build_launch, job_tag
 from services.nvml import NvmlSource
 from services.paths import PathOutsideRoots, check_spec_paths, make_dir_inside
 from services.processes import find_running
@@ -34,7 +34,6 @@ from services.runner.supervisor import (
     GpuProbe,
     JobRun,
     RunRecord,
-    job_tag,
     record_for,
     recorded_command,
     spawn,
@@ -219,7 +218,7 @@ class Runner:
 
     async def _running(self, command: m.StartJob) -> bool:
         """Whether a process of the attempt runs (started before a crash, never recorded)."""
-        tag = job_tag(command.job_id or "", command.attempt)
+        tag = job_tag(command.job_id or "", command.attempt, command.rank)
         return await anyio.to_thread.run_sync(find_running, tag) is not None
 
     def _deploy_port(self) -> int:
@@ -248,7 +247,7 @@ class Runner:
             master_addr=command.master_addr,
             master_port=command.master_port,
         )
-        running = find_running(job_tag(job_id, command.attempt))
+        running = find_running(job_tag(job_id, command.attempt, command.rank))
         if running is not None:
             log.warning("found the job already running; adopting it", job_id=job_id, pid=running.pid)
             rank, nodes = command.rank, command.spec.nodes

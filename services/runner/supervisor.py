@@ -129,11 +129,6 @@ def started_event(record: RunRecord, command: dict[str, Any], gpus: str) -> m.Jo
     )
 
 
-def job_tag(job_id: str, attempt: int) -> str:
-    """Set in the environment of every process of an attempt, to find them again."""
-    return f"{job_id}:{attempt}"
-
-
 def record_for(
     launch: Launch, job_id: str, attempt: int, node: str, pid: int, started_at: float, rank: int = 0, nodes: int = 1
 ) -> RunRecord:
