@@ -257,6 +257,9 @@ class JobScheduled(Event):
     peers: list[Rank] = Field(default_factory=list)  # a gang job's ranks 1, 2, ... in order
     master_addr: str | None = None  # rank 0's node address (a gang job)
     master_port: int | None = None  # torchrun's rendezvous port for the attempt
+    # Why the attempt starts from zero though the job has a checkpoint: no node in service can
+    # read it (LOST_CHECKPOINT=restart)
+    fresh_start: str | None = None
     # Started over its owner's GPU quota on GPUs no job within quota waited for: the first to be
     # preempted when one does.
     borrowing: bool = False
@@ -509,6 +512,14 @@ class GpuSample(GpuInfo):
     processes: list[GpuProcess] = Field(default_factory=list)
 
 
+class StorageRoot(BaseModel):
+    """A storage root of a node (one of its PATH_ROOTS, or its runs directory) and the nodes
+    whose marker files it holds there: those that share it."""
+
+    path: str
+    nodes: list[str] = Field(default_factory=list)
+
+
 class NodeHeartbeat(Telemetry):
     type: Literal["node.heartbeat"] = "node.heartbeat"
     node: str
@@ -516,6 +527,7 @@ class NodeHeartbeat(Telemetry):
     gpus: list[GpuSample]
     degraded: str | None = None  # what NVML could not read; the inventory may be incomplete
     addr: str | None = None  # NODE_ADDR
+    roots: list[StorageRoot] = Field(default_factory=list)  # which of its roots other nodes share
 
 
 class ServiceHeartbeat(Telemetry):

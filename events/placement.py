@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from pathlib import PurePath
 
 from events.messages import GpuInfo, GpuSample, NodeHeartbeat
 from events.params import JobBase
@@ -81,6 +82,18 @@ def matching(spec: JobBase, node: str, gpus: Sequence[GpuInfo]) -> list[GpuInfo]
         and (spec.min_gpu_memory_mb is None or free_mb(gpu) >= spec.min_gpu_memory_mb)
         and (spec.gpu_ids is None or gpu.index in spec.gpu_ids)
     ]
+
+
+def readers(path: str, writer: str, heartbeats: Mapping[str, NodeHeartbeat]) -> set[str]:
+    """The nodes that can read a path ``writer`` wrote, as their heartbeats tell (see
+    services/storage.py): the writer, and each node with a root that holds the path and in which
+    it sees the writer's marker."""
+    found = {writer}
+    target = PurePath(path)
+    for node, beat in heartbeats.items():
+        if any(writer in root.nodes and target.is_relative_to(root.path) for root in beat.roots):
+            found.add(node)
+    return found
 
 
 def never_fits(spec: JobBase, state: State) -> str | None:

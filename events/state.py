@@ -124,6 +124,7 @@ class Job(BaseModel):
     preempted_jobs: list[str] = Field(default_factory=list)  # the jobs preempted for its last start
     checkpoint_at: datetime | None = None  # when the attempt's last checkpoint was saved
     checkpoint_step: int | None = None
+    checkpoint_node: str | None = None  # the node that wrote the last checkpoint (its rank 0)
     usage_mark: datetime | None = None  # GPU time is credited to its owner up to here
 
     @property
@@ -676,6 +677,8 @@ def _scheduled(state: State, entry_id: str, event: m.JobScheduled) -> None:
     job.status = JobStatus.scheduled
     job.node, job.gpu_ids, job.attempt = event.node, list(event.gpu_ids), event.attempt
     job.peers, job.ranks_started, job.master_port = list(event.peers), [], event.master_port
+    if event.fresh_start:
+        job.last_checkpoint = job.checkpoint_node = None
     job.peer_commands = []
     job.scheduled_at = job.usage_mark = event.at
     job.borrowing, job.preempted_jobs = event.borrowing, list(event.preempted)
@@ -726,7 +729,7 @@ def _checkpoint(state: State, entry_id: str, event: m.CheckpointSaved) -> None:
     _credit(state, job, event.at)
     if event.path not in job.checkpoints:
         job.checkpoints.append(event.path)
-    job.last_checkpoint = event.path
+    job.last_checkpoint, job.checkpoint_node = event.path, job.node
     job.checkpoint_at, job.checkpoint_step = event.at, event.step
     job.last_entry_id = entry_id
 
@@ -815,7 +818,7 @@ def _stopped(state: State, entry_id: str, event: m.JobStopped) -> None:
     if event.last_checkpoint:
         if event.last_checkpoint not in job.checkpoints:
             job.checkpoints.append(event.last_checkpoint)
-        job.last_checkpoint = event.last_checkpoint
+        job.last_checkpoint, job.checkpoint_node = event.last_checkpoint, job.node
         job.checkpoint_at, job.checkpoint_step = event.at, event.step
     if job.status == JobStatus.preempted:
         job.status = JobStatus.queued

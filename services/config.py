@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     # torchrun's rendezvous port of each attempt on several GPUs or nodes (MASTER_PORT), chosen by
     # the scheduler and recorded in the log.
     rendezvous_port_range: str = Field("29500-29999", pattern=r"^\d{2,5}-\d{2,5}$")
+    # A job to resume from a checkpoint that no node in service can read (it was written on a
+    # node that is lost, to storage no other node shares): wait for that node, or start it again
+    # from zero, with the reason in the log.
+    lost_checkpoint: Literal["wait", "restart"] = "wait"
     job_omp_num_threads: int = Field(1, ge=1)
     job_log_maxlen: int = Field(10_000, ge=100)
     telemetry_maxlen: int = Field(10_000, ge=100)

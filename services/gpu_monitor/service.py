@@ -10,6 +10,7 @@ from events.bus import Bus
 from events.messages import NodeHeartbeat
 from services.config import Settings
 from services.nvml import open_source
+from services.storage import storage_roots
 
 log = structlog.get_logger("gpu-monitor")
 
@@ -22,6 +23,9 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
     try:
         while True:
             reading = await anyio.to_thread.run_sync(source.sample)
+            roots = await anyio.to_thread.run_sync(
+                storage_roots, [*settings.roots, settings.runs_dir], settings.node_name
+            )
             if reading.degraded:
                 log.warning("degraded GPU reading", problems=reading.degraded)
             beat = NodeHeartbeat(
@@ -30,6 +34,7 @@ async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
                 gpus=reading.gpus,
                 degraded=reading.degraded,
                 addr=settings.node_addr,
+                roots=roots,
             )
             await bus.append(bus.keys.telemetry, beat, maxlen=settings.telemetry_maxlen)
             await anyio.sleep(settings.heartbeat_interval_s)

@@ -13,7 +13,7 @@ from events.admission import charge, gpu_quota_block, gpus_quota_block, queue_or
 from events.bus import Append
 from events.estimates import Estimate, estimate_queue, placement_request
 from events.keys import Keys
-from events.placement import foreign_gpus, free_mb, freeable_gpus, in_service, matching, never_fits
+from events.placement import foreign_gpus, free_mb, freeable_gpus, in_service, matching, never_fits, readers
 from events.policy import Policy
 from events.state import (
     ANONYMOUS,
@@ -43,6 +43,7 @@ class Limits(Policy):
     # backfilled only if its limit plus this ends before the blocked job's estimated start
     backfill_margin_s: float = 0.0
     rendezvous_ports: range = range(29500, 30000)  # torchrun's MASTER_PORT, one per attempt and node
+    restart_lost_checkpoints: bool = False  # else a job whose checkpoint no node can read waits
 
 
 def submit(
@@ -456,6 +457,36 @@ def place(job: Job, usable: Mapping[str, Sequence[m.GpuInfo]]) -> tuple[str, lis
 
 
 Placement = list[tuple[str, list[int]]]  # (node, GPU indices) of each rank, rank 0 first
+_ANYWHERE: frozenset[str] = frozenset({"*"})  # (a checkpoint no node can read, given up on)
+
+
+def _resumable_on(
+    state: State, job: Job, heartbeats: Mapping[str, m.NodeHeartbeat], limits: Limits
+) -> frozenset[str] | None:
+    """The nodes where the job may run next: None for anywhere (nothing to resume from); else
+    those that can read its last checkpoint (every rank loads it). Empty when none of them is
+    in service: it waits for the node that wrote it, unless lost checkpoints are restarted from
+    zero (then ``_ANYWHERE``)."""
+    if not job.last_checkpoint or job.checkpoint_node is None:
+        return None
+    able = readers(job.last_checkpoint, job.checkpoint_node, heartbeats)
+    if any(node in able and state.nodes[node].up for node in state.nodes):
+        return frozenset(able)
+    return _ANYWHERE if limits.restart_lost_checkpoints else frozenset()
+
+
+def _fresh_start(job: Job) -> str:
+    return (
+        f"its checkpoint {job.last_checkpoint} is on node {job.checkpoint_node}, which is lost,"
+        " and no node in service shares that storage: starting from zero"
+    )
+
+
+def _only(gpus: Mapping[str, Sequence[m.GpuInfo]], where: frozenset[str] | None) -> Mapping[str, Sequence[m.GpuInfo]]:
+    """The GPUs of the nodes the job may run on."""
+    if where is None or where is _ANYWHERE:
+        return gpus
+    return {name: found for name, found in gpus.items() if name in where}
 
 
 def place_job(state: State, job: Job, usable: Mapping[str, Sequence[m.GpuInfo]]) -> Placement | None:
@@ -554,17 +585,21 @@ def schedule(
             continue
         if quotas and gpu_quota_block(state, job, taken):
             continue  # waits for its quota: it holds up no one
-        placement = place_job(state, job, usable)
+        where = _resumable_on(state, job, heartbeats, limits)
+        if where is not None and not where:
+            continue  # its checkpoint is on a lost node no other shares: it waits for that node
+        fresh = None if where != _ANYWHERE else _fresh_start(job)
+        placement = place_job(state, job, _only(usable, where))
         if placement is None and backfill_until is not None:
             continue  # a backfill candidate that does not fit
         preempted: list[Job] = []
         if placement is None:
             if freeable is None:
                 freeable = freeable_gpus(state, heartbeats, offered, limits.foreign_memory_threshold_mb)
-            if place_job(state, job, freeable) is None:
+            if place_job(state, job, _only(freeable, where)) is None:
                 passed_over.add(placement_request(job))
                 continue  # it waits on nothing our jobs hold: it holds up no one
-            found = victims.choose(job, usable, freeable) if victims is not None else None
+            found = victims.choose(job, _only(usable, where), _only(freeable, where)) if victims is not None else None
             if found is None:
                 blocked_in_quota = True
                 blocked = (
@@ -580,9 +615,9 @@ def schedule(
             decisions += _preempt(keys, job, preempted, victims, cause) if victims is not None else []
         if quotas:
             charge(taken, job)
-        decisions += _start(state, keys, limits, job, placement, cause, usable, ports, preempted=preempted)
+        decisions += _start(state, keys, limits, job, placement, cause, usable, ports, preempted=preempted, fresh=fresh)
     if quotas and limits.borrowing and not blocked_in_quota and any(usable.values()):
-        decisions += _borrow(state, keys, limits, accepted, cause, usable, decisions, ports)
+        decisions += _borrow(state, keys, limits, accepted, cause, usable, decisions, ports, heartbeats)
     return decisions
 
 
@@ -595,6 +630,7 @@ def _borrow(
     usable: dict[str, list[m.GpuSample]],
     decided: Sequence[Append],
     ports: dict[str, set[int]],
+    heartbeats: Mapping[str, m.NodeHeartbeat],
 ) -> list[Append]:
     """Jobs over quota started, in queue order, on the GPUs a pass left over (no job within quota
     was blocked). Every job of the queue not started by the pass is tried: one within quota that
@@ -606,9 +642,13 @@ def _borrow(
             break
         if job.job_id in started or not job.spec.preemptible or job.preemptions >= limits.max_preemptions:
             continue
-        placement = place_job(state, job, usable)
+        where = _resumable_on(state, job, heartbeats, limits)
+        if where is not None and not where:
+            continue
+        placement = place_job(state, job, _only(usable, where))
         if placement is not None:
-            decisions += _start(state, keys, limits, job, placement, cause, usable, ports, borrowing=True)
+            fresh = None if where != _ANYWHERE else _fresh_start(job)
+            decisions += _start(state, keys, limits, job, placement, cause, usable, ports, borrowing=True, fresh=fresh)
     return decisions
 
 
@@ -624,8 +664,10 @@ def _start(
     *,
     borrowing: bool = False,
     preempted: Sequence[Job] = (),
+    fresh: str | None = None,
 ) -> list[Append]:
-    """The job's next attempt: its facts, and a start to the runner of each of its ranks."""
+    """The job's next attempt: its facts, and a start to the runner of each of its ranks (from
+    its last checkpoint, unless ``fresh`` says why not)."""
     for node, gpu_ids in placement:
         usable[node] = [gpu for gpu in usable.get(node, []) if gpu.index not in gpu_ids]
     attempt = job.attempt + 1
@@ -642,8 +684,10 @@ def _start(
         peers=peers,
         master_addr=master_addr,
         master_port=master_port,
+        fresh_start=fresh,
         **common,
     )
+    resume_from = None if fresh else job.last_checkpoint
     starts = [
         Append(
             keys.node(rank_node),
@@ -652,7 +696,7 @@ def _start(
                 node=rank_node,
                 gpu_ids=rank_gpus,
                 spec=job.spec,
-                resume_from=job.last_checkpoint,
+                resume_from=resume_from,
                 rank=rank,
                 master_addr=master_addr,
                 master_port=master_port,

@@ -143,6 +143,7 @@ class Scheduler:
             backfill=settings.backfill,
             backfill_margin_s=settings.stop_grace_s,
             rendezvous_ports=settings.rendezvous_ports,
+            restart_lost_checkpoints=settings.lost_checkpoint == "restart",
         )
         self.last_heard: dict[str, datetime] = {}
         self.runner_heard: dict[str, datetime] = {}  # node -> when its runner was last heard
