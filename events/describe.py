@@ -39,6 +39,12 @@ def _queued(e: m.JobQueued) -> str:
 
 def _scheduled(e: m.JobScheduled) -> str:
     text = f"placed on node {e.node}, {_gpus(e.gpu_ids)} (attempt {e.attempt})"
+    if e.peers:
+        others = "; ".join(f"rank {i} on node {r.node}, {_gpus(r.gpu_ids)}" for i, r in enumerate(e.peers, 1))
+        text = f"placed on {len(e.peers) + 1} nodes: rank 0 on node {e.node}, {_gpus(e.gpu_ids)}; {others}"
+        text += f" (attempt {e.attempt}, rendezvous {e.master_addr}:{e.master_port})"
+    if e.fresh_start:
+        text += f"; from zero: {e.fresh_start}"
     if e.borrowing:
         text += ", borrowing: over its quota, on GPUs no job within quota waited for"
     if e.preempted:
@@ -82,9 +88,18 @@ def _quotas_changed(e: m.QuotasChanged) -> str:
 
 
 def _started(e: m.JobStarted) -> str:
+    rank = f"rank {e.rank} " if e.rank else ""
     return (
-        f"started on {e.node} as pid {e.pid} with CUDA_VISIBLE_DEVICES={e.cuda_visible_devices} (attempt {e.attempt})"
+        f"{rank}started on {e.node} as pid {e.pid} with CUDA_VISIBLE_DEVICES={e.cuda_visible_devices}"
+        f" (attempt {e.attempt})"
     )
+
+
+def _rank_ended(e: m.RankEnded) -> str:
+    if e.failed:
+        message = f": {e.message}" if e.message else ""
+        return f"rank {e.rank} on node {e.node} failed ({e.reason}, exit code {e.exit_code}){message}"
+    return f"rank {e.rank} on node {e.node} ended (exit code {e.exit_code})"
 
 
 def _progress(e: m.JobProgress) -> str:
@@ -132,6 +147,7 @@ _TEXT: dict[type[m.Message], Callable[[Any], str]] = {
     m.JobServing: lambda e: f"serving at {e.endpoint}",
     m.JobSucceeded: lambda e: f"completed (exit code {e.exit_code})",
     m.JobFailed: _failed,
+    m.RankEnded: _rank_ended,
     m.JobLost: lambda e: (
         f"attempt {e.attempt} ended while no runner watched it" + (f": {e.message}" if e.message else "")
     ),
