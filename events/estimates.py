@@ -119,19 +119,20 @@ class QueueEstimates(Mapping[str, Estimate]):
 def _earliest(
     job: Job, gpus: Mapping[str, Sequence[GpuInfo]], free_at: dict[str, float], not_before: float
 ) -> tuple[float, list[str]] | None:
-    """The soonest a job could start on the GPUs of one of the nodes (not before the job ahead
-    of it), and on which GPUs."""
-    best: tuple[float, list[str]] | None = None
-    for name, offered in gpus.items():
+    """The soonest a job could start on the GPUs of one of the nodes (of as many nodes as a gang
+    job asks for), not before the job ahead of it, and on which GPUs."""
+    options: list[tuple[float, int, list[str]]] = []
+    for order, (name, offered) in enumerate(gpus.items()):
         keys = sorted(
             (free_at[gpu_key(name, g.index)], gpu_key(name, g.index)) for g in matching(job.spec, name, offered)
         )
         if len(keys) >= job.spec.gpu_count:
             chosen = keys[: job.spec.gpu_count]
-            start = max(chosen[-1][0], not_before)
-            if best is None or start < best[0]:
-                best = (start, [key for _, key in chosen])
-    return best
+            options.append((chosen[-1][0], order, [key for _, key in chosen]))
+    if len(options) < job.spec.nodes:
+        return None
+    picked = sorted(options)[: job.spec.nodes]
+    return max(picked[-1][0], not_before), [key for _, _, keys in picked for key in keys]
 
 
 def _over_quota(why: str) -> Estimate:

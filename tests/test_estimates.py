@@ -190,3 +190,25 @@ def test_a_job_over_its_gpu_quota_says_so_and_holds_up_no_one() -> None:
     assert estimates["bob2"].start_in_s is None
     assert "quota" in estimates["bob2"].basis and "bob" in estimates["bob2"].basis
     assert estimates["alice1"].start_in_s == 0
+
+
+def test_a_gang_job_starts_when_its_last_node_is_free() -> None:
+    # Given two nodes of one GPU, busy for 100 s and 300 s
+    log = Log()
+    log.add(node("n1", gpus=1), node("n2", gpus=1))
+    for job_id, name, remaining in (("r1", "n1", 100), ("r2", "n2", 300)):
+        submit(log, job_id)
+        log.add(
+            m.JobScheduled(job_id=job_id, node=name, gpu_ids=[0], attempt=1),
+            m.JobStarted(
+                job_id=job_id, attempt=1, node=name, pid=1, pgid=1, run_dir="/r", argv=[], cuda_visible_devices=""
+            ),
+            m.JobProgress(job_id=job_id, attempt=1, step=1, max_steps=10, remaining_s=remaining, at=NOW),
+        )
+    # When a job on two nodes waits, and one on a single node behind it
+    submit(log, "gang", nodes=2, time_limit_s=60)
+    submit(log, "single", priority=1)
+    estimates = estimate_queue(log.state, NOW)
+    # Then the gang starts once both nodes are free, and the other job after it
+    assert estimates["gang"].start_in_s == 300
+    assert estimates["single"].start_in_s == 360
