@@ -27,6 +27,7 @@ from pathlib import Path
 import anyio
 
 from events.bus import MAX_SEQ, Bus, Entry, entry_id_key, next_id
+from events.codec import entry_type
 
 CHAIN_FIELDS = ("prev", "hash")
 ARCHIVE_BATCH = 2000  # archived entries read per step off the event loop
@@ -352,7 +353,7 @@ class Query:
     def matches(self, entry: Entry) -> bool:
         if self.job_id is not None and entry.fields.get("job_id") != self.job_id:
             return False
-        return type_matches(self.types, entry.fields.get("type", ""))
+        return type_matches(self.types, entry_type(entry.fields))
 
 
 def type_matches(patterns: tuple[str, ...], type_: str) -> bool:

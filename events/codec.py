@@ -8,15 +8,20 @@ filter without decoding; ``job_id`` is empty for a message of no job) and then `
   "payload": {...}}``. On the log it is followed by the chain's ``prev`` and ``hash`` (hex).
 - **Compact** (the log, ``{st}:events``, written by :func:`encode_fact`): ``data`` is a JSON array
   ``[payload, id, source, actor, causation_id, v, at_text, empty_job]`` without its trailing
-  defaults (``""``, ``null``, ``null``, ``1``, absent, absent), then ``at``: the message's time in
-  microseconds since the epoch, as a decimal integer (Redis keeps it as an 8-byte integer), then
-  the chain's ``hash`` (see :mod:`events.audit`). An id of 32 hex digits (:func:`messages.new_id`)
-  is written as its 16 bytes in URL-safe base64 (22 characters), any other id as ``=`` and the
-  id. A time not in UTC is written in ``at_text`` (ISO 8601) with an empty ``at``; a ``job_id``
-  that is the empty string (not none) has ``empty_job`` = ``""``. The payload is a JSON object,
-  or, for the (type, version) pairs of :data:`POSITIONAL`, an array of its values in a fixed
-  order without trailing defaults. ``type`` and ``job_id`` are never repeated inside ``data``.
+  defaults (``0``, ``""``, ``null``, ``null``, ``1``, absent, absent), then ``at``: the message's
+  time in microseconds since the epoch, as a decimal integer (Redis keeps it as an 8-byte
+  integer), then the chain's ``hash`` (see :mod:`events.audit`). An id of 32 hex digits
+  (:func:`messages.new_id`) is written as its 16 bytes in URL-safe base64 (22 characters); the
+  id a message of its type derives from its job and payload (:data:`DERIVED_IDS`: a training
+  step's progress report, :func:`progress_id`) as ``0``; any other id as ``=`` and the id. A time
+  not in UTC is written in ``at_text`` (ISO 8601) with an empty ``at``; a ``job_id`` that is the
+  empty string (not none) has ``empty_job`` = ``""``. The payload is a JSON object, or, for the
+  (type, version) pairs of :data:`POSITIONAL`, an array of its values in a fixed order without
+  trailing defaults. ``type`` is the type's name, or for the most frequent types a short code
+  (:data:`TYPE_CODES`; :func:`entry_type` reads either); ``type`` and ``job_id`` are never
+  repeated inside ``data``.
 
+Compact entries of the release before (every id stored, every type by name) read as they did.
 A message decodes to the same value from either layout; :func:`decode` tells them apart by the
 ``at`` field. :func:`envelope_json` gives the envelope of an entry of either layout (what a client
 of the event stream is sent).
@@ -87,6 +92,11 @@ def _field(fields: Fields, name: str) -> bytes | str | None:
     return value
 
 
+def entry_type(fields: Fields) -> str:
+    """The type an entry of either layout names (by its code, or by name); empty if none."""
+    return type_name(_text(_field(fields, "type") or ""))
+
+
 def decode(fields: Fields) -> Message:
     """The message of an entry of either layout."""
     raw = _field(fields, "data")
@@ -152,6 +162,39 @@ def envelope_json(fields: Fields, message: Message | None = None) -> str:
 
 
 # --- the compact layout (the log) ---
+
+# Short codes of the log's most frequent types, written in a compact entry's ``type`` in place of
+# the name (11 bytes less per entry). A code has no dot, so no type's name is one. Readers of the
+# field go through entry_type or type_name, and the fold's script in events.log knows the codes.
+# Never change or reuse a code: entries keep it for good.
+TYPE_CODES: dict[str, str] = {"job.progress": "p"}
+_TYPE_OF_CODE = {code: name for name, code in TYPE_CODES.items()}
+assert len(_TYPE_OF_CODE) == len(TYPE_CODES) and not any("." in code for code in _TYPE_OF_CODE)
+
+
+def type_name(stored: str) -> str:
+    """The name of the type an entry's ``type`` field holds (a code, or the name itself)."""
+    return _TYPE_OF_CODE.get(stored, stored)
+
+
+def progress_id(job_id: str, attempt: int, step: int) -> str:
+    """The id of the report of a training step of a job's attempt. A trainer reports a step's
+    training metrics once (transformers logs a step only past the last one it logged), so the
+    runner gives a training row this id: unique, and the log need not store it."""
+    return f"{job_id}-{attempt}-step{step}"
+
+
+def _progress_id(job_id: str, payload: Mapping[str, Any]) -> str:
+    attempt, step = payload.get("attempt"), payload.get("step")
+    if type(attempt) is not int or type(step) is not int:
+        raise DecodeError(f"job.progress derives its id from its attempt and step, not {attempt!r} and {step!r}")
+    return progress_id(job_id, attempt, step)
+
+
+# type -> the id a message of that type has unless it was given another, made from its job id and
+# its payload as written; a compact entry writes such an id as 0. Never change a derivation (the
+# entries that hold 0 would read as other ids); a version that renames its fields needs its own.
+DERIVED_IDS: dict[str, Callable[[str, Mapping[str, Any]], str]] = {"job.progress": _progress_id}
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -230,8 +273,10 @@ def encode_fact(message: Message, source: str = "") -> tuple[str, str, str, str]
         at_us, at_text = str((at - _EPOCH) // _MICROSECOND), None
     else:
         at_us, at_text = "", to_json(at).decode()[1:-1]
-    data = [body, _short_id(message.id), message.source or source]
     causation, actor, job_id = message.causation_id, message.actor, message.job_id
+    derive = DERIVED_IDS.get(type_) if job_id else None  # (a message of no job derives none)
+    derived = derive is not None and message.id == derive(job_id or "", payload)
+    data = [body, 0 if derived else _short_id(message.id), message.source or source]
     if actor is not None or causation is not None or version != 1 or at_text is not None or job_id == "":
         data += (actor, None if causation is None else _short_id(causation), version, at_text)
         if job_id == "":
@@ -240,7 +285,9 @@ def encode_fact(message: Message, source: str = "") -> tuple[str, str, str, str]
             data.pop()
     if data[-1] == "" and len(data) == 3:
         data.pop()
-    return type_, job_id or "", to_json(data).decode(), at_us
+    if derived and len(data) == 2:
+        data.pop()
+    return TYPE_CODES.get(type_, type_), job_id or "", to_json(data).decode(), at_us
 
 
 def _tails(layout: tuple[tuple[str, Any], ...]) -> list[tuple[dict[str, Any], tuple[str, ...]] | None]:
@@ -282,9 +329,11 @@ def _unpack(type_: str, version: int, values: list[Any]) -> dict[str, Any]:
 
 
 def decode_compact(type_: str, job_id: str, data: Any, at: str) -> Message:
-    """A message from a compact entry's fields (``data`` parsed)."""
-    if type(data) is not list or not 2 <= len(data) <= 8:
+    """A message from a compact entry's fields (``data`` parsed; ``type_`` as stored: a code or
+    a name)."""
+    if type(data) is not list or not 1 <= len(data) <= 8:
         raise DecodeError("data is not a compact entry")
+    type_ = _TYPE_OF_CODE.get(type_, type_)
     current = _CURRENT_VERSION.get(type_)
     if current is None:
         raise DecodeError(f"unknown message type {type_!r}")
@@ -315,6 +364,14 @@ def decode_compact(type_: str, job_id: str, data: Any, at: str) -> Message:
         job: str | None = ""
     else:
         job = job_id or None
+    short_id = data[1] if n > 1 else 0
+    if short_id == 0 and type(short_id) is int:  # derived from the payload as written
+        derive = DERIVED_IDS.get(type_)
+        if derive is None or not job:
+            raise DecodeError(f"{type_} entry lacks its id")
+        long_id = derive(job, payload)
+    else:
+        long_id = _long_id(short_id)
     if version < current:
         payload, version, positional = _lift(type_, version, current, payload), current, False
     if not positional and not payload.keys().isdisjoint(ENVELOPE_FIELDS):
@@ -324,7 +381,7 @@ def decode_compact(type_: str, job_id: str, data: Any, at: str) -> Message:
         **payload,
         "type": type_,
         "v": version,
-        "id": _long_id(data[1]),
+        "id": long_id,
         "at": when,
         "source": data[2] if n > 2 else "",
         "causation_id": None if causation is None else _long_id(causation),

@@ -8,7 +8,7 @@ from typing import Any
 
 from events import messages as m
 from events.bus import Entry
-from events.codec import DecodeError, decode, encode
+from events.codec import DecodeError, decode, encode, entry_type
 from events.quotas import Quotas
 
 
@@ -186,7 +186,7 @@ def render(entry: Entry) -> dict[str, Any]:
     except DecodeError as exc:
         return {
             "entry_id": entry.entry_id,
-            "type": entry.fields.get("type"),
+            "type": entry_type(entry.fields) or None,
             "undecodable": str(exc),
             "raw": entry.fields,
         }

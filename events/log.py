@@ -33,7 +33,7 @@ import structlog
 
 from events.audit import archive_files, archive_range, is_after, is_within
 from events.bus import Bus, entry_id_key, previous_id
-from events.codec import DecodeError, decode, decode_compact, decode_envelope
+from events.codec import TYPE_CODES, DecodeError, decode, decode_compact, decode_envelope, entry_type, type_name
 from events.messages import Message
 from events.state import IllegalTransition, State
 
@@ -41,11 +41,14 @@ log = structlog.get_logger("events.log")
 
 PAGE = 1000
 PROGRESS = "job.progress"
+PROGRESS_CODE = TYPE_CODES[PROGRESS]  # how a compact entry may name it
 
 _FOLD_PAGE_LUA = """
--- KEYS[1]: the log. ARGV: min ('-' or '(<id>'), max ('+' or an id), count.
+-- KEYS[1]: the log. ARGV: min ('-' or '(<id>'), max ('+' or an id), count, the progress
+-- report's type code.
 -- Returns {last id read, entries read, JSON array of [id, data, superseded, first id of run, job]
--- (an envelope entry) or [id, data, superseded, first id of run, job, type, at] (a compact one)}.
+-- (an envelope entry) or [id, data, superseded, first id of run, job, type as stored, at] (a
+-- compact one)}.
 -- Our entries start with type, job_id, data (then at, for a compact entry); any other layout is
 -- read field by field. A progress report's attempt: the first value of a compact entry's
 -- positional payload, the last field of an envelope's payload.
@@ -75,7 +78,7 @@ for idx = 1, n do
   local id = e[1]
   ids[k], datas[k], sup[k], firsts[k], jobs[k], alive[k] = id, data, 0, id, job, true
   kinds[k], ats[k] = kind, at
-  if kind == 'job.progress' and job ~= '' then
+  if (kind == ARGV[4] or kind == 'job.progress') and job ~= '' then
     local attempt
     if at then
       attempt = string.match(data, '^%[%[(%d+)[,%]]')
@@ -181,13 +184,14 @@ async def _fold_page(bus: Bus, state: State, page: Page) -> None:
             compact = (item[5], item[6]) if len(item) == 7 else None
             if not _fold_kept(state, Kept(entry_id, data, superseded, first_id, job_id, compact)):
                 async for entry in bus.entries(bus.keys.events, after=previous_id(first_id), until=entry_id):
-                    if entry.fields.get("job_id") == job_id and entry.fields.get("type") == PROGRESS:
+                    if entry.fields.get("job_id") == job_id and entry_type(entry.fields) == PROGRESS:
                         apply_entry(state, entry.entry_id, entry.fields)
     state.position = last
 
 
 async def _read_page(bus: Bus, start: str, until: str) -> Page:
-    last, read, kept = await bus.script(_FOLD_PAGE_LUA)(keys=[bus.keys.events], args=[start, until, PAGE])
+    script = bus.script(_FOLD_PAGE_LUA)
+    last, read, kept = await script(keys=[bus.keys.events], args=[start, until, PAGE, PROGRESS_CODE])
     return start, str(last), int(read), kept
 
 
@@ -242,7 +246,8 @@ def _parse(raw: str) -> _Line:
     if found is None:  # not as written here: read it whole, and never pass it over
         record = json.loads(raw)
         return _Line(record["id"], "", record["fields"].get("job_id", ""), None, raw)
-    entry_id, kind, job_id, compact_attempt = found.groups()
+    entry_id, stored_kind, job_id, compact_attempt = found.groups()
+    kind = type_name(stored_kind)
     if kind != PROGRESS:
         return _Line(entry_id, kind, job_id, None, raw)
     if compact_attempt is not None:

@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 
 from events import audit, invariants, snapshot
 from events.bus import Bus, Entry, connect, entry_id_key, entry_time
-from events.codec import DecodeError, decode
+from events.codec import DecodeError, decode, entry_type
 from events.describe import describe, render
 from events.keys import SCHEDULER_GROUP
 from events.log import catch_up
@@ -66,7 +66,7 @@ def _row(entry: Entry) -> str:
     try:
         message = decode(entry.fields)
     except DecodeError as exc:
-        return f"{entry.entry_id:<16}  {at}  {entry.fields.get('type', '?'):<22}  (unreadable: {exc})"
+        return f"{entry.entry_id:<16}  {at}  {entry_type(entry.fields) or '?':<22}  (unreadable: {exc})"
     job = (message.job_id or "-")[:12]
     return f"{entry.entry_id:<16}  {at}  {message.type:<22}  {job:<12}  {message.actor or '-':<10}  {describe(message)}"
 

@@ -1,5 +1,5 @@
-"""The codec: every message type round-trips in both layouts, bad entries are refused with a
-reason, old versions are upcast."""
+"""The codec: every message type round-trips in both layouts (and any progress report, as a
+property), bad entries are refused with a reason, old versions are upcast."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from events import codec
 from events import messages as m
@@ -40,7 +42,8 @@ def compact(message: m.Message, source: str = "") -> dict[str, str]:
 @pytest.mark.parametrize("message", examples(), ids=lambda e: e.type)
 def test_every_message_type_round_trips_as_a_compact_entry(message: m.Message) -> None:
     fields = compact(message)
-    assert (fields["type"], fields["job_id"]) == (message.type, message.job_id or "")
+    assert (codec.entry_type(fields), fields["job_id"]) == (message.type, message.job_id or "")
+    assert fields["type"] == codec.TYPE_CODES.get(message.type, message.type)
     data = json.loads(fields["data"])
     assert message.type not in fields["data"] and (not message.job_id or message.job_id not in fields["data"])
     assert isinstance(data[0], dict | list) and len(data) <= 8
@@ -51,21 +54,48 @@ def test_every_message_type_round_trips_as_a_compact_entry(message: m.Message) -
     assert codec.envelope_json(fields) == codec.envelope_json(fields, message) == codec.encode(message)["data"]
 
 
+AT = datetime(2026, 12, 5, 2, 38, 50, 737426, tzinfo=UTC)
+
+
 def test_a_progress_report_is_a_few_numbers_and_its_stamp() -> None:
-    # Given a progress report as a runner writes it (random id, its time, metrics ms-swift left out)
-    at = datetime(2026, 12, 5, 2, 38, 50, 737426, tzinfo=UTC)
-    report = m.JobProgress(job_id="f" * 32, attempt=2, step=5, max_steps=94, percent=5.32, loss=1.95, at=at)
+    # Given a training step's progress report as a runner writes it (the id its job, attempt and
+    # step make; its time; the metrics ms-swift left out)
+    job_id = "f" * 32
+    report = m.JobProgress(
+        id=codec.progress_id(job_id, 2, 5),
+        job_id=job_id,
+        attempt=2,
+        step=5,
+        max_steps=94,
+        percent=5.32,
+        loss=1.95,
+        at=AT,
+    )
+    assert report.id == f"{job_id}-2-step5"
     fields = compact(report, "runner@n1")
-    # Then data holds the attempt first, the metrics up to the last given, the id in base64 and the
-    # source; the time is an integer of microseconds; nothing else
-    short = base64.urlsafe_b64encode(bytes.fromhex(report.id)).decode()[:22]
-    assert fields["data"] == f'[[2,5,94,5.32,1.95],"{short}","runner@n1"]'
-    assert fields["at"] == "1796438330737426"
+    # Then the type is a code; data holds the attempt first, the metrics up to the last given, 0
+    # for the id (derived) and the source; the time is an integer of microseconds; nothing else
+    assert fields == {
+        "type": "p",
+        "job_id": job_id,
+        "data": '[[2,5,94,5.32,1.95],0,"runner@n1"]',
+        "at": "1796438330737426",
+    }
     assert codec.decode(fields) == report.model_copy(update={"source": "runner@n1"})
-    # And an evaluation row keeps the metrics in between as nulls
-    evaluated = report.model_copy(update={"loss": None, "eval": {"eval_loss": 1.2}})
-    assert json.loads(compact(evaluated)["data"])[0] == [2, 5, 94, 5.32, *[None] * 8, {"eval_loss": 1.2}]
+    assert codec.entry_type(fields) == codec.type_name("p") == "job.progress"
+    # And without a source, data is the payload alone
+    assert compact(report)["data"] == "[[2,5,94,5.32,1.95]]" and codec.decode(compact(report)) == report
+    # And a report with another id (an evaluation row's is random) stores it, in base64
+    evaluated = report.model_copy(update={"id": m.new_id(), "loss": None, "eval": {"eval_loss": 1.2}})
+    short = base64.urlsafe_b64encode(bytes.fromhex(evaluated.id)).decode()[:22]
+    data = json.loads(compact(evaluated, "runner@n1")["data"])
+    # (an evaluation row keeps the metrics in between as nulls)
+    assert data == [[2, 5, 94, 5.32, *[None] * 8, {"eval_loss": 1.2}], short, "runner@n1"]
     assert codec.decode(compact(evaluated)) == evaluated
+    # And so does a report whose id would be derived from another step, attempt or job
+    for other in (codec.progress_id(job_id, 2, 6), codec.progress_id(job_id, 1, 5), codec.progress_id("e" * 32, 2, 5)):
+        moved = report.model_copy(update={"id": other})
+        assert json.loads(compact(moved)["data"])[1] == "=" + other and codec.decode(compact(moved)) == moved
 
 
 @pytest.mark.parametrize(
@@ -80,6 +110,9 @@ def test_a_progress_report_is_a_few_numbers_and_its_stamp() -> None:
         {"at": datetime(2026, 1, 1, 1)},  # no time zone
         {"at": datetime(1969, 7, 20, 20, 17, 40, 5, tzinfo=UTC)},  # before the epoch
         {"at": datetime(2026, 1, 1, tzinfo=timezone(timedelta(0), "GMT"))},
+        {"id": "j-1-step0", "job_id": ""},  # an id a progress report of no job cannot derive
+        {"id": "j-1-step0", "job_id": None},
+        {"id": "j-1-step0", "actor": "alice"},  # (a report's derived id, then more fields)
     ],
 )
 def test_what_a_compact_entry_cannot_shorten_it_keeps_as_it_is(change: dict[str, Any]) -> None:
@@ -99,6 +132,70 @@ def test_a_payload_that_does_not_fit_its_positional_layout_is_written_whole(monk
     fields = compact(report)
     assert json.loads(fields["data"])[0] == report.payload()
     assert codec.decode(fields) == report
+
+
+metrics = st.none() | st.floats(allow_nan=False, allow_infinity=False)
+ids = st.sampled_from(["derived", "random", "other"])
+sources = st.sampled_from(["", "runner@n1", "=x"]) | st.text(max_size=8)
+times = st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-3))]) | st.none())
+
+
+@given(
+    job_id=st.sampled_from(["f" * 32, "j", "", None]) | st.text(min_size=1, max_size=6),
+    attempt=st.integers(0, 2**40),
+    step=st.integers(0, 2**40),
+    made=ids,
+    source=sources,
+    actor=st.none() | st.text(max_size=5),
+    causation=st.none() | st.sampled_from(["c" * 32, "cmd-1"]),
+    at=times,
+    loss=metrics,
+    epoch=metrics,
+    evaluated=st.dictionaries(st.sampled_from(["eval_loss", "eval_acc"]), st.floats(allow_nan=False), max_size=2),
+)
+def test_any_progress_report_round_trips_as_a_compact_entry(
+    job_id: str | None,
+    attempt: int,
+    step: int,
+    made: str,
+    source: str,
+    actor: str | None,
+    causation: str | None,
+    at: datetime,
+    loss: float | None,
+    epoch: float | None,
+    evaluated: dict[str, float],
+) -> None:
+    # Given a progress report of any job (or none), with the id derived from its step, a random
+    # id, or an id of the derived form that is not its own, any envelope and metrics
+    made_id = {
+        "derived": codec.progress_id(job_id or "", attempt, step),
+        "random": m.new_id(),
+        "other": codec.progress_id(job_id or "", attempt, step + 1),
+    }[made]
+    report = m.JobProgress(
+        id=made_id,
+        job_id=job_id,
+        attempt=attempt,
+        step=step,
+        max_steps=step,
+        percent=100.0,
+        loss=loss,
+        epoch=epoch,
+        eval=evaluated,
+        source=source,
+        actor=actor,
+        causation_id=causation,
+        at=at,
+    )
+    # Then its compact entry reads back as the same report, and as the same envelope, to the
+    # character; the id is left out exactly when it is the derived one of a report of a job
+    fields = compact(report)
+    assert codec.decode(fields) == report
+    assert codec.envelope_json(fields) == codec.encode(report)["data"]
+    data = json.loads(fields["data"])
+    assert (len(data) == 1 or data[1] == 0) == (made == "derived" and bool(job_id))
+    assert fields["type"] == "p" and codec.entry_type(fields) == "job.progress"
 
 
 STAMPED = {"type": "job.queued", "job_id": "j", "at": "1796438330737426"}
@@ -125,6 +222,14 @@ ID = "A" * 22
         ({**STAMPED, "data": f'[{{"position":"first"}},"{ID}","",null,null,2]'}, "invalid job.queued"),
         ({**STAMPED, "type": "job.progress", "data": f'[[1,2,3,4,5,6,7,8,9,10,11,12,{{}},14],"{ID}"]'}, "14 values"),
         ({**STAMPED, "type": "job.progress", "data": f'[[1,2],"{ID}"]'}, "lacks its max_steps"),
+        ({**STAMPED, "data": "[]"}, "not a compact entry"),
+        ({**STAMPED, "data": '[{"position":1},0]'}, "job.queued entry lacks its id"),  # derives none
+        ({**STAMPED, "data": '[{"position":1}]'}, "job.queued entry lacks its id"),
+        ({**STAMPED, "type": "p", "job_id": "", "data": "[[1,2,3,4]]"}, "lacks its id"),  # of no job
+        ({**STAMPED, "type": "p", "data": '[{"attempt":1,"step":"2"},0]'}, "derives its id"),
+        ({**STAMPED, "type": "p", "data": "[[1,2,3,4],0.0]"}, "not a string"),
+        ({**STAMPED, "type": "p", "data": "[[1,2,3,4],false]"}, "not a string"),
+        ({**STAMPED, "type": "q", "data": "[[1,2,3,4],0]"}, "unknown message type 'q'"),
     ],
 )
 def test_bad_compact_entries_are_refused_with_a_reason(fields: dict[str, str], reason: str) -> None:

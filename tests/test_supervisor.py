@@ -16,7 +16,7 @@ import pytest
 
 from events import messages as m
 from events.bus import Bus
-from events.codec import decode
+from events.codec import decode, progress_id
 from events.consumer import Delivery, Outcome
 from events.params import LanguageModelJob
 from services.config import load_settings
@@ -100,6 +100,10 @@ async def test_every_logged_row_is_a_progress_fact_in_order_with_eval_rows_kept(
     # and an evaluation keeps the training loss of its step beside its own
     assert all(p.loss == progress[i - 1].loss and p.loss is not None for i, p in enumerate(progress) if p.eval)
     assert progress[0].loss == pytest.approx(5.99777317) and progress[-2].loss == pytest.approx(5.2666173)
+    # and a training row's report has the id its job, attempt and step make (the log stores none
+    # for it); an evaluation's, its step's second report, a random one
+    assert [p.id == progress_id("job-1", 1, p.step) for p in progress] == [not p.eval for p in progress]
+    assert len({p.id for p in progress}) == len(progress)
 
 
 async def test_a_long_backlog_of_rows_is_reported_whole_in_several_commits(bus: Bus, tmp_path: Path) -> None:

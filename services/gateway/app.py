@@ -34,7 +34,7 @@ from events import audit
 from events import messages as m
 from events.admission import gpu_quota_block, queue_order, queued_quota_block
 from events.bus import Bus, entry_id_key, previous_id
-from events.codec import DecodeError, envelope_json
+from events.codec import DecodeError, entry_type, envelope_json
 from events.estimates import Estimate
 from events.params import JobSpec, TaskType
 from events.quotas import EVERYONE, HOUR_S, Quotas, Usage, team_key, user_key
@@ -882,12 +882,13 @@ async def _events(
         last = after
         async for entry in bus.entries(bus.keys.events, after=after):
             last = entry.entry_id
-            if wanted(entry.fields.get("job_id", ""), entry.fields.get("type", "")):
+            type_ = entry_type(entry.fields)  # (a compact entry may name it by its code)
+            if wanted(entry.fields.get("job_id", ""), type_):
                 try:
                     data = envelope_json(entry.fields)  # what clients are sent, whatever the entry's layout
                 except DecodeError:
                     continue  # (the fold passed over it too)
-                yield ServerSentEvent(data=data, event=entry.fields.get("type"), id=entry.entry_id)
+                yield ServerSentEvent(data=data, event=type_, id=entry.entry_id)
         async for event in subscription:
             if entry_id_key(event.entry_id) <= entry_id_key(last) or not wanted(event.job_id, event.type):
                 continue

@@ -13,7 +13,7 @@ from starlette.routing import Route
 from events import audit
 from events import messages as m
 from events.bus import Bus, Entry, previous_id
-from events.codec import DecodeError, decode
+from events.codec import DecodeError, decode, entry_type
 from events.describe import describe, render
 from services.audit import parse_time
 from services.gateway.auth import may_see, principal, require_admin
@@ -78,7 +78,9 @@ async def job_timeline(request: Request) -> JSONResponse:
             message = decode(entry.fields)
         except DecodeError as exc:
             close_run()
-            items.append({"entry_id": entry.entry_id, "type": entry.fields.get("type"), "text": f"unreadable: {exc}"})
+            items.append(
+                {"entry_id": entry.entry_id, "type": entry_type(entry.fields) or None, "text": f"unreadable: {exc}"}
+            )
             continue
         if isinstance(message, m.JobProgress):
             run.append((entry, message))

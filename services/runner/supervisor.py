@@ -24,6 +24,7 @@ import watchfiles
 
 from events import messages as m
 from events.bus import Append, Bus
+from events.codec import progress_id
 from services.launch import Launch, merged_env
 from services.processes import process_tree, signal_group, wait_exit, wait_group_exit
 from services.runner.progress import (
@@ -373,6 +374,9 @@ class JobRun:
                 continue
             if "loss" in row:
                 self.last_train = fields
+                # A training row is its step's only one: the id derived from the step is unique,
+                # and the log need not store it.
+                fields["id"] = progress_id(self.record.job_id, self.record.attempt, fields["step"])
             elif self.last_train is not None and self.last_train["step"] == fields["step"]:
                 # An evaluation row follows the training row of its step and has no training
                 # metrics: carried over, the job's progress keeps its loss beside the eval loss.

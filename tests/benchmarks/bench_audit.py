@@ -6,8 +6,9 @@ Runs a throwaway redis-server (with AOF, as the embedded one) and prints, in one
 - append throughput of plain XADD and of the hash-chained append, batched and one per call;
 - the Redis memory a log of ``--events`` entries takes (a realistic mix: per job, submit
   decisions, start, progress rows, a checkpoint, the outcome), and per entry of a log of progress
-  reports only (as the bench writes them, then with every metric ms-swift logs) and of a log of the
-  other entries only;
+  reports only (training rows as the runner reports them, with the ids it derives; then with every
+  metric ms-swift logs; then with random ids, as an evaluation row's) and of a log of the other
+  entries only;
 - replay (read and decode), rebuild (read and fold) and verify (read and check the chain) in
   events per second, from Redis and from archive files.
 """
@@ -30,7 +31,7 @@ import redis.asyncio as aioredis
 from events import audit
 from events import messages as m
 from events.bus import Bus, Entry
-from events.codec import decode, encode_fact
+from events.codec import decode, encode_fact, progress_id
 from events.keys import Keys
 from events.log import apply_entry, catch_up
 from events.params import LanguageModelJob
@@ -61,8 +62,16 @@ def job_log(job_id: str) -> list[m.Message]:
         ),
     ]
     steps = PER_JOB - len(facts) - 2
-    facts += [
-        m.JobProgress(attempt=1, step=s, max_steps=steps, percent=100 * s / steps, loss=2.0 - s / 100, **common)
+    facts += [  # training rows, with the ids the runner gives them
+        m.JobProgress(
+            id=progress_id(job_id, 1, s),
+            attempt=1,
+            step=s,
+            max_steps=steps,
+            percent=100 * s / steps,
+            loss=2.0 - s / 100,
+            **common,
+        )
         for s in range(1, steps + 1)
     ]
     facts += [
@@ -70,6 +79,10 @@ def job_log(job_id: str) -> list[m.Message]:
         m.JobSucceeded(attempt=1, exit_code=0, run_dir="/r", last_checkpoint="/r/checkpoint", **common),
     ]
     return facts
+
+
+def progress(job_id: str) -> list[m.Message]:
+    return [fact for fact in job_log(job_id) if fact.type == "job.progress"]
 
 
 def rate(count: int, seconds: float) -> str:
@@ -117,6 +130,7 @@ def full_progress(job_id: str) -> list[m.Message]:
     tests/data/logging-with-eval.jsonl), and the percent as the runner rounds it."""
     return [
         m.JobProgress(
+            id=progress_id(job_id, 1, s),
             job_id=job_id,
             source="bench@host",
             attempt=1,
@@ -140,8 +154,12 @@ async def memory_per_entry(client: aioredis.Redis, jobs: int) -> None:
     """Bytes per entry of logs holding one kind of entry."""
     print(f"Redis memory per entry of a log of one kind ({jobs:,} jobs):")
     kinds: list[tuple[str, Callable[[str], list[m.Message]]]] = [
-        ("progress reports (as above)", lambda job: [f for f in job_log(job) if f.type == "job.progress"]),
+        ("progress reports (as above)", progress),
         ("progress reports, every metric ms-swift logs", full_progress),
+        (
+            "progress reports as above, random ids",
+            lambda job: [p.model_copy(update={"id": m.new_id()}) for p in progress(job)],
+        ),
         ("the other entries", lambda job: [f for f in job_log(job) if f.type != "job.progress"]),
     ]
     for label, facts in kinds:
