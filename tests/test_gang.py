@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, expect
 
 from services.demo.tinymodel import DemoAssets
 from tests.conftest import RedisServer, wait_for
@@ -60,6 +61,30 @@ def test_a_two_node_job_trains_to_the_end_with_both_ranks_in_the_log(two_nodes: 
     for rank in (0, 1):
         response = httpx.get(f"{system.base}/jobs/{job_id}/logs", params={"rank": rank})
         assert response.status_code == 200 and response.json()["lines"], (rank, response.text)
+    GANGS.append(job_id)
+
+
+GANGS: list[str] = []  # the gang job that trained, for the dashboard's test
+
+
+@pytest.mark.e2e
+def test_the_dashboard_switches_between_the_output_of_each_rank(two_nodes: System, browser: Browser) -> None:
+    if not GANGS:
+        pytest.fail("the two-node job did not train (see the test above)")
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{two_nodes.port}/#/jobs/{GANGS[0]}")
+        # Rank 0's output first (ms-swift prints its arguments: the output directory on node-a),
+        # then rank 1's once chosen (its own, on node-b)
+        on_a, on_b = (str(where / "runs" / GANGS[0]) for where in (two_nodes.data_dir, two_nodes.data_dir / "node-b"))
+        expect(page.locator("#logs-rank-label")).to_be_visible()
+        expect(page.locator("#job-logs")).to_contain_text(on_a, timeout=30_000)
+        expect(page.locator("#job-logs")).not_to_contain_text(on_b)
+        page.select_option("#logs-rank", "1")
+        expect(page.locator("#job-logs")).to_contain_text(on_b, timeout=30_000)
+        expect(page.locator("#job-logs")).not_to_contain_text(on_a)
+    finally:
+        page.close()
 
 
 def test_a_dry_run_of_a_gang_job_shows_each_rank_command(two_nodes: System, assets: DemoAssets) -> None:

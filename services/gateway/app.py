@@ -198,7 +198,13 @@ async def create_job(request: Request) -> JSONResponse:
             submission.spec, runs_dir=settings.runs_dir, omp_num_threads=settings.job_omp_num_threads
         )
         ranks = _planned_ranks(submission.spec, "<job_id>", settings)
-        return JSONResponse({"dry_run": True, **command_view(launch.argv, launch.env), "ranks": [r.model_dump(mode="json") for r in ranks]})
+        return JSONResponse(
+            {
+                "dry_run": True,
+                **command_view(launch.argv, launch.env),
+                "ranks": [r.model_dump(mode="json") for r in ranks],
+            }
+        )
     who = principal(request)
     over = queued_quota_block(projection.state, who.name, who.team)
     if over is not None:
@@ -818,15 +824,16 @@ async def job_log_stream(request: Request) -> EventSourceResponse:
     job = _job(request)
     resume = _resume_from(request)
     tail = _int_param(request, "tail", 200, 0, 10_000)
-    return _sse(lambda cut: _log_lines(request, job.job_id, resume, tail, cut))
+    rank = _int_param(request, "rank", 0, 0, job.spec.nodes - 1)
+    return _sse(lambda cut: _log_lines(request, job.job_id, resume, tail, cut, rank))
 
 
 async def _log_lines(
-    request: Request, job_id: str, resume: str | None, tail: int, cut: asyncio.Event
+    request: Request, job_id: str, resume: str | None, tail: int, cut: asyncio.Event, rank: int = 0
 ) -> AsyncIterator[ServerSentEvent]:
     projection = _projection(request)
     bus = _bus(request)
-    key = bus.keys.logs(job_id)
+    key = bus.keys.logs(job_id, rank)
     yield ServerSentEvent(retry=SSE_RETRY_MS, comment="stream open")
     if resume is not None:
         history = [(entry.entry_id, entry.fields) async for entry in bus.entries(key, after=resume)]
@@ -840,7 +847,8 @@ async def _log_lines(
         line = json.dumps({"fd": fields.get("fd"), "line": fields.get("line")})
         yield ServerSentEvent(data=line, event="log", id=last)
     # The shared reader reads on from the last line sent: nothing is missed in between.
-    subscription = projection.subscribe_logs(job_id, last, cut)
+    # (followed by the name its stream has after the prefix of every job's: a rank's own)
+    subscription = projection.subscribe_logs(key.removeprefix(bus.keys.logs("")), last, cut)
     try:
         async for event in subscription:
             if entry_id_key(event.entry_id) > entry_id_key(last):

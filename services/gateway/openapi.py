@@ -114,7 +114,7 @@ _OPERATIONS: list[Operation] = [
               {200: SSE}, (400, 404), parameters=_RESUME),
     Operation("get", "/training/jobs/{job_id}/logs/stream", "streams",
               "A job's output lines, live (SSE: event log, data {fd, line}, id = the line's entry id)",
-              {200: SSE}, (400, 404), parameters=_STREAM_TAIL),
+              {200: SSE}, (400, 404), parameters=(*_STREAM_TAIL, *_RANK)),
     Operation("post", "/training/jobs/{job_id}/cancel", "jobs", "Cancel a job", {202: v.CommandAccepted}, _COMMAND),
     Operation("post", "/training/jobs/{job_id}/stop", "jobs", "Cancel a job (alias)", {202: v.CommandAccepted}, _COMMAND),
     Operation("post", "/training/jobs/{job_id}/start", "jobs", "Release a held job", {202: v.CommandAccepted}, _COMMAND),

@@ -882,6 +882,7 @@
     waitingTimer: null, // while queued: its entry again now and then (others' jobs move it)
     asked: null, // {action, status}: a request sent, until the job's status moves on
     streams: [],
+    logStream: null, // the output shown: of rank 0, or the rank chosen
     chart: null,
     losses: new Map(), // step -> {loss, eval}
     logLines: 0,
@@ -920,15 +921,30 @@
       }
       const url = `${API}/jobs/${encodeURIComponent(jobId)}`;
       const handlers = Object.fromEntries(JOB_EVENTS.map((type) => [type, (data, id) => this.onEvent(type, data, id)]));
-      this.streams.push(
-        follow(`${url}/stream`, handlers, { onOpen: indicator.up, onDown: indicator.down }),
-        follow(`${url}/logs/stream?tail=500`, { log: (line) => this.appendLog(line) })
-      );
+      this.streams.push(follow(`${url}/stream`, handlers, { onOpen: indicator.up, onDown: indicator.down }));
+      // A gang job's ranks each keep their output: one shown at a time, rank 0 first
+      const ranks = (this.job && this.job.spec && this.job.spec.nodes) || 1;
+      const select = $("#logs-rank");
+      select.replaceChildren(...Array.from({ length: ranks }, (_, rank) => el("option", { value: String(rank), text: String(rank) })));
+      $("#logs-rank-label").hidden = ranks < 2;
+      select.onchange = () => this.followLogs(url, Number(select.value));
+      this.followLogs(url, 0);
+    },
+
+    /** The output of one rank of the job (the only one, unless a gang job), live. */
+    followLogs(url, rank) {
+      if (this.logStream) this.logStream.close();
+      $("#job-logs").replaceChildren();
+      this.logLines = 0;
+      const query = rank ? `tail=500&rank=${rank}` : "tail=500";
+      this.logStream = follow(`${url}/logs/stream?${query}`, { log: (line) => this.appendLog(line) });
     },
 
     close() {
       for (const stream of this.streams) stream.close();
       this.streams = [];
+      if (this.logStream) this.logStream.close();
+      this.logStream = null;
       this.followWaiting(false);
       if (this.chart) this.chart.destroy();
       this.chart = null;
