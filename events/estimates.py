@@ -64,7 +64,7 @@ def placement_request(job: Job) -> tuple[object, ...]:
     """What decides which GPUs a job may use."""
     spec = job.spec
     ids = None if spec.gpu_ids is None else tuple(spec.gpu_ids)
-    return (spec.gpu_count, spec.node, spec.gpu_model, spec.min_gpu_memory_mb, ids)
+    return (spec.gpu_count, spec.nodes, spec.node, spec.gpu_model, spec.min_gpu_memory_mb, ids)
 
 
 class QueueEstimates(Mapping[str, Estimate]):

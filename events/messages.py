@@ -364,6 +364,9 @@ class JobRequeued(Event):
     type: Literal["job.requeued"] = "job.requeued"
     attempt: int
     reason: str
+    # Whether it used one of the job's max_retries: an attempt lost with its node before it ran
+    # (before every rank of a gang job had started) did not.
+    retry: bool = True
 
 
 class JobPreempted(Event):

@@ -777,7 +777,7 @@ def _requeued(state: State, entry_id: str, event: m.JobRequeued) -> None:
         raise IllegalTransition(f"job {job.job_id} requeued for attempt {event.attempt}, not {job.attempt}")
     _release(state, job, event.at)
     job.status = JobStatus.queued
-    job.retries += 1
+    job.retries += 1 if event.retry else 0
     job.last_entry_id = entry_id
 
 

@@ -6,8 +6,11 @@ Always an argument list, never a shell string: a value can never become another 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from events.params import DeployJob, JobSpec, MultiModalJob, TrainParams
 
@@ -177,6 +180,22 @@ def torchrun_env(
     if nodes > 1:
         env.update(NNODES=str(nodes), NODE_RANK=str(rank), MASTER_ADDR=master_addr or "127.0.0.1")
     return env
+
+
+def socket_env(node_addr: str | None, environ: dict[str, str]) -> dict[str, str]:
+    """For a gang job's rank: the network interface that holds the node's NODE_ADDR, for gloo
+    and NCCL to talk to the other ranks through (unless set already). Left to themselves they
+    take the interface of the host's name, which often resolves to loopback."""
+    if not node_addr or {"GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"} & set(environ):
+        return {}
+    try:
+        address = socket.gethostbyname(node_addr)
+    except OSError:
+        return {}
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(entry.family == socket.AF_INET and entry.address == address for entry in addresses):
+            return {"GLOO_SOCKET_IFNAME": name, "NCCL_SOCKET_IFNAME": name}
+    return {}
 
 
 # The service's own secrets: a job runs what its user chose (a dataset's loader, a model's code),

@@ -48,6 +48,7 @@ def test_a_two_node_job_trains_to_the_end_with_both_ranks_in_the_log(two_nodes: 
         env = payload["env"]
         assert env["NNODES"] == "2" and env["NODE_RANK"] == str(rank) and env["NPROC_PER_NODE"] == "1"
         assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == str(scheduled["master_port"])
+        assert env["GLOO_SOCKET_IFNAME"] == "lo"  # the interface of the node's NODE_ADDR
     # And the progress came from rank 0, up to the last step
     steps = [e["payload"]["step"] for e in events if e["type"] == "job.progress"]
     assert steps and steps[-1] == 8

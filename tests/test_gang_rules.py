@@ -162,3 +162,22 @@ def test_a_job_on_several_gpus_of_one_node_gets_a_rendezvous_port_of_its_own() -
     assert one[0].master_port is None and three[0].master_port is None
     assert two[0].master_port in LIMITS.rendezvous_ports
     assert cluster.state.jobs["two"].master_port == two[0].master_port
+
+
+def test_an_attempt_lost_with_its_node_before_every_rank_started_costs_no_retry() -> None:
+    # Given a gang job without retries, placed; rank 0 has started, rank 1 not yet
+    cluster = Nodes({"a": 1, "b": 1})
+    cluster.submit("gang", nodes=2)
+    cluster.start_ranks("gang", 0)
+    peer = cluster.state.jobs["gang"].ranks[1].node
+    # When rank 1's node is lost (the attempt may have been placed there as it went silent)
+    commands = cluster.fold(rules.lose_node(cluster.state, KEYS, peer, m.ProcessQueue()))
+    # Then every rank is told to stop, and the job waits to run again, its retries untouched
+    assert sorted(stops(commands)) == [("gang", 0, "preempt"), ("gang", 1, "preempt")]
+    job = cluster.state.jobs["gang"]
+    assert job.status == JobStatus.queued and job.retries == 0
+    # While one that had run fails for want of retries
+    cluster = running_gang(0)
+    peer = cluster.state.jobs["gang"].ranks[1].node
+    cluster.fold(rules.lose_node(cluster.state, KEYS, peer, m.ProcessQueue()))
+    assert cluster.state.jobs["gang"].status == JobStatus.failed

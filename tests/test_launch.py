@@ -167,3 +167,11 @@ def test_every_flag_the_builder_writes_is_accepted_by_the_installed_ms_swift(
         result = launch(spec, [0], port=9000)
         command = result.argv[1]
         assert flags_in(result.argv) <= installed[command], flags_in(result.argv) - installed[command]
+
+
+def test_a_gang_rank_talks_through_the_interface_of_its_node_address_unless_told_otherwise() -> None:
+    from services.launch import socket_env
+
+    assert socket_env("127.0.0.1", {}) == {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+    assert socket_env("127.0.0.1", {"NCCL_SOCKET_IFNAME": "ib0"}) == {}  # the operator's choice stands
+    assert socket_env("192.0.2.77", {}) == {} and socket_env(None, {}) == {}  # an address of no interface here

@@ -103,9 +103,6 @@ class Cluster:
             "NODE_ADDR": host.addr,
             "SIMULATED_GPUS": "1",
             "DATA_DIR": str(self.system.data_dir / node),
-            # Gloo offers its peers the address this machine's name resolves to, a loopback one
-            # here (as on many hosts): told its interface, a rank is reached where it is.
-            "GLOO_SOCKET_IFNAME": netns.IFNAME,
         }
         for service in ("gpu-monitor", "runner"):
             name = f"{service}@{node}"
@@ -179,6 +176,9 @@ def test_a_two_node_job_trains_across_hosts_meeting_at_rank_0_address(cluster: C
         env = payload["env"]
         assert env["NNODES"] == "2" and env["NODE_RANK"] == str(rank) and env["NPROC_PER_NODE"] == "1"
         assert env["MASTER_ADDR"] == rank0_addr, env
+        # Gloo would offer its peers the address this machine's name resolves to, a loopback one
+        # here (as on many hosts): each rank is told the interface of its node's NODE_ADDR
+        assert env["GLOO_SOCKET_IFNAME"] == netns.IFNAME, env
     # And the progress, from rank 0, reached the last step
     progress = steps(events, attempt=1)
     assert progress and progress == sorted(progress) and progress[-1] == MAX_STEPS, progress

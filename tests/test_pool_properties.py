@@ -201,6 +201,10 @@ class Scheduler(Cluster):
 
     def heartbeat(self, name: str, count: int, used_mb: int = 0, at: datetime | None = None) -> None:
         super().heartbeat(name, count, used_mb, self.now if at is None else at)
+        # One file system shared by every node: a job resumes from its checkpoint on any of them
+        # (where each may resume is tests/test_storage.py's)
+        shared = m.StorageRoot(path="/", nodes=sorted(NODES))
+        self.heartbeats[name] = self.heartbeats[name].model_copy(update={"roots": [shared]})
 
     # --- deciding
 

@@ -1,4 +1,4 @@
-"""Property-based: random sequences of submits, cancels, priority changes, completions, failures,
+"""Property-based: random sequences of submits (gang jobs on two nodes among them), cancels, priority changes, completions, failures,
 attempts lost while no runner watched, late reports of ended attempts, heartbeats (with foreign processes) and node losses, applied
 through the scheduler's real rules and the fold. After every step: no GPU is held twice; the queue
 holds exactly the queued jobs, in (priority desc, submit order); no job started ahead of a waiting
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from events import messages as m
@@ -25,7 +25,12 @@ from tests.test_scheduler_rules import KEYS, LIMITS, NOW, Cluster
 NODES = {"a": 2, "b": 4}
 
 submit = st.tuples(
-    st.just("submit"), st.integers(0, 10), st.integers(1, 4), st.sampled_from([None, "a", "b"]), st.integers(0, 1)
+    st.just("submit"),
+    st.integers(0, 10),
+    st.integers(1, 4),
+    st.sampled_from([None, "a", "b"]),
+    st.integers(0, 1),
+    st.sampled_from([1, 1, 2]),  # nodes: a gang job on both nodes now and then
 )
 job = st.integers(0, 30)  # the index of a job, in submit order
 # Weighted so that queues form: submits and job ends often, node losses rarely
@@ -50,6 +55,10 @@ class Scheduler(Cluster):
         self.log: list[tuple[str, m.Message]] = []
         super().__init__(NODES)
 
+    def heartbeat(self, name: str, count: int, used_mb: int = 0, at: object = NOW) -> None:
+        super().heartbeat(name, count, used_mb)
+        self.heartbeats[name] = self.heartbeats[name].model_copy(update={"addr": f"{name}.cluster"})
+
     def fold(self, appends: list[Append]) -> list[m.Message]:
         commands = []
         for item in appends:
@@ -72,11 +81,11 @@ class Scheduler(Cluster):
     def apply(self, op: tuple[object, ...]) -> None:
         kind = op[0]
         if kind == "submit":
-            _, priority, gpus, node, retries = op
+            _, priority, gpus, node, retries, nodes = op
             job_id = f"j{self.n}"
             command = m.SubmitJob(
                 job_id=job_id,
-                spec=_spec(priority, gpus, node, retries),
+                spec=_spec(priority, gpus, None if nodes == 2 else node, retries, nodes),
                 actor="prop",  # type: ignore[arg-type]
             )
             self.fold(rules.submit(self.state, KEYS, command, self.heartbeats, LIMITS, NOW))
@@ -112,11 +121,18 @@ class Scheduler(Cluster):
         elif kind == "priority":
             self.fold(rules.set_priority(self.state, KEYS, m.SetPriority(job_id=job_id, priority=op[2])))  # type: ignore[arg-type]
             self.fold(rules.schedule(self.state, KEYS, self.heartbeats, LIMITS, NOW, m.ProcessQueue()))
-        elif kind == "start" and job.status == JobStatus.scheduled:
-            start_report = started(job_id, job.attempt, job.node or "", "")
+        elif kind == "start" and job.status == JobStatus.scheduled:  # (a gang job's next rank)
+            rank = min(set(range(job.spec.nodes)) - set(job.ranks_started))
+            start_report = started(job_id, job.attempt, job.ranks[rank].node, "").model_copy(update={"rank": rank})
             self.fold([Append(KEYS.events, start_report)])
         elif kind == "succeed" and job.status == JobStatus.running:
             self.react(m.JobSucceeded(job_id=job_id, attempt=job.attempt, exit_code=0, run_dir="/r"))
+        elif kind == "fail" and job.status in HOLDS_GPUS and job.peers:  # a rank fails: all go
+            retried = job.retries < job.spec.max_retries
+            node = job.peers[0].node
+            self.react(m.RankEnded(job_id=job_id, attempt=job.attempt, rank=1, node=node, failed=True, reason="oom"))
+            assert job.status == (JobStatus.queued if retried else JobStatus.failed)
+            self.fold(rules.schedule(self.state, KEYS, self.heartbeats, LIMITS, NOW, m.ProcessQueue()))
         elif kind == "fail" and job.status in HOLDS_GPUS:
             self.react(m.JobFailed(job_id=job_id, attempt=job.attempt, reason="oom"))
         elif kind == "runner_lost" and job.status in HOLDS_GPUS:  # it ended while no runner watched
@@ -132,10 +148,10 @@ class Scheduler(Cluster):
                 assert job.model_dump() == before and self.state.stale_reports == stale + 1
 
 
-def _spec(priority: int, gpus: int, node: str | None, retries: int) -> object:
+def _spec(priority: int, gpus: int, node: str | None, retries: int, nodes: int = 1) -> object:
     from tests.examples import LM
 
-    fields = {"priority": priority, "gpu_count": gpus, "node": node, "max_retries": retries}
+    fields = {"priority": priority, "gpu_count": gpus, "node": node, "max_retries": retries, "nodes": nodes}
     return LM.model_validate({**LM.model_dump(), **fields})
 
 
@@ -144,7 +160,8 @@ def could_start_once_ours_end(job: Job, cluster: Scheduler) -> bool:
     they all free: it waits on GPUs that are busy, not on a node to come back."""
     state = cluster.state
     live = rules.usable_gpus(state, cluster.heartbeats, LIMITS, NOW)
-    return any(len(matching(job.spec, name, state.nodes[name].gpus)) >= job.spec.gpu_count for name in live)
+    fitting = [name for name in live if len(matching(job.spec, name, state.nodes[name].gpus)) >= job.spec.gpu_count]
+    return len(fitting) >= job.spec.nodes
 
 
 def check_invariants(cluster: Scheduler, decided: Sequence[m.Message] = ()) -> None:
@@ -153,7 +170,7 @@ def check_invariants(cluster: Scheduler, decided: Sequence[m.Message] = ()) -> N
     # Strict order: nothing waits on GPUs it fits now ahead of a job that blocks it...
     usable = rules.usable_gpus(state, cluster.heartbeats, LIMITS, NOW)
     for job in state.queue():
-        assert rules.place(job, usable) is None, f"{job.job_id} could start now"
+        assert rules.place_job(state, job, usable) is None, f"{job.job_id} could start now"
         if could_start_once_ours_end(job, cluster):
             break
     # ...and no job started ahead of a waiting one that could start once our jobs end
@@ -171,11 +188,13 @@ def check_state(state: State, log: list[tuple[str, m.Message]]) -> None:
     holders: dict[str, str] = {}
     for job in state.jobs.values():
         if job.status in HOLDS_GPUS:
-            for index in job.gpu_ids:
-                key = gpu_key(job.node or "", index)
-                assert key not in holders, f"GPU {key} held by {holders.get(key)} and {job.job_id}"
-                holders[key] = job.job_id
-            assert state.nodes[job.node or ""].up
+            assert len(job.ranks) == job.spec.nodes and len({rank.node for rank in job.ranks}) == job.spec.nodes
+            for rank in job.ranks:
+                for index in rank.gpu_ids:
+                    key = gpu_key(rank.node, index)
+                    assert key not in holders, f"GPU {key} held by {holders.get(key)} and {job.job_id}"
+                    holders[key] = job.job_id
+                assert state.nodes[rank.node].up
     assert holders == state.allocations
     queued = sorted(
         (j for j in state.jobs.values() if j.status == JobStatus.queued), key=lambda j: (-j.priority, j.seq)
@@ -195,4 +214,9 @@ def test_any_sequence_keeps_the_scheduler_invariants(operations: list[tuple[obje
     for op in operations:
         logged = len(cluster.log)
         cluster.apply(op)
-        check_invariants(cluster, [event for _, event in cluster.log[logged:]])
+        decided = [event for _, event in cluster.log[logged:]]
+        if any(isinstance(e, m.JobScheduled) and e.peers for e in decided):
+            event("a gang job placed")
+        if any(isinstance(e, m.RankEnded) for e in decided):
+            event("a gang job's rank failed")
+        check_invariants(cluster, decided)

@@ -291,7 +291,7 @@ def test_a_silent_node_is_lost_its_jobs_retried_from_their_checkpoint_or_failed(
     cluster.submit("retried", node="a", max_retries=1)
     cluster.submit("failed", node="a")
     start_report = started("retried", 1, "a", "0")
-    cluster.fold([Append(KEYS.events, start_report)])
+    cluster.fold([Append(KEYS.events, start_report), Append(KEYS.events, started("failed", 1, "a", "1"))])
     cluster.fold([Append(KEYS.events, m.CheckpointSaved(job_id="retried", attempt=1, step=5, path="/r/checkpoint-5"))])
     heard = {"a": NOW - timedelta(seconds=60), "b": NOW}
     assert rules.lost_nodes(cluster.state, heard, LIMITS, NOW) == ["a"]
@@ -347,6 +347,9 @@ def test_a_node_whose_runner_went_silent_is_lost_while_its_monitor_still_reports
     cluster = Cluster({"a": 1, "b": 1})
     cluster.submit("retried", node="a", max_retries=1)
     cluster.submit("failed", node="b")
+    cluster.fold(
+        [Append(KEYS.events, started("retried", 1, "a", "0")), Append(KEYS.events, started("failed", 1, "b", "0"))]
+    )
     timeout = timedelta(seconds=LIMITS.node_timeout_s)
     monitors = {"a": NOW, "b": NOW}
     # A runner never heard from, or heard lately, is not lost; one silent past the timeout is,

@@ -25,7 +25,7 @@ from events.codec import DecodeError, decode
 from events.consumer import Delivery, GroupConsumer, Outcome
 from events.keys import RUNNER_GROUP
 from services.config import Settings
-from services.launch import build_launch, job_tag
+from services.launch import build_launch, job_tag, socket_env
 from services.nvml import NvmlSource
 from services.paths import PathOutsideRoots, check_spec_paths, make_dir_inside
 from services.processes import find_running
@@ -247,6 +247,8 @@ class Runner:
             master_addr=command.master_addr,
             master_port=command.master_port,
         )
+        if command.spec.nodes > 1:
+            launch.env.update(socket_env(self.settings.node_addr, dict(os.environ)))
         running = find_running(job_tag(job_id, command.attempt, command.rank))
         if running is not None:
             log.warning("found the job already running; adopting it", job_id=job_id, pid=running.pid)

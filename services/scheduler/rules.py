@@ -353,7 +353,10 @@ def lose_node(state: State, keys: Keys, node: str, cause: m.Message, reason: str
             continue
         if job.status not in HOLDS_GPUS or not job.runs_on(node):
             continue
-        decided.append(_retry_or_fail(keys, job, reason, f"{what} stopped sending heartbeats", cause))
+        # An attempt that never ran (a rank had not started: it may have been placed on the node
+        # in the moments before its loss was known) costs the job none of its retries.
+        never_ran = job.status == JobStatus.scheduled
+        decided.append(_retry_or_fail(keys, job, reason, f"{what} stopped sending heartbeats", cause, never_ran))
         # Every rank is told to stop: the others now, this node's should it come back.
         decided += _stops(keys, job, "preempt", {"job_id": job.job_id, "causation_id": cause.id})
     decided.append(Append(keys.events, m.NodeLost(node=node, reason=reason, causation_id=cause.id)))
@@ -374,12 +377,14 @@ def _stopped(keys: Keys, job: Job, reason: str, cause: m.Message) -> Append:
     return Append(keys.events, stopped)
 
 
-def _retry_or_fail(keys: Keys, job: Job, reason: str, message: str, cause: m.Message) -> Append:
+def _retry_or_fail(
+    keys: Keys, job: Job, reason: str, message: str, cause: m.Message, free: bool = False
+) -> Append:
     """An attempt lost to the infrastructure: run the job again (from its last checkpoint) while
-    it has retries left, else fail it."""
+    it has retries left, else fail it. A ``free`` retry uses none of them."""
     common = {"job_id": job.job_id, "causation_id": cause.id}
-    if job.retries < job.spec.max_retries:
-        return Append(keys.events, m.JobRequeued(attempt=job.attempt, reason=reason, **common))
+    if free or job.retries < job.spec.max_retries:
+        return Append(keys.events, m.JobRequeued(attempt=job.attempt, reason=reason, retry=not free, **common))
     return Append(keys.events, m.JobFailed(attempt=job.attempt, reason=reason, message=message, **common))
 
 
@@ -567,7 +572,7 @@ def schedule(
     freeable: dict[str, list[m.GpuInfo]] | None = None  # worked out at the first job that does not fit
     # Requests that neither fit nor block in this pass: a queue of thousands pinned to a lost node
     # is passed over at a set lookup each (what is usable only shrinks during a pass)
-    passed_over: set[tuple[object, ...]] = set()
+    passed_over: set[tuple[tuple[object, ...], frozenset[str] | None]] = set()
     decisions: list[Append] = []
     backfill_until: float | None = None  # seconds from now by which a backfilled job must end
     taken: dict[str, int] = {}  # GPUs handed out within quota in this pass, per user and team
@@ -581,13 +586,14 @@ def schedule(
             job.spec.time_limit_s is None or job.spec.time_limit_s + limits.backfill_margin_s > backfill_until
         ):
             continue  # it might outlast the blocked job's start
-        if passed_over and placement_request(job) in passed_over:
-            continue
-        if quotas and gpu_quota_block(state, job, taken):
-            continue  # waits for its quota: it holds up no one
         where = _resumable_on(state, job, heartbeats, limits)
         if where is not None and not where:
             continue  # its checkpoint is on a lost node no other shares: it waits for that node
+        request = (placement_request(job), where)
+        if passed_over and request in passed_over:
+            continue
+        if quotas and gpu_quota_block(state, job, taken):
+            continue  # waits for its quota: it holds up no one
         fresh = None if where != _ANYWHERE else _fresh_start(job)
         placement = place_job(state, job, _only(usable, where))
         if placement is None and backfill_until is not None:
@@ -597,7 +603,7 @@ def schedule(
             if freeable is None:
                 freeable = freeable_gpus(state, heartbeats, offered, limits.foreign_memory_threshold_mb)
             if place_job(state, job, _only(freeable, where)) is None:
-                passed_over.add(placement_request(job))
+                passed_over.add(request)
                 continue  # it waits on nothing our jobs hold: it holds up no one
             found = victims.choose(job, _only(usable, where), _only(freeable, where)) if victims is not None else None
             if found is None:
