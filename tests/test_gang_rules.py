@@ -59,7 +59,12 @@ def test_a_gang_job_is_placed_on_as_many_nodes_at_once_with_rank_0_where_the_oth
     assert first.master_addr == second.master_addr == "10.0.0.98"  # b's
     assert first.master_port == second.master_port and first.master_port in LIMITS.rendezvous_ports
     # And the fold holds the GPUs of both nodes for it
-    assert {key for key, holder in cluster.state.allocations.items() if holder == "gang"} == {"a/0", "a/1", "b/0", "b/1"}
+    assert {key for key, holder in cluster.state.allocations.items() if holder == "gang"} == {
+        "a/0",
+        "a/1",
+        "b/0",
+        "b/1",
+    }
 
 
 def test_a_gang_job_runs_once_every_rank_has_started_and_rank_0_may_report_before() -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import event as seen
 from hypothesis import strategies as st
 
 from events import messages as m
@@ -216,7 +217,7 @@ def test_any_sequence_keeps_the_scheduler_invariants(operations: list[tuple[obje
         cluster.apply(op)
         decided = [event for _, event in cluster.log[logged:]]
         if any(isinstance(e, m.JobScheduled) and e.peers for e in decided):
-            event("a gang job placed")
+            seen("a gang job placed")
         if any(isinstance(e, m.RankEnded) for e in decided):
-            event("a gang job's rank failed")
+            seen("a gang job's rank failed")
         check_invariants(cluster, decided)

@@ -377,9 +377,7 @@ def _stopped(keys: Keys, job: Job, reason: str, cause: m.Message) -> Append:
     return Append(keys.events, stopped)
 
 
-def _retry_or_fail(
-    keys: Keys, job: Job, reason: str, message: str, cause: m.Message, free: bool = False
-) -> Append:
+def _retry_or_fail(keys: Keys, job: Job, reason: str, message: str, cause: m.Message, free: bool = False) -> Append:
     """An attempt lost to the infrastructure: run the job again (from its last checkpoint) while
     it has retries left, else fail it. A ``free`` retry uses none of them."""
     common = {"job_id": job.job_id, "causation_id": cause.id}
