@@ -66,3 +66,14 @@ def test_without_redis_settings_the_embedded_redis_is_used(monkeypatch: pytest.M
     assert password not in settings.redis_url_for_logs
     with pytest.raises(ConfigError, match="NAMESPACE"):
         load_settings(namespace="bad namespace!")
+
+
+@pytest.mark.parametrize("value", ["10.0.0.7", "fe80::1", "gpu-3.cluster.internal"])
+def test_a_node_address_is_an_ip_address_or_a_host_name(value: str) -> None:
+    assert load_settings(node_addr=value).node_addr == value
+
+
+@pytest.mark.parametrize("value", ["not an address", "-bad-.example", "a..b", "10.0.0.7:29500"])
+def test_a_node_address_that_is_neither_stops_the_process_naming_it(value: str) -> None:
+    with pytest.raises(ConfigError, match="NODE_ADDR"):
+        load_settings(node_addr=value)
