@@ -409,8 +409,9 @@ class JobRun:
         linger = GROUP_EXIT_TIMEOUT_S
         if self.stop_deadline is not None:
             # The `swift` wrapper dies at once on SIGTERM while the trainer it started saves its
-            # checkpoint: the group has the rest of the stop's grace period for that.
-            linger = max(linger, self.stop_deadline - time.monotonic())
+            # checkpoint: the group has the rest of the stop's grace period for that, and no
+            # more (a gang's rank whose peer is gone hangs in a collective until killed).
+            linger = max(0.0, self.stop_deadline - time.monotonic())
         if not await wait_group_exit(self.record.pgid, linger):
             log.warning("processes of the job outlived it; killing the group", job_id=self.record.job_id)
             signal_group(self.record.pgid, signal.SIGKILL)
