@@ -103,7 +103,10 @@ def never_fits(spec: JobBase, state: State) -> str | None:
     if not nodes:
         return None
     count = spec.gpu_count
-    fitting = [node for node in nodes if len(matching(spec, node.name, node.gpus)) >= count]
+    if spec.gpu_model or spec.min_gpu_memory_mb or spec.node or spec.gpu_ids:
+        fitting = [node for node in nodes if len(matching(spec, node.name, node.gpus)) >= count]
+    else:  # (asked at every submission: no GPU by GPU walk when any GPU will do)
+        fitting = [node for node in nodes if len(node.gpus) >= count]
     if spec.nodes > 1:
         if len(fitting) >= spec.nodes and any(node.addr for node in fitting):
             return None

@@ -398,3 +398,36 @@ async def test_a_handler_refused_by_a_full_redis_stops_the_consumer_without_coun
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_a_read_whose_commit_meets_new_facts_every_time_is_decided_in_halves_not_given_up(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.config import Settings
+    from services.scheduler.service import Scheduler
+
+    # Given a read of eight submissions, and runners whose reports land in the log between the
+    # scheduler's reading of it and every commit of more than one decision
+    deliveries = []
+    for i in range(8):
+        command = m.SubmitJob(job_id=f"job-{i}", spec=LM)
+        [entry_id] = await bus.append(bus.keys.commands, command)
+        deliveries.append(Delivery(bus.keys.commands, entry_id, command, 1))
+    real_commit = bus.commit
+    interrupted = 0
+
+    async def commit(appends: Sequence[Append], **options: object) -> object:
+        nonlocal interrupted
+        if sum(isinstance(a.message, m.JobAccepted) for a in appends) > 1:
+            interrupted += 1
+            await bus.append(bus.keys.events, m.HalfLifeChanged(half_life_s=3600.0 + interrupted))
+        return await real_commit(appends, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bus, "commit", commit)
+    scheduler = Scheduler(Settings(namespace=bus.keys.namespace, _env_file=None), bus)  # type: ignore[call-arg]
+    # When the scheduler commits the read
+    await scheduler._commit_batch(deliveries)
+    # Then every submission was decided, once, in order, and the runners' reports are in the log
+    log = [decode(fields) for _, fields in await bus.redis.xrange(bus.keys.events)]
+    assert [e.job_id for e in log if isinstance(e, m.JobAccepted)] == [f"job-{i}" for i in range(8)]
+    assert interrupted >= 2 and sum(isinstance(e, m.HalfLifeChanged) for e in log) == interrupted

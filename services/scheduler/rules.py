@@ -744,7 +744,15 @@ class _Victims:
         return self._running
 
     def any(self) -> bool:
-        return any(job.job_id not in self.taken for job in self.running)
+        if self._running is not None:
+            return any(job.job_id not in self.taken for job in self._running)
+        # Asked by every pass while all GPUs are held: the first holder that may be preempted
+        # answers it, without listing them all.
+        jobs = self.state.jobs
+        return any(
+            holder not in self.taken and self.policy.preemptible(jobs[holder])
+            for holder in self.state.allocations.values()
+        )
 
     def may_preempt(self, job: Job, victim: Job) -> bool:
         return victim.job_id not in self.taken and self.policy.preemptible_in(job, victim, self.now) == 0

@@ -75,7 +75,10 @@ return {redis.call('INCR', KEYS[2]), 0}
 
 READ_COUNT = 500  # entries per stream and read: decided together, committed in one step
 MAX_UNACKED = 1000  # acknowledgements that may wait for a commit to ride along with
-MAX_CONFLICT_RETRIES = 50  # a read decided again on a log that moved on, before giving up
+MAX_CONFLICT_RETRIES = 50  # an entry decided again on a log that moved on, before giving up
+# A read whose commit meets new facts this often is decided again in halves: a large read takes
+# long enough to decide that, on a busy cluster, the runners' reports land in between every time.
+SPLIT_AFTER_CONFLICTS = 2
 
 
 class LostLeadership(Exception):
@@ -483,7 +486,15 @@ class Scheduler:
         behind = behind or any(d.stream == self.keys.events and entry_id_key(d.entry_id) > position for d in deliveries)
         owed = [Ack(d.stream, SCHEDULER_GROUP, d.entry_id) for d in deliveries] + self.unacked
         duplicates: set[int] = set()
-        for _ in range(MAX_CONFLICT_RETRIES):
+        for conflicts in range(MAX_CONFLICT_RETRIES):
+            if conflicts >= SPLIT_AFTER_CONFLICTS and len(deliveries) - len(duplicates) > 1:
+                # (the decisions already committed are owed only their acknowledgements)
+                self.unacked += [owed[i] for i in sorted(duplicates)]
+                rest = [d for i, d in enumerate(deliveries) if i not in duplicates]
+                half = len(rest) // 2
+                await self._commit_batch(rest[:half], behind=True)
+                await self._commit_batch(rest[half:], behind=True)
+                return
             if behind:
                 await self.catch_up()
             expect_last = self.state.position
