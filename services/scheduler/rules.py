@@ -559,6 +559,8 @@ def schedule(
     limit ends before the blocked job's estimated start. A job over its GPU quota blocks no one;
     with borrowing on, it starts at the end of the pass on GPUs left over, if no job within quota
     was blocked."""
+    if accepted is None and next(state.queue_iter(), None) is None:
+        return []  # nothing waits (a pass after each heartbeat: what the GPUs read costs at 1,000 GPUs)
     offered = usable_gpus(state, heartbeats, limits, now)
     usable = {name: list(gpus) for name, gpus in offered.items()}  # less what this pass hands out
     quotas = bool(state.quotas.users or state.quotas.teams)
