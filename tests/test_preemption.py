@@ -33,9 +33,10 @@ from services.runner.supervisor import CHILDREN
 from tests.conftest import RedisServer, wait_for
 from tests.system import TRAINING_TIMEOUT_S, System, job_body, running
 
-# ~30 steps a second on the tiny model here; a stop lets the trainer run ~3 s more before it saves
-# its checkpoint (ms-swift's JIT checkpoint), so a job stopped early is still far from its end.
-MAX_STEPS = 250
+# 30 to 80 steps a second on the tiny model here; a stop lets the trainer run ~3 s more before it
+# saves its checkpoint (ms-swift's JIT checkpoint), so a job stopped early is still far from its
+# end (with 250 steps, a quiet machine finished the job before the stop came).
+MAX_STEPS = 1000
 SAVE_STEPS = 20
 LOGGING_STEPS = 5
 STOP_AT = 20  # the step reached before the job is preempted or suspended
