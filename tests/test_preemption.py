@@ -149,11 +149,12 @@ def assert_continued(events: list[dict[str, Any]], checkpoint: str, checkpoint_s
 
 
 @pytest.mark.e2e
-def test_an_urgent_job_preempts_a_job_running_on_both_gpus_which_resumes_from_its_checkpoint(
+def test_an_urgent_two_gpu_job_preempts_a_running_job_which_resumes_from_its_checkpoint(
     system: System, assets: DemoAssets
 ) -> None:
-    # Given a low-priority job training on both GPUs (under torchrun, two processes)
-    victim = submit(system, long_job(assets, priority=1, gpu_count=2))
+    # Given a low-priority job training on one of the two GPUs (a victim on both, under torchrun,
+    # meets ms-swift's race between local ranks at every checkpoint: see the README, Sharing the pool)
+    victim = submit(system, long_job(assets, priority=1))
     until(system, victim, trained(STOP_AT), f"step {STOP_AT}")
     # When a job of priority 9 that needs both GPUs is submitted
     urgent = submit(system, short_job(assets, priority=9, gpu_count=2))
@@ -180,7 +181,7 @@ def test_an_urgent_job_preempts_a_job_running_on_both_gpus_which_resumes_from_it
     assert stopped["payload"]["reason"] == "preempt"
     assert checkpoint.endswith(f"checkpoint-{checkpoint_step}") and checkpoint_step >= STOP_AT - SAVE_STEPS
     assert checkpoint_step < MAX_STEPS  # stopped mid-run
-    # ... and only then did the urgent job start, on the GPUs the victim left
+    # ... and only then did the urgent job start, on the victim's GPU and the free one
     urgent_start = only(urgent_events, "job.started", attempt=1)
     assert position(preempted["entry_id"]) < position(stopped["entry_id"]) < position(urgent_start["entry_id"])
     assert urgent_start["payload"]["cuda_visible_devices"] == "0,1"
