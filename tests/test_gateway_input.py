@@ -59,6 +59,11 @@ def fields_of(response: httpx.Response) -> set[str]:
         ({"preemptible": "yes"}, "preemptible"),
         ({"preemptible": 1}, "preemptible"),
         ({"hold": "true"}, "hold"),
+        ({"nodes": "2"}, "nodes"),
+        ({"nodes": 1.5}, "nodes"),
+        ({"nodes": True}, "nodes"),
+        ({"nodes": 0}, "nodes"),
+        ({"nodes": 100_000}, "nodes"),
     ],
 )
 async def test_invalid_jobs_are_422_naming_the_field_and_log_nothing(
