@@ -89,6 +89,7 @@ def build_launch(
     rank: int = 0,
     master_addr: str | None = None,
     master_port: int | None = None,
+    cpu_only: bool = False,
 ) -> Launch:
     job_dir = runs_dir.resolve() / job_id
     run_dir = job_dir / (f"attempt-{attempt}" + (f"-rank{rank}" if rank else ""))
@@ -146,6 +147,11 @@ def build_launch(
         *_flag("report_to", "none"),
         *_flag("resume_from_checkpoint", resume_from),  # an earlier attempt's, when retried
     ]
+    if cpu_only and (spec.nodes > 1 or len(gpu_ids) > 1) and "ddp_backend" not in params.extra_args:
+        # Without CUDA the trainer's ranks do not form a process group of their own (each takes
+        # itself for rank 0: every rank trains alone, and all of them write its checkpoints), unless
+        # told to use gloo. With CUDA they use NCCL unasked.
+        argv += _flag("ddp_backend", "gloo")
     if isinstance(spec, MultiModalJob):
         mm = spec.train_params
         argv += [

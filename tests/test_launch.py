@@ -21,10 +21,18 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, frozenset[s
     return flags
 
 
-def launch(spec: object, gpus: list[int], port: int | None = None) -> Launch:
+def launch(spec: object, gpus: list[int], port: int | None = None, cpu_only: bool = False) -> Launch:
     return build_launch(
-        spec, swift="swift", job_id="j1", attempt=2, gpu_ids=gpus, runs_dir=RUNS, omp_num_threads=3, port=port
-    )  # type: ignore[arg-type]
+        spec,  # type: ignore[arg-type]
+        swift="swift",
+        job_id="j1",
+        attempt=2,
+        gpu_ids=gpus,
+        runs_dir=RUNS,
+        omp_num_threads=3,
+        port=port,
+        cpu_only=cpu_only,
+    )
 
 
 def pairs(argv: list[str]) -> dict[str, str]:
@@ -77,6 +85,28 @@ def test_a_multimodal_full_job_with_deepspeed_on_four_gpus() -> None:
         "1003520",
     )
     assert result.env["NPROC_PER_NODE"] == "4" and result.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+
+
+def test_the_ranks_of_a_job_on_simulated_gpus_form_a_gloo_process_group_unless_told_otherwise() -> None:
+    # Without CUDA each rank would take itself for rank 0: all train alone and write the same
+    # checkpoints (and race on the link to the last one)
+    def job(gpu_count: int, nodes: int = 1, **extra: object) -> LanguageModelJob:
+        params = {"extra_args": extra}
+        return LanguageModelJob(
+            task_type="language_model",
+            model_path="/m",
+            data_path="/d",
+            gpu_count=gpu_count,
+            nodes=nodes,
+            train_params=params,
+        )
+
+    assert pairs(launch(job(2), [0, 1], cpu_only=True).argv)["ddp_backend"] == "gloo"
+    assert pairs(launch(job(1, nodes=2), [0], cpu_only=True).argv)["ddp_backend"] == "gloo"
+    assert "ddp_backend" not in flags_in(launch(job(1), [0], cpu_only=True).argv)  # one process: no group
+    assert "ddp_backend" not in flags_in(launch(job(2), [0, 1]).argv)  # CUDA: NCCL, unasked
+    told = launch(job(2, ddp_backend="mpi"), [0, 1], cpu_only=True).argv
+    assert [arg for arg in told if "ddp_backend" in arg] == ["--ddp_backend=mpi"]
 
 
 def test_a_vllm_deploy_job() -> None:

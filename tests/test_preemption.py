@@ -152,9 +152,8 @@ def assert_continued(events: list[dict[str, Any]], checkpoint: str, checkpoint_s
 def test_an_urgent_two_gpu_job_preempts_a_running_job_which_resumes_from_its_checkpoint(
     system: System, assets: DemoAssets
 ) -> None:
-    # Given a low-priority job training on one of the two GPUs (a victim on both, under torchrun,
-    # meets ms-swift's race between local ranks at every checkpoint: see the README, Sharing the pool)
-    victim = submit(system, long_job(assets, priority=1))
+    # Given a low-priority job training on both GPUs (torchrun, one rank per GPU)
+    victim = submit(system, long_job(assets, priority=1, gpu_count=2))
     until(system, victim, trained(STOP_AT), f"step {STOP_AT}")
     # When a job of priority 9 that needs both GPUs is submitted
     urgent = submit(system, short_job(assets, priority=9, gpu_count=2))
@@ -181,7 +180,7 @@ def test_an_urgent_two_gpu_job_preempts_a_running_job_which_resumes_from_its_che
     assert stopped["payload"]["reason"] == "preempt"
     assert checkpoint.endswith(f"checkpoint-{checkpoint_step}") and checkpoint_step >= STOP_AT - SAVE_STEPS
     assert checkpoint_step < MAX_STEPS  # stopped mid-run
-    # ... and only then did the urgent job start, on the victim's GPU and the free one
+    # ... and only then did the urgent job start, on the victim's GPUs
     urgent_start = only(urgent_events, "job.started", attempt=1)
     assert position(preempted["entry_id"]) < position(stopped["entry_id"]) < position(urgent_start["entry_id"])
     assert urgent_start["payload"]["cuda_visible_devices"] == "0,1"
@@ -193,9 +192,9 @@ def test_an_urgent_two_gpu_job_preempts_a_running_job_which_resumes_from_its_che
 
 
 @pytest.mark.e2e
-def test_a_suspended_job_frees_its_gpu_and_resumes_from_its_checkpoint(system: System, assets: DemoAssets) -> None:
-    # Given a job training on one of the two GPUs
-    job_id = submit(system, long_job(assets))
+def test_a_suspended_job_frees_its_gpus_and_resumes_from_its_checkpoint(system: System, assets: DemoAssets) -> None:
+    # Given a job training on both GPUs
+    job_id = submit(system, long_job(assets, gpu_count=2))
     until(system, job_id, trained(STOP_AT), f"step {STOP_AT}")
     # When it is suspended over REST
     assert httpx.post(f"{system.base}/jobs/{job_id}/suspend").status_code == 202
@@ -205,7 +204,7 @@ def test_a_suspended_job_frees_its_gpu_and_resumes_from_its_checkpoint(system: S
     checkpoint, checkpoint_step = stopped["last_checkpoint"], stopped["step"]
     assert stopped["reason"] == "suspend" and checkpoint.endswith(f"checkpoint-{checkpoint_step}")
     assert STOP_AT - SAVE_STEPS <= checkpoint_step < MAX_STEPS
-    # And its GPU is free: a job that needs both GPUs starts
+    # And its GPUs are free: another job that needs both starts
     gpus = httpx.get(f"{system.base}/gpus").json()["nodes"][0]["gpus"]
     assert [gpu["held_by"] for gpu in gpus] == [None, None]
     other = submit(system, short_job(assets, gpu_count=2))

@@ -246,6 +246,7 @@ class Runner:
             rank=command.rank,
             master_addr=command.master_addr,
             master_port=command.master_port,
+            cpu_only=self.gpu_probe is None,  # no NVIDIA driver: GPUs simulated, ranks on the CPU
         )
         if command.spec.nodes > 1:
             launch.env.update(socket_env(self.settings.node_addr, dict(os.environ)))
