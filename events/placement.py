@@ -3,7 +3,7 @@ and the gateway (to refuse at once a request that no GPU of the cluster could ev
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import PurePath
 
@@ -43,6 +43,22 @@ def foreign_gpus(
         for sample in heartbeats[name].gpus
         if sample.memory_used_mb > threshold_mb and (key := gpu_key(name, sample.index)) not in state.allocations
     }
+
+
+def left_by_our_jobs(beat: NodeHeartbeat, indices: Collection[int], threshold_mb: int) -> NodeHeartbeat:
+    """A node's reading as it would be once the jobs of ours it shows on these GPUs are gone: a
+    reading taken before their processes ended still shows their memory, which would read as
+    another's. Their listed processes and memory are taken off (all of the memory used, where
+    more than ``threshold_mb`` of it belongs to processes NVML does not list)."""
+    gpus = []
+    for sample in beat.gpus:
+        if sample.index in indices and (sample.processes or sample.memory_used_mb > threshold_mb):
+            unlisted = sample.memory_used_mb - sum(process.used_memory_mb for process in sample.processes)
+            used = unlisted if 0 <= unlisted <= threshold_mb else 0
+            free = sample.memory_total_mb - used
+            sample = sample.model_copy(update={"memory_used_mb": used, "memory_free_mb": free, "processes": []})
+        gpus.append(sample)
+    return beat.model_copy(update={"gpus": gpus})
 
 
 def freeable_gpus(

@@ -205,6 +205,33 @@ def test_heartbeats_are_aged_by_their_arrival_in_redis_not_by_the_nodes_clock() 
     assert len(fresh.state.nodes["b"].gpus) == 1
 
 
+def test_a_gpu_our_job_left_is_offered_at_once_not_after_the_nodes_next_heartbeat() -> None:
+    # Given job j1 training on both GPUs of node a, read by a heartbeat while it ran
+    harness = Harness()
+    scheduler = harness.scheduler
+    harness.read([harness.heartbeat(node, 0) for node in sorted(NODES)], conflict=False)
+    harness.read([harness.delivery(("submit", 5, 2, "a", False))], conflict=False)  # type: ignore[list-item]
+    harness.read([harness.foreign(started("j1", 1, "a", ""))], conflict=False)
+    harness.read([harness.heartbeat("a", 20_000)], conflict=False)
+    taken_before_the_end = harness.heartbeat("a", 20_000)  # reaches the scheduler late
+    # When its runner reports its end (its processes gone), folded by the catch-up
+    held = dict(harness.state.allocations)
+    ended = harness.foreign(m.JobSucceeded(job_id="j1", attempt=1, exit_code=0, run_dir="/r"))
+    scheduler.note_left(held)
+    # Then the GPUs read free of it: a job for both GPUs of node a starts there at once
+    assert [gpu.memory_used_mb for gpu in scheduler.heartbeats["a"].gpus] == [0, 0]
+    harness.read([ended, harness.delivery(("submit", 5, 2, "a", False))], conflict=False)  # type: ignore[list-item]
+    assert (harness.state.jobs["j2"].status, harness.state.jobs["j2"].node) == ("scheduled", "a")
+    # And a reading taken before the end and delivered after it still reads without j1
+    harness.read([taken_before_the_end], conflict=False)
+    assert [gpu.memory_used_mb for gpu in scheduler.heartbeats["a"].gpus] == [0, 0]
+    # But a reading taken after the end is taken as it is: the memory used there is another's
+    harness.read([harness.heartbeat("a", 20_000)], conflict=False)
+    assert [gpu.memory_used_mb for gpu in scheduler.heartbeats["a"].gpus] == [20_000, 20_000]
+    assert "a" not in scheduler.left
+    check(harness)
+
+
 def test_a_runner_heard_in_an_earlier_term_gets_a_full_timeout_when_the_scheduler_leads_again() -> None:
     # Given a scheduler that heard node a's runner long ago, in an earlier term as leader
     harness = Harness()

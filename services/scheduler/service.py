@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import structlog
 from pydantic_core import from_json
 
-from events import audit, snapshot
+from events import audit, placement, snapshot
 from events import messages as m
 from events.bus import (
     Ack,
@@ -151,7 +151,12 @@ class Scheduler:
         self.last_heard: dict[str, datetime] = {}
         self.runner_heard: dict[str, datetime] = {}  # node -> when its runner was last heard
         self.heartbeat_ids: dict[str, tuple[int, int]] = {}  # node -> entry id of its kept heartbeat
+        # node -> GPU index -> the log's position when a job of ours was seen to leave it, until
+        # a heartbeat of the node newer than that
+        self.left: dict[str, dict[int, tuple[int, int]]] = {}
         self.telemetry_at: datetime | None = None  # arrival of the newest telemetry entry read
+        self.looked_for_lost: datetime | None = None  # when silent nodes and runners were last looked for
+        self.look_for_lost_every = timedelta(seconds=settings.heartbeat_interval_s / 4)
         self.redis_clock_behind = timedelta(0)  # this scheduler's clock minus Redis's
         self.own: deque[str] = deque()  # ids of facts committed here, not yet read back
         self.unacked: list[Ack] = []  # entries read and done with, whose acknowledgement waits
@@ -166,12 +171,42 @@ class Scheduler:
         """Fold every event appended since the state's position; snapshot now and then. Returns
         how many entries were folded."""
         stale = self.state.stale_reports
+        held = dict(self.state.allocations)
         folded = await catch_up(self.bus, self.state)
         self.unsaved += folded
+        if folded:
+            self.note_left(held)
         if self.state.stale_reports > stale:
             log.warning("ignored reports of superseded attempts", count=self.state.stale_reports - stale)
         await self.save_snapshot_when_due()
         return folded
+
+    def note_left(self, held: dict[str, str]) -> None:
+        """GPUs that jobs of ours held before the facts just folded and no longer hold: the
+        runner reports a job's end once its processes are gone, so a node's reading taken
+        before that shows memory the GPU no longer holds. Until the node's next heartbeat, its
+        kept one is read without them (the GPUs are not taken for another's)."""
+        position = entry_id_key(self.state.position)
+        for key, job_id in held.items():
+            if self.state.allocations.get(key) != job_id:
+                node, index = key.rsplit("/", 1)
+                self.left.setdefault(node, {})[int(index)] = position
+        for node in {key.rsplit("/", 1)[0] for key in held.keys() - self.state.allocations.keys()}:
+            self.read_without_left(node)
+
+    def read_without_left(self, node: str) -> None:
+        """The node's kept heartbeat, less the jobs of ours that left its GPUs after it was taken."""
+        left, beat = self.left.get(node), self.heartbeats.get(node)
+        if not left or beat is None:
+            return
+        taken = self.heartbeat_ids.get(node, (0, 0))
+        since = {index: position for index, position in left.items() if position > taken}
+        if since:
+            self.left[node] = since
+            threshold = self.settings.foreign_memory_threshold_mb
+            self.heartbeats[node] = placement.left_by_our_jobs(beat, since.keys(), threshold)
+        else:
+            del self.left[node]
 
     def _newest(self, node: str, entry_id: str) -> bool:
         """Whether a node's heartbeat is newer than the one kept (one delivered again, after a
@@ -258,20 +293,28 @@ class Scheduler:
             arrived = min(now, entry_time(delivery.entry_id) + self.redis_clock_behind)
             message = message.model_copy(update={"at": arrived})
             self.heartbeats[message.node] = message
+            self.read_without_left(message.node)
             self.last_heard[message.node] = now  # by this scheduler's clock: no skew between nodes
         elif isinstance(message, m.ServiceHeartbeat) and message.service == "runner" and message.node:
             self.runner_heard[message.node] = now
         if delivery.stream == self.keys.telemetry:
             # Heartbeats arrive every few seconds (this scheduler's own among them): the clock by
-            # which silent nodes are found.
-            lost = rules.lost_nodes(self.state, self.last_heard, self.limits, now)
+            # which silent nodes are found. Looked for a few times an interval, not at every
+            # entry: the walk over every node, at every node's heartbeats, grew with the square
+            # of the cluster.
+            due = self.looked_for_lost is None or now - self.looked_for_lost >= self.look_for_lost_every
+            lost = rules.lost_nodes(self.state, self.last_heard, self.limits, now) if due else []
             if lost:
                 log.warning("node lost", node=lost[0])
                 return rules.lose_node(self.state, self.keys, lost[0], message), None
-            orphaned = rules.lost_runners(self.state, self.runner_heard, self.last_heard, self.limits, now)
+            orphaned = (
+                rules.lost_runners(self.state, self.runner_heard, self.last_heard, self.limits, now) if due else []
+            )
             if orphaned:
                 log.warning("runner lost; its node takes no jobs until it is back", node=orphaned[0])
                 return rules.lose_node(self.state, self.keys, orphaned[0], message, "runner_lost"), None
+            if due:
+                self.looked_for_lost = now  # (one found is looked for again at the next entry)
             if not isinstance(message, m.NodeHeartbeat) or stale_beat:
                 return [], None  # (a heartbeat older than one taken in says nothing new)
             if rules.runner_silent(message.node, self.runner_heard, self.limits, now):
