@@ -32,17 +32,60 @@ def in_service(state: State, heartbeats: Mapping[str, NodeHeartbeat], timeout_s:
     ]
 
 
+class NodeView:
+    """What a node's kept reading offers, worked out once per reading (its samples, and the
+    memory each GPU could free), and once per set of our jobs on its GPUs (which of them are
+    usable now, which are taken by another's processes). A scheduling pass at 1,000 GPUs had
+    worked all of it out again, and every decision makes one."""
+
+    __slots__ = ("_held", "beat", "freeable", "inventory", "samples", "threshold_mb")
+
+    def __init__(self, beat: NodeHeartbeat, inventory: Sequence[GpuInfo], threshold_mb: int) -> None:
+        self.beat, self.inventory, self.threshold_mb = beat, inventory, threshold_mb
+        known = {gpu.index for gpu in inventory}
+        # (key, sample, in the node's inventory, used by processes beyond the threshold)
+        self.samples = [
+            (gpu_key(beat.node, sample.index), sample, sample.index in known, sample.memory_used_mb > threshold_mb)
+            for sample in beat.gpus
+        ]
+        measured = {sample.index: sample for sample in beat.gpus}
+        self.freeable = [_freeable(gpu, measured.get(gpu.index), threshold_mb) for gpu in inventory]
+        self._held: tuple[int, list[GpuSample], frozenset[str]] | None = None
+
+    def offered(self, state: State) -> tuple[list[GpuSample], frozenset[str]]:
+        """The GPUs of the inventory that no job of ours holds and no other process uses, and
+        the GPUs no job of ours holds that another's processes use."""
+        version = state.held_version(self.beat.node)
+        if self._held is None or self._held[0] != version:
+            held = state.allocations
+            usable = [sample for key, sample, known, used in self.samples if known and not used and key not in held]
+            foreign = frozenset(key for key, _, _, used in self.samples if used and key not in held)
+            self._held = (version, usable, foreign)
+        return self._held[1], self._held[2]
+
+
+# id of a reading -> its view (the view holds the reading, so the id is not reused meanwhile);
+# a node's older readings drop out when the table is emptied.
+_VIEWS: dict[int, NodeView] = {}
+_MAX_VIEWS = 8192
+
+
+def node_view(state: State, beat: NodeHeartbeat, threshold_mb: int) -> NodeView:
+    inventory = state.nodes[beat.node].gpus
+    view = _VIEWS.get(id(beat))
+    if view is None or view.beat is not beat or view.inventory is not inventory or view.threshold_mb != threshold_mb:
+        if len(_VIEWS) >= _MAX_VIEWS:
+            _VIEWS.clear()
+        view = _VIEWS[id(beat)] = NodeView(beat, inventory, threshold_mb)
+    return view
+
+
 def foreign_gpus(
     state: State, heartbeats: Mapping[str, NodeHeartbeat], nodes: Sequence[str], threshold_mb: int
 ) -> set[str]:
     """GPUs of these nodes that no job of ours holds but that another's processes use more than
     ``threshold_mb`` of, as last measured."""
-    return {
-        key
-        for name in nodes
-        for sample in heartbeats[name].gpus
-        if sample.memory_used_mb > threshold_mb and (key := gpu_key(name, sample.index)) not in state.allocations
-    }
+    return {key for name in nodes for key in node_view(state, heartbeats[name], threshold_mb).offered(state)[1]}
 
 
 def left_by_our_jobs(beat: NodeHeartbeat, indices: Collection[int], threshold_mb: int) -> NodeHeartbeat:
@@ -70,20 +113,17 @@ def freeable_gpus(
     processes use, or all of it where more than ``threshold_mb`` is used by processes NVML does
     not list (another container's, or under MIG), or where nothing was measured. What is left,
     the memory the driver keeps, never frees. A job that fits none of these waits for a node to
-    come back, not for anything to end."""
-    freeable: dict[str, list[GpuInfo]] = {}
-    for name in live:
-        measured = {sample.index: sample for sample in heartbeats[name].gpus}
-        freeable[name] = []
-        for gpu in state.nodes[name].gpus:
-            sample = measured.get(gpu.index)
-            if sample is not None:
-                listed = sum(process.used_memory_mb for process in sample.processes)
-                if sample.memory_used_mb - listed <= threshold_mb:
-                    memory = min(free_mb(sample) + listed, gpu.memory_total_mb)
-                    gpu = gpu.model_copy(update={"memory_total_mb": memory})
-            freeable[name].append(gpu)
-    return freeable
+    come back, not for anything to end. (The lists are shared: not to be changed.)"""
+    return {name: node_view(state, heartbeats[name], threshold_mb).freeable for name in live}
+
+
+def _freeable(gpu: GpuInfo, sample: GpuSample | None, threshold_mb: int) -> GpuInfo:
+    if sample is not None:
+        listed = sum(process.used_memory_mb for process in sample.processes)
+        if sample.memory_used_mb - listed <= threshold_mb:
+            memory = min(free_mb(sample) + listed, gpu.memory_total_mb)
+            return gpu.model_copy(update={"memory_total_mb": memory})
+    return gpu
 
 
 def matching(spec: JobBase, node: str, gpus: Sequence[GpuInfo]) -> list[GpuInfo]:

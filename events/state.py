@@ -7,6 +7,7 @@ all build their view with it, so replaying the log rebuilds exactly what the ser
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -216,6 +217,8 @@ class State(BaseModel):
     _version: int = PrivateAttr(0)
     _full: tuple[int, Quotas, frozenset[str]] | None = PrivateAttr(None)  # full_owners(), cached
     _journals: list[Journal] = PrivateAttr(default_factory=list)  # open savepoints, oldest first
+    # node -> a number drawn anew whenever a job takes or leaves a GPU of the node
+    _held_versions: dict[str, int] = PrivateAttr(default_factory=dict)
 
     # Private attributes are read through ``__pydantic_private__`` on the hot paths: a plain
     # ``self._queued`` goes through BaseModel.__getattr__, which costs a microsecond each time.
@@ -373,6 +376,16 @@ class State(BaseModel):
         submit order) one submitted earlier and queued only now."""
         return self.__pydantic_private__["_queued"].bisect_left((-priority, seq, ""))
 
+    def held_version(self, node: str) -> int:
+        """A number that changes whenever a job of ours takes or leaves a GPU of the node, and
+        that no other state or set of holders of this process ever had: what the node's GPUs
+        offer may be worked out once per number."""
+        versions = self.__pydantic_private__["_held_versions"]
+        version = versions.get(node)
+        if version is None:
+            version = versions[node] = next(_HELD_VERSIONS)
+        return version
+
     def apply(self, entry_id: str, event: m.Message) -> None:
         """Fold one event in. Raises IllegalTransition, leaving the state unchanged."""
         handler = _HANDLERS.get(type(event))
@@ -402,6 +415,7 @@ class State(BaseModel):
                 self.accepted,
                 self.stale_reports,
                 dict(self.allocations),
+                dict(self.__pydantic_private__["_held_versions"]),
                 self.quotas,
                 self.config_quotas,
                 self.half_life_s,
@@ -445,6 +459,7 @@ class State(BaseModel):
                 self.nodes[name] = node
         self.deleted.difference_update(journal.deleted)
         self.allocations = journal.allocations
+        self.__pydantic_private__["_held_versions"] = journal.held_versions
         self.position, self.accepted, self.stale_reports = journal.position, journal.accepted, journal.stale_reports
 
     def release(self, entry_ids: Mapping[str, str]) -> None:
@@ -482,6 +497,7 @@ class Journal:
     accepted: int
     stale_reports: int
     allocations: dict[str, str]
+    held_versions: dict[str, int]
     quotas: Quotas
     config_quotas: Quotas | None
     half_life_s: float
@@ -540,6 +556,9 @@ def mark(job: Job | None) -> Mark | None:
         job.status in QUEUED_FOR_QUOTA,
         job.spec.total_gpus if holds else 0,
     )
+
+
+_HELD_VERSIONS = itertools.count(1)
 
 
 def gpu_key(node: str, index: int) -> str:
@@ -606,6 +625,7 @@ def _release(state: State, job: Job, at: datetime) -> None:
         for index in rank.gpu_ids:
             if state.allocations.get(gpu_key(rank.node, index)) == job.job_id:
                 del state.allocations[gpu_key(rank.node, index)]
+                state.__pydantic_private__["_held_versions"][rank.node] = next(_HELD_VERSIONS)
 
 
 def _finish(state: State, job: Job, entry_id: str, event: m.Message, status: JobStatus) -> None:
@@ -674,6 +694,7 @@ def _scheduled(state: State, entry_id: str, event: m.JobScheduled) -> None:
     for rank in ranks:
         for index in rank.gpu_ids:
             state.allocations[gpu_key(rank.node, index)] = job.job_id
+        state.__pydantic_private__["_held_versions"][rank.node] = next(_HELD_VERSIONS)
     job.status = JobStatus.scheduled
     job.node, job.gpu_ids, job.attempt = event.node, list(event.gpu_ids), event.attempt
     job.peers, job.ranks_started, job.master_port = list(event.peers), [], event.master_port

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from events import messages as m
 from events.consumer import Delivery
-from events.state import HOLDS_GPUS, JobStatus, State
+from events.state import HOLDS_GPUS, JobStatus, State, gpu_key
 from services.config import Settings
+from services.scheduler import rules
 from services.scheduler.service import Plan, Scheduler
 from tests.examples import GPU, LM, started
 from tests.test_scheduler_properties import check_state
@@ -135,6 +136,19 @@ def check(harness: Harness) -> None:
     check_state(harness.state, harness.log)
     jobs = harness.state.jobs.values()
     assert not any(j.first_entry_id.startswith("~") or j.last_entry_id.startswith("~") for j in jobs)
+    # What the GPUs offer, worked out once per reading and per set of holders, is what they
+    # offer now, however many savepoints were rolled back since
+    state, scheduler = harness.state, harness.scheduler
+    threshold, now = scheduler.limits.foreign_memory_threshold_mb, datetime.now(UTC)
+    offered = rules.usable_gpus(state, scheduler.heartbeats, scheduler.limits, now)
+    assert offered == {
+        name: [
+            sample
+            for sample in scheduler.heartbeats[name].gpus
+            if sample.memory_used_mb <= threshold and gpu_key(name, sample.index) not in state.allocations
+        ]
+        for name in offered
+    }
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
