@@ -39,7 +39,7 @@ from tests.system import TRAINING_TIMEOUT_S, System, job_body, running
 MAX_STEPS = 1000
 SAVE_STEPS = 20
 LOGGING_STEPS = 5
-STOP_AT = 20  # the step reached before the job is preempted or suspended
+STOP_AT = 40  # the step reached before the job is preempted or suspended (two saves in)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,9 @@ def test_an_urgent_two_gpu_job_preempts_a_running_job_which_resumes_from_its_che
     stopped = only(victim_events, "job.stopped", attempt=1)
     checkpoint, checkpoint_step = stopped["payload"]["last_checkpoint"], stopped["payload"]["step"]
     assert stopped["payload"]["reason"] == "preempt"
-    assert checkpoint.endswith(f"checkpoint-{checkpoint_step}") and checkpoint_step >= STOP_AT - SAVE_STEPS
+    k = preempted["payload"]["step"]  # the step the log knew when the preemption was decided
+    assert k >= STOP_AT
+    assert checkpoint.endswith(f"checkpoint-{checkpoint_step}") and checkpoint_step >= k - SAVE_STEPS
     assert checkpoint_step < MAX_STEPS  # stopped mid-run
     # ... and only then did the urgent job start, on the victim's GPUs
     urgent_start = only(urgent_events, "job.started", attempt=1)
@@ -195,15 +197,15 @@ def test_an_urgent_two_gpu_job_preempts_a_running_job_which_resumes_from_its_che
 def test_a_suspended_job_frees_its_gpus_and_resumes_from_its_checkpoint(system: System, assets: DemoAssets) -> None:
     # Given a job training on both GPUs
     job_id = submit(system, long_job(assets, gpu_count=2))
-    until(system, job_id, trained(STOP_AT), f"step {STOP_AT}")
-    # When it is suspended over REST
+    k = until(system, job_id, trained(STOP_AT), f"step {STOP_AT}")["progress"]["step"]
+    # When it is suspended over REST, at step k or later
     assert httpx.post(f"{system.base}/jobs/{job_id}/suspend").status_code == 202
     # Then it is suspended, its process stopped with a checkpoint
     stopped = logged(system, job_id, "job.stopped", attempt=1)["payload"]
     assert view(system, job_id)["status"] == "suspended"
     checkpoint, checkpoint_step = stopped["last_checkpoint"], stopped["step"]
     assert stopped["reason"] == "suspend" and checkpoint.endswith(f"checkpoint-{checkpoint_step}")
-    assert STOP_AT - SAVE_STEPS <= checkpoint_step < MAX_STEPS
+    assert k - SAVE_STEPS <= checkpoint_step < MAX_STEPS
     # And its GPUs are free: another job that needs both starts
     gpus = httpx.get(f"{system.base}/gpus").json()["nodes"][0]["gpus"]
     assert [gpu["held_by"] for gpu in gpus] == [None, None]
