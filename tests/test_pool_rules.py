@@ -583,3 +583,53 @@ def test_fair_share_places_a_new_job_by_its_owners_usage_at_submit() -> None:
     pool.fold(rules.cancel(pool.state, KEYS, m.CancelJob(job_id="warmup")))
     pool.fold(pool.report(m.JobCancelled(job_id="warmup", attempt=1)))
     assert (pool.status("b1"), pool.status("a1")) == ("scheduled", "queued")
+
+
+# --- gang jobs in a shared pool
+
+
+def addresses(pool: Pool) -> None:
+    """Every node advertises an address (NODE_ADDR), as a gang's rank 0 needs."""
+    for name, beat in pool.heartbeats.items():
+        pool.heartbeats[name] = beat.model_copy(update={"addr": f"10.0.0.{ord(name)}"})
+        pool.fold([Append(KEYS.events, fact) for fact in rules.node_changes(pool.state, pool.heartbeats[name])])
+
+
+def test_a_gang_job_may_be_a_victim_every_rank_is_stopped_and_it_is_queued_again_once_stopped() -> None:
+    # Given a low-priority job on both GPUs of two nodes (a gang: a rank on each), run past the
+    # minimum runtime
+    pool = Pool({"a": 2, "b": 2})
+    addresses(pool)
+    pool.submit("gang", 1, gpus=2, nodes=2)
+    job = pool.state.jobs["gang"]
+    for rank, placed in enumerate(job.ranks):
+        pool.fold([Append(KEYS.events, started("gang", 1, placed.node, "").model_copy(update={"rank": rank}))])
+    assert pool.status("gang") == JobStatus.running
+    pool.advance(PREEMPT.preempt_min_runtime_s)
+    # When a job of priority 9 needs two GPUs
+    commands = pool.submit("urgent", 9, gpus=2)
+    # Then the gang is preempted for it: each of its ranks is told to stop, with a checkpoint
+    assert [(c.job_id, c.rank, c.reason) for c in commands if isinstance(c, m.StopJob)] == [
+        ("gang", 0, "preempt"),
+        ("gang", 1, "preempt"),
+    ]
+    urgent = pool.state.jobs["urgent"]
+    assert urgent.status == JobStatus.scheduled and urgent.preempted_jobs == ["gang"]
+    assert urgent.node in {"a", "b"} and urgent.gpu_ids == [0, 1]
+    # And once stopped, the gang waits in the queue for two whole nodes again, to resume from
+    # its checkpoint
+    pool.fold(pool.stopped("gang", "/shared/gang/checkpoint-40", 40))
+    gang = pool.state.jobs["gang"]
+    assert (gang.status, gang.last_checkpoint, gang.preemptions) == (JobStatus.queued, "/shared/gang/checkpoint-40", 1)
+
+
+def test_a_gang_job_preempts_no_one_it_waits_for_its_nodes() -> None:
+    # Given one low-priority job on each of two nodes, run past the minimum runtime
+    pool = Pool({"a": 1, "b": 1})
+    addresses(pool)
+    running(pool, ("low-a", 1), ("low-b", 1))
+    # When an urgent job for both nodes is submitted
+    commands = pool.submit("gang", 9, nodes=2)
+    # Then it waits: stopping jobs on several nodes at once for one job is not done
+    assert commands == [] and pool.status("gang") == JobStatus.queued
+    assert {pool.status("low-a"), pool.status("low-b")} == {JobStatus.running}
