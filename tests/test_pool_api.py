@@ -227,6 +227,69 @@ def test_suspend_and_resume_over_rest(pool: tuple[System, Path], api: dict[str, 
     ]
 
 
+@pytest.fixture(scope="module")
+def borrowing_pool(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[System, Path]]:
+    """As ``pool``, with borrowing on: alice's jobs over her one-GPU quota may use a GPU no job
+    within quota waits for, until one does."""
+    root = tmp_path_factory.mktemp("borrowing")
+    (root / "model").mkdir()
+    (root / "train.jsonl").write_text("{}\n")
+    settings = {
+        "SIMULATED_GPUS": "2",
+        "SWIFT_BIN": str(stand_in_swift(root)),
+        "API_KEYS": KEYS,
+        "QUOTAS": '{"users": {"alice": {"gpus": 1}}}',
+        "QUOTA_BORROWING": "true",
+        "STOP_GRACE_S": "5",
+    }
+    with running(redis_server.url, root / "system", **settings) as system:
+        yield system, root
+
+
+def test_a_job_borrowing_over_its_quota_gives_its_gpu_back_when_another_users_job_needs_it(
+    borrowing_pool: tuple[System, Path],
+) -> None:
+    system, data = borrowing_pool
+    base = system.base.removesuffix("/training")
+    with contextlib.ExitStack() as stack:
+        alice, bob, root = (
+            stack.enter_context(httpx.Client(base_url=base, headers=bearer(key), timeout=30))
+            for key in (ALICE, BOB, ROOT)
+        )
+        wait_for(lambda: root.get("/admin/quotas").json()["from_config"], 30, "the QUOTAS setting to apply")
+
+        def events(job_id: str) -> list[dict[str, Any]]:
+            return list(root.get(f"/training/jobs/{job_id}/events").json()["events"])
+
+        # Given alice's first job within her quota, and her second over it, borrowing the free GPU
+        first = alice.post("/training/jobs", json=training(data, "a1")).json()["job_id"]
+        borrower = alice.post("/training/jobs", json=training(data, "a2")).json()["job_id"]
+        wait_for(lambda: status(alice, borrower) == "running", 30, "the borrower to run")
+        [scheduled] = [e for e in events(borrower) if e["type"] == "job.scheduled"]
+        assert scheduled["payload"]["borrowing"] is True
+        # When bob, within his quota, submits a job and no GPU is free
+        urgent = bob.post("/training/jobs", json=training(data, "b1")).json()["job_id"]
+        # Then the borrower is preempted for it, whatever their priorities, and bob's job runs on its GPU
+        wait_for(lambda: status(bob, urgent) == "running", 30, "bob's job to run")
+        [preempted] = [e for e in events(borrower) if e["type"] == "job.preempted"]
+        assert (preempted["payload"]["by_job_id"], preempted["payload"]["reason"]) == (urgent, "borrowing")
+        stopped = wait_for(
+            lambda: next((e for e in events(borrower) if e["type"] == "job.stopped"), None), 30, "the borrower's stop"
+        )
+        assert stopped["payload"]["reason"] == "preempt" and stopped["payload"]["last_checkpoint"]
+        gpus = {
+            gpu["index"]: gpu["held_by"] for node in root.get("/training/gpus").json()["nodes"] for gpu in node["gpus"]
+        }
+        assert sorted(gpus.values()) == sorted([first, urgent])
+        # And it waits again, for alice's quota, to resume from the checkpoint it saved
+        wait_for(lambda: status(alice, borrower) == "queued", 30, "the borrower to be queued again")
+        [entry] = alice.get("/training/queue").json()["queue"]
+        assert (entry["job_id"], entry["waiting_reason"]) == (borrower, "quota")
+        cancel_all(root, [first, borrower, urgent])
+
+
 # --- the gateway in this process, over a log written by hand or by the real scheduler ----------
 
 
