@@ -45,24 +45,23 @@ def fields(response: httpx.Response) -> list[str]:
 # --- the real processes: gateway, scheduler, runner with the stand-in trainer ------------------
 
 
-@pytest.fixture(scope="module")
-def pool(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[System, Path]]:
+@contextlib.contextmanager
+def stand_in_pool(redis_url: str, root: Path, **settings: str) -> Iterator[tuple[System, Path]]:
     """The whole system on two simulated GPUs, jobs run by the stand-in trainer (it starts in
     milliseconds, steps every 0.15 s, and saves a checkpoint when stopped), alice of team ml held
     to one GPU by the QUOTAS setting."""
-    root = tmp_path_factory.mktemp("pool")
     (root / "model").mkdir()
     (root / "train.jsonl").write_text("{}\n")
-    settings = {
-        "SIMULATED_GPUS": "2",
-        "SWIFT_BIN": str(stand_in_swift(root)),
-        "API_KEYS": KEYS,
-        "QUOTAS": '{"users": {"alice": {"gpus": 1}}}',
-        "STOP_GRACE_S": "5",
-        "SUBMIT_WAIT_S": "5",
-    }
-    with running(redis_server.url, root / "system", **settings) as system:
+    quotas = '{"users": {"alice": {"gpus": 1}}}'
+    base = {"SIMULATED_GPUS": "2", "SWIFT_BIN": str(stand_in_swift(root)), "API_KEYS": KEYS, "QUOTAS": quotas}
+    with running(redis_url, root / "system", **base, STOP_GRACE_S="5", **settings) as system:
         yield system, root
+
+
+@pytest.fixture(scope="module")
+def pool(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[System, Path]]:
+    with stand_in_pool(redis_server.url, tmp_path_factory.mktemp("pool"), SUBMIT_WAIT_S="5") as system:
+        yield system
 
 
 @pytest.fixture
@@ -231,21 +230,10 @@ def test_suspend_and_resume_over_rest(pool: tuple[System, Path], api: dict[str, 
 def borrowing_pool(
     redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[System, Path]]:
-    """As ``pool``, with borrowing on: alice's jobs over her one-GPU quota may use a GPU no job
-    within quota waits for, until one does."""
-    root = tmp_path_factory.mktemp("borrowing")
-    (root / "model").mkdir()
-    (root / "train.jsonl").write_text("{}\n")
-    settings = {
-        "SIMULATED_GPUS": "2",
-        "SWIFT_BIN": str(stand_in_swift(root)),
-        "API_KEYS": KEYS,
-        "QUOTAS": '{"users": {"alice": {"gpus": 1}}}',
-        "QUOTA_BORROWING": "true",
-        "STOP_GRACE_S": "5",
-    }
-    with running(redis_server.url, root / "system", **settings) as system:
-        yield system, root
+    """With borrowing on: alice's jobs over her one-GPU quota may use a GPU no job within quota
+    waits for, until one does."""
+    with stand_in_pool(redis_server.url, tmp_path_factory.mktemp("borrowing"), QUOTA_BORROWING="true") as system:
+        yield system
 
 
 def test_a_job_borrowing_over_its_quota_gives_its_gpu_back_when_another_users_job_needs_it(
