@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +24,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from events import connection
-from events.codec import DecodeError, decode, encode, encode_fact
+from events.codec import TYPE_CODES, DecodeError, decode, encode, encode_fact
 from events.keys import Keys
 from events.messages import Message
 
@@ -123,20 +123,45 @@ _COMMIT_LUA = (
     + """
 -- KEYS: fence, events, chain, then one key per dedupe id, then each stream acknowledged in or
 --       appended to (once each)
--- ARGV: token, expected_last, dedupe_ttl, n_dedupe, reader_group, maxlens, acks, appends, body
+-- ARGV: token, expected_last, dedupe_ttl, n_dedupe, reader_group, maxlens, acks, appends, body,
+--       tolerated, touched, most
 --   maxlens: per stream, its cap (0: none), space-separated
 --   acks:    per run of acknowledgements, 'stream group id id ...', runs separated by ';'
 --   appends: per entry 'stream n_type n_job_id n_data n_at', space-separated; the four fields
 --            follow each other in body, their lengths in bytes (a stream is its position among the
 --            KEYS); at is empty, and not written, for a stream other than the log
+--   tolerated, touched, most: with expected_last, entries appended after it are passed over
+--            (not a conflict) when there are at most ``most``, each of a type in ``tolerated``
+--            and of a job not in ``touched`` (both space-separated); the reply carries them
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED the fencing token moved on: this scheduler is no longer the leader')
 end
+local passed = {}
 if ARGV[2] ~= '' then
   local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
   local last_id = '0-0'
   if #last > 0 then last_id = last[1][1] end
-  if last_id ~= ARGV[2] then return {'CONFLICT', last_id} end
+  if last_id ~= ARGV[2] then
+    -- Entries appended since may be passed over when each is of a type the committer tolerates
+    -- and about a job its decisions do not touch; they are returned, to be folded first.
+    if ARGV[10] == '' then return {'CONFLICT', last_id} end
+    local tolerated, touched = {}, {}
+    for word in string.gmatch(ARGV[10], '%S+') do tolerated[word] = true end
+    for word in string.gmatch(ARGV[11], '%S+') do touched[word] = true end
+    local most = tonumber(ARGV[12])
+    passed = redis.call('XRANGE', KEYS[2], '(' .. ARGV[2], '+', 'COUNT', most + 1)
+    if #passed > most then return {'CONFLICT', last_id} end
+    for p = 1, #passed do
+      local kind, job_id = nil, nil
+      local f = passed[p][2]
+      for j = 1, #f, 2 do
+        if f[j] == 'type' then kind = f[j + 1] elseif f[j] == 'job_id' then job_id = f[j + 1] end
+      end
+      if not kind or not tolerated[kind] or not job_id or job_id == '' or touched[job_id] then
+        return {'CONFLICT', last_id}
+      end
+    end
+  end
 end
 local n_dedupe = tonumber(ARGV[4])
 local streams_from = 3 + n_dedupe
@@ -164,7 +189,7 @@ if n_dedupe > 0 then
 end
 local maxlens = {}
 for cap in string.gmatch(ARGV[6], '%d+') do maxlens[#maxlens + 1] = cap end
-local reply = {'OK', 0}
+local reply = {'OK', 0, passed}
 local chain = nil
 local body, at = ARGV[9], 1
 for target, n_kind, n_job, n_data, n_at in string.gmatch(ARGV[8], '(%d+) (%d+) (%d+) (%d+) (%d+)') do
@@ -192,7 +217,7 @@ if chain ~= nil then chain_close(chain) end
 ack_all()
 -- The committer's own group need not read back what it appended: when that group had been
 -- given everything up to the expected last entry, move it past the appended facts.
-if ARGV[5] ~= '' and ARGV[2] ~= '' and chain ~= nil then
+if ARGV[5] ~= '' and ARGV[2] ~= '' and chain ~= nil and #passed == 0 then
   local groups = redis.call('XINFO', 'GROUPS', KEYS[2])
   for g = 1, #groups do
     local info = {}
@@ -261,6 +286,8 @@ class CommitResult:
     last_id: str | None = None  # on CONFLICT: the log's last entry id
     duplicates: tuple[int, ...] = ()  # on SOME_DUPLICATE: indices into the dedupe ids
     skipped: bool = False  # on OK: the reader group was moved past the appended facts
+    # on OK: entries appended after the expected last one and passed over (see prepare_commit)
+    passed: tuple[Entry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -283,6 +310,12 @@ def connect(url: str, *, block_ms: int | None = None) -> aioredis.Redis:
 
 
 MAX_SEQ = 2**64 - 1  # the largest sequence part of an entry id
+MOST_PASSED = 64  # entries a commit may pass over (see Bus.prepare_commit); more: a conflict
+
+
+def _fields(flat: Sequence[Any]) -> dict[str, str]:
+    """An entry's fields from the flat list a script returns them in."""
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def entry_id_key(entry_id: str) -> tuple[int, int]:
@@ -421,6 +454,8 @@ class Bus:
         dedupe_id: str | None = None,
         dedupe_ids: Sequence[str] = (),
         reader_group: str | None = None,
+        tolerate: Collection[str] = (),
+        touched: Collection[str] = (),
     ) -> CommitResult:
         """Commit effects and acknowledgements atomically. A dedupe id names the handling of one
         message by one group (``<group>:<message id>``): when every one given was committed
@@ -428,13 +463,15 @@ class Bus:
         ``duplicates`` holds their indices (SOME_DUPLICATE). With ``expect_last``, the facts
         appended are the last entries of the log: ``reader_group``, if it had been given every
         entry up to ``expect_last``, is moved past them (``skipped``), so that it does not read
-        back what its own consumer wrote."""
+        back what its own consumer wrote. ``tolerate`` and ``touched``: see :meth:`prepare_commit`."""
         prepared = self.prepare_commit(
             appends,
             acks=[*([ack] if ack else []), *acks],
             fence_token=fence_token,
             dedupe_ids=[*([dedupe_id] if dedupe_id else []), *dedupe_ids],
             reader_group=reader_group,
+            tolerate=tolerate,
+            touched=touched,
         )
         return await self.run_commit(prepared, expect_last)
 
@@ -446,8 +483,13 @@ class Bus:
         fence_token: str | None = None,
         dedupe_ids: Sequence[str] = (),
         reader_group: str | None = None,
+        tolerate: Collection[str] = (),
+        touched: Collection[str] = (),
     ) -> PreparedCommit:
-        """A commit encoded, to be run once the log position it expects is known."""
+        """A commit encoded, to be run once the log position it expects is known. Facts
+        appended to the log after the expected position do not make it conflict when there are
+        at most :data:`MOST_PASSED`, each of a type in ``tolerate`` and about a job (never none)
+        not in ``touched``: it lands after them, and its result carries them (``passed``)."""
         streams: dict[str, int] = {}  # each stream named, by its position among the KEYS
         runs: dict[tuple[str, str], list[str]] = {}
         for a in acks:
@@ -479,6 +521,9 @@ class Bus:
             ";".join(" ".join((str(streams[stream]), group, *ids)) for (stream, group), ids in runs.items()),
             " ".join(header),
             b"".join(body),
+            " ".join(TYPE_CODES.get(kind, kind) for kind in tolerate),
+            " ".join(touched) if tolerate else "",
+            MOST_PASSED,
         ]
         return PreparedCommit(keys, args)
 
@@ -498,7 +543,8 @@ class Bus:
         if status == "SOME_DUPLICATE":
             return CommitResult(status, duplicates=tuple(int(x) for x in reply[1:]))
         if status == "OK":
-            return CommitResult(status, tuple(str(x) for x in reply[2:]), skipped=bool(reply[1]))
+            passed = tuple(Entry(self.keys.events, str(raw[0]), _fields(raw[1])) for raw in reply[2])
+            return CommitResult(status, tuple(str(x) for x in reply[3:]), skipped=bool(reply[1]), passed=passed)
         return CommitResult(status)
 
     async def dead_letter(self, entry: Entry, group: str, reason: str) -> None:

@@ -9,7 +9,7 @@ to the handler, and the handler's effects are committed together with the acknow
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -77,9 +77,11 @@ class GroupConsumer:
         group_start: str = "0",
         batch: BatchHandler | None = None,
         skip: Callable[[Entry], bool] = lambda entry: False,
+        counts: Mapping[str, int] | None = None,
     ) -> None:
         """``handler`` handles one entry at a time; with ``batch``, each read is handed over
-        whole instead. ``skip`` picks entries to acknowledge without decoding them."""
+        whole instead. ``skip`` picks entries to acknowledge without decoding them. ``count`` is
+        the most entries a read takes of each stream; ``counts`` sets it apart for some."""
         self.bus = bus
         self.reader = reader
         self.streams = list(streams)
@@ -95,6 +97,11 @@ class GroupConsumer:
         self.batch = batch
         self.skip = skip
         self._last_claim = 0.0
+        # streams grouped by the count they are read with, the largest first
+        by_count: dict[int, list[str]] = {}
+        for stream in self.streams:
+            by_count.setdefault((counts or {}).get(stream, count), []).append(stream)
+        self._reads = sorted(by_count.items(), reverse=True)
 
     async def setup(self) -> None:
         for stream in self.streams:
@@ -140,14 +147,7 @@ class GroupConsumer:
     async def poll(self, block_ms: int | None) -> int:
         """One round: reclaim stale entries, then read new ones (blocking up to ``block_ms``)."""
         handled = await self.reclaim()
-        reply = await self.reader.xreadgroup(
-            self.group,
-            self.consumer,
-            dict.fromkeys(self.streams, ">"),
-            count=self.count,
-            block=block_ms,
-        )
-        entries = _entries(reply)
+        entries = await self._read(block_ms)
         if not entries and not handled and self.on_idle is not None:
             await self.on_idle()
         if self.batch is not None:
@@ -160,6 +160,29 @@ class GroupConsumer:
                 acks.append(entry)
         await self._ack(acks)
         return handled + len(entries)
+
+    async def _read(self, block_ms: int | None) -> list[Entry]:
+        """New entries. XREADGROUP takes one count for all its streams: streams read with
+        different counts are read apart, in one round trip without blocking, and only when they
+        all came back empty does the read block on every stream (at the smallest count)."""
+        group, consumer = self.group, self.consumer
+        if len(self._reads) == 1:
+            reply = await self.reader.xreadgroup(
+                group, consumer, dict.fromkeys(self.streams, ">"), count=self.count, block=block_ms
+            )
+            return _entries(reply)
+        async with self.reader.pipeline(transaction=False) as pipe:
+            for count, streams in self._reads:
+                pipe.xreadgroup(group, consumer, dict.fromkeys(streams, ">"), count=count)
+            replies = await pipe.execute()
+        order = {stream: index for index, stream in enumerate(self.streams)}
+        entries = sorted((e for reply in replies for e in _entries(reply)), key=lambda e: order[e.stream])
+        if entries or block_ms is None:
+            return entries
+        reply = await self.reader.xreadgroup(
+            group, consumer, dict.fromkeys(self.streams, ">"), count=self._reads[-1][0], block=block_ms
+        )
+        return _entries(reply)
 
     async def reclaim(self, *, force: bool = False) -> int:
         """Claim entries pending longer than the idle threshold on any consumer of the group."""

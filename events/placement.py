@@ -22,13 +22,11 @@ def free_mb(gpu: GpuInfo) -> int:
 def in_service(state: State, heartbeats: Mapping[str, NodeHeartbeat], timeout_s: float, now: datetime) -> list[str]:
     """Nodes up in the log whose last heartbeat is recent and complete (a degraded reading offers
     nothing), by name."""
+    since = now - timedelta(seconds=timeout_s)
     return [
         name
         for name, node in sorted(state.nodes.items())
-        if node.up
-        and (beat := heartbeats.get(name)) is not None
-        and not beat.degraded
-        and now - beat.at <= timedelta(seconds=timeout_s)
+        if node.up and (beat := heartbeats.get(name)) is not None and not beat.degraded and beat.at >= since
     ]
 
 

@@ -16,15 +16,15 @@ from redis.exceptions import OutOfMemoryError
 
 from events import audit, snapshot
 from events import messages as m
-from events.bus import Ack, Append, Bus, Fenced
+from events.bus import MOST_PASSED, Ack, Append, Bus, Fenced
 from events.codec import decode, encode
 from events.consumer import Delivery, GroupConsumer
 from events.keys import Keys
 from events.log import catch_up
-from events.state import State
+from events.state import JobStatus, State
 from services.scheduler.service import take_lease
 from tests.conftest import RedisServer
-from tests.examples import LM
+from tests.examples import LM, started
 
 
 async def snapshot_of_queued_jobs(bus: Bus, jobs: int) -> State:
@@ -69,6 +69,40 @@ async def test_a_garbage_entry_is_dead_lettered_and_the_consumer_carries_on(bus:
     assert json.loads(dead["fields"]) == {"data": "{definitely not json"}
     assert (await bus.redis.xpending(stream, "workers"))["pending"] == 0
     assert [f["job_id"] for _, f in await bus.redis.xrange(bus.keys.events)] == ["a", "b"]
+
+
+async def test_a_stream_with_its_own_count_is_read_in_helpings_of_that_size_beside_the_others(bus: Bus) -> None:
+    commands, telemetry = bus.keys.commands, bus.keys.telemetry
+    seen: list[list[Delivery]] = []
+
+    async def batch(deliveries: list[Delivery], acks: object) -> int:
+        seen.append(deliveries)
+        return 0
+
+    consumer = GroupConsumer(
+        bus, bus.redis, [commands, telemetry], "workers", "c", None, batch=batch, count=50, counts={telemetry: 4}
+    )
+    await consumer.setup()
+    # Given ten entries piled up on telemetry (any message will do), then three commands
+    for i in range(10):
+        await bus.append(telemetry, m.CancelJob(job_id=f"n{i}"))
+    for job in "abc":
+        await bus.append(commands, m.CancelJob(job_id=job))
+    # When the consumer reads
+    await consumer.poll(100)
+    # Then one read holds every command and only four heartbeats, the commands first
+    [first] = seen
+    assert [d.stream for d in first] == [commands] * 3 + [telemetry] * 4
+    # And the rest of the heartbeats come four at a time, in order
+    while await consumer.poll(None):
+        pass
+    beats = [d.message.job_id for read in seen for d in read if d.stream == telemetry]
+    assert beats == [f"n{i}" for i in range(10)] and [len(read) for read in seen[1:]] == [4, 2]
+    # And with every stream empty, a read blocks until an entry arrives on either
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer.poll, 5000)
+        await bus.append(commands, m.CancelJob(job_id="late"))
+    assert [d.message.job_id for d in seen[-1]] == ["late"]
 
 
 async def test_an_entry_left_pending_by_a_killed_consumer_is_reclaimed_and_processed_once(
@@ -431,3 +465,114 @@ async def test_a_read_whose_commit_meets_new_facts_every_time_is_decided_in_halv
     log = [decode(fields) for _, fields in await bus.redis.xrange(bus.keys.events)]
     assert [e.job_id for e in log if isinstance(e, m.JobAccepted)] == [f"job-{i}" for i in range(8)]
     assert interrupted >= 2 and sum(isinstance(e, m.HalfLifeChanged) for e in log) == interrupted
+
+
+async def test_a_commit_passes_over_reports_of_other_jobs_that_free_nothing_and_returns_them(bus: Bus) -> None:
+    events = bus.keys.events
+    [first] = await bus.append(events, m.JobCancelled(job_id="a"))
+    tolerate = ("job.started", "job.progress")
+    # Given reports of another job, of tolerated types, appended after the position a commit expects
+    await bus.append(events, started("b", 1, "n1", "0"))
+    await bus.append(events, m.JobProgress(job_id="b", attempt=1, step=1, max_steps=10, percent=10.0))
+    # When a decision about job a is committed
+    result = await bus.commit(
+        [Append(events, m.JobCancelled(job_id="a"))], expect_last=first, tolerate=tolerate, touched={"a"}
+    )
+    # Then it lands after them, and they come back, to be folded first
+    assert result.status == "OK"
+    assert [decode(entry.fields).type for entry in result.passed] == ["job.started", "job.progress"]
+    [*_, (last_id, _)] = await bus.redis.xrange(events)
+    assert result.entry_ids == (last_id,) and result.passed[-1].entry_id < last_id
+    # But a report about a job the decision touches, of another type, or with nothing tolerated,
+    # is a conflict, and so are more reports than a commit may pass over
+    for fact, allowed, jobs in [
+        (started("a", 1, "n1", "0"), tolerate, {"a"}),
+        (m.JobSucceeded(job_id="b", attempt=1, exit_code=0, run_dir="/r"), tolerate, {"a"}),
+        (started("c", 1, "n1", "0"), (), {"a"}),
+    ]:
+        [*_, (expected, _)] = await bus.redis.xrange(events)
+        await bus.append(events, fact)
+        decision = [Append(events, m.JobCancelled(job_id="a"))]
+        result = await bus.commit(decision, expect_last=expected, tolerate=allowed, touched=jobs)
+        assert result.status == "CONFLICT", fact
+    [*_, (expected, _)] = await bus.redis.xrange(events)
+    for step in range(MOST_PASSED + 1):
+        await bus.append(events, m.JobProgress(job_id="b", attempt=1, step=step, max_steps=99, percent=1.0))
+    result = await bus.commit(
+        [Append(events, m.JobCancelled(job_id="a"))], expect_last=expected, tolerate=tolerate, touched={"a"}
+    )
+    assert result.status == "CONFLICT"
+
+
+async def test_a_scheduler_commit_that_passed_over_a_runners_report_leaves_the_state_the_logs_fold(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.config import Settings
+    from services.scheduler.service import Scheduler
+
+    scheduler = Scheduler(Settings(namespace=bus.keys.namespace, _env_file=None), bus)  # type: ignore[call-arg]
+    outcomes: list[str] = []
+    reports: list[m.Message] = []  # what a runner appends after the next decision, before its commit
+    real_run = bus.run_commit
+
+    async def run_commit(prepared: object, expect_last: str | None = None) -> object:
+        while reports:
+            await bus.append(bus.keys.events, reports.pop(0))
+        result = await real_run(prepared, expect_last)  # type: ignore[arg-type]
+        outcomes.append(result.status)
+        return result
+
+    monkeypatch.setattr(bus, "run_commit", run_commit)
+
+    async def read(stream: str, message: m.Message) -> None:
+        [entry_id] = await bus.append(stream, message)
+        await scheduler._commit_batch([Delivery(stream, entry_id, message, 1)])
+
+    async def the_logs_fold() -> State:
+        folded = State()
+        await catch_up(bus, folded)
+        assert scheduler.state.model_dump() == folded.model_dump()
+        return folded
+
+    # Given a node of two GPUs, and job a placed on it
+    gpus = [
+        m.GpuSample(index=i, uuid=f"g{i}", name="NVIDIA H100", memory_total_mb=80_000, memory_used_mb=0)
+        for i in range(2)
+    ]
+    await read(bus.keys.telemetry, m.NodeHeartbeat(node="n1", simulated=True, gpus=gpus))
+    await read(bus.keys.commands, m.SubmitJob(job_id="a", spec=LM))
+    assert scheduler.state.jobs["a"].status == JobStatus.scheduled
+    # When b is submitted, and a's runner reports its start between the decision and its commit
+    outcomes.clear()
+    reports.append(started("a", 1, "n1", "0"))
+    await read(bus.keys.commands, m.SubmitJob(job_id="b", spec=LM))
+    # Then the commit landed at once, after the report
+    assert outcomes == ["OK"]
+    types = [(decode(fields).job_id, decode(fields).type) for _, fields in await bus.redis.xrange(bus.keys.events)]
+    assert types.index(("a", "job.started")) < types.index(("b", "job.accepted"))
+    # And the scheduler's state is the fold of the log: a running, b placed on the other GPU
+    folded = await the_logs_fold()
+    assert folded.jobs["a"].status == JobStatus.running and folded.jobs["b"].status == JobStatus.scheduled
+    # When a is cancelled while its runner reports a checkpoint of it
+    outcomes.clear()
+    reports.append(m.CheckpointSaved(job_id="a", attempt=1, step=5, path="/r/checkpoint-5"))
+    await read(bus.keys.commands, m.CancelJob(job_id="a"))
+    # Then that commit conflicted (the decision is about a) and the cancel was decided again
+    assert outcomes == ["CONFLICT", "OK"]
+    folded = await the_logs_fold()
+    assert folded.jobs["a"].last_checkpoint == "/r/checkpoint-5"
+    # When the next two submissions are read one after the other, the second decided while the
+    # first one's commit is in flight, and that commit passes over a report of b's start
+    outcomes.clear()
+    plans = scheduler.plans
+    reports.append(started("b", 1, "n1", "1"))
+    for job_id in ("c", "d"):
+        command = m.SubmitJob(job_id=job_id, spec=LM)
+        [entry_id] = await bus.append(bus.keys.commands, command)
+        await scheduler.handle_batch([Delivery(bus.keys.commands, entry_id, command, 1)], [])
+    await scheduler.settle()
+    # Then both landed, the second decided again after the report was folded in
+    assert outcomes == ["OK", "OK"] and scheduler.plans - plans == 3
+    folded = await the_logs_fold()
+    assert [folded.jobs[job_id].status for job_id in "cd"] == [JobStatus.queued] * 2
+    assert folded.jobs["b"].status == JobStatus.running

@@ -5,12 +5,14 @@ retried (or failed) as one unit."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from events import messages as m
 from events.bus import Append
-from events.state import IllegalTransition, JobStatus
+from events.state import IllegalTransition, Job, JobStatus, Node, State
 from services.scheduler import rules
-from tests.examples import started
+from tests.examples import LM, started
 from tests.test_scheduler_rules import KEYS, LIMITS, NOW, Cluster
 
 
@@ -186,3 +188,48 @@ def test_an_attempt_lost_with_its_node_before_every_rank_started_costs_no_retry(
     peer = cluster.state.jobs["gang"].ranks[1].node
     cluster.fold(rules.lose_node(cluster.state, KEYS, peer, m.ProcessQueue()))
     assert cluster.state.jobs["gang"].status == JobStatus.failed
+
+
+@given(
+    nodes=st.lists(
+        st.tuples(
+            st.lists(st.tuples(st.sampled_from(["A100", "H100"]), st.integers(0, 80_000)), max_size=8),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    count=st.integers(1, 8),
+    ranks=st.integers(1, 3),
+    model=st.sampled_from([None, "h100"]),
+    memory=st.sampled_from([None, 40_000]),
+    node=st.sampled_from([None, "n0"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_whether_a_job_could_be_placed_is_whether_it_would_be(
+    nodes: list[tuple[list[tuple[str, int]], bool]],
+    count: int,
+    ranks: int,
+    model: str | None,
+    memory: int | None,
+    node: str | None,
+) -> None:
+    # Given nodes of GPUs of two models with some free memory, some advertising an address
+    state = State()
+    gpus: dict[str, list[m.GpuInfo]] = {}
+    for i, (found, addressed) in enumerate(nodes):
+        name = f"n{i}"
+        gpus[name] = [
+            m.GpuSample(index=k, uuid=f"{name}-{k}", name=f"NVIDIA {kind}", memory_total_mb=80_000, memory_used_mb=used)
+            for k, (kind, used) in enumerate(found)
+        ]
+        state.nodes[name] = Node(
+            name=name, simulated=True, gpus=gpus[name], addr="10.0.0.1" if addressed else None, joined_at=NOW
+        )
+    spec = LM.model_copy(
+        update={"gpu_count": count, "nodes": ranks, "gpu_model": model, "min_gpu_memory_mb": memory}
+        | ({"node": node} if ranks == 1 else {})
+    )
+    job = Job(job_id="j", spec=spec, priority=5, seq=1, submitted_at=NOW, first_entry_id="1-0", last_entry_id="1-0")
+    # Then the quick answer to "could it be placed" is what working out the placement says
+    assert rules.could_place(state, job, gpus) == (rules.place_job(state, job, gpus) is not None)

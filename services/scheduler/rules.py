@@ -523,6 +523,23 @@ def place_job(state: State, job: Job, usable: Mapping[str, Sequence[m.GpuInfo]])
     return ranks[: job.spec.nodes]
 
 
+def could_place(state: State, job: Job, gpus: Mapping[str, Sequence[m.GpuInfo]]) -> bool:
+    """Whether :func:`place_job` would find the job a placement on these GPUs (without working
+    out the best one: a pass asks it of every GPU the running jobs could free)."""
+    spec = job.spec
+    count = spec.gpu_count
+    any_gpu = spec.node is None and not spec.gpu_model and spec.min_gpu_memory_mb is None and spec.gpu_ids is None
+    fitting = (
+        name
+        for name, found in gpus.items()
+        if len(found) >= count and (any_gpu or len(matching(spec, name, found)) >= count)
+    )
+    if spec.nodes == 1:
+        return next(fitting, None) is not None
+    names = list(fitting)
+    return len(names) >= spec.nodes and any(state.nodes[name].addr for name in names)
+
+
 def _master_port(
     state: State, job: Job, attempt: int, node: str, limits: Limits, taken: dict[str, set[int]]
 ) -> int | None:
@@ -611,7 +628,7 @@ def schedule(
         if placement is None:
             if freeable is None:
                 freeable = freeable_gpus(state, heartbeats, offered, limits.foreign_memory_threshold_mb)
-            if place_job(state, job, _only(freeable, where)) is None:
+            if not could_place(state, job, _only(freeable, where)):
                 passed_over.add(request)
                 continue  # it waits on nothing our jobs hold: it holds up no one
             found = victims.choose(job, _only(usable, where), _only(freeable, where)) if victims is not None else None

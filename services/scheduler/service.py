@@ -37,8 +37,8 @@ from events.bus import (
 )
 from events.consumer import Delivery, GroupConsumer
 from events.keys import SCHEDULER_GROUP, Keys
-from events.log import catch_up
-from events.state import State
+from events.log import apply_entry, catch_up
+from events.state import IllegalTransition, State
 from services.config import Settings
 from services.runtime import REDIS_LOST, settle_heap
 from services.scheduler import rules
@@ -74,11 +74,30 @@ return {redis.call('INCR', KEYS[2]), 0}
 
 
 READ_COUNT = 500  # entries per stream and read: decided together, committed in one step
+# Telemetry is read in smaller helpings: a heartbeat takes ~0.4 ms to decide at 1,000 GPUs, and
+# the heartbeats that pile up while a large read is decided (100+ at 125 nodes) would otherwise be
+# decided in one read, ahead of a submission that arrives meanwhile.
+TELEMETRY_READ_COUNT = 20
 MAX_UNACKED = 1000  # acknowledgements that may wait for a commit to ride along with
 MAX_CONFLICT_RETRIES = 50  # an entry decided again on a log that moved on, before giving up
 # A read whose commit meets new facts this often is decided again in halves: a large read takes
 # long enough to decide that, on a busy cluster, the runners' reports land in between every time.
 SPLIT_AFTER_CONFLICTS = 2
+
+
+# Reports that change only their own job's record and free no GPU. Decisions about other jobs
+# hold whether they landed before or after: one appended between a read's decisions and their
+# commit does not make the commit conflict (see Bus.prepare_commit); it is folded in first. (At
+# 1,000 GPUs, runners' starts landed between most decisions and their commits, each conflict
+# deciding a read again; on a real cluster, progress reports would.)
+PASSABLE_REPORTS = ("job.progress", "job.checkpoint_saved", "job.started", "job.serving")
+
+
+def touched(plan: Plan, deliveries: Sequence[Delivery]) -> set[str]:
+    """The jobs a read's decisions are about: those of its entries and of what it decided."""
+    jobs = {item.message.job_id for item in plan.appends} | {d.message.job_id for d in deliveries}
+    jobs.discard(None)
+    return jobs  # type: ignore[return-value]
 
 
 class LostLeadership(Exception):
@@ -461,6 +480,8 @@ class Scheduler:
             fence_token=self.token,
             dedupe_ids=plan.dedupe_ids,
             reader_group=SCHEDULER_GROUP,
+            tolerate=PASSABLE_REPORTS,
+            touched=touched(plan, deliveries),
         )
         if not await self.settle(later=True):
             # The read before was decided again; so is this one, on the state that left.
@@ -485,6 +506,11 @@ class Scheduler:
                 self.state.rollback()
             raise
         if result.status == "OK":
+            if result.passed and later:
+                # The read decided after it did not see the reports its commit passed over
+                self.state.rollback()
+                self.keep(inflight.plan, result)
+                return False
             self.keep(inflight.plan, result)
             return True
         if later:
@@ -550,6 +576,8 @@ class Scheduler:
                     expect_last=expect_last if plan.appends else None,
                     dedupe_ids=plan.dedupe_ids,
                     reader_group=SCHEDULER_GROUP,
+                    tolerate=PASSABLE_REPORTS,
+                    touched=touched(plan, deliveries),
                 )
             except BaseException:
                 self.state.rollback()
@@ -569,13 +597,28 @@ class Scheduler:
         raise RuntimeError(f"a read of {len(deliveries)} entries conflicted {MAX_CONFLICT_RETRIES} times")
 
     def keep(self, plan: Plan, result: CommitResult) -> None:
-        """A plan's commit landed: its folded facts are kept under the ids they got."""
+        """A plan's commit landed: its folded facts are kept under the ids they got. (Its
+        savepoint must be the latest open.) When it passed over reports that landed before it,
+        those are folded first and its facts after them, in the log's order."""
         ids = [
             entry_id
             for item, entry_id in zip(plan.appends, result.entry_ids, strict=True)
             if item.stream == plan.events
         ]
-        self.state.release(dict(zip(plan.stand_ins, ids, strict=True)))
+        if result.passed:
+            self.state.rollback()
+            for entry in result.passed:
+                apply_entry(self.state, entry.entry_id, entry.fields)
+            facts = [item.message for item in plan.appends if item.stream == plan.events]
+            for fact, entry_id in zip(facts, ids, strict=True):
+                try:
+                    self.state.apply(entry_id, fact)
+                except IllegalTransition as exc:  # (as the log's fold would: passed over)
+                    log.error("own fact does not apply after the reports it passed over", reason=str(exc))
+                    self.state.position = entry_id
+            self.unsaved += len(result.passed)
+        else:
+            self.state.release(dict(zip(plan.stand_ins, ids, strict=True)))
         if not result.skipped:  # they will be read back: acknowledged unread then
             self.own.extend(ids)
         self.unsaved += len(plan.stand_ins)
@@ -640,6 +683,7 @@ class Scheduler:
             None,
             block_ms=1000,
             count=READ_COUNT,
+            counts={self.keys.telemetry: TELEMETRY_READ_COUNT},
             claim_idle_ms=self.settings.claim_idle_ms,
             max_deliveries=self.settings.max_deliveries,
             batch=self.handle_batch,
