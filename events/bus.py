@@ -14,6 +14,7 @@ import json
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -277,11 +278,18 @@ class Ack:
     entry_id: str
 
 
+class CommitStatus(StrEnum):
+    """How a commit ended (the commit script's first word)."""
+
+    OK = "OK"
+    CONFLICT = "CONFLICT"  # the log moved on: nothing committed; fold what is new and decide again
+    DUPLICATE = "DUPLICATE"  # every handling had been committed before: only the acknowledgements landed
+    SOME_DUPLICATE = "SOME_DUPLICATE"  # some had been: nothing committed
+
+
 @dataclass(frozen=True)
 class CommitResult:
-    # OK; CONFLICT (the log moved on: rebuild and retry); DUPLICATE (all already handled);
-    # SOME_DUPLICATE (some already handled: nothing committed)
-    status: str
+    status: CommitStatus
     entry_ids: tuple[str, ...] = ()
     last_id: str | None = None  # on CONFLICT: the log's last entry id
     duplicates: tuple[int, ...] = ()  # on SOME_DUPLICATE: indices into the dedupe ids
@@ -537,12 +545,12 @@ class Bus:
             if str(exc).startswith("FENCED"):
                 raise Fenced(str(exc)) from exc
             raise
-        status = str(reply[0])
-        if status == "CONFLICT":
+        status = CommitStatus(str(reply[0]))
+        if status == CommitStatus.CONFLICT:
             return CommitResult(status, last_id=str(reply[1]))
-        if status == "SOME_DUPLICATE":
+        if status == CommitStatus.SOME_DUPLICATE:
             return CommitResult(status, duplicates=tuple(int(x) for x in reply[1:]))
-        if status == "OK":
+        if status == CommitStatus.OK:
             passed = tuple(Entry(self.keys.events, str(raw[0]), _fields(raw[1])) for raw in reply[2])
             return CommitResult(status, tuple(str(x) for x in reply[3:]), skipped=bool(reply[1]), passed=passed)
         return CommitResult(status)

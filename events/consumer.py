@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import anyio
 import redis.asyncio as aioredis
@@ -25,7 +26,13 @@ from events.messages import Message
 
 log = structlog.get_logger("events.consumer")
 
-_DONE, _FAILED, _ACK_OWED = "done", "failed", "ack owed"
+
+class Handled(StrEnum):
+    """What became of one entry handed to a handler."""
+
+    DONE = "done"  # handled, its effects and acknowledgement committed
+    FAILED = "failed"  # the handler raised: left pending, reclaimed after the idle threshold
+    ACK_OWED = "ack owed"  # no effects, its acknowledgement deferred (to be sent with others)
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,7 @@ class GroupConsumer:
                 handled += len(entries)
                 continue
             for entry in entries:
-                if await self._handle(entry, await self._delivery_count(entry)) == _FAILED:
+                if await self._handle(entry, await self._delivery_count(entry)) == Handled.FAILED:
                     # Re-reading history counts as a delivery: leave a failing entry to the
                     # idle-time reclaim instead of burning its retries now.
                     return handled
@@ -156,7 +163,7 @@ class GroupConsumer:
             return handled + len(entries)
         acks: list[Entry] = []
         for entry in entries:
-            if await self._handle(entry, 1, defer_ack=True) == _ACK_OWED:
+            if await self._handle(entry, 1, defer_ack=True) == Handled.ACK_OWED:
                 acks.append(entry)
         await self._ack(acks)
         return handled + len(entries)
@@ -265,12 +272,12 @@ class GroupConsumer:
         for stream, ids in by_stream.items():
             await self.bus.redis.xack(stream, self.group, *ids)
 
-    async def _handle(self, entry: Entry, deliveries: int, *, defer_ack: bool = False) -> str:
-        """Handle one entry: _DONE, _FAILED (left pending), or _ACK_OWED (with ``defer_ack``, when
+    async def _handle(self, entry: Entry, deliveries: int, *, defer_ack: bool = False) -> Handled:
+        """Handle one entry: DONE, FAILED (left pending), or ACK_OWED (with ``defer_ack``, when
         only a plain acknowledgement is still owed)."""
         delivery = await self._decoded(entry, deliveries)
         if delivery is None:
-            return _DONE
+            return Handled.DONE
         message = delivery.message
         with structlog.contextvars.bound_contextvars(job_id=message.job_id, message_type=message.type):
             assert self.handler is not None
@@ -281,13 +288,13 @@ class GroupConsumer:
             except Exception:
                 # Left pending: reclaimed after the idle threshold, dead-lettered when too often.
                 log.exception("handler failed; entry left pending", entry_id=entry.entry_id)
-                return _FAILED
+                return Handled.FAILED
             outcome = reply if isinstance(reply, Outcome) else Outcome(reply or ())
             if not outcome.appends:
                 if defer_ack:
-                    return _ACK_OWED
+                    return Handled.ACK_OWED
                 await self._ack([entry])
-                return _DONE
+                return Handled.DONE
             await self.bus.commit(
                 outcome.appends,
                 ack=Ack(entry.stream, self.group, entry.entry_id),
@@ -295,7 +302,7 @@ class GroupConsumer:
             )
             if outcome.committed is not None:
                 outcome.committed.set()
-            return _DONE
+            return Handled.DONE
 
 
 def _pairs(fields: object) -> dict[str, str]:

@@ -217,10 +217,12 @@ class StartExport(Command):
 
 
 # ---------------------------------------------------------------------------------------------
-# Facts ({st}:events). Scheduler: accepted, rejected, queued, scheduled, cancel_requested,
-# cancelled (of a job not running), export.requested, node.joined, node.lost.
-# Runner: started, progress, checkpoint_saved, serving, log_truncated, succeeded, failed, cancelled.
-# Exporter: export.started, export.completed, export.failed.
+# Facts ({st}:events). Scheduler: accepted, rejected, queued, scheduled, requeued, preempted,
+# suspended, resumed, held, deleted, priority_changed, cancel_requested, cancelled and stopped (of
+# a job not running), failed (of a job it gives up on), export.requested, quotas.changed,
+# usage.half_life_changed, node.joined, node.lost.
+# Runner: started, progress, checkpoint_saved, serving, rank_ended, lost, succeeded, failed,
+# cancelled, stopped. Exporter: export.started, export.completed, export.failed.
 
 
 class JobAccepted(Event):
@@ -326,7 +328,7 @@ class JobFailed(Event):
     type: Literal["job.failed"] = "job.failed"
     attempt: int | None = None
     exit_code: int | None = None
-    reason: str  # oom, dataset_not_found, model_not_found, bad_argument, killed, timeout, path_outside_roots, unknown
+    reason: str  # the kind of failure: oom, dataset_not_found, model_not_found, bad_argument, killed, timeout, ...
     message: str = ""
     stderr_tail: list[str] = Field(default_factory=list)
 

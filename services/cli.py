@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from events.audit import Query
+from events.audit import Query, parse_time
 from services import embedded_redis, host_secrets
 from services.config import ConfigError, Settings, load_settings
 from services.runtime import ServiceMain, configure_logging, serve
@@ -216,7 +216,7 @@ async def _history_command(settings: Settings, args: argparse.Namespace) -> int:
     times: dict[str, int | None] = {}
     for option, text in (("--since", args.since), ("--until", args.until)):
         try:
-            times[option] = commands.parse_time(text) if text else None
+            times[option] = parse_time(text) if text else None
         except ValueError as exc:  # main() prints it on one line
             raise ValueError(f"{option}: {exc}") from None
     q = Query(

@@ -91,6 +91,10 @@ def status(client: httpx.Client, job_id: str) -> str:
     return str(client.get(f"/training/jobs/{job_id}").json()["status"])
 
 
+def steps(client: httpx.Client, job_id: str) -> int:
+    return int((client.get(f"/training/jobs/{job_id}").json()["progress"] or {}).get("step", 0))
+
+
 def cancel_all(root: httpx.Client, job_ids: list[str]) -> None:
     for job_id in job_ids:
         root.post(f"/training/jobs/{job_id}/cancel")
@@ -255,6 +259,8 @@ def test_a_job_borrowing_over_its_quota_gives_its_gpu_back_when_another_users_jo
         first = alice.post("/training/jobs", json=training(data, "a1")).json()["job_id"]
         borrower = alice.post("/training/jobs", json=training(data, "a2")).json()["job_id"]
         wait_for(lambda: status(alice, borrower) == "running", 30, "the borrower to run")
+        # (trained a step: a trainer stopped before its first step has nothing to save)
+        wait_for(lambda: steps(alice, borrower) >= 1, 30, "the borrower to train a step")
         [scheduled] = [e for e in events(borrower) if e["type"] == "job.scheduled"]
         assert scheduled["payload"]["borrowing"] is True
         # When bob, within his quota, submits a job and no GPU is free

@@ -28,6 +28,7 @@ from events.bus import (
     Append,
     Bus,
     CommitResult,
+    CommitStatus,
     Entry,
     Fenced,
     clock_behind,
@@ -505,7 +506,7 @@ class Scheduler:
             for _ in range(2 if later else 1):
                 self.state.rollback()
             raise
-        if result.status == "OK":
+        if result.status == CommitStatus.OK:
             if result.passed and later:
                 # The read decided after it did not see the reports its commit passed over
                 self.state.rollback()
@@ -516,7 +517,7 @@ class Scheduler:
         if later:
             self.state.rollback()
         self.state.rollback()
-        if result.status != "DUPLICATE":  # (duplicates: the acknowledgements landed)
+        if result.status != CommitStatus.DUPLICATE:  # (duplicates: the acknowledgements landed)
             self.unacked = inflight.owed[len(inflight.deliveries) :] + self.unacked
             await self._commit_batch(inflight.deliveries, behind=True)
         return False
@@ -582,15 +583,15 @@ class Scheduler:
             except BaseException:
                 self.state.rollback()
                 raise
-            if result.status in ("OK", "DUPLICATE"):
+            if result.status in (CommitStatus.OK, CommitStatus.DUPLICATE):
                 self.unacked = []
-            if result.status == "OK":
+            if result.status == CommitStatus.OK:
                 self.keep(plan, result)
                 return
             self.state.rollback()
-            if result.status == "DUPLICATE":
+            if result.status == CommitStatus.DUPLICATE:
                 return  # every decision had been committed before; the acknowledgements landed
-            if result.status == "SOME_DUPLICATE":
+            if result.status == CommitStatus.SOME_DUPLICATE:
                 redone = [i for i in range(len(deliveries)) if i not in duplicates]
                 duplicates.update(redone[plan.marks[k]] for k in result.duplicates)
             behind = True
@@ -644,7 +645,7 @@ class Scheduler:
             if not decisions:
                 return
             result = await self.bus.commit(decisions, fence_token=self.token, expect_last=self.state.position)
-            if result.status != "CONFLICT":
+            if result.status != CommitStatus.CONFLICT:
                 return
 
     async def stand_by(self) -> int:
