@@ -17,7 +17,7 @@ import structlog
 
 from events.audit import Query, parse_time
 from services import embedded_redis, host_secrets
-from services.config import ConfigError, Settings, load_settings
+from services.config import ConfigError, Settings, effective, load_settings
 from services.runtime import ServiceMain, configure_logging, serve
 
 
@@ -102,6 +102,16 @@ def run_demo(settings: Settings, root: Path) -> None:
     print(f"Then watch it live:  curl -N {url}/<job_id>/stream")
 
 
+def print_config(settings: Settings, *, as_json: bool) -> None:
+    rows = effective(settings)
+    if as_json:
+        print(json.dumps({name: {"value": value, "source": source} for name, value, source in rows}, indent=2))
+        return
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, source in rows:
+        print(f"{name:<{width}}  {value}  ({source})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swift-trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="build a tiny model and dataset offline; print the curl to train it")
     demo.add_argument("--dir", type=Path, default=Path("demo"))
     sub.add_parser("gpus", help="read the GPUs once through NVML (checks the driver path on a GPU machine)")
+    config = sub.add_parser("config", help="print the settings a process started here reads (secrets hidden)")
+    config.add_argument("--json", action="store_true", help="one JSON object: name -> value and source")
     rep = sub.add_parser("replay", help="print the history (archives and the live log) in order, or its fold")
     rep.add_argument("--job", help="only this job's entries (or, with --state, only its record)")
     rep.add_argument("--type", action="append", default=[], help="only this type (repeatable; 'job.*' for a prefix)")
@@ -163,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "gpus":
         return check_gpus()
+    if args.command == "config":
+        print_config(settings, as_json=args.json)
+        return 0
     try:
         settings.configured_quotas  # noqa: B018 (read for its check: a bad QUOTAS table stops every process)
     except ConfigError as exc:

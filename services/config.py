@@ -10,11 +10,13 @@ import ipaddress
 import os
 import re
 import socket
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -261,13 +263,7 @@ class Settings(BaseSettings):
     @property
     def redis_url_for_logs(self) -> str:
         """Where Redis is, with any password in the URL masked."""
-        parts = urlsplit(self.resolved_redis_url)
-        if "sentinel_password=" in parts.query:
-            parts = parts._replace(query=re.sub(r"(sentinel_password=)[^&]*", r"\1***", parts.query))
-        if parts.password is None:
-            return parts.geturl()
-        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        return masked_url(self.resolved_redis_url)
 
     @property
     def keys(self) -> Keys:
@@ -306,6 +302,17 @@ class Settings(BaseSettings):
         return self.data_dir / "runs"
 
 
+def masked_url(url: str) -> str:
+    """A Redis URL with its passwords (and a Sentinel's) masked."""
+    parts = urlsplit(url)
+    if "sentinel_password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"(sentinel_password=)[^&]*", r"\1***", parts.query))
+    if parts.password is None:
+        return parts.geturl()
+    netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _port_range(text: str) -> range:
     low, high = (int(part) for part in text.split("-"))
     return range(low, high + 1)
@@ -326,3 +333,45 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+# Settings whose values are never printed (a URL's password is masked instead).
+_MASKED = ("redis_password", "redis_sentinel_password", "api_keys", "auth_secret")
+
+
+def _shown(name: str, value: object) -> str:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value is None or value == "":
+        return "unset"
+    if name in _MASKED:
+        return "set (hidden)"
+    if name == "redis_url":
+        return masked_url(str(value))
+    return str(value)
+
+
+def effective(settings: Settings, environ: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """Every setting as a process started here would read it: its name, its value (secrets
+    hidden, a URL's password masked), and where the value came from (the environment, the
+    ``env/.env.<ENVIRONMENT>`` file, or the default)."""
+    environ = os.environ if environ is None else environ
+    given = {name.upper() for name in environ}
+    env_file = Path("env") / f".env.{settings.environment}"
+    in_file = {name.upper() for name in dotenv_values(env_file)} if env_file.is_file() else set()
+    rows = []
+    for field, info in Settings.model_fields.items():
+        name = (info.alias or field).upper()
+        source = "environment" if name in given else str(env_file) if name in in_file else "default"
+        rows.append((name, _shown(field, getattr(settings, field)), source))
+    redis = (
+        f"embedded, 127.0.0.1:{settings.embedded_redis_port} (password in DATA_DIR/secrets unless REDIS_PASSWORD)"
+        if settings.embedded
+        else settings.redis_url_for_logs
+    )
+    rows += [
+        ("(redis)", redis, "REDIS_*"),
+        ("(local paths under)", ":".join(str(root) for root in settings.roots), "PATH_ROOTS"),
+        ("(archives in)", str(settings.archive_dir), "ARCHIVE_DIR"),
+    ]
+    return rows

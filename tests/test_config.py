@@ -3,14 +3,16 @@ at start with a message naming it."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from services.config import ConfigError, load_settings
+from services.config import ConfigError, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,3 +79,56 @@ def test_a_node_address_is_an_ip_address_or_a_host_name(value: str) -> None:
 def test_a_node_address_that_is_neither_stops_the_process_naming_it(value: str) -> None:
     with pytest.raises(ConfigError, match="NODE_ADDR"):
         load_settings(node_addr=value)
+
+
+def test_config_prints_every_setting_with_its_source_and_no_secret(tmp_path: Path) -> None:
+    # Given an env file giving one setting, and secrets in the environment
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / ".env.staging").write_text("APP_PORT=9123\n")
+    secrets = {
+        "REDIS_URL": "redis://:hunter2-url@redis.internal:6379/0",
+        "API_KEYS": "alice:user:sk-alice-key",
+        "AUTH_SECRET": "the-signing-secret",
+        "REDIS_PASSWORD": "hunter2-password",
+    }
+    env = {k: v for k, v in os.environ.items() if k not in secrets and k != "ENVIRONMENT"}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "config", "--json"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT), "ENVIRONMENT": "staging", **secrets},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    # Then every setting is there, with where it came from
+    shown = json.loads(done.stdout)
+    assert {name for name in shown if not name.startswith("(")} == set(setting_names())
+    assert shown["APP_PORT"] == {"value": "9123", "source": "env/.env.staging"}
+    assert shown["NAMESPACE"] == {"value": "st", "source": "default"}
+    assert shown["REDIS_URL"] == {"value": "redis://:***@redis.internal:6379/0", "source": "environment"}
+    assert shown["(redis)"]["value"] == "redis://:***@redis.internal:6379/0"
+    # And no secret's value, only that it is set
+    for name in ("API_KEYS", "AUTH_SECRET", "REDIS_PASSWORD"):
+        assert shown[name] == {"value": "set (hidden)", "source": "environment"}
+    assert shown["REDIS_SENTINEL_PASSWORD"]["value"] == "unset"
+    assert not any(secret in done.stdout for secret in ("hunter2", "sk-alice-key", "the-signing-secret"))
+
+
+def setting_names() -> list[str]:
+    return [(info.alias or name).upper() for name, info in Settings.model_fields.items()]
+
+
+def test_every_setting_is_in_the_readme_table_and_the_table_names_only_settings() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Configuration") :]
+    section = section[: section.index("\n## ", 1)]
+    # the names in the first column of each row of the table
+    named = {
+        name
+        for row in section.splitlines()
+        if row.startswith("| `")
+        for name in re.findall(r"`([A-Z][A-Z0-9_]*)`", row.split(" | ")[0])
+    }
+    assert sorted(set(setting_names()) - named) == []  # settings the README does not name
+    assert sorted(named - set(setting_names())) == []  # names the README gives that no setting reads
