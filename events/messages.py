@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -491,10 +492,17 @@ class NodeJoined(Event):
     addr: str | None = None  # where other nodes reach it (NODE_ADDR): a gang's rank 0 address
 
 
+class NodeLossReason(StrEnum):
+    """Why a node was lost (``node.lost``), which is also why the attempts on it ended."""
+
+    NODE_LOST = "node_lost"  # its heartbeats stopped
+    RUNNER_LOST = "runner_lost"  # its runner's did
+
+
 class NodeLost(Event):
     type: Literal["node.lost"] = "node.lost"
     node: str
-    reason: str = "node_lost"  # node_lost: its heartbeats stopped; runner_lost: its runner's did
+    reason: NodeLossReason = NodeLossReason.NODE_LOST
 
 
 # ---------------------------------------------------------------------------------------------

@@ -438,7 +438,7 @@ class JobRun:
         if self.record.nodes > 1 and self.stop_reason is None and isinstance(outcome, (m.JobFailed, m.JobLost)):
             # A gang job's rank 0 that failed by itself fails the attempt as a whole, which the
             # scheduler stops everywhere and retries (its other ends are the job's)
-            reason = outcome.reason if isinstance(outcome, m.JobFailed) else "runner_lost"
+            reason = outcome.reason if isinstance(outcome, m.JobFailed) else m.NodeLossReason.RUNNER_LOST
             return m.RankEnded(
                 rank=0,
                 node=self.record.node,
@@ -459,7 +459,9 @@ class JobRun:
             return m.RankEnded(**ended)
         return m.RankEnded(
             failed=True,
-            reason=classify_failure(exit_code, stderr, stopped_by_us=False) if exit_code is not None else "runner_lost",
+            reason=classify_failure(exit_code, stderr, stopped_by_us=False)
+            if exit_code is not None
+            else m.NodeLossReason.RUNNER_LOST,
             message=failure_message(stderr) or f"exited with code {exit_code}",
             stderr_tail=stderr[-STDERR_TAIL_LINES:],
             **ended,

@@ -243,7 +243,7 @@ def react(state: State, keys: Keys, event: m.Message) -> list[Append]:
             return []  # a report of an attempt already ended: the fold ignored it too
         message = "the job ended while no runner watched it" + (f": {event.message}" if event.message else "")
         gang = _stops(keys, job, "preempt", {"job_id": job.job_id, "causation_id": event.id}) if job.peers else []
-        return [_retry_or_fail(keys, job, "runner_lost", message, event), *gang]
+        return [_retry_or_fail(keys, job, m.NodeLossReason.RUNNER_LOST, message, event), *gang]
     if isinstance(event, m.RankEnded):
         job = state.jobs.get(event.job_id or "")
         if (
@@ -348,12 +348,14 @@ def lost_runners(
     ]
 
 
-def lose_node(state: State, keys: Keys, node: str, cause: m.Message, reason: str = "node_lost") -> list[Append]:
+def lose_node(
+    state: State, keys: Keys, node: str, cause: m.Message, reason: m.NodeLossReason = m.NodeLossReason.NODE_LOST
+) -> list[Append]:
     """Declare a node lost (``reason``: node_lost, or runner_lost when only its runner went
     silent): each of its jobs runs again elsewhere (from its last checkpoint) while it has
     retries left, else fails. The node's runner, should it come back, is told to stop the old
     attempts, whose reports the log ignores anyway."""
-    what = "its runner" if reason == "runner_lost" else f"node {node}"
+    what = "its runner" if reason == m.NodeLossReason.RUNNER_LOST else f"node {node}"
     decided: list[Append] = []
     for job in sorted(state.jobs.values(), key=lambda j: j.seq):
         if job.node == node and job.stopping:

@@ -332,7 +332,7 @@ class Scheduler:
             )
             if orphaned:
                 log.warning("runner lost; its node takes no jobs until it is back", node=orphaned[0])
-                return rules.lose_node(self.state, self.keys, orphaned[0], message, "runner_lost"), None
+                return rules.lose_node(self.state, self.keys, orphaned[0], message, m.NodeLossReason.RUNNER_LOST), None
             if due:
                 self.looked_for_lost = now  # (one found is looked for again at the next entry)
             if not isinstance(message, m.NodeHeartbeat) or stale_beat:
