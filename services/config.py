@@ -10,7 +10,6 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -335,28 +334,26 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError(f"invalid settings: {problems}") from exc
 
 
-# Settings whose values are never printed (a URL's password is masked instead).
-_MASKED = ("redis_password", "redis_sentinel_password", "api_keys", "auth_secret")
-
-
 def _shown(name: str, value: object) -> str:
-    if isinstance(value, SecretStr):
-        value = value.get_secret_value()
+    """A setting's value as printed: a secret (any SecretStr setting) only as set or unset, a
+    URL's password masked."""
+    secret = isinstance(value, SecretStr)
+    if secret:
+        value = value.get_secret_value()  # type: ignore[union-attr]
     if value is None or value == "":
         return "unset"
-    if name in _MASKED:
+    if secret:
         return "set (hidden)"
     if name == "redis_url":
         return masked_url(str(value))
     return str(value)
 
 
-def effective(settings: Settings, environ: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:
+def effective(settings: Settings) -> list[tuple[str, str, str]]:
     """Every setting as a process started here would read it: its name, its value (secrets
     hidden, a URL's password masked), and where the value came from (the environment, the
     ``env/.env.<ENVIRONMENT>`` file, or the default)."""
-    environ = os.environ if environ is None else environ
-    given = {name.upper() for name in environ}
+    given = {name.upper() for name in os.environ}
     env_file = Path("env") / f".env.{settings.environment}"
     in_file = {name.upper() for name in dotenv_values(env_file)} if env_file.is_file() else set()
     rows = []

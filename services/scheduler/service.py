@@ -96,9 +96,8 @@ PASSABLE_REPORTS = ("job.progress", "job.checkpoint_saved", "job.started", "job.
 
 def touched(plan: Plan, deliveries: Sequence[Delivery]) -> set[str]:
     """The jobs a read's decisions are about: those of its entries and of what it decided."""
-    jobs = {item.message.job_id for item in plan.appends} | {d.message.job_id for d in deliveries}
-    jobs.discard(None)
-    return jobs  # type: ignore[return-value]
+    messages = [item.message for item in plan.appends] + [d.message for d in deliveries]
+    return {message.job_id for message in messages if message.job_id}
 
 
 class LostLeadership(Exception):
