@@ -115,6 +115,8 @@ def test_a_job_is_suspended_resumed_and_preempted_as_its_page_shows(
         page.goto(f"http://127.0.0.1:{system.port}/#/jobs/{low}")
         expect(page.locator("#job-status")).to_have_text("running", timeout=WAIT_MS)
         expect(page.locator("#job-resume")).to_be_hidden()
+        # (trained a step: a trainer stopped before its first step has nothing to save)
+        wait_for(lambda: (alice.job(low)["progress"] or {}).get("step", 0) >= 1, 30, "a first step")
         # When she suspends it
         page.click("#job-suspend")
         # Then it is suspended, its process stopped with a checkpoint, and only Resume is offered
