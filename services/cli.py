@@ -92,13 +92,17 @@ def check_gpus() -> int:
 
 def run_demo(settings: Settings, root: Path) -> None:
     from services.demo.tinymodel import build_demo_assets
+    from services.demo.tinyvl import build_vision_assets
 
-    assets = build_demo_assets(root.resolve())
+    root = root.resolve()
+    text, vision = build_demo_assets(root), build_vision_assets(root / "vision")
     url = f"http://{settings.app_host}:{settings.app_port}{settings.api_prefix}/training/jobs"
-    body = assets.job_request()
-    print(f"Tiny model: {assets.model_dir}\nDataset:    {assets.dataset_path}\n")
-    print("Submit a LoRA fine-tuning job on them:\n")
-    print(f"curl -s -X POST {url} -H 'Content-Type: application/json' -d '{json.dumps(body)}'\n")
+    print(f"Tiny language model:        {text.model_dir}\n  its dataset:              {text.dataset_path}")
+    print(f"Tiny vision-language model: {vision.model_dir}\n  its dataset (with images): {vision.dataset_path}\n")
+    print("Submit a LoRA fine-tuning job on the language model:\n")
+    print(f"curl -s -X POST {url} -H 'Content-Type: application/json' -d '{json.dumps(text.job_request())}'\n")
+    print("Or a multimodal one, on coloured squares (vision tower and aligner trained at their own rates):\n")
+    print(f"curl -s -X POST {url} -H 'Content-Type: application/json' -d '{json.dumps(vision.job_request())}'\n")
     print(f"Then watch it live:  curl -N {url}/<job_id>/stream")
 
 
@@ -118,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} process")
     sub.add_parser("redis", help="run the embedded Redis (when no REDIS_URL/REDIS_HOST is set)")
-    demo = sub.add_parser("demo", help="build a tiny model and dataset offline; print the curl to train it")
+    demo = sub.add_parser(
+        "demo",
+        help="build a tiny language and a tiny vision-language model with datasets offline; print how to train them",
+    )
     demo.add_argument("--dir", type=Path, default=Path("demo"))
     sub.add_parser("gpus", help="read the GPUs once through NVML (checks the driver path on a GPU machine)")
     config = sub.add_parser("config", help="print the settings a process started here reads (secrets hidden)")

@@ -18,6 +18,7 @@ from events.bus import Bus
 from events.keys import Keys
 from services import embedded_redis
 from services.demo.tinymodel import DemoAssets, build_demo_assets
+from services.demo.tinyvl import VisionAssets, build_vision_assets
 
 
 def free_port() -> int:
@@ -86,6 +87,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
     """The tiny model and dataset, built offline once per session."""
     return build_demo_assets(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def vision_assets(tmp_path_factory: pytest.TempPathFactory) -> VisionAssets:
+    """The tiny vision-language model and its image dataset, built offline once per session."""
+    return build_vision_assets(tmp_path_factory.mktemp("vision"))
 
 
 @pytest.fixture

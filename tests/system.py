@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -190,3 +191,15 @@ def on_own_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, System]]:
         system.kill_jobs()
         server.stop()
     assert all(code == 0 for code in codes.values()), codes
+
+
+def finish(system: System, body: dict[str, object], until: str = "job.succeeded") -> tuple[str, list[ServerSentEvent]]:
+    """Submit a job and read its stream until ``until``."""
+    response = httpx.post(f"{system.base}/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    return job_id, read_stream(f"{system.base}/jobs/{job_id}/stream", seen(until))
+
+
+def steps(events: list[ServerSentEvent]) -> list[int]:
+    return [json.loads(e.data)["payload"]["step"] for e in events if e.event == "job.progress"]

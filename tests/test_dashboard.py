@@ -18,6 +18,7 @@ from playwright.sync_api import Browser, Page, expect
 from events.bus import Bus
 from services.config import load_settings
 from services.demo.tinymodel import DemoAssets
+from services.demo.tinyvl import VisionAssets
 from services.gateway.app import create_app
 from services.gateway.projection import Projection
 from tests.conftest import RedisServer, wait_for
@@ -221,6 +222,66 @@ def test_the_dashboard_signs_in_submits_follows_and_cancels_live(
     expect(tab.locator("#sign-in")).to_be_visible()
     expect(page.locator("#sign-in")).to_be_visible(timeout=WAIT_MS)
     expect(page.locator("#sign-in-error")).to_have_text("Your session has ended: sign in again.")
+    context.close()
+
+
+@pytest.mark.e2e
+def test_a_multimodal_job_is_submitted_through_its_form_and_trains(
+    system: System, vision_assets: VisionAssets, browser: Browser
+) -> None:
+    context = browser.new_context(viewport={"width": 1360, "height": 1000})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.goto(f"http://127.0.0.1:{system.port}/")
+    page.fill("#api-key", KEY)
+    page.click("#sign-in-form button[type=submit]")
+    expect(page.locator("#who")).to_have_text("alice (user)")
+    # Given the multimodal form, the default tab, with its own parameters
+    page.click("[data-nav=submit]")
+    expect(page.locator("#task-tabs [data-task-type=multimodal]")).to_have_attribute("aria-selected", "true")
+    expect(page.locator('[name="train_params.freeze_vit"]')).to_be_checked()
+    # When it is filled in for the tiny vision-language model, vision tower and aligner unfrozen
+    request = vision_assets.job_request(max_steps=4, save_steps=4)
+    fields = {"name": "dashboard-vl", "model_path": request["model_path"], "data_path": request["data_path"]}
+    params = request["train_params"]
+    assert isinstance(params, dict)
+    names = (
+        "model_type",
+        "template",
+        "max_steps",
+        "logging_steps",
+        "batch_size",
+        "learning_rate",
+        "vit_lr",
+        "aligner_lr",
+    )
+    for name in names:
+        fields[f"train_params.{name}"] = params[name]
+    for field, value in fields.items():
+        page.fill(f'[name="{field}"]', str(value))
+    page.uncheck('[name="train_params.freeze_vit"]')
+    page.uncheck('[name="train_params.freeze_aligner"]')
+    page.select_option('[name="train_params.torch_dtype"]', "float32")
+    page.click("#submit-button")
+    page.wait_for_url(re.compile(r"#/jobs/[0-9a-f-]+$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    # Then the job trains on the images to the end, with the form's parameters
+    expect(page.locator("#job-status")).to_have_text("completed", timeout=TRAINING_MS)
+    expect(page.locator("#job-progress")).to_have_attribute("aria-valuenow", "100")
+    expect(page.locator("#loss-chart")).to_have_attribute("data-train-points", "3")  # steps 1, 2 and 4
+    job = httpx.get(f"{system.base}/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert job["task_type"] == "multimodal"
+    sent = job["spec"]["train_params"]
+    assert (sent["vit_lr"], sent["aligner_lr"], sent["freeze_vit"], sent["freeze_aligner"]) == (
+        0.002,
+        0.003,
+        False,
+        False,
+    )
+    assert sent["model_type"] == "llava1_5_hf" and sent["max_steps"] == 4
+    assert not problems, problems
+    page.screenshot(path=str(artifacts() / "dashboard-multimodal-job.png"), full_page=True)
     context.close()
 
 

@@ -13,14 +13,14 @@ import anyio
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from httpx_sse import ServerSentEvent, connect_sse
+from httpx_sse import connect_sse
 
 from events import messages as m
 from events.bus import Bus
 from events.keys import Keys
 from services.demo.tinymodel import DemoAssets
 from tests.conftest import RedisServer
-from tests.system import System, job_body, read_stream, running, seen
+from tests.system import System, finish, job_body, read_stream, running, seen, steps
 
 pytestmark = pytest.mark.e2e
 
@@ -140,18 +140,6 @@ def test_the_all_events_stream_delivers_live_events_by_type(system: System, asse
     assert [(e.event, json.loads(e.data)["job_id"]) for e in events] == [("job.accepted", i) for i in ids]
     for job_id in ids:
         httpx.post(f"{system.base}/jobs/{job_id}/cancel")
-
-
-def finish(system: System, body: dict[str, object], until: str = "job.succeeded") -> tuple[str, list[ServerSentEvent]]:
-    """Submit a job and read its stream until ``until``."""
-    response = httpx.post(f"{system.base}/jobs", json=body)
-    assert response.status_code == 202, response.text
-    job_id = response.json()["job_id"]
-    return job_id, read_stream(f"{system.base}/jobs/{job_id}/stream", seen(until))
-
-
-def steps(events: list[ServerSentEvent]) -> list[int]:
-    return [json.loads(e.data)["payload"]["step"] for e in events if e.event == "job.progress"]
 
 
 def test_a_deploy_of_a_trained_model_serves_an_openai_api_until_cancelled(system: System, assets: DemoAssets) -> None:

@@ -67,7 +67,9 @@ def build_demo_assets(root: Path, *, seed: int = 0, rows: int = 48) -> DemoAsset
     assets.model_dir.mkdir(parents=True)
 
     messages = _make_rows(seed, rows)
-    tokenizer = _build_tokenizer(messages)
+    corpus = [QWEN_SYSTEM, "system user assistant"] + [m["content"] for row in messages for m in row]
+    tokenizer = build_tokenizer(corpus, special_tokens=[PAD, IM_START, IM_END], eos=IM_END, pad=PAD)
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(assets.model_dir)
     _build_model(tokenizer, seed).save_pretrained(assets.model_dir)
     with assets.dataset_path.open("w", encoding="utf-8") as f:
@@ -93,7 +95,8 @@ def _make_rows(seed: int, rows: int) -> list[list[dict[str, str]]]:
     return result
 
 
-def _build_tokenizer(messages: list[list[dict[str, str]]]) -> PreTrainedTokenizerFast:
+def build_tokenizer(corpus: list[str], *, special_tokens: list[str], eos: str, pad: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``corpus`` with Qwen2's split: any text round-trips, the corpus in few ids."""
     from tokenizers import (
         Regex,
         Tokenizer,
@@ -116,20 +119,13 @@ def _build_tokenizer(messages: list[list[dict[str, str]]]) -> PreTrainedTokenize
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=[PAD, IM_START, IM_END],
+        special_tokens=special_tokens,
         # The full byte alphabet lets any text round-trip, not just the corpus.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = [QWEN_SYSTEM, "system user assistant"] + [m["content"] for row in messages for m in row]
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=IM_END,
-        pad_token=PAD,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=512,
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad, model_max_length=512)
 
 
 def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2ForCausalLM:
