@@ -74,7 +74,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from events.params import JobSpec
+from events.params import JobSpec, ModelHub
 from events.quotas import Quotas
 
 ENVELOPE_FIELDS = ("type", "v", "id", "at", "source", "causation_id", "job_id", "actor")
@@ -215,6 +215,7 @@ class StartExport(Command):
     type: Literal["export.start"] = "export.start"
     checkpoint: str
     output_dir: str
+    hub: ModelHub | None = None  # the job's: where its base model came from
 
 
 # ---------------------------------------------------------------------------------------------

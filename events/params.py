@@ -15,6 +15,13 @@ class TaskType(StrEnum):
     deploy = "deploy"  # an OpenAI-compatible server (swift deploy)
 
 
+class ModelHub(StrEnum):
+    """Where a hub id (`org/name`) is downloaded from: ms-swift's `--use_hf` / `USE_HF`."""
+
+    modelscope = "modelscope"  # modelscope.cn, ms-swift's default
+    huggingface = "huggingface"  # huggingface.co (or HF_ENDPOINT)
+
+
 class TrainType(StrEnum):
     lora = "lora"  # adapters only; exported by merging into the base model
     full = "full"  # every weight trained; the checkpoint is the model
@@ -139,6 +146,12 @@ class JobBase(_Strict):
         description="runs again after its node is lost (or a rank of a gang fails), from its last checkpoint",
     )
     hold: bool = Field(False, description="accept, but queue only once released by POST /jobs/{id}/start")
+    hub: ModelHub | None = Field(
+        None,
+        strict=False,
+        description="where hub ids in model_path and data_path come from: modelscope or huggingface;"
+        " default the MODEL_HUB setting",
+    )
     preemptible: bool = Field(
         True,
         description="with preemption on, may be stopped (checkpointed) for a more urgent job and resumed later;"

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events.connection import SentinelTarget, parse_sentinel_url, parse_sentinels, sentinel_url
 from events.keys import Keys
+from events.params import ModelHub
 from events.policy import Policy
 from events.quotas import Quotas
 from services import host_secrets
@@ -74,6 +75,8 @@ class Settings(BaseSettings):
     # Where local model, data and output paths may be (separated by ':'); default: DATA_DIR and
     # the working directory.
     path_roots: str = ""
+    # Where hub ids are downloaded from, unless a job says (its `hub`).
+    model_hub: ModelHub = ModelHub.modelscope
     # Extra ms-swift flags that load code (external_plugins ...): refused unless this is on, and
     # then accepted from admins only.
     allow_code_flags: bool = False

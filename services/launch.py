@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from events.params import DeployJob, JobSpec, MultiModalJob, TrainParams
+from events.params import DeployJob, JobSpec, ModelHub, MultiModalJob, TrainParams
 
 TAG_VARIABLE = "SWIFT_TRAINER_JOB"
 
@@ -101,6 +101,7 @@ def build_launch(
         "OMP_NUM_THREADS": str(omp_num_threads),
         "PYTHONUNBUFFERED": "1",
         TAG_VARIABLE: job_tag(job_id, attempt, rank),  # tags every process of the attempt
+        **hub_env(spec.hub),
     }
     if isinstance(spec, DeployJob):
         params = spec.deploy_params
@@ -164,6 +165,13 @@ def build_launch(
         ]
     argv += extra_flags(dict(params.extra_args))
     return Launch(argv, env, run_dir, output_dir, time_limit_s=spec.time_limit_s)
+
+
+def hub_env(hub: ModelHub | None) -> dict[str, str]:
+    """ms-swift's choice of hub, as its `USE_HF` variable: set either way, so that a `USE_HF` in
+    the runner's own environment does not choose for the job. None (a job from before hubs were
+    chosen): left to that environment."""
+    return {} if hub is None else {"USE_HF": "1" if hub is ModelHub.huggingface else "0"}
 
 
 def job_tag(job_id: str, attempt: int, rank: int = 0) -> str:

@@ -92,6 +92,7 @@ RESERVED = {
     "port": "a deploy gets a port from DEPLOY_PORT_RANGE",
     "ray_exp_name": "the scheduler places jobs on GPUs, not Ray",
     "report_to": "set for every job",
+    "use_hf": "give the job's hub (default MODEL_HUB)",
     "use_ray": "the scheduler places jobs on GPUs, not Ray",
 }
 

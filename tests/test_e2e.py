@@ -200,6 +200,33 @@ def test_a_dataset_gone_at_start_fails_with_dataset_not_found(
     assert any("does not exist" in line for line in job["stderr_tail"])
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("model_path", "no-such-org/no-such-model", "model_not_found"),
+        ("data_path", "no-such-org/no-such-set", "dataset_not_found"),
+    ],
+)
+def test_a_hub_id_that_cannot_be_downloaded_fails_naming_the_hub_and_the_id(
+    system: System, assets: DemoAssets, field: str, value: str, reason: str
+) -> None:
+    # Given a job from Hugging Face while no hub can be reached (the tests run offline)
+    body = {**job_body(assets), field: value, "hub": "huggingface"}
+    job_id, _ = finish(system, body, until="job.failed")
+    job = httpx.get(f"{system.base}/jobs/{job_id}").json()
+    # Then it fails for its model or its dataset, in a line that names the hub and the id
+    assert job["reason"] == reason and job["spec"]["hub"] == "huggingface"
+    what = field.removesuffix("_path").replace("data", "dataset")
+    assert job["message"] == (
+        f"{what} {value!r} could not be downloaded from Hugging Face (huggingface.co):"
+        " offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"
+    )
+    # And the traceback's end is kept, with the command that ran
+    assert any(line.lstrip().startswith('File "') for line in job["stderr_tail"])
+    assert any("Error" in line for line in job["stderr_tail"])
+    assert httpx.get(f"{system.base}/jobs/{job_id}/command").json()["env"]["USE_HF"] == "1"
+
+
 def test_a_job_over_its_time_limit_fails_with_reason_timeout(system: System, assets: DemoAssets) -> None:
     body = {**job_body(assets, max_steps=100_000, save_steps=100_000), "time_limit_s": 20, "auto_export": False}
     job_id, events = finish(system, body, until="job.failed")

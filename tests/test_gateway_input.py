@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from events.bus import Bus
+from events.codec import decode
 from services.config import load_settings
 from services.gateway.app import MAX_BODY_BYTES, create_app
 from services.gateway.projection import Projection
@@ -64,6 +65,8 @@ def fields_of(response: httpx.Response) -> set[str]:
         ({"nodes": True}, "nodes"),
         ({"nodes": 0}, "nodes"),
         ({"nodes": 100_000}, "nodes"),
+        ({"hub": "github"}, "hub"),
+        ({"hub": ""}, "hub"),
     ],
 )
 async def test_invalid_jobs_are_422_naming_the_field_and_log_nothing(
@@ -122,6 +125,36 @@ async def test_a_hub_reference_is_accepted_as_is(client: httpx.AsyncClient, bus:
 
 
 @pytest.mark.parametrize(
+    ("setting", "given", "stored", "use_hf"),
+    [
+        ("modelscope", None, "modelscope", "0"),
+        ("huggingface", None, "huggingface", "1"),
+        ("modelscope", "huggingface", "huggingface", "1"),
+        ("huggingface", "modelscope", "modelscope", "0"),
+    ],
+)
+async def test_a_job_is_stored_with_its_hub_or_the_model_hub_setting_and_runs_with_it(
+    bus: Bus, tmp_path: Path, swift_flags: SwiftFlags, setting: str, given: str | None, stored: str, use_hf: str
+) -> None:
+    settings = load_settings(
+        namespace=bus.keys.namespace, path_roots=str(tmp_path), data_dir=tmp_path / "data", model_hub=setting
+    )
+    app = create_app(settings, bus, Projection(bus, bus.redis), swift_flags)
+    body = {"task_type": "language_model", "model_path": "Qwen/Qwen2.5-7B-Instruct", "data_path": "org/set#20"}
+    if given is not None:
+        body["hub"] = given
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
+        dry = await client.post("/api/v1/training/jobs", json={**body, "dry_run": True})
+        assert dry.status_code == 200, dry.text
+        # The command runs with the hub chosen, whatever USE_HF the runner's environment holds
+        assert dry.json()["env"]["USE_HF"] == use_hf
+        accepted = await client.post("/api/v1/training/jobs", json=body)
+    assert accepted.status_code == 202, accepted.text
+    (entry,) = await bus.redis.xrange(bus.keys.commands)
+    assert decode(entry[1]).spec.hub == stored  # the record says where its ids come from
+
+
+@pytest.mark.parametrize(
     "change",
     [{"model_path": "~no-such-user-here/model"}, {"model_path": "/" + "a" * 300}, {"data_path": "./bad\u0000name"}],
 )
@@ -161,6 +194,7 @@ async def test_a_bad_last_event_id_is_400_before_the_stream_starts(
         ({"output_dir": "../../elsewhere"}, "output_dir"),  # relative to DATA_DIR, then out of the roots
         ({"train_params": {"extra_args": {"no_such_flag": 1}}}, "train_params.extra_args.no_such_flag"),
         ({"train_params": {"extra_args": {"learning_rate": 1}}}, "train_params.extra_args.learning_rate"),
+        ({"train_params": {"extra_args": {"use_hf": True}}}, "train_params.extra_args.use_hf"),
         ({"train_params": {"extra_args": {"--lora_dropout": 0.1}}}, "train_params.extra_args"),
         ({"train_params": {"extra_args": {"lora_dropout": "0.1\n--deepspeed"}}}, "train_params.extra_args"),
     ],

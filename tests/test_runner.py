@@ -21,7 +21,7 @@ from events.consumer import Delivery, Outcome
 from events.params import LanguageModelJob
 from services.config import Settings, load_settings
 from services.launch import TAG_VARIABLE
-from services.runner.progress import classify_failure, parse_duration_s, progress_fields
+from services.runner.progress import classify_failure, hub_failure_message, parse_duration_s, progress_fields
 from services.runner.service import Runner
 
 
@@ -236,6 +236,72 @@ def test_recorded_ms_swift_failures_are_classified(recording: str, reason: str) 
     # Real stderr of `swift sft` 4.6 on a machine without hub access (last lines, paths shortened).
     lines = (Path(__file__).parent / "data" / recording).read_text().splitlines()
     assert classify_failure(1, lines, stopped_by_us=False) == reason
+
+
+MODEL_ARGV = ["swift", "sft", "--model", "org/model", "--dataset", "/data/train.jsonl"]
+DATASET_ARGV = ["swift", "sft", "--model", "/models/tiny", "--dataset", "AI-ModelScope/coco#20"]
+
+
+@pytest.mark.parametrize(
+    ("recording", "argv", "use_hf", "message"),
+    [
+        (
+            "stderr-hub-model-unreachable.txt",
+            MODEL_ARGV,
+            "0",
+            "model 'org/model' could not be downloaded from ModelScope (modelscope.cn): the hub could not be reached",
+        ),
+        (
+            "stderr-hub-dataset-unreachable.txt",
+            DATASET_ARGV,
+            "0",
+            "dataset 'AI-ModelScope/coco#20' could not be downloaded from ModelScope (modelscope.cn):"
+            " the hub could not be reached",
+        ),
+        (
+            "stderr-hf-model-unreachable.txt",
+            MODEL_ARGV,
+            "1",
+            "model 'org/model' could not be downloaded from Hugging Face (huggingface.co): the hub could not be reached",
+        ),
+        (
+            "stderr-hf-dataset-unreachable.txt",
+            DATASET_ARGV,
+            "1",
+            "dataset 'AI-ModelScope/coco#20' could not be downloaded from Hugging Face (huggingface.co):"
+            " the hub could not be reached",
+        ),
+        (
+            "stderr-hf-model-offline.txt",
+            MODEL_ARGV,
+            "1",
+            "model 'org/model' could not be downloaded from Hugging Face (huggingface.co):"
+            " offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)",
+        ),
+        (
+            "stderr-hf-dataset-offline.txt",
+            DATASET_ARGV,
+            "1",
+            "dataset 'AI-ModelScope/coco#20' could not be downloaded from Hugging Face (huggingface.co):"
+            " offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)",
+        ),
+        ("stderr-local-dataset-missing.txt", ["swift", "sft", "--model", "/m", "--dataset", "/gone.jsonl"], "0", None),
+    ],
+)
+def test_a_failed_download_says_in_one_line_which_hub_and_which_id(
+    recording: str, argv: list[str], use_hf: str, message: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Real stderr of `swift sft` 4.6 without hub access, from ModelScope and from Hugging Face
+    for variable in ("HF_ENDPOINT", "MODELSCOPE_DOMAIN", "USE_HF"):
+        monkeypatch.delenv(variable, raising=False)
+    lines = (Path(__file__).parent / "data" / recording).read_text().splitlines()
+    reason = classify_failure(1, lines, stopped_by_us=False)
+    assert reason in ("model_not_found", "dataset_not_found")
+    assert hub_failure_message(reason, lines, argv, {"USE_HF": use_hf}) == message
+    # A mirror of the hub is named by its host
+    if message and use_hf == "1":
+        mirrored = hub_failure_message(reason, lines, argv, {"USE_HF": "1", "HF_ENDPOINT": "https://hf.example.org"})
+        assert mirrored is not None and "from Hugging Face (hf.example.org)" in mirrored
 
 
 async def test_gpus_are_released_only_once_nvml_lists_none_of_the_jobs_processes(bus: Bus, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from events.bus import Append, Bus, connect
 from events.consumer import Delivery, GroupConsumer
 from events.keys import EXPORTER_GROUP
 from services.config import Settings
-from services.launch import TAG_VARIABLE, job_environ
+from services.launch import TAG_VARIABLE, hub_env, job_environ
 from services.processes import find_running, stop_group
 from services.swift import failure_message, swift_executable
 
@@ -70,7 +70,7 @@ class Exporter:
         tag = export_tag(command.output_dir)
         await self._stop_orphan(tag)
         log.info("exporting", checkpoint=command.checkpoint, output_dir=command.output_dir)
-        env = {"OMP_NUM_THREADS": str(self.settings.job_omp_num_threads), TAG_VARIABLE: tag}
+        env = {"OMP_NUM_THREADS": str(self.settings.job_omp_num_threads), TAG_VARIABLE: tag, **hub_env(command.hub)}
         exit_code, lines = await run_logged(argv, env=env)
         await self._log_lines(command.job_id or "", lines)
         if exit_code == 0 and (Path(command.output_dir) / "config.json").exists():

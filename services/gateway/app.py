@@ -192,6 +192,7 @@ async def create_job(request: Request) -> JSONResponse:
         base=settings.data_dir,
         private=settings.private_dirs,
         allow_code_flags=settings.allow_code_flags,
+        hub=settings.model_hub,
     )
     if submission.dry_run:
         launch = dry_run_launch(

@@ -13,7 +13,7 @@ import anyio
 from cachetools import TTLCache, cached
 from pydantic import TypeAdapter, ValidationError
 
-from events.params import DeployJob, JobSpec, TaskType
+from events.params import DeployJob, JobSpec, ModelHub, TaskType
 from events.placement import never_fits
 from events.state import ExportStatus, State
 from services.gateway.auth import Principal
@@ -64,9 +64,12 @@ def parse_submission(
     base: Path,
     private: Sequence[Path] = (),
     allow_code_flags: bool = False,
+    hub: ModelHub = ModelHub.modelscope,
 ) -> Submission:
     """The job as it will be stored. ``base`` is where relative paths start (DATA_DIR); code
-    flags pass only for an admin, and only when ``allow_code_flags`` (ALLOW_CODE_FLAGS) is on."""
+    flags pass only for an admin, and only when ``allow_code_flags`` (ALLOW_CODE_FLAGS) is on;
+    a job that names no hub is stored with ``hub`` (MODEL_HUB), so its record says where its
+    hub ids come from."""
     if not isinstance(body, dict):
         raise ApiError(
             422, "validation_error", "request body must be a JSON object", [_problem("body", "not an object")]
@@ -80,6 +83,8 @@ def parse_submission(
         spec = _SPEC.validate_python(body)
     except ValidationError as exc:
         raise _invalid(validation_details(exc, drop_tags={t.value for t in TaskType})) from exc
+    if spec.hub is None:
+        spec = spec.model_copy(update={"hub": hub})
     if isinstance(spec, DeployJob) and spec.source_job_id:
         spec = spec.model_copy(update={"model_path": _exported_model(spec.source_job_id, state, who)})
     problems = _check_extra_args(spec, flags, code_allowed=allow_code_flags and who.is_admin)

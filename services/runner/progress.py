@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])")
 _UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -129,7 +131,7 @@ def tail_lines(path: Path, count: int, *, max_bytes: int = 65536) -> list[str]:
 # A download that failed: the hub answered "no such repository", or could not be reached.
 _HUB_FAILURE = re.compile(
     r"RepositoryNotFound|RevisionNotFound|EntryNotFound|NotExistError|modelscope_hub\.errors|"
-    r"DownloadDeadline|Max retries exceeded|LocalEntryNotFound|404 Client Error|offline mode",
+    r"DownloadDeadline|Max retries exceeded|LocalEntryNotFound|404 Client Error|offline mode|OfflineModeIsEnabled",
     re.I,
 )
 _REASONS = [
@@ -141,6 +143,50 @@ _REASONS = [
     ),
     ("model_not_found", re.compile(r"is not a local folder|model.*(not found|does not exist)", re.I)),
 ]
+
+
+# Why a download failed: the hub was not reached (or may not be: offline mode), or it answered that
+# it has no such repository or file. Tried in this order: huggingface_hub's "not reached" is a
+# LocalEntryNotFoundError.
+_UNREACHABLE = re.compile(
+    r"Max retries exceeded|NameResolution|Name or service not known|Connect(ion)?Error|Connection failed|"
+    r"DownloadDeadline|timed out|LocalEntryNotFound|offline mode|Couldn't reach",
+    re.I,
+)
+_NOT_THERE = re.compile(r"RepositoryNotFound|RevisionNotFound|EntryNotFound|NotExistError|404 Client Error", re.I)
+
+
+def hub_failure_message(reason: str, stderr_tail: list[str], argv: list[str], env: dict[str, str]) -> str | None:
+    """For a job that failed to download its model or dataset from a hub: one line naming the
+    hub, the id and why, e.g. ``model 'org/name' could not be downloaded from ModelScope
+    (modelscope.cn): the hub could not be reached``. None when the failure was not a download of
+    a hub id (the exception's own line says more then)."""
+    text = "\n".join(stderr_tail)
+    flag = {"model_not_found": "--model", "dataset_not_found": "--dataset"}.get(reason)
+    if flag is None or flag not in argv[:-1] or not _HUB_FAILURE.search(text):
+        return None
+    value = argv[argv.index(flag) + 1]
+    if value.startswith(("/", "~", ".")):
+        return None  # a local path: not a download
+    if (env.get("USE_HF") or os.environ.get("USE_HF", "0")).lower() in ("1", "true", "yes"):
+        name, host = "Hugging Face", _host(env, "HF_ENDPOINT", "huggingface.co")
+    else:
+        name, host = "ModelScope", _host(env, "MODELSCOPE_DOMAIN", "modelscope.cn")
+    if re.search(r"offline mode|OfflineModeIsEnabled|outgoing traffic has been disabled", text, re.I):
+        why = "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"
+    elif _UNREACHABLE.search(text):
+        why = "the hub could not be reached"
+    elif _NOT_THERE.search(text):
+        why = "the hub has no such repository or file"
+    else:
+        why = "the download failed"
+    return f"{flag.removeprefix('--')} {value!r} could not be downloaded from {name} ({host}): {why}"
+
+
+def _host(env: dict[str, str], variable: str, default: str) -> str:
+    """The host a hub's endpoint variable names (a URL or a bare domain), else the default."""
+    value = env.get(variable) or os.environ.get(variable) or ""
+    return urlsplit(value if "//" in value else f"//{value}").hostname or default
 
 
 def classify_failure(exit_code: int | None, stderr_tail: list[str], *, stopped_by_us: bool) -> str:

@@ -31,6 +31,7 @@ from services.runner.progress import (
     JsonlTail,
     LineTail,
     classify_failure,
+    hub_failure_message,
     progress_fields,
     read_rows,
     tail_lines,
@@ -507,6 +508,8 @@ class JobRun:
             # the infrastructure. The scheduler retries it or fails it.
             return m.JobLost(message=message, **common)
         reason = classify_failure(exit_code, stderr, stopped_by_us=False)
+        command = recorded_command(self.record)
+        message = hub_failure_message(reason, stderr, command["argv"], command["env"]) or message
         return m.JobFailed(reason=reason, message=message or f"exited with code {exit_code}", **failed)
 
 

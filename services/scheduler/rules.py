@@ -228,7 +228,7 @@ def export(state: State, keys: Keys, job: Job, cause: m.Message) -> list[Append]
     common = {"job_id": job.job_id, "causation_id": cause.id, "actor": cause.actor}
     return [
         Append(keys.events, m.ExportRequested(checkpoint=checkpoint, output_dir=output_dir, **common)),
-        Append(keys.exports, m.StartExport(checkpoint=checkpoint, output_dir=output_dir, **common)),
+        Append(keys.exports, m.StartExport(checkpoint=checkpoint, output_dir=output_dir, hub=job.spec.hub, **common)),
     ]
 
 
