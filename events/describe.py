@@ -140,6 +140,8 @@ _TEXT: dict[type[m.Message], Callable[[Any], str]] = {
     m.JobRejected: lambda e: f"rejected ({e.reason}): {e.message}",
     m.JobQueued: _queued,
     m.JobHeld: lambda e: "held: it is queued once released (POST /jobs/{id}/start)",
+    m.JobWaiting: lambda e: f"waiting for {', '.join(e.on)} to end before it queues",
+    m.DependenciesMet: lambda e: "dependencies met" + (f": it serves {e.model_path}" if e.model_path else ""),
     m.JobScheduled: _scheduled,
     m.JobStarted: _started,
     m.JobProgress: _progress,

@@ -29,6 +29,10 @@ job.priority_changed    event      scheduler
 job.requeued            event      scheduler    (an attempt lost with its node; retried)
 job.deleted             event      scheduler
 job.held                event      scheduler    (submitted with hold: waits for job.release)
+job.waiting             event      scheduler    (submitted with depends_on, or a deploy of a job
+                                                not yet exported: not queued until they end)
+job.dependencies_met    event      scheduler    (then queued or held; job.failed with reason
+                                                dependency_failed when they can no longer be met)
 job.preempted           event      scheduler    (its GPUs go to a more urgent job; stopped, then
                                                 queued again when job.stopped reports it gone)
 job.suspended           event      scheduler    (on request: stopped and held until job.resume)
@@ -220,8 +224,9 @@ class StartExport(Command):
 
 # ---------------------------------------------------------------------------------------------
 # Facts ({st}:events). Scheduler: accepted, rejected, queued, scheduled, requeued, preempted,
-# suspended, resumed, held, deleted, priority_changed, cancel_requested, cancelled and stopped (of
-# a job not running), failed (of a job it gives up on), export.requested, quotas.changed,
+# suspended, resumed, held, waiting, dependencies_met, deleted, priority_changed,
+# cancel_requested, cancelled and stopped (of a job not running), failed (of a job it gives up
+# on, or whose dependencies can no longer be met), export.requested, quotas.changed,
 # usage.half_life_changed, node.joined, node.lost.
 # Runner: started, progress, checkpoint_saved, serving, rank_ended, lost, succeeded, failed,
 # cancelled, stopped. Exporter: export.started, export.completed, export.failed.
@@ -435,6 +440,21 @@ class JobHeld(Event):
     type: Literal["job.held"] = "job.held"
 
 
+class JobWaiting(Event):
+    """Accepted with dependencies not met yet: not queued, holding back no one, until they are."""
+
+    type: Literal["job.waiting"] = "job.waiting"
+    on: list[str]  # the jobs it waits for (a deploy's source job included), in the order given
+
+
+class DependenciesMet(Event):
+    """A waiting job's dependencies are met: it queues (or is held) next. A deploy of another
+    job's export is given the merged model's path."""
+
+    type: Literal["job.dependencies_met"] = "job.dependencies_met"
+    model_path: str | None = None
+
+
 class JobDeleted(Event):
     """A finished job leaves the job list; its history stays in the log."""
 
@@ -585,6 +605,8 @@ AnyMessage = Annotated[
     | JobRequeued
     | JobDeleted
     | JobHeld
+    | JobWaiting
+    | DependenciesMet
     | JobCancelled
     | JobPreempted
     | JobSuspended

@@ -22,6 +22,14 @@ class ModelHub(StrEnum):
     huggingface = "huggingface"  # huggingface.co (or HF_ENDPOINT)
 
 
+class Dependency(StrEnum):
+    """When a job that depends on others may start (SLURM's meanings)."""
+
+    afterok = "afterok"  # once each has completed
+    afterany = "afterany"  # once each has ended, however
+    afternotok = "afternotok"  # once each has failed or been cancelled
+
+
 class TrainType(StrEnum):
     lora = "lora"  # adapters only; exported by merging into the base model
     full = "full"  # every weight trained; the checkpoint is the model
@@ -146,6 +154,17 @@ class JobBase(_Strict):
         description="runs again after its node is lost (or a rank of a gang fails), from its last checkpoint",
     )
     hold: bool = Field(False, description="accept, but queue only once released by POST /jobs/{id}/start")
+    depends_on: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="job ids this job waits for (status waiting) before it queues; see dependency",
+    )
+    dependency: Dependency = Field(
+        Dependency.afterok,
+        strict=False,
+        description="afterok: start once they all completed; afterany: once they all ended;"
+        " afternotok: once they all failed or were cancelled",
+    )
     hub: ModelHub | None = Field(
         None,
         strict=False,
@@ -157,6 +176,13 @@ class JobBase(_Strict):
         description="with preemption on, may be stopped (checkpointed) for a more urgent job and resumed later;"
         " default true for training, false for deploy",
     )
+
+    @field_validator("depends_on")
+    @classmethod
+    def _distinct(cls, ids: list[str]) -> list[str]:
+        if len(set(ids)) != len(ids):
+            raise ValueError("names a job twice")
+        return ids
 
     @model_validator(mode="after")
     def _placement(self) -> JobBase:

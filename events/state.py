@@ -26,6 +26,7 @@ from events.quotas import DEFAULT_HALF_LIFE_S, Quotas, Usage, team_key, user_key
 class JobStatus(StrEnum):
     pending = "pending"  # accepted by the gateway, not yet decided by the scheduler
     held = "held"  # accepted with hold: waits to be released (POST /jobs/{id}/start)
+    waiting = "waiting"  # accepted with dependencies not yet met (depends_on, a deploy's source)
     queued = "queued"  # waiting for GPUs
     scheduled = "scheduled"  # GPUs allocated, start command sent to the node's runner
     running = "running"  # the swift process runs
@@ -44,7 +45,9 @@ WAITING = frozenset({JobStatus.pending, JobStatus.held, JobStatus.queued})
 # out (reports of that attempt still count).
 YIELDED = frozenset({JobStatus.preempted, JobStatus.suspended})
 # Counted against a user's limit of jobs waiting at once.
-QUEUED_FOR_QUOTA = frozenset({JobStatus.pending, JobStatus.held, JobStatus.queued, JobStatus.preempted})
+QUEUED_FOR_QUOTA = frozenset(
+    {JobStatus.pending, JobStatus.held, JobStatus.waiting, JobStatus.queued, JobStatus.preempted}
+)
 ANONYMOUS = "anonymous"  # the owner of jobs submitted with access control off
 
 
@@ -190,6 +193,7 @@ class Mark(NamedTuple):
     team: str | None
     waiting: bool
     gpus: int  # GPUs held within quota
+    awaiting: str | None = None  # the job's id, while it waits for its dependencies
 
 
 class State(BaseModel):
@@ -211,6 +215,7 @@ class State(BaseModel):
     _levels: dict[int, dict[str, SortedList]] = PrivateAttr(default_factory=dict)
     _waiting: dict[str, int] = PrivateAttr(default_factory=dict)  # user:/team: key -> jobs waiting
     _holding: dict[str, int] = PrivateAttr(default_factory=dict)  # user:/team: key -> GPUs within quota
+    _awaiting: set[str] = PrivateAttr(default_factory=set)  # jobs waiting for their dependencies
     # Per owner, the teams their queued jobs count against (None: no team) -> how many jobs.
     _owner_teams: dict[str, dict[str | None, int]] = PrivateAttr(default_factory=dict)
     # Bumped when what full_owners() reads changes (GPUs held within quota, owners' teams)
@@ -257,6 +262,11 @@ class State(BaseModel):
                     del owners[marked.owner]
                     if not owners:
                         del levels[priority]
+        if marked.awaiting is not None:
+            if sign > 0:
+                private["_awaiting"].add(marked.awaiting)
+            else:
+                private["_awaiting"].discard(marked.awaiting)
         keys = (user_key(marked.owner),) if marked.team is None else (user_key(marked.owner), team_key(marked.team))
         if marked.waiting:
             counts = private["_waiting"]
@@ -271,6 +281,11 @@ class State(BaseModel):
     def waiting(self, key: str) -> int:
         """Jobs of a user or team (``user:<name>``, ``team:<name>``) waiting to run."""
         return self.__pydantic_private__["_waiting"].get(key, 0)
+
+    def awaiting(self) -> list[Job]:
+        """The jobs waiting for their dependencies, in submit order."""
+        jobs = self.jobs
+        return sorted((jobs[job_id] for job_id in self.__pydantic_private__["_awaiting"]), key=lambda job: job.seq)
 
     def holding(self, key: str) -> int:
         """GPUs a user's or team's jobs hold within quota (borrowing ones aside)."""
@@ -555,6 +570,7 @@ def mark(job: Job | None) -> Mark | None:
         job.team,
         job.status in QUEUED_FOR_QUOTA,
         job.spec.total_gpus if holds else 0,
+        job.job_id if job.status == JobStatus.waiting else None,
     )
 
 
@@ -667,6 +683,20 @@ def _rejected(state: State, entry_id: str, event: m.JobRejected) -> None:
 def _held(state: State, entry_id: str, event: m.JobHeld) -> None:
     job = _job(state, event, JobStatus.pending)
     job.status = JobStatus.held
+    job.last_entry_id = entry_id
+
+
+def _waiting(state: State, entry_id: str, event: m.JobWaiting) -> None:
+    job = _job(state, event, JobStatus.pending)
+    job.status = JobStatus.waiting
+    job.last_entry_id = entry_id
+
+
+def _dependencies_met(state: State, entry_id: str, event: m.DependenciesMet) -> None:
+    job = _job(state, event, JobStatus.waiting, JobStatus.pending)
+    job.status = JobStatus.pending  # queued or held by the next fact
+    if event.model_path:
+        job.spec = job.spec.model_copy(update={"model_path": event.model_path})
     job.last_entry_id = entry_id
 
 
@@ -956,6 +986,8 @@ _HANDLERS = {
     m.JobRejected: _rejected,
     m.JobQueued: _queued,
     m.JobHeld: _held,
+    m.JobWaiting: _waiting,
+    m.DependenciesMet: _dependencies_met,
     m.JobScheduled: _scheduled,
     m.JobStarted: _started,
     m.JobProgress: _progress,

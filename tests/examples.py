@@ -38,6 +38,8 @@ def examples() -> list[m.Message]:
         m.QuotasChanged(quotas=QUOTAS, actor="root"),
         m.HalfLifeChanged(half_life_s=3600.0),
         m.JobHeld(**job),
+        m.JobWaiting(on=["job-0"], **job),
+        m.DependenciesMet(model_path="/runs/job-0/checkpoint-20-merged", **job),
         m.JobPriorityChanged(priority=9, previous=5, **job),
         m.JobDeleted(**job),
         m.JobRequeued(attempt=1, reason="node_lost", **job),

@@ -22,7 +22,7 @@ from services.demo.tinyvl import VisionAssets
 from services.gateway.app import create_app
 from services.gateway.projection import Projection
 from tests.conftest import RedisServer, wait_for
-from tests.system import TRAINING_TIMEOUT_S, System, running
+from tests.system import TRAINING_TIMEOUT_S, System, job_body, running
 
 KEY = "dashboard-key-0123456789"
 WAIT_MS = 20_000
@@ -282,6 +282,43 @@ def test_a_multimodal_job_is_submitted_through_its_form_and_trains(
     assert sent["model_type"] == "llava1_5_hf" and sent["max_steps"] == 4
     assert not problems, problems
     page.screenshot(path=str(artifacts() / "dashboard-multimodal-job.png"), full_page=True)
+    context.close()
+
+
+@pytest.mark.e2e
+def test_a_jobs_page_shows_the_chain_it_waits_in(system: System, assets: DemoAssets, browser: Browser) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    # Given a training job, and one submitted to run after it
+    first = job_body(assets, max_steps=30, save_steps=30, logging_steps=1)
+    first_id = httpx.post(f"{system.base}/jobs", json={**first, "name": "chain-first"}, headers=auth).json()["job_id"]
+    second = {**job_body(assets, max_steps=2, save_steps=2), "name": "chain-second", "depends_on": [first_id]}
+    answer = httpx.post(f"{system.base}/jobs", json=second, headers=auth)
+    assert answer.status_code == 202 and answer.json()["status"] == "waiting", answer.text
+    second_id = answer.json()["job_id"]
+    context = browser.new_context(viewport={"width": 1360, "height": 1000})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.goto(f"http://127.0.0.1:{system.port}/#/jobs/{second_id}")
+    page.fill("#api-key", KEY)
+    page.click("#sign-in-form button[type=submit]")
+    # When the second job's page is open, it says what it waits for, and the other's status
+    expect(page.locator("#job-status")).to_have_text("waiting")
+    chain = page.locator("#job-chain")
+    expect(chain.locator(".depends-on")).to_contain_text("Depends on (afterok): chain-first")
+    expect(chain.locator(".waiting-on a")).to_have_attribute("href", f"#/jobs/{first_id}")
+    expect(chain.locator(".waiting-on")).to_have_text("Waiting for chain-first to end.")
+    page.screenshot(path=str(artifacts() / "dashboard-chain-waiting.png"), full_page=True)
+    # And the first's page names the job that needs it
+    chain.locator(".depends-on a").click()
+    expect(page.locator("#job-title")).to_have_text("chain-first")
+    expect(page.locator("#job-chain .needed-by")).to_contain_text("Needed by: chain-second")
+    # Then once the first completes, the second runs to the end, live
+    page.locator("#job-chain .needed-by a").click()
+    expect(page.locator("#job-status")).to_have_text("completed", timeout=TRAINING_MS)
+    expect(page.locator("#job-chain .depends-on .dep-status")).to_have_text("completed")
+    expect(page.locator("#job-chain .waiting-on")).to_have_count(0)
+    assert not problems, problems
     context.close()
 
 

@@ -8,6 +8,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -75,7 +76,7 @@ def test_a_lora_job_trains_live_exports_and_replays(system: System, assets: Demo
     # And replaying the log rebuilds what the API shows
     replayed = json.loads(system.cli("replay", "--state", "--job", job_id))
     assert replayed == {k: v for k, v in job.items() if k in replayed}
-    assert set(job) - set(replayed) == {"queue_position", "task_type", "suspendable", "resumable"}  # (views only)
+    assert set(job) - set(replayed) == {"queue_position", "task_type", "suspendable", "resumable", "waiting_on"}
     lines = [json.loads(line) for line in system.cli("replay", "--job", job_id).splitlines()]
     assert [line["entry_id"] for line in lines] == ids
     assert [line["type"] for line in lines] == types
@@ -165,6 +166,41 @@ def test_a_deploy_of_a_trained_model_serves_an_openai_api_until_cancelled(system
         probe.bind(("127.0.0.1", port))
     gpus = httpx.get(f"{system.base}/gpus").json()["nodes"][0]["gpus"]
     assert all(gpu["held_by"] is None for gpu in gpus)
+
+
+def test_a_train_export_deploy_pipeline_is_submitted_at_once(system: System, assets: DemoAssets) -> None:
+    # Given a LoRA job just submitted, and at once a deploy of its merged model and a job that
+    # runs only if it fails
+    train = httpx.post(f"{system.base}/jobs", json=job_body(assets, max_steps=4, save_steps=4)).json()["job_id"]
+    serve = {"task_type": "deploy", "source_job_id": train, "deploy_params": {"served_model_name": "piped"}}
+    answer = httpx.post(f"{system.base}/jobs", json=serve)
+    assert answer.status_code == 202, answer.text
+    deploy_id = answer.json()["job_id"]
+    fallback = {**job_body(assets), "depends_on": [train], "dependency": "afternotok"}
+    fallback_id = httpx.post(f"{system.base}/jobs", json=fallback).json()["job_id"]
+    # Then the deploy waits (out of the queue) until the export is done, then serves the merged model
+    events = read_stream(f"{system.base}/jobs/{deploy_id}/stream", seen("job.serving"))
+    types = [e.event for e in events]
+    assert types[:4] == ["job.accepted", "job.waiting", "job.dependencies_met", "job.queued"], types
+    trained = httpx.get(f"{system.base}/jobs/{train}").json()
+    assert trained["export"]["status"] == "completed"
+    met = json.loads(events[2].data)
+    assert met["payload"]["model_path"] == trained["export"]["path"]
+    assert met["at"] >= next(e for e in trained_events(system, train) if e["type"] == "export.completed")["at"]
+    deploy = httpx.get(f"{system.base}/jobs/{deploy_id}").json()
+    assert deploy["spec"]["model_path"] == trained["export"]["path"]
+    endpoint = json.loads(events[-1].data)["payload"]["endpoint"]
+    assert httpx.get(f"{endpoint}/models").json()["data"][0]["id"] == "piped"
+    # And the job that needed a failure fails, naming the job it waited for
+    fell = httpx.get(f"{system.base}/jobs/{fallback_id}").json()
+    assert (fell["status"], fell["reason"]) == ("failed", "dependency_failed")
+    assert fell["message"] == f"job {train} completed, and afternotok needed it to fail or be cancelled"
+    assert httpx.post(f"{system.base}/jobs/{deploy_id}/cancel").status_code == 202
+    read_stream(f"{system.base}/jobs/{deploy_id}/stream", seen("job.cancelled"), last_event_id=events[-1].id)
+
+
+def trained_events(system: System, job_id: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{system.base}/jobs/{job_id}/events").json()["events"]  # type: ignore[no-any-return]
 
 
 def test_a_full_fine_tuning_job_completes(system: System, assets: DemoAssets) -> None:

@@ -66,6 +66,12 @@ def fields_of(response: httpx.Response) -> set[str]:
         ({"nodes": 0}, "nodes"),
         ({"nodes": 100_000}, "nodes"),
         ({"hub": "github"}, "hub"),
+        ({"depends_on": ["no-such-job"]}, "depends_on.0"),
+        ({"depends_on": ["../etc"]}, "depends_on.0"),
+        ({"depends_on": "abc"}, "depends_on"),
+        ({"depends_on": ["a1", "a1"]}, "depends_on"),
+        ({"depends_on": [f"j{i}" for i in range(65)]}, "depends_on"),
+        ({"dependency": "afterwards"}, "dependency"),
         ({"hub": ""}, "hub"),
     ],
 )

@@ -35,6 +35,7 @@ from events import messages as m
 from events.admission import gpu_quota_block, queue_order, queued_quota_block
 from events.bus import Bus, entry_id_key, previous_id
 from events.codec import DecodeError, entry_type, envelope_json
+from events.dependencies import names, verdict
 from events.estimates import Estimate
 from events.params import JobSpec, TaskType
 from events.quotas import EVERYONE, HOUR_S, Quotas, Usage, team_key, user_key
@@ -85,6 +86,7 @@ def job_view(job: Job, state: State, positions: dict[str, int] | None = None) ->
     view = job.model_dump(mode="json")
     view["task_type"] = job.spec.task_type
     view["suspendable"], view["resumable"] = job.may_suspend, job.may_resume
+    view["waiting_on"] = verdict(state, job.spec).waiting_on if job.status == JobStatus.waiting else []
     if positions is None:
         view["queue_position"] = state.queue_position(job.job_id)
     else:
@@ -314,6 +316,8 @@ def _submit_message(job: Job | None) -> str:
         return "queued: waiting for free GPUs"
     if job.status == JobStatus.held:
         return "held: POST /jobs/{id}/start queues it"
+    if job.status == JobStatus.waiting:
+        return "waiting for the jobs it depends on to end"
     return f"{job.status} on {job.node} GPUs {job.gpu_ids}"
 
 
@@ -327,14 +331,15 @@ def _choice(request: Request, name: str, allowed: set[str]) -> str | None:
 
 
 async def list_jobs(request: Request) -> JSONResponse:
-    """Jobs newest first, filtered by status, task type, priority and owner; paged by ``page``
-    and ``size``, or by ``cursor`` (the ``next_cursor`` of the previous page)."""
+    """Jobs newest first, filtered by status, task type, priority, owner and the job they depend
+    on; paged by ``page`` and ``size``, or by ``cursor`` (the ``next_cursor`` of the previous page)."""
     projection = _projection(request)
     state = projection.state
     status = _choice(request, "status", set(JobStatus.__members__))
     task_type = _choice(request, "task_type", set(TaskType.__members__))
     priority = _int_param(request, "priority", -1, 0, 10) if "priority" in request.query_params else None
     owner = request.query_params.get("owner")
+    needs = request.query_params.get("depends_on")
     page = _int_param(request, "page", 1, 1, 1_000_000)
     size = _int_param(request, "size", 50, 1, 500)
     everything = [*state.jobs.values(), *filter(None, map(projection.job, list(projection.pending)))]
@@ -345,6 +350,7 @@ async def list_jobs(request: Request) -> JSONResponse:
         and (task_type is None or job.spec.task_type == task_type)
         and (priority is None or job.priority == priority)
         and (owner is None or job.submitted_by == owner)
+        and (needs is None or names(job.spec, needs))
         and may_see(request, job.submitted_by)
     ]
     jobs.sort(key=lambda job: (job.submitted_at, job.job_id), reverse=True)

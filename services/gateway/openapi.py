@@ -69,6 +69,7 @@ _LIST = (
     _query("task_type", _ref("TaskType"), "only jobs of this task type"),
     _query("priority", _int(0, 10), "only jobs of this priority"),
     _query("owner", {"type": "string"}, "only jobs submitted by this user"),
+    _query("depends_on", {"type": "string"}, "only jobs that depend on this job (depends_on or source_job_id)"),
     _query("page", _int(1, 1_000_000, 1), "1-based page (ignored with cursor)"),
     _query("size", _int(1, 500, 50), "jobs per page"),
     _query("cursor", {"type": "string"}, "the next_cursor of the previous page"),

@@ -13,9 +13,10 @@ import anyio
 from cachetools import TTLCache, cached
 from pydantic import TypeAdapter, ValidationError
 
+from events.dependencies import no_export, will_export
 from events.params import DeployJob, JobSpec, ModelHub, TaskType
 from events.placement import never_fits
-from events.state import ExportStatus, State
+from events.state import ExportStatus, Job, State
 from services.gateway.auth import Principal
 from services.gateway.errors import ApiError, validation_details
 from services.launch import Launch, build_launch, flags_in
@@ -87,7 +88,12 @@ def parse_submission(
         spec = spec.model_copy(update={"hub": hub})
     if isinstance(spec, DeployJob) and spec.source_job_id:
         spec = spec.model_copy(update={"model_path": _exported_model(spec.source_job_id, state, who)})
-    problems = _check_extra_args(spec, flags, code_allowed=allow_code_flags and who.is_admin)
+    problems = [
+        _problem(f"depends_on.{index}", f"no job {job_id!r}")
+        for index, job_id in enumerate(spec.depends_on)
+        if _visible(state.jobs.get(job_id), who) is None
+    ]
+    problems += _check_extra_args(spec, flags, code_allowed=allow_code_flags and who.is_admin)
     spec, wrong_paths = _place_paths(spec, roots, base, private, skip={p["field"] for p in problems})
     problems += wrong_paths
     impossible = never_fits(spec, state)
@@ -98,16 +104,23 @@ def parse_submission(
     return Submission(spec, dry_run)
 
 
+def _visible(job: Job | None, who: Principal) -> Job | None:
+    """The job if the caller may name it. Another user's job is answered as one that never was
+    (or was deleted): ids do not leak."""
+    return job if job is not None and (who.is_admin or job.submitted_by == who.name) else None
+
+
 def _exported_model(job_id: str, state: State, who: Principal) -> str:
-    source = state.jobs.get(job_id)
-    # Another user's job is answered as one that never was (or was deleted): ids do not leak.
-    if source is None or not (who.is_admin or source.submitted_by == who.name):
+    """The merged model of the job to deploy, or "" while its export is still to come (the
+    deploy waits for it); a 422 when it will never have one."""
+    source = _visible(state.jobs.get(job_id), who)
+    if source is None:
         raise _invalid([_problem("source_job_id", f"no job {job_id!r}")])
-    if source.export.status != ExportStatus.completed or not source.export.path:
-        raise _invalid(
-            [_problem("source_job_id", f"job {job_id} has no exported model (export {source.export.status})")]
-        )
-    return source.export.path
+    if source.export.status == ExportStatus.completed and source.export.path:
+        return source.export.path
+    if will_export(source):
+        return ""
+    raise _invalid([_problem("source_job_id", no_export(source))])
 
 
 def _place_paths(

@@ -92,6 +92,7 @@ class JobView(RecordedJob):
     queue_position: int | None = Field(ge=1, description="1-based place in the queue; null when not queued")
     suspendable: bool = Field(description="POST /jobs/{id}/suspend applies now")
     resumable: bool = Field(description="POST /jobs/{id}/resume applies now")
+    waiting_on: list[str] = Field(description="while waiting: the jobs it still waits for")
 
 
 class JobCreated(View):

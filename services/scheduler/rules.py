@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from events import messages as m
 from events.admission import charge, gpu_quota_block, gpus_quota_block, queue_order, queued_quota_block
 from events.bus import Append
+from events.dependencies import names, verdict
 from events.estimates import Estimate, estimate_queue, placement_request
 from events.keys import Keys
 from events.placement import (
@@ -77,9 +78,23 @@ def submit(
     if over:
         rejected = m.JobRejected(reason="quota", message=over, **common)
         return [Append(keys.events, accepted), Append(keys.events, rejected)]
+    decided = [Append(keys.events, accepted)]
+    if spec.depends_on or (getattr(spec, "source_job_id", None) and not spec.model_path):
+        needs = verdict(state, spec)
+        if needs.broken is not None:
+            return [
+                *decided,
+                Append(keys.events, m.JobRejected(reason="dependency_failed", message=needs.broken, **common)),
+            ]
+        if needs.waiting_on:
+            return [*decided, Append(keys.events, m.JobWaiting(on=needs.waiting_on, **common))]
+        if needs.model_path:  # (the source's export completed since the gateway looked)
+            decided.append(Append(keys.events, m.DependenciesMet(model_path=needs.model_path, **common)))
+            spec = spec.model_copy(update={"model_path": needs.model_path})
+            accepted = accepted.model_copy(update={"spec": spec})
     if spec.hold:
-        return [Append(keys.events, accepted), Append(keys.events, m.JobHeld(**common))]
-    decided = [Append(keys.events, accepted), Append(keys.events, _queued(state, spec.priority, common))]
+        return [*decided, Append(keys.events, m.JobHeld(**common))]
+    decided.append(Append(keys.events, _queued(state, spec.priority, common)))
     # The queue as it will be once these facts are folded in, to place the new job right away.
     return decided + schedule(state, keys, heartbeats, limits, now, command, accepted=accepted)
 
@@ -139,7 +154,7 @@ def cancel(state: State, keys: Keys, command: m.CancelJob) -> list[Append]:
     if job is None or job.status not in (set(JobStatus) - {JobStatus.completed, JobStatus.failed, JobStatus.cancelled}):
         return []
     common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
-    if job.status in (JobStatus.pending, JobStatus.held, JobStatus.queued, *YIELDED):
+    if job.status in (JobStatus.pending, JobStatus.held, JobStatus.waiting, JobStatus.queued, *YIELDED):
         # (an attempt still stopping after giving up its GPUs was told to stop already)
         return [Append(keys.events, m.JobCancelled(**common))]
     stops = _stops(keys, job, "cancel", common)
@@ -232,8 +247,36 @@ def export(state: State, keys: Keys, job: Job, cause: m.Message) -> list[Append]
     ]
 
 
+# Facts after which a job waiting for its dependencies may start, or never will.
+ENDS = (m.JobSucceeded, m.JobFailed, m.JobCancelled, m.JobRejected, m.ExportCompleted, m.ExportFailed, m.JobDeleted)
+
+
+def release_dependents(state: State, keys: Keys, event: m.Message) -> list[Append]:
+    """For each job waiting on the one this fact ended (or exported), in submit order: queued
+    (or held) once all it waits for is met, failed with reason ``dependency_failed`` once it
+    can no longer be."""
+    decided: list[Append] = []
+    for job in state.awaiting():
+        if not event.job_id or not names(job.spec, event.job_id):
+            continue
+        needs = verdict(state, job.spec)
+        common = {"job_id": job.job_id, "causation_id": event.id, "actor": event.actor}
+        if needs.broken is not None:
+            decided.append(Append(keys.events, m.JobFailed(reason="dependency_failed", message=needs.broken, **common)))
+        elif needs.met:
+            decided.append(Append(keys.events, m.DependenciesMet(model_path=needs.model_path, **common)))
+            then = m.JobHeld(**common) if job.spec.hold else _queued(state, job.priority, common, job.seq)
+            decided.append(Append(keys.events, then))
+    return decided
+
+
 def react(state: State, keys: Keys, event: m.Message) -> list[Append]:
     """Facts the scheduler adds in response to another fact."""
+    released = release_dependents(state, keys, event) if isinstance(event, ENDS) and state.awaiting() else []
+    return released + _reactions(state, keys, event)
+
+
+def _reactions(state: State, keys: Keys, event: m.Message) -> list[Append]:
     if isinstance(event, m.JobLost):
         job = state.jobs.get(event.job_id or "")
         if job is not None and job.stopping and job.attempt == event.attempt:

@@ -16,7 +16,7 @@
   const USAGE = `${PREFIX}/usage`;
   const TERMINAL = new Set(["completed", "failed", "cancelled"]);
   const JOB_EVENTS = [
-    "job.accepted", "job.rejected", "job.queued", "job.held", "job.scheduled", "job.started",
+    "job.accepted", "job.rejected", "job.queued", "job.held", "job.waiting", "job.dependencies_met", "job.scheduled", "job.started",
     "job.progress", "job.checkpoint_saved", "job.serving", "job.succeeded", "job.failed",
     "job.lost", "job.requeued", "job.priority_changed", "job.deleted", "job.cancel_requested", "job.cancelled",
     "job.preempted", "job.suspended", "job.stopped", "job.resumed",
@@ -986,6 +986,7 @@
       this.followWaiting(job.status === "queued");
       this.renderMessage(job);
       this.renderSharing(job);
+      this.renderChain(job);
       this.renderProgress(job);
       this.renderLossPanel();
       this.renderCheckpoints(job);
@@ -1025,6 +1026,7 @@
       else if (job.status === "queued" && this.waiting && this.waiting.waiting_reason === "quota") text = `Waiting for its quota: ${this.waiting.waiting_message.replace(/^quota:\s*/, "")}.`;
       else if (job.status === "queued") text = "Waiting for free GPUs; see the queue for its estimated start.";
       else if (job.status === "held") text = "Held: it joins the queue once released (POST /jobs/{id}/start).";
+      else if (job.status === "waiting") text = "Waiting for the jobs it depends on: it joins the queue, in its submit order, once they have ended as it needs; it holds back no one meanwhile.";
       else if (job.status === "preempted") text = "Preempted: its GPUs went to a more urgent job. Its process is being stopped with a checkpoint; then it is queued again in its original place and resumes from there.";
       else if (job.status === "suspended" && job.stopping) text = "Suspended: its GPUs are free and its process is being stopped with a checkpoint. Resume queues it again in its original place.";
       else if (job.status === "suspended") text = `Suspended${job.checkpoint_step != null ? ` at step ${job.checkpoint_step}` : ""}: Resume queues it again in its original place, to go on from its last checkpoint.`;
@@ -1065,6 +1067,49 @@
     },
 
     /** Sharing the pool: who preempted this job, whom it preempted to start, its order in the queue. */
+    /** The jobs this one waits for or depends on, with their status, and the jobs that depend on it. */
+    async renderChain(job) {
+      const spec = job.spec;
+      const upstream = [...(spec.depends_on || [])];
+      if (spec.source_job_id && !upstream.includes(spec.source_job_id)) upstream.push(spec.source_job_id);
+      const key = `${job.job_id}:${job.status}:${(job.waiting_on || []).join(",")}`;
+      if (this.chainKey === key) return;
+      this.chainKey = key;
+      const one = (id) => api(`${API}/jobs/${encodeURIComponent(id)}`).catch(() => ({ job_id: id, status: "unknown" }));
+      const [known, downstream] = await Promise.all([
+        Promise.all(upstream.map(one)),
+        api(`${API}/jobs?depends_on=${encodeURIComponent(job.job_id)}&size=100`).then((page) => page.jobs, () => []),
+      ]);
+      if (this.chainKey !== key) return; // a newer record came meanwhile
+      const linked = (jobs) =>
+        jobs.flatMap((other, i) => [
+          i ? ", " : "",
+          other.spec ? el("a", { href: `#/jobs/${encodeURIComponent(other.job_id)}`, text: jobLabel(other) }) : overview.jobLink(other.job_id),
+          el("span", { class: `badge small dep-status ${other.status}`, text: other.status }),
+        ]);
+      const lines = [];
+      if (upstream.length) {
+        const how = spec.depends_on && spec.depends_on.length ? ` (${spec.dependency})` : "";
+        lines.push(el("div", { class: "depends-on" }, `Depends on${how}: `, linked(known)));
+      }
+      if (spec.source_job_id) {
+        lines.push(el("div", { class: "source" }, "Serves the exported model of ", overview.jobLink(spec.source_job_id), "."));
+      }
+      if (job.status === "waiting" && job.waiting_on && job.waiting_on.length) {
+        const link = (id) => {
+          const other = known.find((k) => k.job_id === id && k.spec);
+          return other ? el("a", { href: `#/jobs/${encodeURIComponent(id)}`, text: jobLabel(other) }) : overview.jobLink(id);
+        };
+        lines.push(el("div", { class: "waiting-on" }, "Waiting for ", job.waiting_on.flatMap((id, i) => [i ? ", " : "", link(id)]), " to end."));
+      }
+      if (downstream.length) {
+        lines.push(el("div", { class: "needed-by" }, "Needed by: ", linked(downstream)));
+      }
+      const box = $("#job-chain");
+      box.replaceChildren(...lines);
+      box.hidden = !lines.length;
+    },
+
     renderSharing(job) {
       const box = $("#job-sharing");
       const lines = [];
