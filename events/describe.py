@@ -135,6 +135,12 @@ _TEXT: dict[type[m.Message], Callable[[Any], str]] = {
     m.SetQuotas: lambda e: (
         f"quotas asked{_by(e)}: {_table(e.quotas)}" + (" (the QUOTAS setting)" if e.from_config else "")
     ),
+    m.CreateSweep: lambda e: f"sweep {e.sweep_id} asked{_by(e)}: {len(e.job_ids)} points",
+    m.CancelSweep: lambda e: f"cancel of sweep {e.sweep_id} asked{_by(e)}",
+    m.SweepCreated: lambda e: (
+        f"sweep {e.sweep_id} created{_by(e)}: {len(e.job_ids)} points over {', '.join(e.grid)}"
+        + (f", at most {e.max_concurrent} at once" if e.max_concurrent else "")
+    ),
     m.SetHalfLife: lambda e: f"fair share's half-life of {e.half_life_s / 3600:g} h asked{_by(e)}",
     m.JobAccepted: _accepted,
     m.JobRejected: lambda e: f"rejected ({e.reason}): {e.message}",

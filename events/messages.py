@@ -17,6 +17,8 @@ quotas.set              command    gateway      scheduler [{st}:commands]
                                    scheduler    (itself, at start: the QUOTAS setting)
 usage.set_half_life     command    scheduler    (itself, at start: FAIR_SHARE_HALF_LIFE_S)
 queue.process           command    gateway      scheduler [{st}:commands]
+sweep.create            command    gateway      scheduler [{st}:commands] (then a job.submit per point)
+sweep.cancel            command    gateway      scheduler [{st}:commands]
 job.start               command    scheduler    runner of the node [{st}:node:<name>]
 job.stop                command    scheduler    runner of the node [{st}:node:<name>]
 export.start            command    scheduler    exporter [{st}:exports]
@@ -31,6 +33,7 @@ job.deleted             event      scheduler
 job.held                event      scheduler    (submitted with hold: waits for job.release)
 job.waiting             event      scheduler    (submitted with depends_on, or a deploy of a job
                                                 not yet exported: not queued until they end)
+sweep.created           event      scheduler    (a grid search's record; its jobs follow)
 job.dependencies_met    event      scheduler    (then queued or held; job.failed with reason
                                                 dependency_failed when they can no longer be met)
 job.preempted           event      scheduler    (its GPUs go to a more urgent job; stopped, then
@@ -78,7 +81,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from events.params import JobSpec, ModelHub
+from events.params import ExtraValue, JobSpec, ModelHub
 from events.quotas import Quotas
 
 ENVELOPE_FIELDS = ("type", "v", "id", "at", "source", "causation_id", "job_id", "actor")
@@ -132,6 +135,25 @@ class SubmitJob(Command):
     type: Literal["job.submit"] = "job.submit"
     spec: JobSpec
     team: str | None = None  # the submitter's team (from its API key entry), for team quotas
+    sweep_id: str | None = None  # a point of this sweep (sent after its sweep.create)
+    point: dict[str, ExtraValue] | None = None  # the point's values of the sweep's grid
+
+
+class CreateSweep(Command):
+    """A grid search: one job per point follows, each a job.submit with the sweep's id."""
+
+    type: Literal["sweep.create"] = "sweep.create"
+    sweep_id: str
+    name: str | None = None
+    grid: dict[str, list[ExtraValue]]  # train_params field -> its values
+    max_concurrent: int | None = Field(None, ge=1)  # at most this many of its jobs hold GPUs at once
+    job_ids: list[str]  # one per point, in the grid's order
+    team: str | None = None
+
+
+class CancelSweep(Command):
+    type: Literal["sweep.cancel"] = "sweep.cancel"
+    sweep_id: str
 
 
 class CancelJob(Command):
@@ -224,7 +246,7 @@ class StartExport(Command):
 
 # ---------------------------------------------------------------------------------------------
 # Facts ({st}:events). Scheduler: accepted, rejected, queued, scheduled, requeued, preempted,
-# suspended, resumed, held, waiting, dependencies_met, deleted, priority_changed,
+# suspended, resumed, held, waiting, dependencies_met, sweep.created, deleted, priority_changed,
 # cancel_requested, cancelled and stopped (of a job not running), failed (of a job it gives up
 # on, or whose dependencies can no longer be met), export.requested, quotas.changed,
 # usage.half_life_changed, node.joined, node.lost.
@@ -236,6 +258,19 @@ class JobAccepted(Event):
     type: Literal["job.accepted"] = "job.accepted"
     spec: JobSpec
     team: str | None = None
+    sweep_id: str | None = None
+    point: dict[str, ExtraValue] | None = None
+
+
+class SweepCreated(Event):
+    """A sweep's record: its grid, its cap and its jobs (accepted next, one per point)."""
+
+    type: Literal["sweep.created"] = "sweep.created"
+    sweep_id: str
+    name: str | None = None
+    grid: dict[str, list[ExtraValue]]
+    max_concurrent: int | None = None
+    job_ids: list[str]
 
 
 class JobRejected(Event):
@@ -329,6 +364,9 @@ class JobSucceeded(Event):
     exit_code: int
     run_dir: str
     last_checkpoint: str | None = None
+    # The run's last logged values: `loss` (its last training row), `eval_loss` and the other
+    # eval_* metrics (its last evaluation), `train_loss` (ms-swift's mean over the run)
+    final: dict[str, float] = Field(default_factory=dict)
 
 
 class JobFailed(Event):
@@ -585,6 +623,8 @@ AnyMessage = Annotated[
     | ResumeJob
     | SetQuotas
     | SetHalfLife
+    | CreateSweep
+    | CancelSweep
     | StartJob
     | StopJob
     | StartExport
@@ -614,6 +654,7 @@ AnyMessage = Annotated[
     | JobResumed
     | QuotasChanged
     | HalfLifeChanged
+    | SweepCreated
     | ExportRequested
     | ExportStarted
     | ExportCompleted

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from sortedcontainers import SortedList
 
 from events import messages as m
-from events.params import JobSpec, TrainType
+from events.params import ExtraValue, JobSpec, TrainType
 from events.quotas import DEFAULT_HALF_LIFE_S, Quotas, Usage, team_key, user_key
 
 
@@ -130,6 +130,9 @@ class Job(BaseModel):
     checkpoint_step: int | None = None
     checkpoint_node: str | None = None  # the node that wrote the last checkpoint (its rank 0)
     usage_mark: datetime | None = None  # GPU time is credited to its owner up to here
+    final: dict[str, float] = Field(default_factory=dict)  # the last values a completed run logged
+    sweep_id: str | None = None  # a point of this sweep
+    point: dict[str, ExtraValue] | None = None  # its values of the sweep's grid
 
     @property
     def owner(self) -> str:
@@ -173,6 +176,16 @@ class Job(BaseModel):
         return params is not None and params.train_type == TrainType.lora
 
 
+class Sweep(BaseModel):
+    sweep_id: str
+    name: str | None = None
+    grid: dict[str, list[ExtraValue]]
+    max_concurrent: int | None = None
+    job_ids: list[str]
+    created_at: datetime
+    created_by: str | None = None
+
+
 class Node(BaseModel):
     name: str
     simulated: bool
@@ -194,6 +207,7 @@ class Mark(NamedTuple):
     waiting: bool
     gpus: int  # GPUs held within quota
     awaiting: str | None = None  # the job's id, while it waits for its dependencies
+    sweep: str | None = None  # the sweep of a job that holds GPUs
 
 
 class State(BaseModel):
@@ -209,6 +223,7 @@ class State(BaseModel):
     config_quotas: Quotas | None = None  # the last table the QUOTAS setting gave
     half_life_s: float = DEFAULT_HALF_LIFE_S
     usage: dict[str, Usage] = Field(default_factory=dict)  # user:<name> / team:<name> -> usage
+    sweeps: dict[str, Sweep] = Field(default_factory=dict)
     # The queue in start order, kept sorted as events arrive: (-priority, seq, job id).
     _queued: SortedList = PrivateAttr(default_factory=SortedList)
     # Per priority, per owner, the owner's queued jobs by submit order (fair share's order).
@@ -216,6 +231,7 @@ class State(BaseModel):
     _waiting: dict[str, int] = PrivateAttr(default_factory=dict)  # user:/team: key -> jobs waiting
     _holding: dict[str, int] = PrivateAttr(default_factory=dict)  # user:/team: key -> GPUs within quota
     _awaiting: set[str] = PrivateAttr(default_factory=set)  # jobs waiting for their dependencies
+    _sweep_running: dict[str, int] = PrivateAttr(default_factory=dict)  # sweep id -> its jobs holding GPUs
     # Per owner, the teams their queued jobs count against (None: no team) -> how many jobs.
     _owner_teams: dict[str, dict[str | None, int]] = PrivateAttr(default_factory=dict)
     # Bumped when what full_owners() reads changes (GPUs held within quota, owners' teams)
@@ -262,6 +278,11 @@ class State(BaseModel):
                     del owners[marked.owner]
                     if not owners:
                         del levels[priority]
+        if marked.sweep is not None:
+            running = private["_sweep_running"]
+            running[marked.sweep] = running.get(marked.sweep, 0) + sign
+            if not running[marked.sweep]:
+                del running[marked.sweep]
         if marked.awaiting is not None:
             if sign > 0:
                 private["_awaiting"].add(marked.awaiting)
@@ -281,6 +302,10 @@ class State(BaseModel):
     def waiting(self, key: str) -> int:
         """Jobs of a user or team (``user:<name>``, ``team:<name>``) waiting to run."""
         return self.__pydantic_private__["_waiting"].get(key, 0)
+
+    def sweep_running(self, sweep_id: str) -> int:
+        """How many jobs of a sweep hold GPUs."""
+        return self.__pydantic_private__["_sweep_running"].get(sweep_id, 0)
 
     def awaiting(self) -> list[Job]:
         """The jobs waiting for their dependencies, in submit order."""
@@ -473,6 +498,8 @@ class State(BaseModel):
             else:
                 self.nodes[name] = node
         self.deleted.difference_update(journal.deleted)
+        for sweep_id in journal.sweeps:
+            self.sweeps.pop(sweep_id, None)
         self.allocations = journal.allocations
         self.__pydantic_private__["_held_versions"] = journal.held_versions
         self.position, self.accepted, self.stale_reports = journal.position, journal.accepted, journal.stale_reports
@@ -520,6 +547,7 @@ class Journal:
     usage: dict[str, Usage | None] = field(default_factory=dict)
     nodes: dict[str, Node | None] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
+    sweeps: set[str] = field(default_factory=set)  # created since the savepoint
 
     def keep(self, state: State, event: m.Message) -> None:
         job_id = event.job_id
@@ -536,6 +564,8 @@ class Journal:
             self.nodes[event.node] = None if node is None else node.model_copy()
         if isinstance(event, m.JobDeleted) and job_id:
             self.deleted.add(job_id)
+        if isinstance(event, m.SweepCreated) and event.sweep_id not in state.sweeps:
+            self.sweeps.add(event.sweep_id)
         # Usage changes with facts about a job that holds GPUs (credited to its owner and team),
         # and all of it with a new half-life.
         job = state.jobs.get(job_id or "")
@@ -571,6 +601,7 @@ def mark(job: Job | None) -> Mark | None:
         job.status in QUEUED_FOR_QUOTA,
         job.spec.total_gpus if holds else 0,
         job.job_id if job.status == JobStatus.waiting else None,
+        job.sweep_id if job.sweep_id is not None and job.status in HOLDS_GPUS else None,
     )
 
 
@@ -671,6 +702,22 @@ def new_job(event: m.JobAccepted, seq: int, entry_id: str) -> Job:
         team=event.team,
         first_entry_id=entry_id,
         last_entry_id=entry_id,
+        sweep_id=event.sweep_id,
+        point=event.point,
+    )
+
+
+def _sweep_created(state: State, entry_id: str, event: m.SweepCreated) -> None:
+    if event.sweep_id in state.sweeps:
+        raise IllegalTransition(f"sweep {event.sweep_id!r} was already created")
+    state.sweeps[event.sweep_id] = Sweep(
+        sweep_id=event.sweep_id,
+        name=event.name,
+        grid=event.grid,
+        max_concurrent=event.max_concurrent,
+        job_ids=event.job_ids,
+        created_at=event.at,
+        created_by=event.actor,
     )
 
 
@@ -799,7 +846,7 @@ def _succeeded(state: State, entry_id: str, event: m.JobSucceeded) -> None:
     job = _reported(state, event, JobStatus.running)
     if job is None:
         return
-    job.exit_code, job.run_dir = event.exit_code, event.run_dir
+    job.exit_code, job.run_dir, job.final = event.exit_code, event.run_dir, dict(event.final)
     if event.last_checkpoint:
         job.last_checkpoint = event.last_checkpoint
     _finish(state, job, entry_id, event, JobStatus.completed)
@@ -987,6 +1034,7 @@ _HANDLERS = {
     m.JobQueued: _queued,
     m.JobHeld: _held,
     m.JobWaiting: _waiting,
+    m.SweepCreated: _sweep_created,
     m.DependenciesMet: _dependencies_met,
     m.JobScheduled: _scheduled,
     m.JobStarted: _started,

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     # Where local model, data and output paths may be (separated by ':'); default: DATA_DIR and
     # the working directory.
     path_roots: str = ""
+    max_sweep_points: int = Field(256, ge=1, le=100_000)  # jobs one sweep may create
     # Where hub ids are downloaded from, unless a job says (its `hub`).
     model_hub: ModelHub = ModelHub.modelscope
     # Extra ms-swift flags that load code (external_plugins ...): refused unless this is on, and

@@ -39,6 +39,13 @@ def examples() -> list[m.Message]:
         m.HalfLifeChanged(half_life_s=3600.0),
         m.JobHeld(**job),
         m.JobWaiting(on=["job-0"], **job),
+        m.CreateSweep(
+            sweep_id="s-1", grid={"learning_rate": [1e-4, 5e-5]}, max_concurrent=1, job_ids=["job-1", "job-2"]
+        ),
+        m.CancelSweep(sweep_id="s-1", actor="alice"),
+        m.SweepCreated(
+            sweep_id="s-1", grid={"learning_rate": [1e-4, 5e-5]}, max_concurrent=1, job_ids=["job-1", "job-2"]
+        ),
         m.DependenciesMet(model_path="/runs/job-0/checkpoint-20-merged", **job),
         m.JobPriorityChanged(priority=9, previous=5, **job),
         m.JobDeleted(**job),

@@ -11,7 +11,8 @@ import pytest
 from events.bus import Bus
 from events.codec import decode
 from services.config import load_settings
-from services.gateway.app import MAX_BODY_BYTES, create_app
+from services.gateway.app import create_app
+from services.gateway.bodies import MAX_BODY_BYTES
 from services.gateway.projection import Projection
 from services.gateway.submit import SwiftFlags
 

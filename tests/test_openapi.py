@@ -156,6 +156,8 @@ async def lived(bus: Bus, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClie
     facts += [*accepted("broken"), m.JobRejected(job_id="broken", reason="unsatisfiable", message="no such GPU")]
     facts += [*accepted("gone"), m.JobRejected(job_id="gone", reason="unsatisfiable", message="x")]
     facts += [m.JobDeleted(job_id="gone")]
+    grid: dict[str, list[m.ExtraValue]] = {"learning_rate": [1e-4, 5e-5]}
+    facts += [m.SweepCreated(sweep_id="sweep", grid=grid, max_concurrent=1, job_ids=["done", "queued"], actor="root")]
     await bus.append(bus.keys.events, *facts[:4])
     await bus.redis.xadd(bus.keys.events, {"type": "job.progress", "job_id": "running", "data": "not json"})
     await bus.append(bus.keys.events, *facts[4:])
@@ -266,6 +268,14 @@ async def test_real_bodies_match_the_document(lived: tuple[httpx.AsyncClient, Pr
     await check("DELETE", queue, 202, ids={"job_id": "wide"})
     await check("DELETE", job, 202, ids={"job_id": "broken"})
     await check("POST", f"{api}/queue/process", 202)
+    sweep = await check("GET", f"{api}/sweeps/{{sweep_id}}", 200, ids={"sweep_id": "sweep"})
+    assert [p["status"] for p in sweep["points"]] == ["completed", "queued"] and sweep["best"] is None
+    assert (await check("GET", f"{api}/sweeps", 200))["total"] == 1
+    await check("POST", f"{api}/sweeps/{{sweep_id}}/cancel", 202, ids={"sweep_id": "sweep"})
+    started = await check("POST", f"{api}/sweeps", 202, json={"job": spec, "grid": {"lora_rank": [8, 16]}})
+    assert started["points"] == 2
+    await check("POST", f"{api}/sweeps", 422, json={"job": spec, "grid": {}})
+    await check("GET", f"{api}/sweeps/{{sweep_id}}", 404, ids={"sweep_id": "nope"})
     assert (await check("DELETE", f"{api}/jobs", 202))["count"] == 2
     assert (await check("GET", "/api/v1/admin/quotas", 200))["known_users"] == ["bob", "root"]
     assert (await check("PUT", "/api/v1/admin/quotas", 200, json={}))["applied"] is True  # the table in force

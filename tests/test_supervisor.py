@@ -20,7 +20,7 @@ from events.codec import decode, progress_id
 from events.consumer import Delivery, Outcome
 from events.params import LanguageModelJob
 from services.config import load_settings
-from services.runner.progress import JsonlTail
+from services.runner.progress import JsonlTail, final_metrics, read_rows
 from services.runner.service import Runner
 from services.runner.supervisor import PROGRESS_ROWS_PER_COMMIT, JobRun, RunRecord
 from services.swift import failure_message
@@ -104,6 +104,14 @@ async def test_every_logged_row_is_a_progress_fact_in_order_with_eval_rows_kept(
     # for it); an evaluation's, its step's second report, a random one
     assert [p.id == progress_id("job-1", 1, p.step) for p in progress] == [not p.eval for p in progress]
     assert len({p.id for p in progress}) == len(progress)
+
+
+def test_a_runs_final_values_are_its_last_training_row_and_its_last_evaluation() -> None:
+    final = final_metrics(read_rows(DATA / "logging-with-eval.jsonl"))
+    assert final == pytest.approx(
+        {"loss": 5.2666173, "eval_loss": 5.27663708, "eval_token_acc": 0.52, "train_loss": 5.46324023}
+    )
+    assert final_metrics([{"loss": "nan", "global_step/max_steps": "1/1"}]) == {}  # not a finite number
 
 
 async def test_a_long_backlog_of_rows_is_reported_whole_in_several_commits(bus: Bus, tmp_path: Path) -> None:

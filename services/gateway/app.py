@@ -18,7 +18,6 @@ from typing import Any
 import anyio
 import structlog
 from pydantic import TypeAdapter, ValidationError
-from pydantic_core import from_json
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
@@ -41,7 +40,7 @@ from events.params import JobSpec, TaskType
 from events.quotas import EVERYONE, HOUR_S, Quotas, Usage, team_key, user_key
 from events.state import HOLDS_GPUS, TERMINAL, Job, JobStatus, State
 from services.config import Settings
-from services.gateway import catalog, dashboard, openapi, views
+from services.gateway import catalog, dashboard, openapi, sweeps, views
 from services.gateway import gpus as gpu_views
 from services.gateway.auth import (
     Auth,
@@ -54,6 +53,7 @@ from services.gateway.auth import (
     unauthorized,
     whoami,
 )
+from services.gateway.bodies import read_json, submitted
 from services.gateway.edges import Edges, allowed_hosts, split_names
 from services.gateway.errors import (
     ApiError,
@@ -65,11 +65,10 @@ from services.gateway.errors import (
 )
 from services.gateway.history import audit_routes, job_routes
 from services.gateway.projection import Projection
-from services.gateway.submit import SwiftFlags, dry_run_launch, parse_submission
+from services.gateway.submit import SwiftFlags, dry_run_launch
 
 log = structlog.get_logger("gateway")
 
-MAX_BODY_BYTES = 1024 * 1024
 SSE_PING_S = 15
 SSE_RETRY_MS = 2000
 CUT_OFF_GRACE_S = 5.0  # how long a client cut off for falling behind keeps its connection
@@ -144,38 +143,6 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 # Validation of a submit
 
 
-def is_json(content_type: str | None) -> bool:
-    """application/json, or a JSON-based type such as application/merge-patch+json."""
-    media = (content_type or "").partition(";")[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
-
-
-async def read_json(request: Request) -> Any:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
-    # A page elsewhere can make a browser post text/plain or a form without asking first (no
-    # preflight), but not application/json: a JSON endpoint takes JSON declared as such alone.
-    if not is_json(request.headers.get("content-type")):
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            "the body must be JSON, sent with Content-Type: application/json",
-            [{"field": "Content-Type", "message": f"got {request.headers.get('content-type', 'none')[:100]!r}"}],
-        )
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
-    try:
-        return from_json(body)  # parsed in Rust
-    except ValueError as exc:  # not JSON, not UTF-8, or nested too deep
-        raise ApiError(
-            400, "invalid_json", f"request body is not JSON: {exc}", [{"field": "body", "message": str(exc)}]
-        ) from exc
-
-
 # ---------------------------------------------------------------------------------------------
 # Routes
 
@@ -183,19 +150,7 @@ async def read_json(request: Request) -> Any:
 async def create_job(request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
     projection = _projection(request)
-    body = await read_json(request)
-    flags = await _swift_flags(request, body)
-    submission = parse_submission(
-        body,
-        projection.state,
-        settings.roots,
-        flags,
-        principal(request),
-        base=settings.data_dir,
-        private=settings.private_dirs,
-        allow_code_flags=settings.allow_code_flags,
-        hub=settings.model_hub,
-    )
+    submission = await submitted(request, await read_json(request))
     if submission.dry_run:
         launch = dry_run_launch(
             submission.spec, runs_dir=settings.runs_dir, omp_num_threads=settings.job_omp_num_threads
@@ -240,17 +195,6 @@ def _over_quota(why: str, job_id: str | None = None) -> ApiError:
         f"over quota: {why}{rejected}",
         [{"field": "queued", "message": why}],
     )
-
-
-async def _swift_flags(request: Request, body: Any) -> dict[str, frozenset[str]] | None:
-    """The installed ms-swift's flags, when a submission has extra flags to check."""
-    if not isinstance(body, dict) or not any(
-        isinstance(params, dict) and params.get("extra_args")
-        for params in (body.get("train_params"), body.get("deploy_params"))
-    ):
-        return None
-    flags: SwiftFlags = request.app.state.swift_flags
-    return await flags.get()
 
 
 def command_view(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
@@ -340,6 +284,7 @@ async def list_jobs(request: Request) -> JSONResponse:
     priority = _int_param(request, "priority", -1, 0, 10) if "priority" in request.query_params else None
     owner = request.query_params.get("owner")
     needs = request.query_params.get("depends_on")
+    sweep = request.query_params.get("sweep_id")
     page = _int_param(request, "page", 1, 1, 1_000_000)
     size = _int_param(request, "size", 50, 1, 500)
     everything = [*state.jobs.values(), *filter(None, map(projection.job, list(projection.pending)))]
@@ -351,6 +296,7 @@ async def list_jobs(request: Request) -> JSONResponse:
         and (priority is None or job.priority == priority)
         and (owner is None or job.submitted_by == owner)
         and (needs is None or names(job.spec, needs))
+        and (sweep is None or job.sweep_id == sweep)
         and may_see(request, job.submitted_by)
     ]
     jobs.sort(key=lambda job: (job.submitted_at, job.job_id), reverse=True)
@@ -932,6 +878,7 @@ def routes(prefix: str) -> list[Route | Mount]:
         Route("/jobs/{job_id}/suspend", suspend_job, methods=["POST"]),
         Route("/jobs/{job_id}/resume", resume_job, methods=["POST"]),
         Route("/jobs/{job_id}/export", export_job, methods=["POST"]),
+        *sweeps.routes(),
         Route("/queue", queue, methods=["GET"]),
         Route("/queue/{job_id}/status", queue_status, methods=["GET"]),
         Route("/queue/{job_id}", change_priority, methods=["PATCH"]),

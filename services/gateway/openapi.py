@@ -70,6 +70,7 @@ _LIST = (
     _query("priority", _int(0, 10), "only jobs of this priority"),
     _query("owner", {"type": "string"}, "only jobs submitted by this user"),
     _query("depends_on", {"type": "string"}, "only jobs that depend on this job (depends_on or source_job_id)"),
+    _query("sweep_id", {"type": "string"}, "only the jobs of this sweep"),
     _query("page", _int(1, 1_000_000, 1), "1-based page (ignored with cursor)"),
     _query("size", _int(1, 500, 50), "jobs per page"),
     _query("cursor", {"type": "string"}, "the next_cursor of the previous page"),
@@ -125,6 +126,13 @@ _OPERATIONS: list[Operation] = [
               "Suspend a running training job (checkpoint, free its GPUs, hold it)", {202: v.CommandAccepted}, _COMMAND),
     Operation("post", "/training/jobs/{job_id}/resume", "jobs", "Queue a suspended job again in its place",
               {202: v.CommandAccepted}, _COMMAND),
+    Operation("post", "/training/sweeps", "sweeps", "Start a sweep: one job per point of a grid over train_params",
+              {202: v.SweepSubmitted}, (400, 413, 415, 422, 503), body=v.SweepRequest),
+    Operation("get", "/training/sweeps", "sweeps", "Sweeps, newest first", {200: v.SweepList}),
+    Operation("get", "/training/sweeps/{sweep_id}", "sweeps", "A sweep's points, their results and the best one",
+              {200: v.SweepView}, (404,)),
+    Operation("post", "/training/sweeps/{sweep_id}/cancel", "sweeps", "Cancel every job of a sweep that has not ended",
+              {202: v.SweepCancelled}, (404, 503)),
     Operation("get", "/training/queue", "queue", "Queued jobs in start order, with estimates", {200: v.Queue}),
     Operation("get", "/training/queue/{job_id}/status", "queue", "One job's place in the queue",
               {200: v.QueueStatus}, (404,)),
@@ -222,12 +230,30 @@ def _closed_patterns(node: Any) -> None:
             _closed_patterns(value)
 
 
+def _components(node: Any) -> None:
+    """A field read as a plain map but checked as a component (a sweep's job: a JobSpec) is
+    documented as that component."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, dict) and "x-component" in value:
+                node[key] = {
+                    **_ref(value["x-component"]),
+                    **({"description": value["description"]} if "description" in value else {}),
+                }
+            else:
+                _components(value)
+    elif isinstance(node, list):
+        for value in node:
+            _components(value)
+
+
 def document(prefix: str) -> dict[str, Any]:
     _, schemas = models_json_schema(
         [(model, "serialization") for model in models()], ref_template="#/components/schemas/{model}"
     )
     defs = schemas.get("$defs", {})
     _closed_patterns(defs)
+    _components(defs)
     # The job specs first: the dashboard's form takes the first schema whose task_type names a type.
     components = {model.__name__: defs[model.__name__] for model in _JOB_SPECS}
     components["JobSpec"] = {
@@ -248,8 +274,9 @@ def document(prefix: str) -> dict[str, Any]:
             responses[str(status)] = {"description": _ERRORS[status], "content": _content(v.Error)}
         operation: dict[str, Any] = {"tags": [op.tag], "summary": op.summary, "responses": responses}
         parameters = list(op.parameters)
-        if "{job_id}" in op.path:
-            parameters.insert(0, {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}})
+        for name in ("job_id", "sweep_id"):
+            if f"{{{name}}}" in op.path:
+                parameters.insert(0, {"name": name, "in": "path", "required": True, "schema": {"type": "string"}})
         if parameters:
             operation["parameters"] = parameters
         if op.body:

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
-from pydantic.json_schema import SkipJsonSchema
+from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
 
 from events import messages as m
 from events.keys import EXPORTER_GROUP, RUNNER_GROUP, SCHEDULER_GROUP
@@ -586,3 +586,77 @@ class Me(View):
     role: Role
     team: str | None = Field(description="the team its API key names; null: none")
     access_control: bool = Field(description="whether API keys are required")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+
+GridValue = str | int | float | bool
+
+
+class SweepRequest(BaseModel):
+    """A grid search: one job per combination of the grid's values."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # Read as a map (the grid fills in its train_params), checked as POST /jobs checks a job.
+    job: Annotated[dict[str, Any], WithJsonSchema({"x-component": "JobSpec"})] = Field(
+        description="a training job's body, as for POST /jobs (its train_params the base)"
+    )
+    grid: dict[str, list[GridValue]] = Field(
+        description='train_params field -> its values, e.g. {"learning_rate": [1e-4, 5e-5], "lora_rank": [8, 16]}'
+    )
+    max_concurrent: int | None = Field(None, ge=1, description="at most this many of its jobs hold GPUs at once")
+    name: str | None = Field(None, max_length=200)
+
+
+class SweepSubmitted(View):
+    sweep_id: str
+    job_ids: list[str] = Field(description="one job per point, in the grid's order (the first field varies slowest)")
+    points: int
+
+
+class SweepPoint(View):
+    job_id: str
+    name: str | None = None
+    point: dict[str, GridValue] = Field(description="this job's values of the grid")
+    status: str = Field(description="the job's status, or deleted")
+    step: int | None = None
+    max_steps: int | None = None
+    train_loss: float | None = Field(None, description="its last training loss")
+    eval_loss: float | None = Field(None, description="its last evaluation loss")
+
+
+class SweepBest(View):
+    job_id: str
+    point: dict[str, GridValue]
+    metric: Literal["eval_loss", "train_loss"] = Field(description="eval_loss where completed points evaluated")
+    value: float
+
+
+class SweepSummary(View):
+    sweep_id: str
+    name: str | None
+    max_concurrent: int | None
+    created_at: datetime
+    created_by: str | None
+    ended: bool = Field(description="every point has ended")
+    counts: dict[str, int] = Field(description="points by status")
+    best: SweepBest | None = Field(description="the completed point with the lowest loss")
+    points: int
+
+
+class SweepView(SweepSummary):
+    grid: dict[str, list[GridValue]]
+    points: list[SweepPoint]  # type: ignore[assignment]
+
+
+class SweepList(View):
+    sweeps: list[SweepSummary] = Field(description="newest first (the 100 newest)")
+    total: int
+
+
+class SweepCancelled(View):
+    sweep_id: str
+    cancelling: list[str] = Field(description="its jobs that had not ended")
+    command_position: str

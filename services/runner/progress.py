@@ -59,6 +59,35 @@ def progress_fields(row: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def final_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """A run's last values: the loss of its last training row, the eval_* metrics of its last
+    evaluation, and ms-swift's mean training loss from its closing row."""
+    final: dict[str, float] = {}
+    for row in rows:
+        if "train_runtime" in row:
+            if (mean := _number(_float(row.get("train_loss")))) is not None:
+                final["train_loss"] = mean
+        elif "loss" in row and (loss := _number(_float(row["loss"]))) is not None:
+            final["loss"] = loss
+        evals = {
+            k: _number(_float(v))
+            for k, v in row.items()
+            if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
+        }
+        final.update({k: v for k, v in evals.items() if v is not None})
+    return final
+
+
+def _float(value: Any) -> Any:
+    """ms-swift writes its metrics as strings in its log lines, as numbers in logging.jsonl."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return value
+
+
 @dataclass
 class JsonlTail:
     """The complete JSON lines appended to a file after ``offset``. Reading does not move the

@@ -31,6 +31,7 @@ from services.runner.progress import (
     JsonlTail,
     LineTail,
     classify_failure,
+    final_metrics,
     hub_failure_message,
     progress_fields,
     read_rows,
@@ -493,6 +494,7 @@ class JobRun:
             return m.JobSucceeded(
                 exit_code=0,
                 run_dir=str(self.version_dir or self.record.output_dir),
+                final=final_metrics(rows),
                 last_checkpoint=last_row.get("last_model_checkpoint")
                 or (self.checkpoints[-1] if self.checkpoints else None),
                 **common,

@@ -69,7 +69,7 @@ def submit(
         return []
     spec = command.spec
     common = {"job_id": job_id, "causation_id": command.id, "actor": command.actor}
-    accepted = m.JobAccepted(spec=spec, team=command.team, **common)
+    accepted = m.JobAccepted(spec=spec, team=command.team, sweep_id=command.sweep_id, point=command.point, **common)
     impossible = never_fits(spec, state)
     if impossible:
         rejected = m.JobRejected(reason="unsatisfiable", message=impossible, **common)
@@ -138,6 +138,44 @@ def _new_queued(accepted: m.JobAccepted, seq: int) -> Job:
 def _queued(state: State, priority: int, common: dict[str, str | None], seq: float = math.inf) -> m.JobQueued:
     ahead = state.queued_ahead_of(priority, seq)
     return m.JobQueued(position=ahead + 1, behind_job_id=state.queued_at(ahead) if ahead else None, **common)
+
+
+def create_sweep(state: State, keys: Keys, command: m.CreateSweep) -> list[Append]:
+    """Record a sweep; its jobs follow as submissions of their own."""
+    if command.sweep_id in state.sweeps:
+        return []  # redelivered
+    created = m.SweepCreated(
+        sweep_id=command.sweep_id,
+        name=command.name,
+        grid=command.grid,
+        max_concurrent=command.max_concurrent,
+        job_ids=command.job_ids,
+        causation_id=command.id,
+        actor=command.actor,
+    )
+    return [Append(keys.events, created)]
+
+
+def cancel_sweep(state: State, keys: Keys, command: m.CancelSweep) -> list[Append]:
+    """Cancel every job of a sweep that has not ended, as a cancel of each would."""
+    sweep = state.sweeps.get(command.sweep_id)
+    if sweep is None:
+        return []
+    decided: list[Append] = []
+    for job_id in sweep.job_ids:
+        each = m.CancelJob(
+            id=f"{command.id}-{job_id}", job_id=job_id, actor=command.actor, reason=f"sweep {sweep.sweep_id} cancelled"
+        )
+        decided += cancel(state, keys, each)
+    return decided
+
+
+def _sweep_full(state: State, job: Job, started: Mapping[str, int]) -> bool:
+    """Whether a job of a sweep must wait for one of its sweep's jobs to end (max_concurrent)."""
+    sweep = state.sweeps.get(job.sweep_id or "")
+    if sweep is None or sweep.max_concurrent is None:
+        return False
+    return state.sweep_running(sweep.sweep_id) + started.get(sweep.sweep_id, 0) >= sweep.max_concurrent
 
 
 def release(state: State, keys: Keys, command: m.ReleaseJob) -> list[Append]:
@@ -650,6 +688,7 @@ def schedule(
     ports: dict[str, set[int]] = {}  # rendezvous ports held per node, as handed out in this pass
     blocked_in_quota = False
     victims = _Victims(state, limits, now) if limits.preemption or limits.borrowing else None
+    started: dict[str, int] = {}  # jobs of each sweep started in this pass
     for job in queue:
         if not any(usable.values()) and (victims is None or not victims.any()):
             break  # nothing left to hand out
@@ -665,6 +704,8 @@ def schedule(
             continue
         if quotas and gpu_quota_block(state, job, taken):
             continue  # waits for its quota: it holds up no one
+        if job.sweep_id is not None and _sweep_full(state, job, started):
+            continue  # its sweep runs as many jobs as it may: it holds up no one
         fresh = None if where != _ANYWHERE else _fresh_start(job)
         placement = place_job(state, job, _only(usable, where))
         if placement is None and backfill_until is not None:
@@ -692,6 +733,8 @@ def schedule(
             decisions += _preempt(keys, job, preempted, victims, cause) if victims is not None else []
         if quotas:
             charge(taken, job)
+        if job.sweep_id is not None:
+            started[job.sweep_id] = started.get(job.sweep_id, 0) + 1
         decisions += _start(state, keys, limits, job, placement, cause, usable, ports, preempted=preempted, fresh=fresh)
     if quotas and limits.borrowing and not blocked_in_quota and any(usable.values()):
         decisions += _borrow(state, keys, limits, accepted, cause, usable, decisions, ports, heartbeats)

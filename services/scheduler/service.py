@@ -354,6 +354,10 @@ class Scheduler:
             return rules.suspend(self.state, self.keys, message), None
         if isinstance(message, m.ResumeJob):
             return rules.resume(self.state, self.keys, message), None
+        if isinstance(message, m.CreateSweep):
+            return rules.create_sweep(self.state, self.keys, message), None
+        if isinstance(message, m.CancelSweep):
+            return rules.cancel_sweep(self.state, self.keys, message), None
         if isinstance(message, m.SetQuotas):
             return rules.set_quotas(self.state, self.keys, message), None
         if isinstance(message, m.SetHalfLife):
