@@ -1092,6 +1092,9 @@
         const how = spec.depends_on && spec.depends_on.length ? ` (${spec.dependency})` : "";
         lines.push(el("div", { class: "depends-on" }, `Depends on${how}: `, linked(known)));
       }
+      if (job.sweep_id) {
+        lines.push(el("div", { class: "sweep" }, "A point of ", el("a", { href: `#/sweeps/${encodeURIComponent(job.sweep_id)}`, text: `sweep ${job.sweep_id.slice(0, 8)}` }), `: ${pointText(job.point || {})}.`));
+      }
       if (spec.source_job_id) {
         lines.push(el("div", { class: "source" }, "Serves the exported model of ", overview.jobLink(spec.source_job_id), "."));
       }
@@ -1815,6 +1818,238 @@
   });
 
   // ------------------------------------------------------------------------------------------
+  // Sweeps: the list, and a sweep's page (every point's loss curve on one chart, a sortable table)
+
+  const PALETTE = ["#2557d6", "#d97706", "#15803d", "#b91c1c", "#7c3aed", "#0e7490", "#be185d", "#4d7c0f", "#a16207", "#475569"];
+  const colourOf = (i) => (i < PALETTE.length ? PALETTE[i] : `hsl(${(i * 137.5) % 360}, 65%, 42%)`);
+  const pointText = (point) => Object.entries(point).map(([name, value]) => `${name}=${value}`).join(" ");
+  const lossText = (value) => (value == null ? "—" : Number(value).toPrecision(4));
+  /** A colour square (set through the CSSOM: the page's policy allows no inline style). */
+  const swatch = (colour) => {
+    const square = el("span", { class: "swatch" });
+    square.style.backgroundColor = colour;
+    return square;
+  };
+
+  const sweepsPage = {
+    async show() {
+      try {
+        const { sweeps } = await api(`${API}/sweeps`);
+        $("#sweeps-empty").hidden = sweeps.length > 0;
+        $("#sweeps").replaceChildren(
+          ...sweeps.map((sweep) => {
+            const status = Object.entries(sweep.counts).map(([name, n]) => `${n} ${name}`).join(", ");
+            const best = sweep.best ? `${pointText(sweep.best.point)} (${sweep.best.metric} ${lossText(sweep.best.value)})` : "—";
+            return el(
+              "tr",
+              { dataset: { sweepId: sweep.sweep_id } },
+              el("td", {}, el("a", { href: `#/sweeps/${encodeURIComponent(sweep.sweep_id)}`, text: sweep.name || sweep.sweep_id.slice(0, 8) })),
+              el("td", { text: localTime(sweep.created_at) }),
+              el("td", { text: String(sweep.points) + (sweep.max_concurrent ? ` (${sweep.max_concurrent} at once)` : "") }),
+              el("td", { text: status }),
+              el("td", { text: best })
+            );
+          })
+        );
+        $("#sweeps-error").textContent = "";
+      } catch (error) {
+        if (error.status !== 401) $("#sweeps-error").textContent = `Could not load the sweeps: ${error.message}`;
+      }
+    },
+  };
+
+  const sweepPage = {
+    sweepId: null,
+    sweep: null,
+    losses: new Map(), // job id -> Map(step -> loss)
+    stream: null,
+    chart: null,
+    sort: { key: "index", asc: true },
+
+    async open(sweepId) {
+      if (this.sweepId === sweepId) return;
+      this.close();
+      this.sweepId = sweepId;
+      this.losses = new Map();
+      $("#sweep-title").textContent = sweepId;
+      $("#sweep-subtitle").textContent = "";
+      $("#sweep-chart").replaceChildren();
+      $("#sweep-chart").dataset.series = "0";
+      $("#sweep-chart-empty").hidden = false;
+      $("#sweep-points").replaceChildren();
+      $("#sweep-best").hidden = true;
+      if (!(await this.load())) return;
+      // Follow first, then read each point's history: whatever happens in between arrives on the stream.
+      const handlers = Object.fromEntries(JOB_EVENTS.map((type) => [type, (data) => this.onEvent(type, data)]));
+      this.stream = follow(`${API}/events/stream?type=${encodeURIComponent("job.*")}`, handlers, { onOpen: indicator.up, onDown: indicator.down });
+      await Promise.all(this.sweep.points.map((point) => this.loadHistory(point.job_id)));
+      this.drawChart();
+    },
+
+    close() {
+      if (this.stream) this.stream.close();
+      this.stream = null;
+      if (this.chart) this.chart.destroy();
+      this.chart = null;
+      this.sweepId = null;
+    },
+
+    async load() {
+      const sweepId = this.sweepId;
+      try {
+        const sweep = await api(`${API}/sweeps/${encodeURIComponent(sweepId)}`);
+        if (this.sweepId !== sweepId) return false;
+        this.sweep = sweep;
+        this.render();
+        return true;
+      } catch (error) {
+        if (this.sweepId !== sweepId) return false;
+        $("#sweep-title").textContent = error.status === 404 ? "No such sweep" : "Could not load the sweep";
+        $("#sweep-subtitle").textContent = `${sweepId}: ${error.message}`;
+        return false;
+      }
+    },
+
+    reload: null, // set below: a point's status changed (at most four times a second)
+
+    async loadHistory(jobId) {
+      try {
+        const { events } = await api(`${API}/jobs/${encodeURIComponent(jobId)}/events`);
+        for (const event of events) if (event.type === "job.progress") this.addLoss(jobId, event.payload);
+      } catch {
+        /* a deleted point has no history to show */
+      }
+    },
+
+    addLoss(jobId, payload) {
+      if (!payload || payload.loss == null) return;
+      if (!this.losses.has(jobId)) this.losses.set(jobId, new Map());
+      this.losses.get(jobId).set(payload.step, payload.loss);
+    },
+
+    onEvent(type, envelope) {
+      if (!this.sweep || !this.sweep.points.some((point) => point.job_id === envelope.job_id)) return;
+      if (type === "job.progress") {
+        this.addLoss(envelope.job_id, envelope.payload);
+        this.drawChart();
+        return;
+      }
+      this.reload();
+    },
+
+    render() {
+      const sweep = this.sweep;
+      $("#sweep-title").textContent = sweep.name || `Sweep ${sweep.sweep_id.slice(0, 8)}`;
+      const grid = Object.entries(sweep.grid).map(([name, values]) => `${name} ∈ {${values.join(", ")}}`).join(" × ");
+      const cap = sweep.max_concurrent ? `, at most ${sweep.max_concurrent} at once` : "";
+      $("#sweep-subtitle").textContent = `${sweep.sweep_id} · ${sweep.points.length} points: ${grid}${cap} · created ${localTime(sweep.created_at)} by ${sweep.created_by || "?"}`;
+      const best = $("#sweep-best");
+      best.hidden = !sweep.best;
+      if (sweep.best) best.textContent = `Best so far: ${pointText(sweep.best.point)}, ${sweep.best.metric} ${lossText(sweep.best.value)}.`;
+      const cancel = $("#sweep-cancel");
+      cancel.hidden = sweep.ended;
+      cancel.disabled = false;
+      this.renderTable();
+    },
+
+    renderTable() {
+      const sweep = this.sweep;
+      const fields = Object.keys(sweep.grid);
+      const columns = [...fields.map((name) => [name, name]), ["status", "status"], ["step", "step"], ["train_loss", "train loss"], ["eval_loss", "eval loss"]];
+      $("#sweep-head").replaceChildren(
+        el(
+          "tr",
+          {},
+          el("th", { text: "#", dataset: { sort: "index" } }),
+          ...columns.map(([key, label]) => el("th", { text: label, dataset: { sort: key } }))
+        )
+      );
+      for (const th of document.querySelectorAll("#sweep-head th")) {
+        th.classList.toggle("sorted-asc", th.dataset.sort === this.sort.key && this.sort.asc);
+        th.classList.toggle("sorted-desc", th.dataset.sort === this.sort.key && !this.sort.asc);
+        th.onclick = () => {
+          this.sort = { key: th.dataset.sort, asc: this.sort.key === th.dataset.sort ? !this.sort.asc : true };
+          this.renderTable();
+        };
+      }
+      const value = (point, index, key) => (key === "index" ? index : key in point.point ? point.point[key] : point[key]);
+      const rows = sweep.points.map((point, index) => ({ point, index }));
+      const { key, asc } = this.sort;
+      rows.sort((a, b) => {
+        const x = value(a.point, a.index, key);
+        const y = value(b.point, b.index, key);
+        if (x == null && y == null) return a.index - b.index;
+        if (x == null) return 1; // no value last, either way
+        if (y == null) return -1;
+        return (x < y ? -1 : x > y ? 1 : a.index - b.index) * (asc ? 1 : -1);
+      });
+      const bestId = sweep.best ? sweep.best.job_id : null;
+      $("#sweep-points").replaceChildren(
+        ...rows.map(({ point, index }) =>
+          el(
+            "tr",
+            { class: point.job_id === bestId ? "best" : null, dataset: { jobId: point.job_id, status: point.status } },
+            el("td", {}, swatch(colourOf(index)), el("a", { href: `#/jobs/${encodeURIComponent(point.job_id)}`, text: String(index + 1) })),
+            ...fields.map((name) => el("td", { text: String(point.point[name]) })),
+            el("td", {}, badge(point.status)),
+            el("td", { text: point.step != null ? `${point.step}/${point.max_steps}` : "—" }),
+            el("td", { class: "train-loss", text: lossText(point.train_loss) }),
+            el("td", { class: "eval-loss", text: lossText(point.eval_loss) })
+          )
+        )
+      );
+    },
+
+    drawChart: null, // set below: at most ten times a second
+
+    draw() {
+      if (!this.sweep) return;
+      const points = this.sweep.points;
+      const steps = [...new Set(points.flatMap((point) => [...(this.losses.get(point.job_id) || new Map()).keys()]))].sort((a, b) => a - b);
+      const drawn = points.filter((point) => this.losses.has(point.job_id)).length;
+      $("#sweep-chart").dataset.series = String(drawn);
+      if (!steps.length) return;
+      $("#sweep-chart-empty").hidden = true;
+      const data = [steps, ...points.map((point) => steps.map((step) => (this.losses.get(point.job_id) || new Map()).get(step) ?? null))];
+      if (this.chart && this.chart.series.length === points.length + 1) {
+        this.chart.setData(data);
+        return;
+      }
+      if (this.chart) this.chart.destroy();
+      const box = $("#sweep-chart");
+      this.chart = new uPlot(
+        {
+          width: Math.max(300, box.clientWidth),
+          height: 320,
+          scales: { x: { time: false } },
+          axes: [{ label: "step" }, { label: "train loss" }],
+          series: [
+            { label: "step" },
+            ...points.map((point, index) => ({ label: `${index + 1}: ${pointText(point.point)}`, stroke: colourOf(index), width: 2, spanGaps: true })),
+          ],
+        },
+        data,
+        box
+      );
+    },
+  };
+  sweepPage.drawChart = throttle(() => sweepPage.draw(), 100);
+  sweepPage.reload = debounce(() => sweepPage.load(), 250);
+  $("#sweep-cancel").addEventListener("click", async (event) => {
+    const sweepId = sweepPage.sweepId;
+    if (!sweepId || !window.confirm("Cancel every job of this sweep that has not ended?")) return;
+    event.currentTarget.disabled = true;
+    try {
+      await api(`${API}/sweeps/${encodeURIComponent(sweepId)}/cancel`, { method: "POST" });
+      sweepPage.reload();
+    } catch (error) {
+      event.currentTarget.disabled = false;
+      if (error.status !== 401) window.alert(error.message);
+    }
+  });
+  window.addEventListener("resize", debounce(() => sweepPage.chart && sweepPage.chart.setSize({ width: Math.max(300, $("#sweep-chart").clientWidth), height: 320 }), 150));
+
+  // ------------------------------------------------------------------------------------------
   // Routing: #/ (overview), #/jobs/<id>, #/submit, #/pool
 
   function show(view) {
@@ -1833,11 +2068,20 @@
     const job = hash.match(/^#\/jobs\/([^/?#]+)$/);
     const form = hash === "#/submit";
     const pool = hash === "#/pool";
+    const sweeps = hash === "#/sweeps";
+    const sweep = hash.match(/^#\/sweeps\/([^/?#]+)$/);
     if (!job) jobPage.close();
     if (!pool) poolPage.close();
-    if (!job) live.follow();
+    if (!sweep) sweepPage.close();
+    if (!job && !sweep) live.follow();
     else live.unfollow();
-    if (job) {
+    if (sweep) {
+      show("sweep");
+      sweepPage.open(decodeURIComponent(sweep[1]));
+    } else if (sweeps) {
+      show("sweeps");
+      sweepsPage.show();
+    } else if (job) {
       show("job");
       jobPage.open(decodeURIComponent(job[1]));
     } else if (form) {
@@ -1858,6 +2102,7 @@
     live.unfollow();
     jobPage.close();
     poolPage.close();
+    sweepPage.close();
     indicator.off();
   }
 
