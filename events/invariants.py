@@ -10,6 +10,7 @@ apart from the fold's, so that a fold that let something through would not hide 
   or its GPUs given up: preempted, suspended);
   no process of another attempt reports having started meanwhile;
 - no GPU is held by two live attempts at any position of the log;
+- no more jobs of a sweep hold GPUs at once than its ``max_concurrent``;
 - at the end, each job is in exactly one state: queued jobs are the queue, jobs holding GPUs are
   the allocations and the live attempts, finished jobs hold nothing;
 - every submission the gateway acknowledged (a ``job.submit`` in the commands stream that the
@@ -135,10 +136,28 @@ class LogCheck:
                     f"attempt {event.attempt}, and job {holder.job_id} attempt {holder.number} "
                     f"(scheduled at {holder.scheduled_at})",
                 )
+        self._sweep_cap(entry_id, job_id)
         self.last_attempt[job_id] = max(event.attempt, before or 0)
         self.live[job_id] = attempt
         for key in gpus:
             self.holders[key] = attempt
+
+    def _sweep_cap(self, entry_id: str, job_id: str) -> None:
+        """A sweep's job scheduled: with it, at most max_concurrent of the sweep's jobs are live."""
+        jobs = self.state.jobs
+        job = jobs.get(job_id)
+        sweep = self.state.sweeps.get(job.sweep_id) if job is not None and job.sweep_id else None
+        if sweep is None or sweep.max_concurrent is None:
+            return
+        live = sum(
+            1 for other in self.live if other != job_id and (o := jobs.get(other)) and o.sweep_id == sweep.sweep_id
+        )
+        if live + 1 > sweep.max_concurrent:
+            self._violated(
+                entry_id,
+                f"sweep {sweep.sweep_id} runs {live + 1} jobs at once at entry {entry_id} (job {job_id} scheduled),"
+                f" over its max_concurrent of {sweep.max_concurrent}",
+            )
 
     def _end(self, attempt: Attempt) -> None:
         del self.live[attempt.job_id]

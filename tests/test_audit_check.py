@@ -97,6 +97,28 @@ def test_a_gpu_held_by_two_attempts_is_named() -> None:
     assert result.first.sentence.startswith("GPU n1/0 is held by two attempts at entry 7-0: job b attempt 1")
 
 
+def test_a_sweep_over_its_max_concurrent_is_named() -> None:
+    sweep = m.SweepCreated(sweep_id="s", grid={"lora_rank": [4, 8, 16]}, max_concurrent=2, job_ids=["a", "b", "c"])
+    points = [
+        [
+            m.JobAccepted(job_id=job_id, spec=LM, sweep_id="s", point={"lora_rank": rank}),
+            m.JobQueued(job_id=job_id, position=1),
+            m.JobScheduled(job_id=job_id, node="n1", gpu_ids=[gpu], attempt=1),
+        ]
+        for gpu, (job_id, rank) in enumerate([("a", 4), ("b", 8), ("c", 16)])
+    ]
+    three = m.NodeJoined(node="n1", simulated=True, gpus=[*GPUS, GPUS[0].model_copy(update={"index": 2})])
+    # Two at once pass; a third once one of them ended too; a third while both still run is named
+    assert checked([three, sweep, *points[0], *points[1]]).violations == []
+    a_ends = [started("a"), m.JobSucceeded(job_id="a", attempt=1, exit_code=0, run_dir="/r")]
+    assert checked([three, sweep, *points[0], *points[1], *a_ends, *points[2]]).violations == []
+    result = checked([three, sweep, *points[0], *points[1], *points[2]])
+    assert result.first is not None
+    assert result.first.sentence == (
+        "sweep s runs 3 jobs at once at entry 11-0 (job c scheduled), over its max_concurrent of 2"
+    )
+
+
 def test_a_second_live_attempt_is_named() -> None:
     result = checked([node(), *placed("a", gpu=0), m.JobScheduled(job_id="a", node="n1", gpu_ids=[1], attempt=2)])
     assert result.first is not None

@@ -4,6 +4,7 @@ page in Chromium."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -97,6 +98,11 @@ def test_a_sweep_runs_two_at_once_is_cancelled_in_bulk_and_shows_every_curve(
     assert [p["status"] for p in final["points"]] == ["completed", "cancelled", "completed", "cancelled"]
     # And the log shows that no more than two held GPUs at once, though four were free
     assert most_at_once(system, job_ids) == 2
+    state_url = f"http://127.0.0.1:{system.port}/api/v1/audit/state"
+    assert system.cli("audit", "check", "--gateway", state_url).startswith("ok: every invariant holds")
+    # And replaying the log rebuilds the sweep
+    replayed = json.loads(system.cli("replay", "--state"))["sweeps"][sweep_id]
+    assert (replayed["job_ids"], replayed["max_concurrent"], replayed["grid"]) == (job_ids, 2, grid)
 
     # And the dashboard's sweep page shows every point's curve on one chart, and the table sorts
     page = browser.new_page(viewport={"width": 1360, "height": 1000})

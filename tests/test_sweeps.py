@@ -100,6 +100,7 @@ async def client(bus: Bus, tmp_path: Path, local_job: dict[str, object]) -> Asyn
         ({"job": {"task_type": "deploy", "model_path": "/m"}}, "job.task_type"),
         ({"job": {"task_type": "language_model"}}, "job.model_path"),
         ({"surprise": 1}, "surprise"),
+        ({"job": {"dry_run": True}}, "job.dry_run"),
     ],
 )
 async def test_a_bad_sweep_is_422_naming_the_field_and_sends_nothing(

@@ -56,6 +56,8 @@ async def create_sweep(request: Request) -> JSONResponse:
         details = validation_details(exc, drop_tags={"str", "int", "float", "bool"})
         raise ApiError(422, "validation_error", "invalid sweep", details) from exc
     job = dict(asked.job)
+    if "dry_run" in job:
+        raise _invalid("job.dry_run", "a sweep is not dry-run: try one point as a job")
     task_type = job.setdefault("task_type", TaskType.multimodal.value)
     fields = _GRID_FIELDS.get(task_type) if isinstance(task_type, str) else None
     if fields is None:
