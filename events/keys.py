@@ -12,6 +12,7 @@ from dataclasses import dataclass
 SCHEDULER_GROUP = "scheduler"
 RUNNER_GROUP = "runner"
 EXPORTER_GROUP = "exporter"
+NOTIFIER_GROUP = "notifier"
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ job.lost                event      runner       (the attempt ended while no runn
                                                 the scheduler retries or fails the job)
 job.rank_ended          event      runner       (a gang job's rank ended; a failed one makes the
                                                 scheduler stop every rank and retry or fail)
+notification.delivered  event      notifier     (a webhook answered 2xx; .failed: gave up)
 export.started          event      exporter
 export.completed        event      exporter
 export.failed           event      exporter
@@ -233,7 +234,7 @@ class StopJob(Command):
     attempt: int
     # preempt: for a more urgent job (or its node was lost); suspend: on request. Both report
     # job.stopped when the attempt is gone; a stop of an attempt already given up is ignored.
-    reason: Literal["cancel", "timeout", "preempt", "suspend"] = "cancel"
+    reason: Literal["cancel", "timeout", "preempt", "suspend", "idle"] = "cancel"
     rank: int = 0  # of a gang job: the rank on the node the stop is sent to
 
 
@@ -493,6 +494,29 @@ class DependenciesMet(Event):
     model_path: str | None = None
 
 
+class NotificationDelivered(Event):
+    """The notifier POSTed an event to a webhook, which answered 2xx."""
+
+    type: Literal["notification.delivered"] = "notification.delivered"
+    event_id: str  # the notified event's id (in the delivery's X-Swift-Trainer-Event-Id header)
+    event_type: str
+    url: str  # without credentials or query
+    status_code: int
+    attempts: int
+
+
+class NotificationFailed(Event):
+    """The notifier gave up on a webhook: no 2xx after its attempts (or a refused URL)."""
+
+    type: Literal["notification.failed"] = "notification.failed"
+    event_id: str
+    event_type: str
+    url: str
+    status_code: int | None = None  # the last answer's, if any came
+    attempts: int
+    error: str
+
+
 class JobDeleted(Event):
     """A finished job leaves the job list; its history stays in the log."""
 
@@ -602,6 +626,21 @@ class NodeHeartbeat(Telemetry):
     roots: list[StorageRoot] = Field(default_factory=list)  # which of its roots other nodes share
 
 
+class MetricSample(BaseModel):
+    name: str  # the sample's own name (a histogram's _bucket, _sum, _count; a counter's _total)
+    labels: dict[str, str] = Field(default_factory=dict)
+    value: float
+
+
+class MetricFamily(BaseModel):
+    """One Prometheus metric of a process, as prometheus-client collects it."""
+
+    name: str
+    type: str  # counter, gauge, histogram, summary, info, unknown
+    help: str = ""
+    samples: list[MetricSample]
+
+
 class ServiceHeartbeat(Telemetry):
     type: Literal["service.heartbeat"] = "service.heartbeat"
     service: str
@@ -609,6 +648,7 @@ class ServiceHeartbeat(Telemetry):
     started_at: datetime
     interval_s: float
     node: str | None = None  # the node it runs on (a runner serves that node's jobs)
+    metrics: list[MetricFamily] = Field(default_factory=list)  # its own, served by the gateway's /metrics
 
 
 AnyMessage = Annotated[
@@ -646,6 +686,8 @@ AnyMessage = Annotated[
     | JobDeleted
     | JobHeld
     | JobWaiting
+    | NotificationDelivered
+    | NotificationFailed
     | DependenciesMet
     | JobCancelled
     | JobPreempted

@@ -30,6 +30,28 @@ class Dependency(StrEnum):
     afternotok = "afternotok"  # once each has failed or been cancelled
 
 
+NotifyEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "export.completed", "job.serving"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = (
+    "job.succeeded",
+    "job.failed",
+    "job.cancelled",
+    "export.completed",
+    "job.serving",
+)
+
+
+class Notify(BaseModel):
+    """A webhook of a job's own: POSTed to on the events named, signed like every delivery."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    url: str = Field(min_length=8, max_length=2048, description="http(s) URL the notifications are POSTed to")
+    events: list[NotifyEvent] = Field(
+        default_factory=lambda: list(NOTIFY_EVENTS), min_length=1, description="which of the job's events are sent"
+    )
+    format: Literal["json", "slack"] = Field("json", description='json: the event; slack: {"text": …}')
+
+
 class TrainType(StrEnum):
     lora = "lora"  # adapters only; exported by merging into the base model
     full = "full"  # every weight trained; the checkpoint is the model
@@ -137,6 +159,12 @@ class JobBase(_Strict):
     gpu_count: int = Field(1, ge=1, le=64)
     name: str | None = Field(None, max_length=200)
     time_limit_s: int | None = Field(None, ge=1, description="stop the job (reason timeout) after this long")
+    idle_timeout_s: int | None = Field(
+        None,
+        ge=1,
+        description="stop the job (reason idle) once its GPUs have all stayed under IDLE_GPU_UTIL_PCT this long;"
+        " a deploy: once it has served no request this long (default IDLE_TIMEOUT_S, off unless set)",
+    )
     min_gpu_memory_mb: int | None = Field(None, ge=1, description="free memory each GPU must have")
     gpu_model: str | None = Field(None, min_length=1, max_length=100, description="a part of the GPU name, e.g. H100")
     node: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", max_length=200, description="run on this node only")
@@ -165,6 +193,7 @@ class JobBase(_Strict):
         description="afterok: start once they all completed; afterany: once they all ended;"
         " afternotok: once they all failed or were cancelled",
     )
+    notify: Notify | None = Field(None, description="a webhook of the job's own (see also WEBHOOK_URLS)")
     hub: ModelHub | None = Field(
         None,
         strict=False,

@@ -733,6 +733,13 @@ def _held(state: State, entry_id: str, event: m.JobHeld) -> None:
     job.last_entry_id = entry_id
 
 
+def _noted(state: State, entry_id: str, event: m.Message) -> None:
+    """A notification about a job: part of its history (where its entries end), nothing more."""
+    job = state.jobs.get(event.job_id or "")
+    if job is not None:
+        job.last_entry_id = entry_id
+
+
 def _waiting(state: State, entry_id: str, event: m.JobWaiting) -> None:
     job = _job(state, event, JobStatus.pending)
     job.status = JobStatus.waiting
@@ -1034,6 +1041,8 @@ _HANDLERS = {
     m.JobQueued: _queued,
     m.JobHeld: _held,
     m.JobWaiting: _waiting,
+    m.NotificationDelivered: _noted,
+    m.NotificationFailed: _noted,
     m.SweepCreated: _sweep_created,
     m.DependenciesMet: _dependencies_met,
     m.JobScheduled: _scheduled,

@@ -1,4 +1,5 @@
-"""`swift-trainer`: run one process of the system, the embedded Redis, the demo, or a replay."""
+"""`swift-trainer`: run one process of the system, the embedded Redis, the demo, or a replay; or,
+as a client of a running system, submit, list, watch and steer its jobs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import anyio
 import structlog
 
 from events.audit import Query, parse_time
-from services import embedded_redis, host_secrets
+from services import client, embedded_redis, host_secrets
 from services.config import ConfigError, Settings, effective, load_settings
 from services.runtime import ServiceMain, configure_logging, serve
 
@@ -33,12 +34,14 @@ def _service(name: str) -> ServiceMain:
         from services.runner.service import main
     elif name == "exporter":
         from services.exporter.service import main
+    elif name == "notifier":
+        from services.notifier.service import main
     else:
         raise ValueError(name)
     return main
 
 
-SERVICES = ("gateway", "scheduler", "gpu-monitor", "runner", "exporter")
+SERVICES = ("gateway", "scheduler", "gpu-monitor", "runner", "exporter", "notifier")
 
 
 # uvloop where it is installed: the same asyncio, with a faster loop
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         help="build a tiny language and a tiny vision-language model with datasets offline; print how to train them",
     )
     demo.add_argument("--dir", type=Path, default=Path("demo"))
-    sub.add_parser("gpus", help="read the GPUs once through NVML (checks the driver path on a GPU machine)")
+    client.add_commands(sub)
     config = sub.add_parser("config", help="print the settings a process started here reads (secrets hidden)")
     config.add_argument("--json", action="store_true", help="one JSON object: name -> value and source")
     rep = sub.add_parser("replay", help="print the history (archives and the live log) in order, or its fold")
@@ -174,14 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         help="fail (exit 2) when no gateway answers, instead of checking without it",
     )
     args = parser.parse_args(argv)
+    if args.command == "gpus" and args.local:
+        return check_gpus()
+    if args.command in client.COMMANDS:
+        return client.run(args)
 
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"swift-trainer: {exc}", file=sys.stderr)
         return 2
-    if args.command == "gpus":
-        return check_gpus()
     if args.command == "config":
         print_config(settings, as_json=args.json)
         return 0

@@ -76,6 +76,23 @@ class Settings(BaseSettings):
     # the working directory.
     path_roots: str = ""
     max_sweep_points: int = Field(256, ge=1, le=100_000)  # jobs one sweep may create
+    # Idle-GPU reclaim, off unless set: a job whose GPUs all stay under IDLE_GPU_UTIL_PCT for
+    # IDLE_TIMEOUT_S (a job's idle_timeout_s wins) is stopped with a checkpoint and fails (idle);
+    # a deploy, once it has served no request that long.
+    idle_timeout_s: int | None = Field(None, ge=1)
+    idle_gpu_util_pct: float = Field(5.0, ge=0, le=100)
+    # Simulated GPUs' utilisation, read at each heartbeat from this JSON file ({"0": 90, "*": 0}):
+    # for trying idle reclaim without GPUs. Unset or unreadable: 0 %.
+    simulated_gpu_utilization_file: Path | None = None
+    # Notifications: cluster-wide webhooks (comma-separated; "slack:" before a URL for a Slack
+    # body), the secret their signatures use (unset: one kept in DATA_DIR/secrets/webhook-secret),
+    # whether loopback URLs may be called, and each delivery's timeout and attempts.
+    webhook_urls: str = ""
+    webhook_secret: SecretStr | None = None
+    allow_loopback_webhooks: bool = False
+    webhook_timeout_s: float = Field(5.0, gt=0, le=120)
+    webhook_attempts: int = Field(4, ge=1, le=20)
+    webhook_backoff_s: float = Field(0.5, gt=0, le=60)
     # Where hub ids are downloaded from, unless a job says (its `hub`).
     model_hub: ModelHub = ModelHub.modelscope
     # Extra ms-swift flags that load code (external_plugins ...): refused unless this is on, and
@@ -231,6 +248,12 @@ class Settings(BaseSettings):
         started on the same DATA_DIR connects with no configuration."""
         configured = self.redis_password.get_secret_value() if self.redis_password else ""
         return configured or host_secrets.read_or_create(host_secrets.redis_password_file(self.data_dir))
+
+    @cached_property
+    def resolved_webhook_secret(self) -> str:
+        """WEBHOOK_SECRET, else the one kept in DATA_DIR/secrets/webhook-secret (give it to receivers)."""
+        configured = self.webhook_secret.get_secret_value() if self.webhook_secret else ""
+        return configured or host_secrets.read_or_create(host_secrets.secrets_dir(self.data_dir) / "webhook-secret")
 
     @cached_property
     def resolved_redis_url(self) -> str:

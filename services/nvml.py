@@ -7,8 +7,10 @@ be read at all is left out, and the heartbeat says it is degraded and why.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -98,7 +100,8 @@ class SimulatedSource:
 
     simulated = True
 
-    def __init__(self, node: str, count: int, memory_mb: int) -> None:
+    def __init__(self, node: str, count: int, memory_mb: int, utilization_file: Path | None = None) -> None:
+        self.utilization_file = utilization_file
         self.gpus = [
             GpuSample(
                 index=i,
@@ -113,17 +116,37 @@ class SimulatedSource:
         ]
 
     def sample(self) -> Reading:
-        return Reading(list(self.gpus))
+        utilization = self._utilization()
+        if not utilization:
+            return Reading(list(self.gpus))
+        default = utilization.get("*", 0)
+        return Reading(
+            [gpu.model_copy(update={"utilization_pct": utilization.get(str(gpu.index), default)}) for gpu in self.gpus]
+        )
+
+    def _utilization(self) -> dict[str, int]:
+        """GPU index (or "*") -> utilisation in per cent, as the file says now."""
+        if self.utilization_file is None:
+            return {}
+        try:
+            given = json.loads(self.utilization_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(given, dict):
+            return {}
+        return {str(k): max(0, min(100, int(v))) for k, v in given.items() if isinstance(v, (int, float))}
 
     def close(self) -> None:
         pass
 
 
-def open_source(node: str, simulated_count: int, simulated_memory_mb: int) -> NvmlSource | SimulatedSource:
+def open_source(
+    node: str, simulated_count: int, simulated_memory_mb: int, utilization_file: Path | None = None
+) -> NvmlSource | SimulatedSource:
     try:
         return NvmlSource()
     except pynvml.NVMLError:
-        return SimulatedSource(node, simulated_count, simulated_memory_mb)
+        return SimulatedSource(node, simulated_count, simulated_memory_mb, utilization_file)
 
 
 def _text(value: bytes | str) -> str:

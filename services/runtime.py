@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events.bus import Bus, connect
 from events.messages import ServiceHeartbeat
+from services import metrics
 from services.config import Settings
 
 REDIS_RETRY_S = 0.5  # between attempts to reach a Redis that is still starting
@@ -132,6 +133,7 @@ async def beat(bus: Bus, settings: Settings, service: str, started: datetime) ->
         started_at=started,
         interval_s=settings.heartbeat_interval_s,
         node=settings.node_name,
+        metrics=metrics.snapshot(service),
     )
     await bus.append(bus.keys.telemetry, heartbeat, maxlen=settings.telemetry_maxlen)
 

@@ -22,7 +22,7 @@ from services.launch import TAG_VARIABLE
 from tests.conftest import RedisServer, free_port, wait_for
 
 TRAINING_TIMEOUT_S = 120
-SERVICES = ("scheduler", "gpu-monitor", "runner", "exporter", "gateway")
+SERVICES = ("scheduler", "gpu-monitor", "runner", "exporter", "notifier", "gateway")
 
 
 def offline_env() -> dict[str, str]:
@@ -193,12 +193,14 @@ def on_own_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, System]]:
     assert all(code == 0 for code in codes.values()), codes
 
 
-def finish(system: System, body: dict[str, object], until: str = "job.succeeded") -> tuple[str, list[ServerSentEvent]]:
+def finish(
+    system: System, body: dict[str, object], until: str = "job.succeeded", auth: dict[str, str] | None = None
+) -> tuple[str, list[ServerSentEvent]]:
     """Submit a job and read its stream until ``until``."""
-    response = httpx.post(f"{system.base}/jobs", json=body)
+    response = httpx.post(f"{system.base}/jobs", json=body, headers=auth)
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
-    return job_id, read_stream(f"{system.base}/jobs/{job_id}/stream", seen(until))
+    return job_id, read_stream(f"{system.base}/jobs/{job_id}/stream", seen(until), auth=auth)
 
 
 def steps(events: list[ServerSentEvent]) -> list[int]:

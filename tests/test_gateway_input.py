@@ -73,6 +73,11 @@ def fields_of(response: httpx.Response) -> set[str]:
         ({"depends_on": ["a1", "a1"]}, "depends_on"),
         ({"depends_on": [f"j{i}" for i in range(65)]}, "depends_on"),
         ({"dependency": "afterwards"}, "dependency"),
+        ({"notify": {"url": "http://127.0.0.1:9000/hook"}}, "notify.url"),  # loopback: ALLOW_LOOPBACK_WEBHOOKS off
+        ({"notify": {"url": "http://localhost/hook"}}, "notify.url"),
+        ({"notify": {"url": "https://example.org/hook", "events": ["job.exploded"]}}, "notify.events.0"),
+        ({"notify": {"url": "https://example.org/hook", "format": "teams"}}, "notify.format"),
+        ({"notify": "https://example.org/hook"}, "notify"),
         ({"hub": ""}, "hub"),
     ],
 )

@@ -77,9 +77,10 @@ def test_honcho_start_runs_everything_on_an_embedded_redis_and_keeps_jobs_across
     process = honcho(tmp_path, app_port, redis_port)
     try:
         wait_for(lambda: healthy(base), 90, "the system to report healthy", interval_s=0.3)
-        # Then every process type is live, and the GPUs are clearly simulated
-        health = httpx.get(f"{base}/health").json()
-        assert set(health["services"]) == {"gateway", "scheduler", "gpu-monitor", "runner", "exporter"}
+        # Then every process type is live (the notifier too, though health does not need it),
+        # and the GPUs are clearly simulated
+        every = {"gateway", "scheduler", "gpu-monitor", "runner", "exporter", "notifier"}
+        wait_for(lambda: set(httpx.get(f"{base}/health").json()["services"]) == every, 30, "the notifier to beat")
         nodes = httpx.get(f"{base}/gpus").json()["nodes"]
         assert nodes and all(node["simulated"] for node in nodes) and len(nodes[0]["gpus"]) == 2
         assert any("appendonly" in p.name for p in (tmp_path / "redis").iterdir())  # AOF is on

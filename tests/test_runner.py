@@ -342,3 +342,26 @@ async def test_gpus_are_released_only_once_nvml_lists_none_of_the_jobs_processes
     [(_, final)] = await bus.redis.xrange(bus.keys.events)
     # The stand-in exits 0 without ms-swift's closing row: not a finished training.
     assert final["type"] == "job.failed" and '"reason":"killed"' in final["data"]
+
+
+def test_webhook_urls_signatures_and_what_the_log_keeps_of_a_url() -> None:
+    from services.webhooks import parse_targets, refused, shown, sign
+
+    assert refused("https://example.org/hook", allow_loopback=False) is None
+    assert (
+        refused("http://[::1]:8080/hook", allow_loopback=False) == "a loopback address (ALLOW_LOOPBACK_WEBHOOKS is off)"
+    )
+    assert refused("http://127.0.0.1:8080/hook", allow_loopback=True) is None
+    assert (
+        refused("http://127.0.0.1:8000/api", allow_loopback=True, gateway=("127.0.0.1", 8000)) == "the gateway itself"
+    )
+    assert refused("gopher://example.org/", allow_loopback=True) == "must be an http(s) URL with a host"
+    assert shown("https://user:pw@hooks.example.org:8443/a/b?token=s3cret") == "https://hooks.example.org:8443/a/b"
+    expected = "sha256=" + __import__("hmac").new(b"k", b"{}", "sha256").hexdigest()
+    assert sign("k", b"{}") == expected
+    targets = parse_targets("https://a.example/x, slack:https://hooks.slack.com/y\nhttps://b.example/z")
+    assert [(t.url, t.slack) for t in targets] == [
+        ("https://a.example/x", False),
+        ("https://hooks.slack.com/y", True),
+        ("https://b.example/z", False),
+    ]

@@ -40,9 +40,10 @@ from events.params import JobSpec, TaskType
 from events.quotas import EVERYONE, HOUR_S, Quotas, Usage, team_key, user_key
 from events.state import HOLDS_GPUS, TERMINAL, Job, JobStatus, State
 from services.config import Settings
-from services.gateway import catalog, dashboard, openapi, sweeps, views
+from services.gateway import catalog, dashboard, metrics, openapi, sweeps, views
 from services.gateway import gpus as gpu_views
 from services.gateway.auth import (
+    METRICS_PATH,
     Auth,
     RequireAuth,
     forget_token,
@@ -691,6 +692,7 @@ async def _gpu_views(projection: Projection) -> AsyncIterator[ServerSentEvent]:
         await anyio.sleep(GPU_STREAM_MIN_S)  # heartbeats of many nodes: one update for a burst of them
 
 
+# The notifier is not among them: without webhooks the system does all it must without it.
 REQUIRED_SERVICES = ("gateway", "scheduler", "gpu-monitor", "runner", "exporter")
 
 
@@ -898,6 +900,7 @@ def routes(prefix: str) -> list[Route | Mount]:
     return [
         *openapi.routes(),
         *dashboard.routes(),
+        *metrics.routes(),
         Mount(f"{prefix}/training", routes=training),
         Mount(f"{prefix}/audit", routes=audit_routes()),
         Mount(
@@ -914,7 +917,8 @@ def create_app(
 ) -> Starlette:
     auth = Auth(settings)
     health_path = f"{settings.api_prefix}/training/health"
-    open_paths = {health_path, "/docs", "/openapi.json", *dashboard.OPEN_PATHS}
+    # (/metrics checks its caller itself: an admin's key, or one of the metrics role)
+    open_paths = {health_path, "/docs", "/openapi.json", METRICS_PATH, *dashboard.OPEN_PATHS}
     open_prefixes = ("/docs/assets/", *dashboard.OPEN_PREFIXES)
     hosts = allowed_hosts(auth.enabled, settings.app_host, settings.allowed_hosts)
     app = Starlette(

@@ -29,8 +29,9 @@ from services.config import ConfigError, Settings
 from services.gateway import views
 from services.gateway.errors import ApiError, error_body
 
-Role = Literal["admin", "user"]
-ROLES: tuple[Role, ...] = ("admin", "user")
+Role = Literal["admin", "user", "metrics"]
+ROLES: tuple[Role, ...] = ("admin", "user", "metrics")
+METRICS_PATH = "/metrics"  # all a key of the metrics role may read (a scraper's)
 ANONYMOUS = "anonymous"
 TOKEN_COOKIE = "st_token"  # noqa: S105 (a cookie name)
 TOKEN_PARAM = "access_token"  # noqa: S105 (a query parameter name)
@@ -136,7 +137,7 @@ class Auth(AuthenticationBackend):
     @property
     def users(self) -> set[str]:
         """The names keys act as (with access control off, the one user ``anonymous``)."""
-        return {p.name for p in self.keys.values()} if self.enabled else {ANONYMOUS}
+        return {p.name for p in self.keys.values() if p.role != "metrics"} if self.enabled else {ANONYMOUS}
 
     @property
     def teams(self) -> set[str]:
@@ -193,6 +194,13 @@ class RequireAuth:
         if scope["type"] == "http" and not self._open(scope["path"]) and not scope["user"].is_authenticated:
             response = unauthorized(HTTPConnection(scope), AuthenticationError("an API key is required"))
             await response(scope, receive, send)
+            return
+        user = scope.get("user")
+        if isinstance(user, Principal) and user.role == "metrics" and scope["path"] != METRICS_PATH:
+            forbidden = JSONResponse(
+                error_body("forbidden", f"a metrics key reads {METRICS_PATH} only"), status_code=403
+            )
+            await forbidden(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

@@ -11,6 +11,7 @@ from services.config import Settings
 from services.gateway.auth import principal
 from services.gateway.errors import ApiError
 from services.gateway.submit import Submission, SwiftFlags, parse_submission
+from services.webhooks import refused
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -61,7 +62,7 @@ async def _swift_flags(request: Request, body: Any) -> dict[str, frozenset[str]]
 async def submitted(request: Request, body: Any) -> Submission:
     """A job body as it will be stored, checked as every submission is (422 naming the field)."""
     settings: Settings = request.app.state.settings
-    return parse_submission(
+    submission = parse_submission(
         body,
         request.app.state.projection.state,
         settings.roots,
@@ -72,3 +73,10 @@ async def submitted(request: Request, body: Any) -> Submission:
         allow_code_flags=settings.allow_code_flags,
         hub=settings.model_hub,
     )
+    notify = submission.spec.notify
+    if notify is not None:
+        gateway = (settings.app_host, settings.app_port)
+        why = refused(notify.url, allow_loopback=settings.allow_loopback_webhooks, gateway=gateway)
+        if why is not None:
+            raise ApiError(422, "validation_error", f"notify.url: {why}", [{"field": "notify.url", "message": why}])
+    return submission

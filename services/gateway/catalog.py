@@ -24,7 +24,7 @@ from events.params import (
     MultiModalTrainParams,
     TaskType,
 )
-from events.state import TERMINAL, ExportStatus, JobStatus
+from events.state import TERMINAL, ExportStatus, JobStatus, State
 from services.gateway import views
 from services.gateway.auth import may_see, principal
 from services.gateway.errors import ApiError
@@ -158,6 +158,22 @@ async def _groups(bus: Bus, stream: str) -> list[dict[str, Any]]:
     ]
 
 
+async def consumer_groups(bus: Bus, state: State) -> list[dict[str, Any]]:
+    """The services' consumer groups with their pending entries and lag: the scheduler's on the
+    commands and the log, the exporter's, and each node's runner's."""
+    keys = bus.keys
+    groups = []
+    for stream, group in (
+        (keys.commands, SCHEDULER_GROUP),
+        (keys.events, SCHEDULER_GROUP),
+        (keys.exports, EXPORTER_GROUP),
+    ):
+        groups += [g for g in await _groups(bus, stream) if g["group"] == group]
+    for node in state.nodes:
+        groups += [g for g in await _groups(bus, keys.node(node)) if g["group"] == RUNNER_GROUP]
+    return groups
+
+
 async def system_status(request: Request) -> JSONResponse:
     """Nodes and their last heartbeat, Redis memory and stream lengths, consumer-group lag, the
     scheduler's leader, and jobs by status."""
@@ -171,15 +187,7 @@ async def system_status(request: Request) -> JSONResponse:
         pipe.info("memory")
         pipe.get(keys.leader)
         *lengths, memory, leader = await pipe.execute()
-    groups = []
-    for stream, group in (
-        (keys.commands, SCHEDULER_GROUP),
-        (keys.events, SCHEDULER_GROUP),
-        (keys.exports, EXPORTER_GROUP),
-    ):
-        groups += [g for g in await _groups(bus, stream) if g["group"] == group]
-    for node in projection.state.nodes:
-        groups += await _groups(bus, keys.node(node))  # each node's runner group
+    groups = await consumer_groups(bus, projection.state)
     state = projection.state
     nodes = []
     for name, node in sorted(state.nodes.items()):
@@ -206,7 +214,7 @@ async def system_status(request: Request) -> JSONResponse:
                 "used_memory_human": memory["used_memory_human"],
                 "streams": dict(zip(streams, lengths, strict=True)),
             },
-            "consumer_groups": [g for g in groups if g["group"] in (SCHEDULER_GROUP, RUNNER_GROUP, EXPORTER_GROUP)],
+            "consumer_groups": groups,
             "jobs_by_status": {status.value: by_status.get(status.value, 0) for status in JobStatus},
             "log_position": state.position,
         }

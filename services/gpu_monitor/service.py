@@ -17,7 +17,11 @@ log = structlog.get_logger("gpu-monitor")
 
 async def main(settings: Settings, bus: Bus, redis: aioredis.Redis) -> None:
     source = await anyio.to_thread.run_sync(
-        open_source, settings.node_name, settings.simulated_gpus, settings.simulated_gpu_memory_mb
+        open_source,
+        settings.node_name,
+        settings.simulated_gpus,
+        settings.simulated_gpu_memory_mb,
+        settings.simulated_gpu_utilization_file,
     )
     log.info("monitoring", node=settings.node_name, simulated=source.simulated)
     try:

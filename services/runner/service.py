@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Sequence
+from dataclasses import replace
 
 import anyio
 import pynvml
@@ -24,6 +25,7 @@ from events.bus import Append, Bus, connect
 from events.codec import DecodeError, decode
 from events.consumer import Delivery, GroupConsumer, Outcome
 from events.keys import RUNNER_GROUP
+from services import metrics
 from services.config import Settings
 from services.launch import build_launch, job_tag, socket_env
 from services.nvml import NvmlSource
@@ -85,6 +87,7 @@ class Runner:
             gpu_probe=self.gpu_probe,
         )
         self.runs[(record.job_id, record.attempt)] = run
+        metrics.SUPERVISED.set(len(self.runs))
         ended = self.ended[(record.job_id, record.attempt)] = anyio.Event()
 
         async def supervise() -> None:
@@ -98,6 +101,7 @@ class Runner:
                 log.exception("supervising the job failed", job_id=record.job_id)
             finally:
                 self.runs.pop((record.job_id, record.attempt), None)
+                metrics.SUPERVISED.set(len(self.runs))
                 self.ended.pop((record.job_id, record.attempt), None)
                 ended.set()
 
@@ -169,8 +173,12 @@ class Runner:
                 log.warning("could not start job", job_id=job_id, error=str(exc))
                 failed = m.JobFailed(reason="spawn_failed", message=f"could not start: {exc}", **end)
                 return [Append(self.bus.keys.events, failed)]
+            if record.deploy:
+                idle = command.spec.idle_timeout_s or self.settings.idle_timeout_s
+                record = replace(record, idle_timeout_s=idle)
             await self.bus.redis.hset(key, mapping=record.to_redis())
             run = self._track(record, process=process)
+            metrics.RUNS_STARTED.inc()
             if stop:  # a process of the attempt ran already (its start was never recorded)
                 await run.request_stop(stop)
         recorded = await anyio.to_thread.run_sync(recorded_command, run.record)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import time
@@ -25,6 +26,7 @@ import watchfiles
 from events import messages as m
 from events.bus import Append, Bus
 from events.codec import progress_id
+from services import metrics
 from services.launch import Launch, merged_env
 from services.processes import process_tree, signal_group, wait_exit, wait_group_exit
 from services.runner.progress import (
@@ -91,6 +93,7 @@ class RunRecord:
     gpus: str = ""  # CUDA_VISIBLE_DEVICES: NVML indices
     rank: int = 0  # of a gang job
     nodes: int = 1  # a gang job's ranks
+    idle_timeout_s: float | None = None  # a deploy's: stopped once it served no request this long
 
     @property
     def key(self) -> tuple[str, int]:
@@ -231,6 +234,7 @@ class JobRun:
         self.last_train: dict[str, Any] | None = None  # the progress fields of the last training row
         self.serving = saved.get("serving") == "1"
         self.ready = self.serving  # the server answered /v1/models
+        self.last_request = time.monotonic()  # a deploy's: when it last served (or started serving)
         if saved.get("stop_reason"):  # a stop asked of a runner that died before the job ended
             self.stop_reason = saved["stop_reason"]
             self.stop_deadline = time.monotonic() + stop_grace_s
@@ -268,6 +272,18 @@ class JobRun:
                     pass  # not listening yet
                 await anyio.sleep(READY_PROBE_S)
 
+    async def _idle_deploy(self) -> None:
+        """Stop a deploy that has served no request for its idle timeout (counted from when it
+        started serving, or its last request as its server logged it)."""
+        assert self.record.idle_timeout_s is not None
+        while True:
+            await anyio.sleep(min(5.0, self.record.idle_timeout_s / 4))
+            if not self.serving:
+                self.last_request = time.monotonic()
+            elif time.monotonic() - self.last_request >= self.record.idle_timeout_s:
+                await self.request_stop("idle")
+                return
+
     async def _time_limit(self) -> None:
         assert self.record.time_limit_s is not None
         await anyio.sleep(max(0.0, self.record.started_at + self.record.time_limit_s - time.time()))
@@ -298,6 +314,8 @@ class JobRun:
                 tg.start_soon(self._time_limit)
             if self.record.deploy and not self.serving:
                 tg.start_soon(self._await_ready, exited)
+            if self.record.deploy and self.record.idle_timeout_s is not None:
+                tg.start_soon(self._idle_deploy)
             await self.pump()
             async for _ in watchfiles.awatch(
                 self.record.run_dir,
@@ -314,8 +332,9 @@ class JobRun:
 
     async def pump(self, *, final: bool = False) -> None:
         """Store new output lines, progress facts and checkpoints, with the new offsets."""
-        while await self._pump_once(final=final):
-            pass  # more logged rows than one commit takes
+        with metrics.PUMP_SECONDS.time():
+            while await self._pump_once(final=final):
+                pass  # more logged rows than one commit takes
 
     async def _pump_once(self, *, final: bool) -> bool:
         """One commit of what is new; whether logged rows are left for another."""
@@ -324,6 +343,8 @@ class JobRun:
         out, out_end = self.stdout.peek(final=final)
         err, err_end = self.stderr.peek(final=final)
         lines = [("stdout", line) for line in out] + [("stderr", line) for line in err]
+        if self.record.deploy and any(_SERVED.search(line) for _, line in lines):
+            self.last_request = time.monotonic()
         facts: list[m.Message] = []
         serving = self.serving
         if self.record.deploy and not serving and self.ready:
@@ -424,6 +445,7 @@ class JobRun:
         # The final fact has a fixed id: reporting it twice (a crash before the record is deleted)
         # appends it once.
         await self.bus.commit([Append(self.bus.keys.events, final)], dedupe_id=f"fact:{final.id}")
+        metrics.RUNS_ENDED.labels(outcome=final.type).inc()
         await self.bus.redis.delete(self.run_key)
         CHILDREN.forget(self.record.pid)
         log.info("job ended", job_id=self.record.job_id, outcome=final.type, exit_code=exit_code)
@@ -477,6 +499,9 @@ class JobRun:
             return m.JobCancelled(exit_code=exit_code, last_checkpoint=last, **common)
         if self.stop_reason == "timeout":
             return m.JobFailed(reason="timeout", message="time limit reached", **failed)
+        if self.stop_reason == "idle":
+            what = "served no request" if self.record.deploy else "kept its GPUs idle"
+            return m.JobFailed(reason="idle", message=f"stopped: it {what} for its idle timeout", **failed)
         rows = read_rows(self.rows.path) if self.version_dir else []
         last_row = next((row for row in reversed(rows) if "last_model_checkpoint" in row), None)
         gave_up = self.stop_reason in ("preempt", "suspend")
@@ -514,6 +539,9 @@ class JobRun:
         message = hub_failure_message(reason, stderr, command["argv"], command["env"]) or message
         return m.JobFailed(reason=reason, message=message or f"exited with code {exit_code}", **failed)
 
+
+# A request the deploy's server logged (uvicorn's access log): it is in use
+_SERVED = re.compile(r'"(POST|GET) /v1/(chat/completions|completions|embeddings)')
 
 _TRAIN_METRICS = ("loss", "grad_norm", "learning_rate", "token_acc", "train_speed_s_per_it")
 

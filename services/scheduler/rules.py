@@ -34,6 +34,7 @@ from events.state import (
     Job,
     JobStatus,
     State,
+    gpu_key,
     new_job,
 )
 
@@ -53,6 +54,8 @@ class Limits(Policy):
     backfill_margin_s: float = 0.0
     rendezvous_ports: range = range(29500, 30000)  # torchrun's MASTER_PORT, one per attempt and node
     restart_lost_checkpoints: bool = False  # else a job whose checkpoint no node can read waits
+    idle_timeout_s: float | None = None  # IDLE_TIMEOUT_S: training jobs' default (off: None)
+    idle_gpu_util_pct: float = 5.0  # a GPU under this is idle
 
 
 def submit(
@@ -393,6 +396,51 @@ def on_event(
     if isinstance(event, RESCHEDULE_ON):
         decided += schedule(state, keys, heartbeats, limits, now, event)
     return decided
+
+
+def reclaim_idle(
+    state: State,
+    keys: Keys,
+    heartbeat: m.NodeHeartbeat,
+    heartbeats: Mapping[str, m.NodeHeartbeat],
+    idle_since: dict[str, datetime],
+    limits: Limits,
+    now: datetime,
+) -> list[Append]:
+    """At a node's heartbeat: each training job on it whose GPUs, on every node it runs on, have
+    all read under the idle threshold since ``idle_since`` (kept here, heartbeat to heartbeat) for
+    its idle timeout is stopped with a checkpoint; its runner reports it failed, reason idle. A
+    GPU whose utilisation is not known counts as busy."""
+    node = state.nodes.get(heartbeat.node)
+    if node is None:
+        return []
+    decided: list[Append] = []
+    for job_id in {state.allocations.get(gpu_key(heartbeat.node, gpu.index)) for gpu in node.gpus} - {None}:
+        job = state.jobs.get(job_id or "")
+        timeout = (job.spec.idle_timeout_s or limits.idle_timeout_s) if job is not None else None
+        if job is None or timeout is None or job.spec.task_type == "deploy" or job.status != JobStatus.running:
+            idle_since.pop(job_id or "", None)
+            continue
+        if job.cancel_requested or job.stopping:
+            continue
+        if not all(_idle(heartbeats.get(rank.node), rank.gpu_ids, limits) for rank in job.ranks):
+            idle_since.pop(job.job_id, None)
+            continue
+        since = idle_since.setdefault(job.job_id, now)
+        if (now - since).total_seconds() < timeout:
+            continue
+        del idle_since[job.job_id]
+        why = f"idle: its GPUs under {limits.idle_gpu_util_pct:g} % for {timeout:g} s"
+        common = {"job_id": job.job_id, "causation_id": heartbeat.id}
+        decided += [Append(keys.events, m.JobCancelRequested(reason=why, **common)), *_stops(keys, job, "idle", common)]
+    return decided
+
+
+def _idle(beat: m.NodeHeartbeat | None, gpu_ids: Sequence[int], limits: Limits) -> bool:
+    if beat is None:
+        return False
+    readings = {gpu.index: gpu.utilization_pct for gpu in beat.gpus}
+    return all((util := readings.get(index)) is not None and util < limits.idle_gpu_util_pct for index in gpu_ids)
 
 
 def lost_nodes(state: State, last_heard: Mapping[str, datetime], limits: Limits, now: datetime) -> list[str]:

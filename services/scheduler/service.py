@@ -40,6 +40,7 @@ from events.consumer import Delivery, GroupConsumer
 from events.keys import SCHEDULER_GROUP, Keys
 from events.log import apply_entry, catch_up
 from events.state import IllegalTransition, State
+from services import metrics
 from services.config import Settings
 from services.runtime import REDIS_LOST, settle_heap
 from services.scheduler import rules
@@ -166,7 +167,10 @@ class Scheduler:
             backfill_margin_s=settings.stop_grace_s,
             rendezvous_ports=settings.rendezvous_ports,
             restart_lost_checkpoints=settings.lost_checkpoint == "restart",
+            idle_timeout_s=settings.idle_timeout_s,
+            idle_gpu_util_pct=settings.idle_gpu_util_pct,
         )
+        self.idle_since: dict[str, datetime] = {}  # job id -> since when its GPUs all read idle
         self.last_heard: dict[str, datetime] = {}
         self.runner_heard: dict[str, datetime] = {}  # node -> when its runner was last heard
         self.heartbeat_ids: dict[str, tuple[int, int]] = {}  # node -> entry id of its kept heartbeat
@@ -339,7 +343,12 @@ class Scheduler:
             if rules.runner_silent(message.node, self.runner_heard, self.limits, now):
                 return [], None  # the node rejoins once its runner is heard again
             joined = rules.node_changes(self.state, message)
-            return [Append(self.keys.events, fact) for fact in joined], None if joined else message
+            if joined:
+                return [Append(self.keys.events, fact) for fact in joined], None
+            idle = rules.reclaim_idle(
+                self.state, self.keys, message, self.heartbeats, self.idle_since, self.limits, now
+            )
+            return idle, None if idle else message
         if isinstance(message, m.SubmitJob):  # placed at once when it fits: the pass is included
             return rules.submit(self.state, self.keys, message, self.heartbeats, self.limits, now), None
         if isinstance(message, m.CancelJob):
@@ -509,6 +518,7 @@ class Scheduler:
             for _ in range(2 if later else 1):
                 self.state.rollback()
             raise
+        self.observe(inflight.deliveries, result.status)
         if result.status == CommitStatus.OK:
             if result.passed and later:
                 # The read decided after it did not see the reports its commit passed over
@@ -586,6 +596,7 @@ class Scheduler:
             except BaseException:
                 self.state.rollback()
                 raise
+            self.observe(deliveries, result.status)
             if result.status in (CommitStatus.OK, CommitStatus.DUPLICATE):
                 self.unacked = []
             if result.status == CommitStatus.OK:
@@ -599,6 +610,17 @@ class Scheduler:
                 duplicates.update(redone[plan.marks[k]] for k in result.duplicates)
             behind = True
         raise RuntimeError(f"a read of {len(deliveries)} entries conflicted {MAX_CONFLICT_RETRIES} times")
+
+    def observe(self, deliveries: Sequence[Delivery], status: CommitStatus) -> None:
+        """Count a commit; once decisions landed, how long each command waited for its own."""
+        metrics.COMMITS.labels(status=status.value.lower()).inc()
+        if status != CommitStatus.OK:
+            return
+        now_ms = (datetime.now(UTC) - self.redis_clock_behind).timestamp() * 1000
+        for delivery in deliveries:
+            if delivery.stream == self.keys.commands:
+                waited_ms = now_ms - entry_id_key(delivery.entry_id)[0]
+                metrics.DECISION_SECONDS.observe(max(0.0, waited_ms / 1000))
 
     def keep(self, plan: Plan, result: CommitResult) -> None:
         """A plan's commit landed: its folded facts are kept under the ids they got. (Its
