@@ -367,13 +367,40 @@ async def test_a_snapshot_written_by_a_child_process_is_the_state_at_the_fork(
     await catch_up(bus, state)
     at_fork = state.model_dump()
     # When a child process writes it, while this process folds more right after the fork
-    pid = snapshot.save_in_child(redis_server.url, bus.keys.snapshot, state)
+    pid = snapshot.save_in_child(redis_server.url, bus.keys.snapshot, bus.keys.events, state)
     state.apply("9999999999999-0", m.JobCancelled(job_id="j1"))
     # Then the stored snapshot is the state as it was at the fork
     assert await snapshot.child_saved(pid)
     assert (await snapshot.load(bus)).model_dump() == at_fork
     # And a child that cannot store it says so
-    assert not await snapshot.child_saved(snapshot.save_in_child("redis://127.0.0.1:1/0", bus.keys.snapshot, state))
+    unreachable = snapshot.save_in_child("redis://127.0.0.1:1/0", bus.keys.snapshot, bus.keys.events, state)
+    assert not await snapshot.child_saved(unreachable)
+
+
+async def test_a_snapshot_of_a_history_the_log_does_not_hold_is_neither_stored_nor_loaded(bus: Bus) -> None:
+    from tests.examples import LM
+
+    # Given a log, and a state folded from it plus an entry the log does not hold (taken from a
+    # master that failed over before a replica had it)
+    await bus.append(bus.keys.events, m.JobAccepted(job_id="a", spec=LM), m.JobQueued(job_id="a", position=1))
+    state = State()
+    await catch_up(bus, state)
+    state.apply("9999999999999-0", m.JobCancelled(job_id="a"))
+    # Then it is not stored
+    assert not await snapshot.save(bus, state)
+    # And one stored anyway (by a child that began writing before the failover) is not loaded
+    # while the log reaches back past its position: a reader folds the whole log instead
+    await bus.redis.hset(
+        bus.keys.snapshot,
+        mapping={"position": state.position, "version": snapshot.SNAPSHOT_VERSION, "state": snapshot._packed(state)},
+    )
+    assert (await snapshot.load(bus)).position == "0-0"
+    # While a snapshot whose position is in the log is
+    good = State()
+    await catch_up(bus, good)
+    await bus.redis.delete(bus.keys.snapshot)
+    assert await snapshot.save(bus, good)
+    assert (await snapshot.load(bus)).model_dump() == good.model_dump()
 
 
 async def test_a_reader_group_that_was_caught_up_is_moved_past_its_own_commit(bus: Bus) -> None:

@@ -549,7 +549,7 @@ class Scheduler:
         due = self.snapshot_due or self.unsaved >= snapshot.SNAPSHOT_EVERY
         if self.state.savepoints or self.snapshotting is not None or not due:
             return
-        pid = snapshot.save_in_child(self.settings.resolved_redis_url, self.keys.snapshot, self.state)
+        pid = snapshot.save_in_child(self.settings.resolved_redis_url, self.keys.snapshot, self.keys.events, self.state)
         self.unsaved = 0
         asked, self.snapshot_due = self.snapshot_due, False
         self.snapshotting = asyncio.ensure_future(self._snapshot_written(pid, asked))
