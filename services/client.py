@@ -215,7 +215,12 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def submit(client: Client, args: argparse.Namespace, out: Console) -> int:
-    created = client.request("POST", "/jobs", json=job_body(args))
+    return _submitted(client, args, out, job_body(args))
+
+
+def _submitted(client: Client, args: argparse.Namespace, out: Console, body: dict[str, Any]) -> int:
+    """Submit a job, say so, and with ``--watch`` follow it to its end."""
+    created = client.request("POST", "/jobs", json=body)
     if args.json and not args.watch:
         _print(out, created)
     elif not args.json:
@@ -403,12 +408,7 @@ def deploy(client: Client, args: argparse.Namespace, out: Console) -> int:
     body: dict[str, Any] = {"task_type": "deploy", "source_job_id": args.job_id}
     if args.served_name:
         body["deploy_params"] = {"served_model_name": args.served_name}
-    created = client.request("POST", "/jobs", json=body)
-    if args.json and not args.watch:
-        _print(out, created)
-    elif not args.json:
-        out.print(f"{created['job_id']}  {created['status']}: {created['message']}")
-    return watch_job(client, created["job_id"], out, quiet=args.json) if args.watch else EXIT_OK
+    return _submitted(client, args, out, body)
 
 
 def sweep(client: Client, args: argparse.Namespace, out: Console) -> int:

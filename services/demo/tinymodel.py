@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch and transformers load lazily: importing this module stays cheap.
-    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ChatML, as in Qwen2.5; swift's qwen2_5 template builds its own prompt, this one serves transformers users.
@@ -128,13 +128,12 @@ def build_tokenizer(corpus: list[str], *, special_tokens: list[str], eos: str, p
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad, model_max_length=512)
 
 
-def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2ForCausalLM:
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+def tiny_qwen2_config(vocab_size: int, *, bos: int, eos: int, pad: int) -> Qwen2Config:
+    """Two layers of width 64: a language model small enough to train in seconds on a CPU."""
+    from transformers import Qwen2Config
 
-    pad_id, eos_id = tokenizer.convert_tokens_to_ids([PAD, IM_END])
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    return Qwen2Config(
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -142,10 +141,19 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2ForCausa
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
-        bos_token_id=pad_id,  # Qwen2 has no real BOS; its config points at <|endoftext|> too.
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
     )
+
+
+def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2ForCausalLM:
+    import torch
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    pad_id, eos_id = tokenizer.convert_tokens_to_ids([PAD, IM_END])
+    # Qwen2 has no real BOS; its config points at <|endoftext|> too.
+    config = tiny_qwen2_config(len(tokenizer), bos=pad_id, eos=eos_id, pad=pad_id)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=[eos_id, pad_id], pad_token_id=pad_id)

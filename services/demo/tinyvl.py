@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.demo.tinymodel import build_tokenizer
+from services.demo.tinymodel import build_tokenizer, tiny_qwen2_config
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
@@ -138,7 +138,7 @@ def _build_processor(tokenizer: PreTrainedTokenizerFast) -> object:
 
 def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForConditionalGeneration:
     import torch
-    from transformers import CLIPVisionConfig, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+    from transformers import CLIPVisionConfig, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 
     pad_id, bos_id, eos_id, image_id = tokenizer.convert_tokens_to_ids([PAD, BOS, EOS, IMAGE])
     vision = CLIPVisionConfig(
@@ -150,19 +150,7 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondi
         num_attention_heads=2,
         projection_dim=32,
     )
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-    )
+    text = tiny_qwen2_config(len(tokenizer), bos=bos_id, eos=eos_id, pad=pad_id)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
