@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from events import messages as m
+from events import snapshot
 from events.bus import Append, Bus, Entry, connect, entry_id_key
 from events.codec import entry_type
 from events.consumer import Delivery, GroupConsumer, ensure_group
@@ -58,6 +59,7 @@ class Notifier:
         await ensure_group(self.bus.redis, self.bus.keys.events, NOTIFIER_GROUP, "$")
         groups = await self.bus.redis.xinfo_groups(self.bus.keys.events)
         position = next(g["last-delivered-id"] for g in groups if g["name"] == NOTIFIER_GROUP)
+        self.state = await snapshot.load(self.bus)  # (one further along: what it covers is not folded twice)
         await catch_up(self.bus, self.state, until=str(position))
 
     async def handle(self, delivery: Delivery) -> Sequence[Append] | None:
