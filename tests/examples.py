@@ -39,6 +39,22 @@ def examples() -> list[m.Message]:
         m.HalfLifeChanged(half_life_s=3600.0),
         m.JobHeld(**job),
         m.JobWaiting(on=["job-0"], **job),
+        m.NotificationDelivered(
+            event_id="e-1",
+            event_type="job.succeeded",
+            url="https://hooks.example.org/x",
+            status_code=200,
+            attempts=1,
+            **job,
+        ),
+        m.NotificationFailed(
+            event_id="e-1",
+            event_type="job.failed",
+            url="https://hooks.example.org/x",
+            attempts=4,
+            error="HTTP 503",
+            **job,
+        ),
         m.CreateSweep(
             sweep_id="s-1", grid={"learning_rate": [1e-4, 5e-5]}, max_concurrent=1, job_ids=["job-1", "job-2"]
         ),
