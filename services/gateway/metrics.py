@@ -207,4 +207,5 @@ async def metrics(request: Request) -> Response:
 
 
 def routes() -> Iterable[Route]:
-    return [Route("/metrics", metrics, methods=["GET"])]
+    # (Prometheus text, documented in the README, not in the JSON API's OpenAPI document)
+    return [Route("/metrics", metrics, methods=["GET"], include_in_schema=False)]
