@@ -47,8 +47,9 @@ def parse_targets(text: str) -> list[Target]:
 
 
 def refused(url: str, *, allow_loopback: bool, gateway: tuple[str, int] | None = None) -> str | None:
-    """Why a URL may not be called, or None. Only http(s) with a host; not a loopback address (nor
-    a name that resolves to one) unless ``allow_loopback``; never the gateway itself."""
+    """Why a URL may not be called, or None. Only http(s) with a host; never a link-local,
+    multicast or reserved address (cloud metadata services live there); not a loopback address
+    (nor a name that resolves to one) unless ``allow_loopback``; never the gateway itself."""
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -61,7 +62,14 @@ def refused(url: str, *, allow_loopback: bool, gateway: tuple[str, int] | None =
         addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
     except (OSError, UnicodeError):
         addresses = set()  # not resolvable now: delivery will fail and be recorded, not blocked here
-    loopback = host == "localhost" or any(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+    ips = [ipaddress.ip_address(a.split("%")[0]) for a in addresses]
+    if any(
+        ip.is_link_local or ip.is_multicast or ip.is_unspecified or (ip.is_reserved and not ip.is_loopback)
+        for ip in ips
+    ):
+        # (169.254.169.254 is where clouds answer with a machine's credentials)
+        return "a link-local, multicast or reserved address"
+    loopback = host == "localhost" or any(ip.is_loopback for ip in ips)
     if loopback and not allow_loopback:
         return "a loopback address (ALLOW_LOOPBACK_WEBHOOKS is off)"
     if gateway is not None and port == gateway[1] and (loopback or host == gateway[0] or gateway[0] in addresses):

@@ -356,6 +356,8 @@ def test_webhook_urls_signatures_and_what_the_log_keeps_of_a_url() -> None:
         refused("http://127.0.0.1:8000/api", allow_loopback=True, gateway=("127.0.0.1", 8000)) == "the gateway itself"
     )
     assert refused("gopher://example.org/", allow_loopback=True) == "must be an http(s) URL with a host"
+    for metadata in ("http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/", "http://0.0.0.0:8080/"):
+        assert refused(metadata, allow_loopback=True) == "a link-local, multicast or reserved address", metadata
     assert shown("https://user:pw@hooks.example.org:8443/a/b?token=s3cret") == "https://hooks.example.org:8443/a/b"
     expected = "sha256=" + __import__("hmac").new(b"k", b"{}", "sha256").hexdigest()
     assert sign("k", b"{}") == expected
