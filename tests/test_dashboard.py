@@ -55,8 +55,9 @@ def system(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
         yield system
 
 
-def submit(page: Page, assets: DemoAssets, name: str, max_steps: int) -> str:
-    """Fill the language_model form (its defaults already there) and submit; the job's id."""
+def submit(page: Page, assets: DemoAssets, name: str, max_steps: int, **more: str) -> str:
+    """Fill the language_model form (its defaults already there, ``more`` fields besides) and
+    submit; the job's id."""
     page.click("[data-nav=submit]")
     page.click("#task-tabs [data-task-type=language_model]")
     expect(page.locator('[name="train_params.learning_rate"]')).to_have_value("0.0001")  # the gateway's default
@@ -72,7 +73,7 @@ def submit(page: Page, assets: DemoAssets, name: str, max_steps: int) -> str:
         "train_params.save_steps": "20",
         "train_params.learning_rate": "0.005",
     }
-    for field, value in fields.items():
+    for field, value in {**fields, **more}.items():
         page.fill(f'[name="{field}"]', value)
     page.select_option('[name="train_params.torch_dtype"]', "float32")
     page.click("#submit-button")
@@ -288,20 +289,21 @@ def test_a_multimodal_job_is_submitted_through_its_form_and_trains(
 @pytest.mark.e2e
 def test_a_jobs_page_shows_the_chain_it_waits_in(system: System, assets: DemoAssets, browser: Browser) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
-    # Given a training job, and one submitted to run after it
+    # Given a training job
     first = job_body(assets, max_steps=30, save_steps=30, logging_steps=1)
     first_id = httpx.post(f"{system.base}/jobs", json={**first, "name": "chain-first"}, headers=auth).json()["job_id"]
-    second = {**job_body(assets, max_steps=2, save_steps=2), "name": "chain-second", "depends_on": [first_id]}
-    answer = httpx.post(f"{system.base}/jobs", json=second, headers=auth)
-    assert answer.status_code == 202 and answer.json()["status"] == "waiting", answer.text
-    second_id = answer.json()["job_id"]
     context = browser.new_context(viewport={"width": 1360, "height": 1000})
     page = context.new_page()
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(str(exc)))
-    page.goto(f"http://127.0.0.1:{system.port}/#/jobs/{second_id}")
+    page.goto(f"http://127.0.0.1:{system.port}/")
     page.fill("#api-key", KEY)
     page.click("#sign-in-form button[type=submit]")
+    expect(page.locator("#who")).to_have_text("alice (user)")
+    # When another is submitted through the form to run after it (its id in depends_on)
+    second_id = submit(page, assets, "chain-second", max_steps=2, depends_on=first_id)
+    sent = httpx.get(f"{system.base}/jobs/{second_id}", headers=auth).json()["spec"]
+    assert (sent["depends_on"], sent["dependency"]) == ([first_id], "afterok")
     # When the second job's page is open, it says what it waits for, and the other's status
     expect(page.locator("#job-status")).to_have_text("waiting")
     chain = page.locator("#job-chain")

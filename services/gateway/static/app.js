@@ -1434,7 +1434,8 @@
         input = el("textarea", { id, name: path, rows: "2", placeholder: '{"flag": "value"}', dataset: { kind: "object" } });
         input.value = value && Object.keys(value).length ? JSON.stringify(value) : "";
       } else if (kind.type === "array") {
-        input = el("input", { id, name: path, placeholder: "0, 1", dataset: { kind: "array" } });
+        const items = this.resolve((kind.schema && kind.schema.items) || {}).type === "integer" ? "integer" : "string";
+        input = el("input", { id, name: path, placeholder: items === "integer" ? "0, 1" : "id, id", dataset: { kind: "array", items } });
         input.value = Array.isArray(value) ? value.join(", ") : "";
       } else {
         const numeric = kind.type === "integer" || kind.type === "number";
@@ -1491,6 +1492,10 @@
             break;
           case "array":
             if (raw === "") continue;
+            if (input.dataset.items !== "integer") {
+              value = raw.split(",").map((part) => part.trim()).filter(Boolean); // e.g. depends_on: job ids
+              break;
+            }
             value = raw.split(",").map((part) => Number(part.trim()));
             if (!value.every(Number.isInteger)) {
               problems.push([input.name, "whole numbers, separated by commas"]);
