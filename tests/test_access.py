@@ -223,3 +223,27 @@ def test_gateways_sharing_a_port_honour_each_others_tokens_and_one_serves_on_wit
         assert alone.returncode != 0 and "in use" in alone.stderr + alone.stdout
     finally:
         system.stop()
+
+
+async def test_the_new_fields_reach_no_other_users_job_or_sweep(gateway: tuple[httpx.AsyncClient, Projection]) -> None:
+    api, projection = gateway
+    alice = bearer(ALICE)
+    # A job of bob's is, to alice, one that does not exist: as a dependency, as a deploy's source
+    body = {"task_type": "deploy", "model_path": "Qwen/Qwen2.5-7B-Instruct", "depends_on": ["job-bob"]}
+    refused = await api.post("/training/jobs", json=body, headers=alice)
+    assert refused.status_code == 422 and "no job 'job-bob'" in refused.text
+    refused = await api.post("/training/jobs", json={"task_type": "deploy", "source_job_id": "job-bob"}, headers=alice)
+    assert refused.status_code == 422 and "no job 'job-bob'" in refused.text
+    # and the list filters show her nothing of bob's
+    projection.state.jobs["job-bob"].sweep_id = "sweep-bob"
+    for query in ({"sweep_id": "sweep-bob"}, {"depends_on": "job-alice"}):
+        assert (await api.get("/training/jobs", params=query, headers=alice)).json()["jobs"] == []
+    # A sweep of bob's is not hers to read or cancel, nor in her list
+    grid: dict[str, list[m.ExtraValue]] = {"lora_rank": [8]}
+    projection.state.apply(
+        "9999999999999-0", m.SweepCreated(sweep_id="sweep-bob", grid=grid, job_ids=["job-bob"], actor="bob")
+    )
+    assert (await api.get("/training/sweeps/sweep-bob", headers=alice)).status_code == 404
+    assert (await api.post("/training/sweeps/sweep-bob/cancel", headers=alice)).status_code == 404
+    assert (await api.get("/training/sweeps", headers=alice)).json()["total"] == 0
+    assert (await api.get("/training/sweeps/sweep-bob", headers=bearer(BOB))).status_code == 200

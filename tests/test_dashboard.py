@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from events.bus import Bus
 from services.config import load_settings
@@ -226,10 +226,8 @@ def test_the_dashboard_signs_in_submits_follows_and_cancels_live(
     context.close()
 
 
-@pytest.mark.e2e
-def test_a_multimodal_job_is_submitted_through_its_form_and_trains(
-    system: System, vision_assets: VisionAssets, browser: Browser
-) -> None:
+def signed_in(browser: Browser, system: System) -> tuple[BrowserContext, Page, list[str]]:
+    """A new browser session on the dashboard, signed in as alice; and the script errors it meets."""
     context = browser.new_context(viewport={"width": 1360, "height": 1000})
     page = context.new_page()
     problems: list[str] = []
@@ -238,6 +236,14 @@ def test_a_multimodal_job_is_submitted_through_its_form_and_trains(
     page.fill("#api-key", KEY)
     page.click("#sign-in-form button[type=submit]")
     expect(page.locator("#who")).to_have_text("alice (user)")
+    return context, page, problems
+
+
+@pytest.mark.e2e
+def test_a_multimodal_job_is_submitted_through_its_form_and_trains(
+    system: System, vision_assets: VisionAssets, browser: Browser
+) -> None:
+    context, page, problems = signed_in(browser, system)
     # Given the multimodal form, the default tab, with its own parameters
     page.click("[data-nav=submit]")
     expect(page.locator("#task-tabs [data-task-type=multimodal]")).to_have_attribute("aria-selected", "true")
@@ -292,14 +298,7 @@ def test_a_jobs_page_shows_the_chain_it_waits_in(system: System, assets: DemoAss
     # Given a training job
     first = job_body(assets, max_steps=30, save_steps=30, logging_steps=1)
     first_id = httpx.post(f"{system.base}/jobs", json={**first, "name": "chain-first"}, headers=auth).json()["job_id"]
-    context = browser.new_context(viewport={"width": 1360, "height": 1000})
-    page = context.new_page()
-    problems: list[str] = []
-    page.on("pageerror", lambda exc: problems.append(str(exc)))
-    page.goto(f"http://127.0.0.1:{system.port}/")
-    page.fill("#api-key", KEY)
-    page.click("#sign-in-form button[type=submit]")
-    expect(page.locator("#who")).to_have_text("alice (user)")
+    context, page, problems = signed_in(browser, system)
     # When another is submitted through the form to run after it (its id in depends_on)
     second_id = submit(page, assets, "chain-second", max_steps=2, depends_on=first_id)
     sent = httpx.get(f"{system.base}/jobs/{second_id}", headers=auth).json()["spec"]
