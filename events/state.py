@@ -608,8 +608,30 @@ def mark(job: Job | None) -> Mark | None:
 _HELD_VERSIONS = itertools.count(1)
 
 
-def gpu_key(node: str, index: int) -> str:
-    return f"{node}/{index}"
+class GpuKey(str):
+    """A GPU's key in the allocation table, ``"node/index"`` (a str, as the table is stored)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, node: str, index: int) -> GpuKey:
+        return cls(f"{node}/{index}")
+
+    @classmethod
+    def parse(cls, key: str) -> GpuKey:
+        return key if isinstance(key, GpuKey) else cls(key)
+
+    @property
+    def node(self) -> str:
+        return self.rsplit("/", 1)[0]
+
+    @property
+    def index(self) -> int:
+        return int(self.rsplit("/", 1)[1])
+
+
+def gpu_key(node: str, index: int) -> GpuKey:
+    return GpuKey.of(node, index)
 
 
 def _job(state: State, event: m.Message, *allowed: JobStatus) -> Job:

@@ -22,7 +22,7 @@ from events.consumer import Delivery, GroupConsumer
 from events.keys import Keys
 from events.log import catch_up
 from events.state import JobStatus, State
-from services.scheduler.service import take_lease
+from services.scheduler.lease import take_lease
 from tests.conftest import RedisServer
 from tests.examples import LM, started
 
@@ -303,8 +303,8 @@ async def test_a_new_leader_recalls_how_long_each_runner_was_silent_and_how_far_
     await scheduler.recall_runners(now)
     # Then it knows Redis's clock (the same machine's here), and counts a runner's silence only
     # while its node's monitor was heard without a long gap
-    assert abs(scheduler.redis_clock_behind) < timedelta(seconds=1)
-    silent = {node: (now - heard).total_seconds() for node, heard in scheduler.runner_heard.items()}
+    assert abs(scheduler.liveness.redis_clock_behind) < timedelta(seconds=1)
+    silent = {node: (now - heard).total_seconds() for node, heard in scheduler.liveness.runner_heard.items()}
     assert set(silent) == {"n1", "n2", "n3"}
     assert 59 <= silent["n1"] <= 61 and silent["n2"] <= 2 and silent["n3"] <= 2, silent
 
@@ -487,7 +487,7 @@ async def test_a_read_whose_commit_meets_new_facts_every_time_is_decided_in_halv
     monkeypatch.setattr(bus, "commit", commit)
     scheduler = Scheduler(Settings(namespace=bus.keys.namespace, _env_file=None), bus)  # type: ignore[call-arg]
     # When the scheduler commits the read
-    await scheduler._commit_batch(deliveries)
+    await scheduler.committer.commit_batch(deliveries)
     # Then every submission was decided, once, in order, and the runners' reports are in the log
     log = [decode(fields) for _, fields in await bus.redis.xrange(bus.keys.events)]
     assert [e.job_id for e in log if isinstance(e, m.JobAccepted)] == [f"job-{i}" for i in range(8)]
@@ -553,7 +553,7 @@ async def test_a_scheduler_commit_that_passed_over_a_runners_report_leaves_the_s
 
     async def read(stream: str, message: m.Message) -> None:
         [entry_id] = await bus.append(stream, message)
-        await scheduler._commit_batch([Delivery(stream, entry_id, message, 1)])
+        await scheduler.committer.commit_batch([Delivery(stream, entry_id, message, 1)])
 
     async def the_logs_fold() -> State:
         folded = State()
@@ -591,15 +591,19 @@ async def test_a_scheduler_commit_that_passed_over_a_runners_report_leaves_the_s
     # When the next two submissions are read one after the other, the second decided while the
     # first one's commit is in flight, and that commit passes over a report of b's start
     outcomes.clear()
-    plans = scheduler.plans
+    plans = scheduler.decider.plans
     reports.append(started("b", 1, "n1", "1"))
-    for job_id in ("c", "d"):
-        command = m.SubmitJob(job_id=job_id, spec=LM)
-        [entry_id] = await bus.append(bus.keys.commands, command)
-        await scheduler.handle_batch([Delivery(bus.keys.commands, entry_id, command, 1)], [])
-    await scheduler.settle()
+    committer = scheduler.committer
+    async with anyio.create_task_group() as term:  # a leader's term: its commits run in flight
+        committer.start_term(committer.token or "", term)
+        for job_id in ("c", "d"):
+            command = m.SubmitJob(job_id=job_id, spec=LM)
+            [entry_id] = await bus.append(bus.keys.commands, command)
+            await committer.handle_batch([Delivery(bus.keys.commands, entry_id, command, 1)], [])
+        await committer.settle()
+        committer.end_term()
     # Then both landed, the second decided again after the report was folded in
-    assert outcomes == ["OK", "OK"] and scheduler.plans - plans == 3
+    assert outcomes == ["OK", "OK"] and scheduler.decider.plans - plans == 3
     folded = await the_logs_fold()
     assert [folded.jobs[job_id].status for job_id in "cd"] == [JobStatus.queued] * 2
     assert folded.jobs["b"].status == JobStatus.running

@@ -33,7 +33,7 @@ from events.connection import SentinelTarget, connect, connect_sync, parse_senti
 from events.keys import Keys
 from services import embedded_redis
 from services.config import ConfigError, load_settings
-from services.scheduler.service import take_lease
+from services.scheduler.lease import take_lease
 from tests.chaos import stand_in_swift
 from tests.conftest import RedisServer, free_port, wait_for
 from tests.system import SERVICES, System, running

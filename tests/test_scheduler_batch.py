@@ -18,7 +18,8 @@ from events.consumer import Delivery
 from events.state import HOLDS_GPUS, JobStatus, State, gpu_key
 from services.config import Settings
 from services.scheduler import rules
-from services.scheduler.service import Plan, Scheduler
+from services.scheduler.decider import Plan
+from services.scheduler.service import Scheduler
 from tests.examples import GPU, LM, started
 from tests.test_scheduler_properties import check_state
 
@@ -117,12 +118,12 @@ class Harness:
         before = self.state.model_dump()
         if conflict:  # the commit found the log moved on: everything folded is taken back
             self.state.savepoint()
-            self.scheduler.plan(deliveries)
+            self.scheduler.decider.plan(deliveries)
             self.state.rollback()
             assert self.state.model_dump() == before
             assert self.state.queue() == sorted(self.state.queue(), key=lambda j: (-j.priority, j.seq))
         self.state.savepoint()
-        self.keep(self.scheduler.plan(deliveries))
+        self.keep(self.scheduler.decider.plan(deliveries))
 
     def keep(self, plan: Plan) -> None:
         """The earliest open plan's commit landed: its facts get their ids in the log."""
@@ -139,12 +140,12 @@ def check(harness: Harness) -> None:
     # What the GPUs offer, worked out once per reading and per set of holders, is what they
     # offer now, however many savepoints were rolled back since
     state, scheduler = harness.state, harness.scheduler
-    threshold, now = scheduler.limits.foreign_memory_threshold_mb, datetime.now(UTC)
-    offered = rules.usable_gpus(state, scheduler.heartbeats, scheduler.limits, now)
+    threshold, now = scheduler.decider.limits.foreign_memory_threshold_mb, datetime.now(UTC)
+    offered = rules.usable_gpus(state, scheduler.liveness.heartbeats, scheduler.decider.limits, now)
     assert offered == {
         name: [
             sample
-            for sample in scheduler.heartbeats[name].gpus
+            for sample in scheduler.liveness.heartbeats[name].gpus
             if sample.memory_used_mb <= threshold and gpu_key(name, sample.index) not in state.allocations
         ]
         for name in offered
@@ -208,7 +209,7 @@ def test_heartbeats_are_aged_by_their_arrival_in_redis_not_by_the_nodes_clock() 
     busy = harness.heartbeat("a", 5000)  # appended after it
     harness.read([idle, busy], conflict=False)
     harness.read([Delivery(idle.stream, idle.entry_id, idle.message, 2)], conflict=False)
-    assert harness.scheduler.heartbeats["a"].gpus[0].memory_used_mb == 5000
+    assert harness.scheduler.liveness.heartbeats["a"].gpus[0].memory_used_mb == 5000
     # nor changes the node: a GPU dropped from node b since then stays dropped
     fresh = Harness()
     old_b = fresh.heartbeat("b", 0)
@@ -231,18 +232,18 @@ def test_a_gpu_our_job_left_is_offered_at_once_not_after_the_nodes_next_heartbea
     # When its runner reports its end (its processes gone), folded by the catch-up
     held = dict(harness.state.allocations)
     ended = harness.foreign(m.JobSucceeded(job_id="j1", attempt=1, exit_code=0, run_dir="/r"))
-    scheduler.note_left(held)
+    scheduler.liveness.note_left(scheduler.state, held)
     # Then the GPUs read free of it: a job for both GPUs of node a starts there at once
-    assert [gpu.memory_used_mb for gpu in scheduler.heartbeats["a"].gpus] == [0, 0]
+    assert [gpu.memory_used_mb for gpu in scheduler.liveness.heartbeats["a"].gpus] == [0, 0]
     harness.read([ended, harness.delivery(("submit", 5, 2, "a", False))], conflict=False)  # type: ignore[list-item]
     assert (harness.state.jobs["j2"].status, harness.state.jobs["j2"].node) == ("scheduled", "a")
     # And a reading taken before the end and delivered after it still reads without j1
     harness.read([taken_before_the_end], conflict=False)
-    assert [gpu.memory_used_mb for gpu in scheduler.heartbeats["a"].gpus] == [0, 0]
+    assert [gpu.memory_used_mb for gpu in scheduler.liveness.heartbeats["a"].gpus] == [0, 0]
     # But a reading taken after the end is taken as it is: the memory used there is another's
     harness.read([harness.heartbeat("a", 20_000)], conflict=False)
-    assert [gpu.memory_used_mb for gpu in scheduler.heartbeats["a"].gpus] == [20_000, 20_000]
-    assert "a" not in scheduler.left
+    assert [gpu.memory_used_mb for gpu in scheduler.liveness.heartbeats["a"].gpus] == [20_000, 20_000]
+    assert "a" not in scheduler.liveness.left
     check(harness)
 
 
@@ -252,12 +253,12 @@ def test_a_runner_heard_in_an_earlier_term_gets_a_full_timeout_when_the_schedule
     harness.read([harness.heartbeat(node, 0) for node in sorted(NODES)], conflict=False)
     scheduler = harness.scheduler
     long_ago = datetime.now(UTC) - timedelta(hours=1)
-    scheduler.runner_heard = {"a": long_ago}
+    scheduler.liveness.runner_heard = {"a": long_ago}
     # When it leads again, and hears node a's monitor
-    scheduler.hear_anew(datetime.now(UTC))
+    scheduler.liveness.hear_anew(scheduler.state, datetime.now(UTC))
     harness.read([harness.heartbeat("a", 0)], conflict=False)
     # Then node a is not lost for its runner's silence before this term
-    assert harness.state.nodes["a"].up and scheduler.runner_heard["a"] > long_ago
+    assert harness.state.nodes["a"].up and scheduler.liveness.runner_heard["a"] > long_ago
 
 
 def test_a_spell_in_which_no_one_could_write_is_no_ones_silence_but_a_node_silent_alone_is_lost() -> None:
@@ -272,7 +273,7 @@ def test_a_spell_in_which_no_one_could_write_is_no_ones_silence_but_a_node_silen
         at = start + timedelta(seconds=after_s)
         beat = m.ServiceHeartbeat(service="gateway", instance="g", started_at=start, interval_s=2)
         entry_id = f"{int(at.timestamp() * 1000)}-0"
-        decided, _ = scheduler.decide(Delivery(harness.keys.telemetry, entry_id, beat, 1), at)
+        decided, _ = scheduler.decider.decide(Delivery(harness.keys.telemetry, entry_id, beat, 1), at)
         return [append.message for append in decided]
 
     # When nothing at all lands in the telemetry stream for twice the node timeout (Redis full)
@@ -310,7 +311,7 @@ def test_a_read_decided_while_the_one_before_is_in_flight_keeps_or_takes_back_ex
         deliveries = [d for d in map(harness.delivery, operations) if d is not None]
         before = state.model_dump()
         state.savepoint()
-        plan = harness.scheduler.plan(deliveries)
+        plan = harness.scheduler.decider.plan(deliveries)
         if pending is not None:
             previous, earlier, before_previous = pending
             if outcome == "both":  # the read in flight did not land: take both back, decide it again
@@ -321,7 +322,7 @@ def test_a_read_decided_while_the_one_before_is_in_flight_keeps_or_takes_back_ex
                 check(harness)
                 before = state.model_dump()
                 state.savepoint()
-                plan = harness.scheduler.plan(deliveries)
+                plan = harness.scheduler.decider.plan(deliveries)
             else:
                 harness.keep(previous)  # it landed: this read stays open on top
                 assert state.savepoints == 1 and not state.committed_position.startswith("~")
@@ -332,7 +333,7 @@ def test_a_read_decided_while_the_one_before_is_in_flight_keeps_or_takes_back_ex
                     check(harness)
                     before = state.model_dump()
                     state.savepoint()
-                    plan = harness.scheduler.plan(deliveries)
+                    plan = harness.scheduler.decider.plan(deliveries)
         pending = (plan, deliveries, before)
     if pending is not None:
         harness.keep(pending[0])

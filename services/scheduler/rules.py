@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from events import messages as m
 from events.admission import charge, gpu_quota_block, gpus_quota_block, queue_order, queued_quota_block
@@ -39,6 +40,9 @@ from events.state import (
 )
 
 BACKFILL_SCAN = 1000  # queued jobs looked at behind a blocked one, when backfilling
+
+# A command decided by the state, the keys and the command alone.
+CommandRule = Callable[[State, Keys, Any], list[Append]]
 
 
 @dataclass(frozen=True, kw_only=True)

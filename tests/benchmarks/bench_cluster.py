@@ -986,23 +986,23 @@ def scheduler_with_tally(path: Path) -> int:
     again on a log that moved on) and how many deliveries it decided, written to ``path`` at exit."""
     from events.bus import Bus as CommittingBus
     from services import cli
-    from services.scheduler.service import Scheduler
+    from services.scheduler.committer import Committer
 
     tally: Counter[str] = Counter()
-    run_commit, decide = CommittingBus.run_commit, Scheduler._decide
+    run_commit, decide = CommittingBus.run_commit, Committer._decide
 
     async def counted_commit(self: Bus, prepared: Any, expect_last: str | None = None) -> Any:
         result = await run_commit(self, prepared, expect_last)
         tally[f"commit {result.status}"] += 1
         return result
 
-    def counted_decide(self: Scheduler, deliveries: list[Delivery]) -> Any:
+    def counted_decide(self: Committer, deliveries: list[Delivery]) -> Any:
         tally["decided"] += len(deliveries)
         tally["reads decided"] += 1
         return decide(self, deliveries)
 
     CommittingBus.run_commit = counted_commit  # type: ignore[method-assign]
-    Scheduler._decide = counted_decide  # type: ignore[method-assign]
+    Committer._decide = counted_decide  # type: ignore[method-assign]
     atexit.register(lambda: path.write_text(json.dumps(tally)))
     return cli.main(["scheduler"])
 
