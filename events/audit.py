@@ -28,9 +28,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
+from redis.typing import EncodableT, FieldT
 
 from events.bus import MAX_SEQ, Bus, Entry, entry_id_key, next_id
 from events.codec import entry_type
+from events.connection import text, text_hash
 
 # Times of the log, as people write them (the audit CLI and the history API read the same)
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -259,7 +261,7 @@ class Verification:
 
 async def verify(bus: Bus) -> Verification:
     """Walk the archives and the live log, checking the chain from its first entry to its head."""
-    chain = await bus.redis.hgetall(bus.keys.chain)
+    chain = text_hash(await bus.redis.hgetall(bus.keys.chain))
     result = Verification()
     files = archive_files(bus.archive_dir)
     archived_id = chain.get("archived_id")
@@ -294,7 +296,7 @@ async def _readers_bound(bus: Bus) -> tuple[str, str]:
     afresh loads the snapshot and reads the log after it)."""
     events = bus.keys.events
     bounds: list[tuple[str, str]] = []
-    position = await bus.redis.hget(bus.keys.snapshot, "position")
+    position = text(await bus.redis.hget(bus.keys.snapshot, "position"))
     bounds.append((next_id(position) if position else "0-1", "no snapshot yet" if not position else "the snapshot"))
     for group in await bus.redis.xinfo_groups(events):
         bounds.append((next_id(group["last-delivered-id"]), f"group {group['name']}"))
@@ -312,7 +314,7 @@ async def archive_and_trim(bus: Bus, *, max_age_s: float | None, max_entries: in
     events = bus.keys.events
     if not await bus.redis.exists(events):
         return Archived()
-    chain = await bus.redis.hgetall(bus.keys.chain)
+    chain = text_hash(await bus.redis.hgetall(bus.keys.chain))
     archived_to = chain.get("archived_id", "0-0")
     files = archive_files(bus.archive_dir)
     if files and is_after(archive_range(files[-1])[1], archived_to):
@@ -344,7 +346,7 @@ async def archive_and_trim(bus: Bus, *, max_age_s: float | None, max_entries: in
     if last is None and files and chain.get("archived_id") != archived_to:
         # archived by an earlier run that stopped before trimming
         last = [entry for batch in read_archive(files[-1]) for entry in batch][-1]
-    chain_fields = {}
+    chain_fields: dict[FieldT, EncodableT] = {}
     if last is not None:
         archived_to = last.entry_id
         chain_fields = {"archived_id": last.entry_id, "archived_hash": last.fields.get("hash", "")}

@@ -412,15 +412,18 @@ class Bus:
             return [str(entry_id) for entry_id in ids]
         if len(messages) == 1:
             entry_id = await self.redis.xadd(
-                stream, encode(messages[0], self.source), maxlen=maxlen or None, approximate=bool(maxlen)
+                stream,
+                encode(messages[0], self.source),  # type: ignore[arg-type]  # redis-py asks an invariant dict[FieldT, EncodableT]
+                maxlen=maxlen or None,
+                approximate=bool(maxlen),
             )
             return [str(entry_id)]
         async with self.redis.pipeline(transaction=True) as pipe:
             for message in messages:
                 if maxlen:
-                    pipe.xadd(stream, encode(message, self.source), maxlen=maxlen, approximate=True)
+                    pipe.xadd(stream, encode(message, self.source), maxlen=maxlen, approximate=True)  # type: ignore[arg-type]  # redis-py asks an invariant dict[FieldT, EncodableT]
                 else:
-                    pipe.xadd(stream, encode(message, self.source))
+                    pipe.xadd(stream, encode(message, self.source))  # type: ignore[arg-type]  # redis-py asks an invariant dict[FieldT, EncodableT]
             return [str(entry_id) for entry_id in await pipe.execute()]
 
     async def send(self, stream: str, message: Message) -> str:
@@ -436,7 +439,7 @@ class Bus:
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         for target, fields, _ in batch:
-                            pipe.xadd(target, fields)
+                            pipe.xadd(target, fields)  # type: ignore[arg-type]  # redis-py asks an invariant dict[FieldT, EncodableT]
                         if durable:  # after the appends, on their connection
                             pipe.wait(self.wait_replicas, self.wait_timeout_ms)
                         ids = await pipe.execute()
@@ -509,6 +512,7 @@ class Bus:
         for item in appends:
             target = streams.setdefault(item.stream, len(streams) + 1)
             maxlens[item.stream] = max(maxlens.get(item.stream, 0), item.maxlen)
+            parts: tuple[str, ...]
             if item.stream == self.keys.events:
                 parts = encode_fact(item.message, self.source)
             else:
@@ -576,7 +580,7 @@ class Bus:
         """Every entry after ``after`` (exclusive) up to ``until``, in pages."""
         start = f"({after}" if after not in ("0", "0-0", "-") else "-"
         while True:
-            page = await self.redis.xrange(stream, min=start, max=until, count=PAGE)
+            page = connection.text_entries(await self.redis.xrange(stream, min=start, max=until, count=PAGE))
             for entry_id, fields in page:
                 yield Entry(stream, str(entry_id), fields)
             if len(page) < PAGE:

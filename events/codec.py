@@ -41,7 +41,9 @@ from pydantic_core import from_json, to_json
 
 from events.messages import ENVELOPE_FIELDS, AnyMessage, Message, message_types
 
-Fields = Mapping[bytes | str, bytes | str]
+# An entry's fields: text from a client with decode_responses, bytes from one without (keys and
+# values alike); redis-py annotates either as ``bytes | str``.
+Fields = Mapping[str, bytes | str] | Mapping[bytes, bytes | str] | Mapping[bytes | str, bytes | str]
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(AnyMessage)
@@ -86,9 +88,10 @@ def _text(value: bytes | str) -> str:
 
 
 def _field(fields: Fields, name: str) -> bytes | str | None:
-    value = fields.get(name)
-    if value is None and fields and isinstance(next(iter(fields)), bytes):
-        value = fields.get(name.encode())
+    lookup: Mapping[Any, bytes | str] = fields  # keys all text or all bytes
+    value = lookup.get(name)
+    if value is None and lookup and isinstance(next(iter(lookup)), bytes):
+        value = lookup.get(name.encode())
     return value
 
 

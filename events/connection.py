@@ -18,8 +18,9 @@ name the promoted replica; new connections go there.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast, overload
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import redis
@@ -29,6 +30,7 @@ from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
+from redis.typing import StreamRangeResponse
 
 SENTINEL_SCHEME = "redis+sentinel"
 MAX_CONNECTIONS = 64  # per client: commands beyond wait their turn
@@ -191,7 +193,7 @@ def connect_sync(url: str) -> redis.Redis:
     if target is None:
         return redis.Redis.from_url(url)
     sentinel = redis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=_sentinel_options(target))
-    return sentinel.master_for(
+    client: redis.Redis = sentinel.master_for(
         target.master,
         db=target.db,
         username=target.username,
@@ -199,3 +201,31 @@ def connect_sync(url: str) -> redis.Redis:
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=REPLY_TIMEOUT_S,
     )
+    return client
+
+
+# --- replies of a client made by connect() ---
+#
+# Such a client decodes every reply (decode_responses=True): its strings are text. redis-py, which
+# cannot tell a decoding client from another, annotates them as ``bytes | str``; these say which,
+# and return the reply itself.
+
+
+@overload
+def text(reply: bytes | str) -> str: ...
+@overload
+def text(reply: bytes | str | None) -> str | None: ...
+def text(reply: bytes | str | None) -> str | None:
+    """A string reply of a decoding client (or None, where Redis has none)."""
+    return cast("str | None", reply)
+
+
+def text_hash(reply: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
+    """A hash (HGETALL) as a decoding client returns it: text fields and values."""
+    return cast("dict[str, str]", reply)
+
+
+def text_entries(reply: StreamRangeResponse | None) -> list[tuple[str, dict[str, str]]]:
+    """A range of a stream (XRANGE, XREVRANGE) as a decoding client returns it: a list, empty when
+    no entry is in the range, of (id, fields), all text."""
+    return cast("list[tuple[str, dict[str, str]]]", reply)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -200,7 +201,7 @@ class GroupConsumer:
         handled = 0
         claimed: list[Entry] = []
         for stream in self.streams:
-            reply = await self.bus.redis.execute_command(
+            reply = await self.bus.redis.execute_command(  # type: ignore[no-untyped-call]  # unannotated in redis-py
                 "XAUTOCLAIM",
                 stream,
                 self.group,
@@ -308,16 +309,17 @@ class GroupConsumer:
 def _pairs(fields: object) -> dict[str, str]:
     if isinstance(fields, dict):
         if all(type(k) is str and type(v) is str for k, v in fields.items()):
-            return fields  # type: ignore[return-value]  # as read with decode_responses
+            return fields  # as read with decode_responses
         return {str(k): str(v) for k, v in fields.items()}
     if isinstance(fields, list):
         return {str(fields[i]): str(fields[i + 1]) for i in range(0, len(fields), 2)}
     return {}
 
 
-def _entries(reply: object) -> list[Entry]:
+def _entries(reply: Any) -> list[Entry]:
+    """The entries of an XREADGROUP reply: [[stream, [[id, fields], ...]], ...], or None."""
     found: list[Entry] = []
-    for stream, items in reply or []:  # type: ignore[union-attr]
+    for stream, items in reply or []:
         for entry_id, fields in items:
             found.append(Entry(str(stream), str(entry_id), _pairs(fields)))
     return found

@@ -78,7 +78,8 @@ class Usage(BaseModel):
         """GPU-seconds, each halved for every half-life since it was used."""
         if self.log2_scaled is None:
             return 0.0
-        return 2.0 ** (self.log2_scaled - (now - EPOCH).total_seconds() / half_life_s)
+        decayed: float = 2.0 ** (self.log2_scaled - (now - EPOCH).total_seconds() / half_life_s)
+        return decayed
 
     def rescaled(self, old_half_life_s: float, new_half_life_s: float, at: datetime) -> None:
         """Keep the decayed value as it is at ``at`` when the half-life changes."""

@@ -13,7 +13,7 @@ import anyio
 import structlog
 
 from events.bus import Bus, entry_id_key
-from events.connection import connect_sync
+from events.connection import connect_sync, text_hash
 from events.state import State
 
 log = structlog.get_logger("events.snapshot")
@@ -92,7 +92,7 @@ async def load(bus: Bus) -> State:
     """The stored snapshot, or an empty state when there is none (or of an older shape, or one
     whose position the log does not hold though it reaches back that far: a history lost in a
     failover)."""
-    stored = await bus.redis.hgetall(bus.keys.snapshot)
+    stored = text_hash(await bus.redis.hgetall(bus.keys.snapshot))
     if not stored or stored.get("version") != SNAPSHOT_VERSION:
         return State()
     try:
