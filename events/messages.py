@@ -1,73 +1,8 @@
 """Every message the processes exchange: one envelope, one pydantic model per type, one union.
 
-Who produces and who consumes each type (stream in brackets):
-
-======================  =========  ===========  ==============================================
-type                    kind       produced by  consumed by
-======================  =========  ===========  ==============================================
-job.submit              command    gateway      scheduler [{st}:commands]
-job.cancel              command    gateway      scheduler [{st}:commands]
-job.export              command    gateway      scheduler [{st}:commands]
-job.set_priority        command    gateway      scheduler [{st}:commands]
-job.delete              command    gateway      scheduler [{st}:commands]
-job.release             command    gateway      scheduler [{st}:commands]
-job.suspend             command    gateway      scheduler [{st}:commands]
-job.resume              command    gateway      scheduler [{st}:commands]
-quotas.set              command    gateway      scheduler [{st}:commands]
-                                   scheduler    (itself, at start: the QUOTAS setting)
-usage.set_half_life     command    scheduler    (itself, at start: FAIR_SHARE_HALF_LIFE_S)
-queue.process           command    gateway      scheduler [{st}:commands]
-sweep.create            command    gateway      scheduler [{st}:commands] (then a job.submit per point)
-sweep.cancel            command    gateway      scheduler [{st}:commands]
-job.start               command    scheduler    runner of the node [{st}:node:<name>]
-job.stop                command    scheduler    runner of the node [{st}:node:<name>]
-export.start            command    scheduler    exporter [{st}:exports]
-job.accepted            event      scheduler    every reader of the log [{st}:events]
-job.rejected            event      scheduler    (same for every event below)
-job.queued              event      scheduler
-job.scheduled           event      scheduler
-job.cancel_requested    event      scheduler
-job.priority_changed    event      scheduler
-job.requeued            event      scheduler    (an attempt lost with its node; retried)
-job.deleted             event      scheduler
-job.held                event      scheduler    (submitted with hold: waits for job.release)
-job.waiting             event      scheduler    (submitted with depends_on, or a deploy of a job
-                                                not yet exported: not queued until they end)
-sweep.created           event      scheduler    (a grid search's record; its jobs follow)
-job.dependencies_met    event      scheduler    (then queued or held; job.failed with reason
-                                                dependency_failed when they can no longer be met)
-job.preempted           event      scheduler    (its GPUs go to a more urgent job; stopped, then
-                                                queued again when job.stopped reports it gone)
-job.suspended           event      scheduler    (on request: stopped and held until job.resume)
-job.resumed             event      scheduler    (a suspended job queued again in its place)
-quotas.changed          event      scheduler    (from QUOTAS at start, or an admin's quotas.set)
-usage.half_life_changed event      scheduler    (FAIR_SHARE_HALF_LIFE_S differs from the log's)
-job.cancelled           event      scheduler (queued job), runner (running job)
-export.requested        event      scheduler    exporter's work arrives as export.start
-node.joined             event      scheduler    (from a heartbeat of a new or changed node)
-node.lost               event      scheduler
-job.started             event      runner
-job.progress            event      runner
-job.checkpoint_saved    event      runner
-job.serving             event      runner
-job.stopped             event      runner       (a preempted or suspended attempt is gone, with
-                                                the checkpoint it saved on the way out)
-job.succeeded           event      runner       scheduler reacts: export.requested (LoRA)
-job.failed              event      runner, scheduler (node or runner lost, no retries left)
-job.lost                event      runner       (the attempt ended while no runner watched it;
-                                                the scheduler retries or fails the job)
-job.rank_ended          event      runner       (a gang job's rank ended; a failed one makes the
-                                                scheduler stop every rank and retry or fail)
-notification.delivered  event      notifier     (a webhook answered 2xx; .failed: gave up)
-export.started          event      exporter
-export.completed        event      exporter
-export.failed           event      exporter
-node.heartbeat          telemetry  gpu-monitor  scheduler, gateway [{st}:telemetry]
-service.heartbeat       telemetry  every        gateway (liveness) [{st}:telemetry]
-======================  =========  ===========  ==============================================
-
-Readers of the log: the scheduler (its decisions), the gateway (its projection and SSE), and
-``swift-trainer replay``; all fold it with :class:`events.state.State`.
+Which stream carries each type, which services append it and which read it: :mod:`events.routing`
+(``ROUTES``, checked against the services' code by tests/test_routing.py; ``python -m
+events.routing`` prints it as a table).
 
 Facts are named in the past tense, commands in the imperative. A type's ``v`` is its schema version;
 older versions are upcast on decode (see :mod:`events.codec`).
@@ -129,7 +64,8 @@ class Telemetry(Message):
 
 
 # ---------------------------------------------------------------------------------------------
-# Commands for the scheduler ({st}:commands), appended by the gateway on behalf of `actor`.
+# Commands for the scheduler ({st}:commands), appended by the gateway on behalf of `actor` (and
+# the settings the log folds, by the scheduler itself at start).
 
 
 class SubmitJob(Command):
@@ -246,13 +182,7 @@ class StartExport(Command):
 
 
 # ---------------------------------------------------------------------------------------------
-# Facts ({st}:events). Scheduler: accepted, rejected, queued, scheduled, requeued, preempted,
-# suspended, resumed, held, waiting, dependencies_met, sweep.created, deleted, priority_changed,
-# cancel_requested, cancelled and stopped (of a job not running), failed (of a job it gives up
-# on, or whose dependencies can no longer be met), export.requested, quotas.changed,
-# usage.half_life_changed, node.joined, node.lost.
-# Runner: started, progress, checkpoint_saved, serving, rank_ended, lost, succeeded, failed,
-# cancelled, stopped. Exporter: export.started, export.completed, export.failed.
+# Facts ({st}:events); which service appends each: events/routing.py.
 
 
 class JobAccepted(Event):
@@ -374,7 +304,11 @@ class JobFailed(Event):
     type: Literal["job.failed"] = "job.failed"
     attempt: int | None = None
     exit_code: int | None = None
-    reason: str  # the kind of failure: oom, dataset_not_found, model_not_found, bad_argument, killed, timeout, ...
+    # The kind of failure. The runner's: oom, bad_argument, dataset_not_found, model_not_found, killed,
+    # unknown (from the exit and the output), timeout, idle, path_outside_roots, spawn_failed. The
+    # scheduler's: node_lost, runner_lost (retries used up), dependency_failed, or a failed gang
+    # rank's reason (job.rank_ended).
+    reason: str
     message: str = ""
     stderr_tail: list[str] = Field(default_factory=list)
 
@@ -445,7 +379,9 @@ class JobStopped(Event):
     exit_code: int | None = None
     last_checkpoint: str | None = None  # what the next attempt resumes from
     step: int | None = None  # the step of that checkpoint
-    reason: str = ""  # preempt, suspend; node_lost / runner_lost when the scheduler gave up waiting
+    # The runner's: preempt, suspend. The scheduler's, when no report will come: node_lost,
+    # runner_lost (its node or runner was lost), lost (the attempt ended while no runner watched it).
+    reason: str = ""
 
 
 class JobResumed(Event):
