@@ -26,6 +26,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from events import connection
 from events.codec import TYPE_CODES, DecodeError, decode, encode, encode_fact
+from events.errors import EventsError
 from events.keys import Keys
 from events.messages import Message
 
@@ -238,7 +239,7 @@ return reply
 )
 
 
-class BusError(Exception):
+class BusError(EventsError):
     """Root of the errors raised by the event bus."""
 
 
@@ -246,7 +247,7 @@ class Fenced(BusError):
     """A write of a scheduler that is no longer the leader was refused."""
 
 
-class NotReplicated(RedisError):
+class NotReplicated(BusError, RedisError):
     """Commands were appended, but fewer replicas than asked confirmed them in time: a failover
     could lose them, so they are not acknowledged (whether they take effect is unknown)."""
 

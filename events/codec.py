@@ -39,6 +39,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import from_json, to_json
 
+from events.errors import EventsError
 from events.messages import ENVELOPE_FIELDS, AnyMessage, Message, message_types
 
 # An entry's fields: text from a client with decode_responses, bytes from one without (keys and
@@ -52,7 +53,7 @@ _CURRENT_VERSION = {name: cls.model_fields["v"].default for name, cls in message
 UPCASTERS: dict[tuple[str, int], Upcaster] = {}
 
 
-class DecodeError(ValueError):
+class DecodeError(EventsError, ValueError):
     """An entry that is not a message this release understands; the reason says why."""
 
 

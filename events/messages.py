@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from events.params import ExtraValue, JobSpec, ModelHub
 from events.quotas import Quotas
@@ -204,9 +204,47 @@ class SweepCreated(Event):
     job_ids: list[str]
 
 
+class FailureReason(StrEnum):
+    """Why a job was rejected or failed (``job.rejected``, ``job.failed``, a gang rank's
+    ``job.rank_ended``): a closed set the producers choose from, read leniently (see Reason)."""
+
+    # the runner's, from the exit status and the last output lines
+    OOM = "oom"
+    BAD_ARGUMENT = "bad_argument"
+    DATASET_NOT_FOUND = "dataset_not_found"
+    MODEL_NOT_FOUND = "model_not_found"
+    KILLED = "killed"  # stopped from outside
+    UNKNOWN = "unknown"
+    # the runner's, when it stopped the job or could not start it
+    TIMEOUT = "timeout"
+    IDLE = "idle"
+    PATH_OUTSIDE_ROOTS = "path_outside_roots"
+    SPAWN_FAILED = "spawn_failed"
+    # the scheduler's
+    NODE_LOST = "node_lost"  # retries used up
+    RUNNER_LOST = "runner_lost"
+    DEPENDENCY_FAILED = "dependency_failed"
+    QUOTA = "quota"
+    UNSATISFIABLE = "unsatisfiable"  # no node could ever hold it
+
+
+def _known_reason(value: object) -> object:
+    if isinstance(value, str) and not isinstance(value, FailureReason):
+        try:
+            return FailureReason(value)
+        except ValueError:
+            return value
+    return value
+
+
+# A known reason is read as its member; any other text (a producer newer or older than this
+# reader) is kept as it is, so that no entry of the log becomes unreadable.
+Reason = Annotated[FailureReason | str, BeforeValidator(_known_reason)]
+
+
 class JobRejected(Event):
     type: Literal["job.rejected"] = "job.rejected"
-    reason: str
+    reason: Reason
     message: str
 
 
@@ -304,11 +342,7 @@ class JobFailed(Event):
     type: Literal["job.failed"] = "job.failed"
     attempt: int | None = None
     exit_code: int | None = None
-    # The kind of failure. The runner's: oom, bad_argument, dataset_not_found, model_not_found, killed,
-    # unknown (from the exit and the output), timeout, idle, path_outside_roots, spawn_failed. The
-    # scheduler's: node_lost, runner_lost (retries used up), dependency_failed, or a failed gang
-    # rank's reason (job.rank_ended).
-    reason: str
+    reason: Reason  # a FailureReason; a failed gang rank's (job.rank_ended) when a rank failed
     message: str = ""
     stderr_tail: list[str] = Field(default_factory=list)
 
@@ -334,7 +368,7 @@ class RankEnded(Event):
     node: str
     exit_code: int | None = None
     failed: bool = False
-    reason: str = ""
+    reason: Reason = ""
     message: str = ""
     stderr_tail: list[str] = Field(default_factory=list)
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 from sortedcontainers import SortedList
 
 from events import messages as m
+from events.errors import EventsError
 from events.params import ExtraValue, JobSpec, TrainType
 from events.quotas import DEFAULT_HALF_LIFE_S, Quotas, Usage, team_key, user_key
 
@@ -59,7 +60,7 @@ class ExportStatus(StrEnum):
     failed = "failed"  # swift export failed
 
 
-class IllegalTransition(ValueError):
+class IllegalTransition(EventsError, ValueError):
     """An event that does not apply to the state it arrives in."""
 
 
@@ -151,6 +152,36 @@ class Job(BaseModel):
     @property
     def may_resume(self) -> bool:
         return self.status == JobStatus.suspended
+
+    # What may be asked of a job now: the gateway answers 409 where the scheduler would decide
+    # nothing, by the same predicates.
+
+    @property
+    def may_cancel(self) -> bool:
+        return self.status not in TERMINAL
+
+    @property
+    def may_release(self) -> bool:
+        """A job submitted with ``hold`` may be released to the queue."""
+        return self.status == JobStatus.held
+
+    @property
+    def may_reprioritize(self) -> bool:
+        return self.status == JobStatus.queued
+
+    @property
+    def exporting(self) -> bool:
+        return self.export.status in (ExportStatus.pending, ExportStatus.running)
+
+    @property
+    def may_export(self) -> bool:
+        """A completed LoRA job with a checkpoint, not being exported already."""
+        return self.status == JobStatus.completed and self.is_lora and bool(self.last_checkpoint) and not self.exporting
+
+    @property
+    def may_delete(self) -> bool:
+        """An ended job whose export (if any) is not under way."""
+        return self.status in TERMINAL and not self.exporting
 
     @property
     def ranks(self) -> list[m.Rank]:

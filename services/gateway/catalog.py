@@ -27,6 +27,7 @@ from events.params import (
 from events.state import TERMINAL, ExportStatus, JobStatus, State
 from services.gateway import views
 from services.gateway.auth import may_see, principal
+from services.gateway.context import bus_of, projection_of
 from services.gateway.errors import ApiError
 
 _TYPES: dict[TaskType, tuple[type[BaseModel], str, type[BaseModel], str]] = {
@@ -40,10 +41,6 @@ _TYPES: dict[TaskType, tuple[type[BaseModel], str, type[BaseModel], str]] = {
     TaskType.deploy: (DeployJob, "deploy_params", DeployParams, "swift deploy: an OpenAI-compatible server"),
 }
 _JOB_DEFAULTS = ("priority", "gpu_count", "max_retries", "auto_export")
-
-
-def _bus(request: Request) -> Bus:
-    return request.app.state.bus  # type: ignore[no-any-return]
 
 
 async def supported_types(request: Request) -> JSONResponse:
@@ -73,7 +70,7 @@ async def default_params(request: Request) -> JSONResponse:
 async def delete_finished(request: Request) -> JSONResponse:
     """Delete every finished job the caller may act on (never a running one, nor one whose
     export is under way); each deletion is a command in the log, as one at a time would be."""
-    state = request.app.state.projection.state
+    state = projection_of(request).state
     who = principal(request)
     finished = [
         job
@@ -82,7 +79,7 @@ async def delete_finished(request: Request) -> JSONResponse:
         and job.export.status not in (ExportStatus.pending, ExportStatus.running)
         and may_see(request, job.submitted_by)
     ]
-    bus = _bus(request)
+    bus = bus_of(request)
     commands = [m.DeleteJob(job_id=job.job_id, actor=who.name) for job in finished]
     if commands:
         await bus.append(bus.keys.commands, *commands)
@@ -92,13 +89,13 @@ async def delete_finished(request: Request) -> JSONResponse:
 
 async def processor_status(request: Request) -> JSONResponse:
     """Which scheduler leads, and whether its lease is alive."""
-    bus = _bus(request)
+    bus = bus_of(request)
     async with bus.redis.pipeline(transaction=False) as pipe:
         pipe.get(bus.keys.leader)
         pipe.pttl(bus.keys.leader)
         pipe.get(bus.keys.fence)
         leader, ttl_ms, fence = await pipe.execute()
-    alive = request.app.state.projection.live_services().get("scheduler", [])
+    alive = projection_of(request).live_services().get("scheduler", [])
     body = views.ProcessorStatus(
         running=leader is not None and ttl_ms > 0,
         leader=leader,
@@ -177,8 +174,8 @@ async def consumer_groups(bus: Bus, state: State) -> list[dict[str, Any]]:
 async def system_status(request: Request) -> JSONResponse:
     """Nodes and their last heartbeat, Redis memory and stream lengths, consumer-group lag, the
     scheduler's leader, and jobs by status."""
-    projection = request.app.state.projection
-    bus = _bus(request)
+    projection = projection_of(request)
+    bus = bus_of(request)
     keys = bus.keys
     streams = {"events": keys.events, "commands": keys.commands, "telemetry": keys.telemetry, "dead": keys.dead_letter}
     async with bus.redis.pipeline(transaction=False) as pipe:

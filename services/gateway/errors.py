@@ -11,6 +11,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from services.errors import ServiceError
+
 log = structlog.get_logger("gateway")
 
 _CODES = {
@@ -28,7 +30,7 @@ _CODES = {
 }
 
 
-class ApiError(Exception):
+class ApiError(ServiceError):
     def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
         self.status = status

@@ -13,23 +13,20 @@ from starlette.routing import Route
 from events import audit
 from events import messages as m
 from events.audit import parse_time
-from events.bus import Bus, Entry, previous_id
+from events.bus import Entry, previous_id
 from events.codec import DecodeError, decode, entry_type
 from events.describe import describe, render
 from services.gateway.auth import may_see, principal, require_admin
+from services.gateway.context import bus_of, projection_of
 from services.gateway.errors import ApiError
 
 _ENTRY_ID = r"^\d{1,20}(-\d{1,20})?$"
 
 
-def _bus(request: Request) -> Bus:
-    return request.app.state.bus  # type: ignore[no-any-return]
-
-
 def job_query(request: Request) -> audit.Query:
     """Where a job's entries lie in the history: from its first entry to its latest one (the
     whole history for a deleted job, which the projection no longer holds)."""
-    projection = request.app.state.projection
+    projection = projection_of(request)
     job_id = request.path_params["job_id"]
     job = projection.state.jobs.get(job_id)
     if job is not None and may_see(request, job.submitted_by):
@@ -41,7 +38,7 @@ def job_query(request: Request) -> audit.Query:
 
 async def job_events(request: Request) -> JSONResponse:
     q = job_query(request)
-    found = [render(entry) async for entry in audit.query(_bus(request), q)]
+    found = [render(entry) async for entry in audit.query(bus_of(request), q)]
     return JSONResponse({"job_id": q.job_id, "events": found})
 
 
@@ -73,7 +70,7 @@ async def job_timeline(request: Request) -> JSONResponse:
         items.append(_item(first_entry, first, text))
         run.clear()
 
-    async for entry in audit.query(_bus(request), q):
+    async for entry in audit.query(bus_of(request), q):
         try:
             message = decode(entry.fields)
         except DecodeError as exc:
@@ -132,7 +129,7 @@ async def audit_events(request: Request) -> JSONResponse:
     )
     page: list[dict[str, Any]] = []
     more = False
-    async for entry in audit.query(_bus(request), q):
+    async for entry in audit.query(bus_of(request), q):
         if len(page) == limit:
             more = True
             break
@@ -143,7 +140,7 @@ async def audit_events(request: Request) -> JSONResponse:
 async def audit_state(request: Request) -> JSONResponse:
     """The state this gateway folded from the log, at its position. Admins only."""
     require_admin(request)
-    return JSONResponse(request.app.state.projection.state.model_dump(mode="json"))
+    return JSONResponse(projection_of(request).state.model_dump(mode="json"))
 
 
 def job_routes() -> list[Route]:

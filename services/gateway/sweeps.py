@@ -24,6 +24,7 @@ from services.config import Settings
 from services.gateway import views
 from services.gateway.auth import may_see, principal
 from services.gateway.bodies import read_json, submitted
+from services.gateway.context import actor, bus_of, projection_of
 from services.gateway.errors import ApiError, validation_details
 
 # The fields a grid may vary, per task type: the typed training parameters (not extra_args).
@@ -100,7 +101,7 @@ async def create_sweep(request: Request) -> JSONResponse:
         actor=who.name,
         team=who.team,
     )
-    bus = request.app.state.bus
+    bus = bus_of(request)
     await bus.append(bus.keys.commands, create, *submits)  # all or nothing
     body = views.SweepSubmitted(sweep_id=sweep_id, job_ids=job_ids, points=len(job_ids))
     return JSONResponse(
@@ -124,7 +125,7 @@ def _in_grid(exc: ApiError, point: dict[str, Any]) -> ApiError:
 
 
 def _sweep(request: Request) -> Sweep:
-    state: State = request.app.state.projection.state
+    state: State = projection_of(request).state
     sweep = state.sweeps.get(request.path_params["sweep_id"])
     if sweep is None or not may_see(request, sweep.created_by):
         raise ApiError(404, "not_found", f"no sweep {request.path_params['sweep_id']!r}")
@@ -188,12 +189,12 @@ def sweep_view(sweep: Sweep, state: State) -> views.SweepView:
 
 
 async def get_sweep(request: Request) -> JSONResponse:
-    return JSONResponse(sweep_view(_sweep(request), request.app.state.projection.state).model_dump(mode="json"))
+    return JSONResponse(sweep_view(_sweep(request), projection_of(request).state).model_dump(mode="json"))
 
 
 async def list_sweeps(request: Request) -> JSONResponse:
     """Sweeps newest first, with each one's counts by status and best point."""
-    state: State = request.app.state.projection.state
+    state: State = projection_of(request).state
     visible = [sweep for sweep in state.sweeps.values() if may_see(request, sweep.created_by)]
     visible.sort(key=lambda sweep: (sweep.created_at, sweep.sweep_id), reverse=True)
     summaries = []
@@ -206,12 +207,12 @@ async def list_sweeps(request: Request) -> JSONResponse:
 async def cancel_sweep(request: Request) -> JSONResponse:
     """Cancel every job of the sweep that has not ended (queued ones at once, running ones with a checkpoint)."""
     sweep = _sweep(request)
-    state: State = request.app.state.projection.state
+    state: State = projection_of(request).state
     live = [
         job_id for job_id in sweep.job_ids if (job := state.jobs.get(job_id)) is not None and job.status not in TERMINAL
     ]
-    bus = request.app.state.bus
-    position = await bus.send(bus.keys.commands, m.CancelSweep(sweep_id=sweep.sweep_id, actor=principal(request).name))
+    bus = bus_of(request)
+    position = await bus.send(bus.keys.commands, m.CancelSweep(sweep_id=sweep.sweep_id, actor=actor(request)))
     body = views.SweepCancelled(sweep_id=sweep.sweep_id, cancelling=live, command_position=position)
     return JSONResponse(body.model_dump(mode="json"), status_code=202)
 

@@ -11,7 +11,7 @@ from events.bus import Append
 from events.dependencies import verdict
 from events.keys import Keys
 from events.placement import never_fits
-from events.state import ANONYMOUS, TERMINAL, YIELDED, ExportStatus, Job, JobStatus, State
+from events.state import ANONYMOUS, YIELDED, Job, JobStatus, State
 from services.scheduler.rules.facts import queued, stops
 from services.scheduler.rules.limits import Limits
 from services.scheduler.rules.passes import schedule
@@ -34,11 +34,11 @@ def submit(
     accepted = m.JobAccepted(spec=spec, team=command.team, sweep_id=command.sweep_id, point=command.point, **common)
     impossible = never_fits(spec, state)
     if impossible:
-        rejected = m.JobRejected(reason="unsatisfiable", message=impossible, **common)
+        rejected = m.JobRejected(reason=m.FailureReason.UNSATISFIABLE, message=impossible, **common)
         return [Append(keys.events, accepted), Append(keys.events, rejected)]
     over = queued_quota_block(state, command.actor or ANONYMOUS, command.team)
     if over:
-        rejected = m.JobRejected(reason="quota", message=over, **common)
+        rejected = m.JobRejected(reason=m.FailureReason.QUOTA, message=over, **common)
         return [Append(keys.events, accepted), Append(keys.events, rejected)]
     decided = [Append(keys.events, accepted)]
     if spec.depends_on or (getattr(spec, "source_job_id", None) and not spec.model_path):
@@ -46,7 +46,9 @@ def submit(
         if needs.broken is not None:
             return [
                 *decided,
-                Append(keys.events, m.JobRejected(reason="dependency_failed", message=needs.broken, **common)),
+                Append(
+                    keys.events, m.JobRejected(reason=m.FailureReason.DEPENDENCY_FAILED, message=needs.broken, **common)
+                ),
             ]
         if needs.waiting_on:
             return [*decided, Append(keys.events, m.JobWaiting(on=needs.waiting_on, **common))]
@@ -94,7 +96,7 @@ def cancel_sweep(state: State, keys: Keys, command: m.CancelSweep) -> list[Appen
 def release(state: State, keys: Keys, command: m.ReleaseJob) -> list[Append]:
     """Queue a held job; the scheduling pass that follows job.queued may start it."""
     job = state.jobs.get(command.job_id or "")
-    if job is None or job.status != JobStatus.held:
+    if job is None or not job.may_release:
         return []
     common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     return [Append(keys.events, queued(state, job.priority, common, job.seq))]
@@ -102,7 +104,7 @@ def release(state: State, keys: Keys, command: m.ReleaseJob) -> list[Append]:
 
 def cancel(state: State, keys: Keys, command: m.CancelJob) -> list[Append]:
     job = state.jobs.get(command.job_id or "")
-    if job is None or job.status not in (set(JobStatus) - {JobStatus.completed, JobStatus.failed, JobStatus.cancelled}):
+    if job is None or not job.may_cancel:
         return []
     common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     if job.status in (JobStatus.pending, JobStatus.held, JobStatus.waiting, JobStatus.queued, *YIELDED):
@@ -156,7 +158,7 @@ def set_half_life(state: State, keys: Keys, command: m.SetHalfLife) -> list[Appe
 
 def set_priority(state: State, keys: Keys, command: m.SetPriority) -> list[Append]:
     job = state.jobs.get(command.job_id or "")
-    if job is None or job.status != JobStatus.queued or job.priority == command.priority:
+    if job is None or not job.may_reprioritize or job.priority == command.priority:
         return []
     common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     return [Append(keys.events, m.JobPriorityChanged(priority=command.priority, previous=job.priority, **common))]
@@ -164,19 +166,14 @@ def set_priority(state: State, keys: Keys, command: m.SetPriority) -> list[Appen
 
 def delete(state: State, keys: Keys, command: m.DeleteJob) -> list[Append]:
     job = state.jobs.get(command.job_id or "")
-    if job is None or job.status not in TERMINAL or job.export.status in (ExportStatus.pending, ExportStatus.running):
+    if job is None or not job.may_delete:
         return []
     return [Append(keys.events, m.JobDeleted(job_id=job.job_id, causation_id=command.id, actor=command.actor))]
 
 
 def export(state: State, keys: Keys, job: Job, cause: m.Message) -> list[Append]:
     """Merge a completed LoRA job's adapters into its base model."""
-    if (
-        job.status != JobStatus.completed
-        or not job.is_lora
-        or not job.last_checkpoint
-        or job.export.status in (ExportStatus.pending, ExportStatus.running)
-    ):
+    if not job.may_export or job.last_checkpoint is None:
         return []
     checkpoint = job.last_checkpoint
     output_dir = checkpoint.rstrip("/") + "-merged"

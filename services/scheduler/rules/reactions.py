@@ -30,7 +30,11 @@ def release_dependents(state: State, keys: Keys, event: m.Message) -> list[Appen
         needs = verdict(state, job.spec)
         common = {"job_id": job.job_id, "causation_id": event.id, "actor": event.actor}
         if needs.broken is not None:
-            decided.append(Append(keys.events, m.JobFailed(reason="dependency_failed", message=needs.broken, **common)))
+            decided.append(
+                Append(
+                    keys.events, m.JobFailed(reason=m.FailureReason.DEPENDENCY_FAILED, message=needs.broken, **common)
+                )
+            )
         elif needs.met:
             decided.append(Append(keys.events, m.DependenciesMet(model_path=needs.model_path, **common)))
             then = m.JobHeld(**common) if job.spec.hold else queued(state, job.priority, common, job.seq)
