@@ -2,7 +2,7 @@
 
     EventsError
     ├── DecodeError         an entry that is not a message this release understands (events.codec)
-    ├── IllegalTransition   an event that does not apply to the state it arrives in (events.state)
+    ├── IllegalTransition   an event that does not apply to the state it arrives in (State.apply)
     └── BusError            the event bus refused a write (events.bus)
         ├── Fenced          a scheduler that is no longer the leader tried to commit
         └── NotReplicated   appended, but fewer replicas confirmed it than asked (also a RedisError)
@@ -16,3 +16,7 @@ from __future__ import annotations
 
 class EventsError(Exception):
     """The root of the exceptions the message language raises on purpose."""
+
+
+class IllegalTransition(EventsError, ValueError):
+    """An event that does not apply to the state it arrives in."""

@@ -407,10 +407,10 @@ def skipped(service: str, module: Module) -> set[str]:
 
 @cache
 def folded() -> set[str]:
-    """The types events.state.State folds: the keys of its _HANDLERS."""
-    state = parse(ROOT / "events" / "state.py")
-    table = state.constant("_HANDLERS")
-    assert isinstance(table, ast.Dict), "events/state.py: _HANDLERS is not a dict"
+    """The types events.state.State folds: the keys of HANDLERS in events/transitions.py."""
+    state = parse(ROOT / "events" / "transitions.py")
+    table = state.constant("HANDLERS")
+    assert isinstance(table, ast.Dict), "events/transitions.py: HANDLERS is not a dict"
     return {t for key in table.keys if key is not None and (t := state.message_type(key)) is not None}
 
 
@@ -475,7 +475,7 @@ def test_a_route_names_services_only() -> None:
 def test_state_folds_every_event_of_the_log() -> None:
     logged = {kind for kind, route in ROUTES.items() if route.stream is Stream.EVENTS}
     assert folded() == logged, (
-        f"events/state.py _HANDLERS: no fold for {names(logged - folded())}; "
+        f"events/transitions.py HANDLERS: no fold for {names(logged - folded())}; "
         f"a fold for types not on the log: {names(folded() - logged)}"
     )
 
