@@ -2,7 +2,7 @@
 
 Every entry of the log carries ``hash``: SHA-1 over the hash of the entry before it (empty for the
 first), the entry id and every other field, in order, each length-prefixed (the Lua in
-:mod:`events.bus` computes it inside Redis, where SHA-1 is the hash scripts have). A compact entry
+:mod:`events.scripts` computes it inside Redis, where SHA-1 is the hash scripts have). A compact entry
 (see :mod:`events.codec`) stores the 20 bytes of its hash in URL-safe base64 and not the hash
 before it, which is its predecessor's ``hash``; an envelope entry, as written before compact
 entries, stores both as hex, the one before as ``prev``. Both kinds chain on whatever the entry

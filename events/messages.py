@@ -6,6 +6,9 @@ events.routing`` prints it as a table).
 
 Facts are named in the past tense, commands in the imperative. A type's ``v`` is its schema version;
 older versions are upcast on decode (see :mod:`events.codec`).
+
+(One module though long: it is the language's catalogue, one small model per type, and the
+union of every type must see them all.)
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ A view is closed (``additionalProperties: false``) and every field it always wri
 a field that is sometimes left out is marked so and has no ``null`` in its schema. Open maps
 (``additionalProperties`` with a schema) are used only where the keys are data: job ids,
 environment variables, service names, a stream entry's raw fields.
+
+(One module though long: it is the API's reference, a catalogue of small models read top to
+bottom beside the OpenAPI document, and the models share their field conventions.)
 """
 
 from __future__ import annotations
