@@ -11,8 +11,9 @@ import math
 import os
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import TypedDict
 
 import anyio
 import pynvml
@@ -23,6 +24,7 @@ from anyio.abc import TaskGroup
 from events import messages as m
 from events.bus import Append, Bus, connect
 from events.codec import DecodeError, decode
+from events.connection import text_entries, text_hash
 from events.consumer import Delivery, GroupConsumer, Outcome
 from events.keys import RUNNER_GROUP
 from services import metrics
@@ -47,6 +49,14 @@ from services.swift import swift_executable
 log = structlog.get_logger("runner")
 
 STOP_LOOKAHEAD = 500  # entries of the node's stream read at a time, looking for a later stop
+
+
+class _FinalIds(TypedDict):
+    """What identifies the final fact of an attempt the runner ends without running it."""
+
+    id: str
+    job_id: str
+    attempt: int
 
 
 def free_port(ports: range, taken: set[int]) -> int:
@@ -75,7 +85,10 @@ class Runner:
         self.ended: dict[tuple[str, int], anyio.Event] = {}  # set when a run's supervision ends
 
     def _track(
-        self, record: RunRecord, saved: dict[str, str] | None = None, process: subprocess.Popen[bytes] | None = None
+        self,
+        record: RunRecord,
+        saved: Mapping[str, str] | None = None,
+        process: subprocess.Popen[bytes] | None = None,
     ) -> JobRun:
         run = JobRun(
             self.bus,
@@ -113,7 +126,7 @@ class Runner:
         release_adopted(): a start still pending must first land its job.started."""
         every_run = self.bus.keys.run("*", "*").removesuffix(":*")  # older runners kept one per job
         async for key in self.bus.redis.scan_iter(match=every_run, count=500):
-            fields = await self.bus.redis.hgetall(key)
+            fields = text_hash(await self.bus.redis.hgetall(key))
             if "record" not in fields:  # only a stop that arrived before its start
                 continue
             record = RunRecord.from_redis(fields)
@@ -153,9 +166,13 @@ class Runner:
         run = self.runs.get((job_id, command.attempt))
         if run is None:
             key = self.bus.keys.run(job_id, command.attempt, command.rank)
-            early = await self.bus.redis.hgetall(key)
+            early = text_hash(await self.bus.redis.hgetall(key))
             rank = f"rank{command.rank}-" if command.rank else ""
-            end = {"id": f"{job_id}-{command.attempt}-{rank}final", "job_id": job_id, "attempt": command.attempt}
+            end: _FinalIds = {
+                "id": f"{job_id}-{command.attempt}-{rank}final",
+                "job_id": job_id,
+                "attempt": command.attempt,
+            }
             stop = early.get("stop_reason") if early.get("stop_attempt") == str(command.attempt) else None
             stop = stop or await self._stop_follows(delivery, command)
             if stop and "record" not in early and not await self._running(command):
@@ -191,7 +208,7 @@ class Runner:
         lost while this runner was paused or cut off, or the job was cancelled), and starting it
         now would run the job twice."""
         after = f"({delivery.entry_id}"
-        while page := await self.bus.redis.xrange(delivery.stream, after, "+", count=STOP_LOOKAHEAD):
+        while page := text_entries(await self.bus.redis.xrange(delivery.stream, after, "+", count=STOP_LOOKAHEAD)):
             for _, fields in page:
                 if fields.get("type") == "job.stop" and fields.get("job_id") == command.job_id:
                     with contextlib.suppress(DecodeError):
@@ -230,11 +247,7 @@ class Runner:
         return await anyio.to_thread.run_sync(find_running, tag) is not None
 
     def _deploy_port(self) -> int:
-        taken = {
-            int(run.record.endpoint.rsplit(":", 1)[1].split("/")[0])
-            for run in self.runs.values()
-            if run.record.endpoint
-        }
+        taken = {run.record.port for run in self.runs.values() if run.record.port is not None}
         return free_port(self.settings.deploy_ports, taken)
 
     def _launch(self, command: m.StartJob) -> tuple[RunRecord, subprocess.Popen[bytes] | None]:

@@ -13,15 +13,17 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
 import structlog
 import watchfiles
+from redis.typing import EncodableT, FieldT
 
 from events import messages as m
 from events.bus import Append, Bus
@@ -94,17 +96,22 @@ class RunRecord:
     rank: int = 0  # of a gang job
     nodes: int = 1  # a gang job's ranks
     idle_timeout_s: float | None = None  # a deploy's: stopped once it served no request this long
+    port: int | None = None  # a deploy's: the port of the deploy pool its server listens on (endpoint's)
 
     @property
     def key(self) -> tuple[str, int]:
         return (self.job_id, self.attempt)
 
-    def to_redis(self) -> dict[str, str]:
+    def to_redis(self) -> dict[FieldT, EncodableT]:
         return {"record": json.dumps(asdict(self))}
 
     @classmethod
-    def from_redis(cls, fields: dict[str, str]) -> RunRecord:
-        return cls(**json.loads(fields["record"]))
+    def from_redis(cls, fields: Mapping[str, str]) -> RunRecord:
+        record = json.loads(fields["record"])
+        if "port" not in record and record.get("endpoint"):
+            # recorded by a runner from before the field: the port is the endpoint's
+            record["port"] = urlsplit(record["endpoint"]).port
+        return cls(**record)
 
 
 def recorded_command(record: RunRecord) -> dict[str, Any]:
@@ -151,6 +158,7 @@ def record_for(
         started_at=started_at,
         deploy=launch.port is not None,
         endpoint=f"http://127.0.0.1:{launch.port}/v1" if launch.port else "",
+        port=launch.port,
         time_limit_s=launch.time_limit_s,
         gpus=launch.env.get("CUDA_VISIBLE_DEVICES", ""),
     )
@@ -181,6 +189,8 @@ def spawn(
 
 
 GpuProbe = Callable[[list[int]], set[int]]  # GPU indices -> pids NVML lists on them
+_Lines = tuple[list[str], int]  # a log file's new lines, and the offset after them
+_Progress = tuple[list[m.Message], int, list[str], bool]  # see JobRun._progress
 
 
 def find_version_dir(output_dir: Path, since: float, before: Collection[str] = ()) -> Path | None:
@@ -208,7 +218,7 @@ class JobRun:
         *,
         log_maxlen: int,
         stop_grace_s: float,
-        saved: dict[str, str] | None = None,
+        saved: Mapping[str, str] | None = None,
         process: subprocess.Popen[bytes] | None = None,
         gpu_probe: GpuProbe | None = None,
     ) -> None:
@@ -226,6 +236,9 @@ class JobRun:
         self.stop_reason: str | None = None
         self.stop_requested = anyio.Event()
         self.stop_deadline: float | None = None  # (monotonic) the end of a requested stop's grace period
+        # One pump at a time (the supervision's, and a deploy's as it starts serving): each reads
+        # from the stored offsets, and advances them once what it read is stored.
+        self._pumping = anyio.Lock()
         self.stdout = LineTail(Path(record.run_dir) / "stdout.log", int(saved.get("stdout_offset", 0)))
         self.stderr = LineTail(Path(record.run_dir) / "stderr.log", int(saved.get("stderr_offset", 0)))
         self.rows = JsonlTail(Path(saved.get("jsonl_path", "")), int(saved.get("jsonl_offset", 0)))
@@ -332,16 +345,20 @@ class JobRun:
 
     async def pump(self, *, final: bool = False) -> None:
         """Store new output lines, progress facts and checkpoints, with the new offsets."""
-        with metrics.PUMP_SECONDS.time():
-            while await self._pump_once(final=final):
-                pass  # more logged rows than one commit takes
+        async with self._pumping:
+            with metrics.PUMP_SECONDS.time():
+                while await self._pump_once(final=final):
+                    pass  # more logged rows than one commit takes
 
     async def _pump_once(self, *, final: bool) -> bool:
         """One commit of what is new; whether logged rows are left for another."""
         if self.gpu_probe is not None and not final:
             self.pids |= await anyio.to_thread.run_sync(process_tree, self.record.pid)
-        out, out_end = self.stdout.peek(final=final)
-        err, err_end = self.stderr.peek(final=final)
+        # The files are read in a worker thread: a long backlog (a runner back after hours) would
+        # hold the event loop while it is read and parsed.
+        (out, out_end), (err, err_end), (progress, rows_end, checkpoints, more) = await anyio.to_thread.run_sync(
+            self._read, final
+        )
         lines = [("stdout", line) for line in out] + [("stderr", line) for line in err]
         if self.record.deploy and any(_SERVED.search(line) for _, line in lines):
             self.last_request = time.monotonic()
@@ -350,7 +367,6 @@ class JobRun:
         if self.record.deploy and not serving and self.ready:
             serving = True
             facts.append(m.JobServing(attempt=self.record.attempt, endpoint=self.record.endpoint, **self.common()))
-        progress, rows_end, checkpoints, more = self._progress()
         facts += progress
         if not lines and not facts and rows_end == self.rows.offset:
             return False
@@ -376,7 +392,12 @@ class JobRun:
         self.checkpoints, self.serving = checkpoints, serving
         return more
 
-    def _progress(self) -> tuple[list[m.Message], int, list[str], bool]:
+    def _read(self, final: bool) -> tuple[_Lines, _Lines, _Progress]:
+        """What the attempt's files hold after the offsets: stdout's and stderr's lines, and its
+        progress (see _progress). Blocking: run in a worker thread."""
+        return self.stdout.peek(final=final), self.stderr.peek(final=final), self._progress()
+
+    def _progress(self) -> _Progress:
         """Progress and checkpoint facts since the last pump, the new offset, all checkpoints,
         and whether rows were left for the next commit. Every row ms-swift logged is a fact of
         its own, in the order it was written: the loss curve, the timeline and replay show each
@@ -504,14 +525,15 @@ class JobRun:
             return m.JobFailed(reason="idle", message=f"stopped: it {what} for its idle timeout", **failed)
         rows = read_rows(self.rows.path) if self.version_dir else []
         last_row = next((row for row in reversed(rows) if "last_model_checkpoint" in row), None)
-        gave_up = self.stop_reason in ("preempt", "suspend")
-        if gave_up and not _trained_to_the_end(rows, last_row):
+        given_up_for = self.stop_reason if self.stop_reason in ("preempt", "suspend") else None
+        gave_up = given_up_for is not None
+        if given_up_for is not None and not _trained_to_the_end(rows, last_row):
             # It gave up its GPUs (unless it had just finished): it goes on from the checkpoint
             # it saved on the way out, or its last one. ms-swift closes a run stopped this way as
             # it closes a finished one (the closing row, exit 0), so only the steps tell them apart.
             last = self.checkpoints[-1] if self.checkpoints else None
             step = _step_of(Path(last)) if last else None
-            return m.JobStopped(exit_code=exit_code, last_checkpoint=last, step=step, reason=self.stop_reason, **common)
+            return m.JobStopped(exit_code=exit_code, last_checkpoint=last, step=step, reason=given_up_for, **common)
         if self.record.deploy and (exit_code == 0 or exit_code is None):
             return m.JobFailed(reason="unknown", message="the server exited", **failed)
         if last_row is not None and (exit_code in (0, None) or gave_up):
