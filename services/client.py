@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -323,7 +323,10 @@ def watch_job(client: Client, job_id: str, out: Console, *, quiet: bool = False)
             for event, data in client.stream(f"/jobs/{job_id}/stream"):
                 payload = data.get("payload") or {}
                 if event == "job.progress":
-                    fields = {"status": "running", "step": f"step {payload['step']}/{payload['max_steps']}"}
+                    fields: dict[str, Any] = {
+                        "status": "running",
+                        "step": f"step {payload['step']}/{payload['max_steps']}",
+                    }
                     if payload.get("loss") is not None:
                         fields["loss"] = f"{payload['loss']:.4g}"
                     if payload.get("learning_rate") is not None:
@@ -429,7 +432,7 @@ def sweep(client: Client, args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {
+_COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Console], int]] = {
     "submit": submit,
     "jobs": jobs,
     "show": show,

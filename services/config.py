@@ -12,7 +12,7 @@ import re
 import socket
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
@@ -350,12 +350,12 @@ def _redis_url(host: str, port: int, db: int, password: str) -> str:
     return f"redis://{auth}{host}:{port}/{db}"
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the process environment, over ``env/.env.<ENVIRONMENT>`` when present."""
     environment = os.environ.get("ENVIRONMENT", "development")
     env_file = Path("env") / f".env.{environment}"
     try:
-        return Settings(_env_file=env_file if env_file.is_file() else None, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file if env_file.is_file() else None, **overrides)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid settings: {problems}") from exc
@@ -364,13 +364,10 @@ def load_settings(**overrides: object) -> Settings:
 def _shown(name: str, value: object) -> str:
     """A setting's value as printed: a secret (any SecretStr setting) only as set or unset, a
     URL's password masked."""
-    secret = isinstance(value, SecretStr)
-    if secret:
-        value = value.get_secret_value()  # type: ignore[union-attr]
+    if isinstance(value, SecretStr):
+        return "set (hidden)" if value.get_secret_value() else "unset"
     if value is None or value == "":
         return "unset"
-    if secret:
-        return "set (hidden)"
     if name == "redis_url":
         return masked_url(str(value))
     return str(value)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 class RedisNotFound(RuntimeError):
@@ -70,6 +71,6 @@ def server_argv(data_dir: Path, port: int, *, bind: str = "127.0.0.1", auth_conf
     ]
 
 
-def start(data_dir: Path, port: int, *, password: str | None = None, **popen: object) -> subprocess.Popen[bytes]:
+def start(data_dir: Path, port: int, *, password: str | None = None, **popen: Any) -> subprocess.Popen[bytes]:
     auth_config = write_auth_config(data_dir / "auth.conf", password) if password else None
-    return subprocess.Popen(server_argv(data_dir, port, auth_config=auth_config), **popen)  # type: ignore[call-overload]
+    return subprocess.Popen(server_argv(data_dir, port, auth_config=auth_config), **popen)

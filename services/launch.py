@@ -104,30 +104,30 @@ def build_launch(
         **hub_env(spec.hub),
     }
     if isinstance(spec, DeployJob):
-        params = spec.deploy_params
+        deploy_params = spec.deploy_params
         output_dir = Path(spec.output_dir).resolve() if spec.output_dir else job_dir / "deploy"
         argv = [
             swift,
             "deploy",
             "--model",
             spec.model_path,
-            *_flag("infer_backend", params.infer_backend),
+            *_flag("infer_backend", deploy_params.infer_backend),
             "--host",
             "127.0.0.1",
             *_flag("port", port),
-            *_flag("served_model_name", params.served_model_name),
-            *_flag("model_type", params.model_type),
-            *_flag("template", params.template),
+            *_flag("served_model_name", deploy_params.served_model_name),
+            *_flag("model_type", deploy_params.model_type),
+            *_flag("template", deploy_params.template),
         ]
-        if params.infer_backend == "vllm":
+        if deploy_params.infer_backend == "vllm":
             argv += [
-                *_flag("vllm_max_model_len", params.max_model_len),
-                *_flag("vllm_gpu_memory_utilization", params.gpu_memory_utilization),
-                *_flag("vllm_tensor_parallel_size", params.tensor_parallel_size),
+                *_flag("vllm_max_model_len", deploy_params.max_model_len),
+                *_flag("vllm_gpu_memory_utilization", deploy_params.gpu_memory_utilization),
+                *_flag("vllm_tensor_parallel_size", deploy_params.tensor_parallel_size),
             ]
         else:
-            argv += _flag("max_model_len", params.max_model_len)
-        argv += extra_flags(dict(params.extra_args))
+            argv += _flag("max_model_len", deploy_params.max_model_len)
+        argv += extra_flags(dict(deploy_params.extra_args))
         return Launch(argv, env, run_dir, output_dir, port, spec.time_limit_s)
 
     params = spec.train_params

@@ -153,9 +153,9 @@ def spec_values(spec: Any) -> Iterator[tuple[str, Kind, str]]:
             yield field, kind, value
     params = getattr(spec, params_field(spec))
     for flag, value in sorted(params.extra_args.items()):
-        kind = kind_of(flag)
-        if kind in PATH_KINDS:
-            yield f"{params_field(spec)}.extra_args.{flag}", kind, _text(value)
+        flag_kind = kind_of(flag)
+        if flag_kind in PATH_KINDS:
+            yield f"{params_field(spec)}.extra_args.{flag}", flag_kind, _text(value)
 
 
 def _text(value: object) -> str:

@@ -69,7 +69,7 @@ def _described(cache_dir: Path) -> dict[str, Any] | None:
         return None
     cache = cache_dir / f"swift-args-{version}.json"
     if cache.is_file():
-        return json.loads(cache.read_text())  # type: ignore[no-any-return]
+        return json.loads(cache.read_text())
     # In a child process: importing ms-swift loads torch, which this process should not carry.
     done = subprocess.run(
         [sys.executable, "-c", _DESCRIBE],

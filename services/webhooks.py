@@ -59,7 +59,8 @@ def refused(url: str, *, allow_loopback: bool, gateway: tuple[str, int] | None =
         return "must be an http(s) URL with a host"
     host = parts.hostname
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+        # (TCP's families are IPv4's and IPv6's: an address is the text of an IP address)
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
     except (OSError, UnicodeError):
         addresses = set()  # not resolvable now: delivery will fail and be recorded, not blocked here
     ips = [ipaddress.ip_address(a.split("%")[0]) for a in addresses]

@@ -151,7 +151,9 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2ForCausa
     import torch
     from transformers import GenerationConfig, Qwen2ForCausalLM
 
-    pad_id, eos_id = tokenizer.convert_tokens_to_ids([PAD, IM_END])
+    ids = tokenizer.convert_tokens_to_ids([PAD, IM_END])
+    assert isinstance(ids, list)  # (a list of tokens: a list of ids)
+    pad_id, eos_id = ids
     # Qwen2 has no real BOS; its config points at <|endoftext|> too.
     config = tiny_qwen2_config(len(tokenizer), bos=pad_id, eos=eos_id, pad=pad_id)
     torch.manual_seed(seed)

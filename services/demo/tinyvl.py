@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from services.demo.tinymodel import build_tokenizer, tiny_qwen2_config
 
 if TYPE_CHECKING:
-    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, IMAGE = "<pad>", "<s>", "</s>", "<image>"
 IMAGE_SIZE, PATCH_SIZE = 64, 16
@@ -116,15 +116,19 @@ def _make_images(folder: Path, seed: int, per_colour: int) -> list[tuple[Path, s
     return rows
 
 
-def _build_processor(tokenizer: PreTrainedTokenizerFast) -> object:
-    from transformers import LlavaProcessor
+def _build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    from transformers import BaseImageProcessor, LlavaProcessor
 
+    image_processor: type[BaseImageProcessor]
     try:  # Pillow's own backend; the default one wants torchvision, which stays out of the install
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor as ImageProcessor
+        from transformers import CLIPImageProcessorPil
 
-    images = ImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        image_processor = CLIPImageProcessorPil
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+        image_processor = CLIPImageProcessor
+    images = image_processor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return LlavaProcessor(
         image_processor=images,
         tokenizer=tokenizer,
@@ -140,7 +144,9 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondi
     import torch
     from transformers import CLIPVisionConfig, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    pad_id, bos_id, eos_id, image_id = tokenizer.convert_tokens_to_ids([PAD, BOS, EOS, IMAGE])
+    ids = tokenizer.convert_tokens_to_ids([PAD, BOS, EOS, IMAGE])
+    assert isinstance(ids, list)  # (a list of tokens: a list of ids)
+    pad_id, bos_id, eos_id, image_id = ids
     vision = CLIPVisionConfig(
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,

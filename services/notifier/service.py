@@ -12,6 +12,7 @@ by at most its attempts' timeouts and back-off, and nothing but the notifier wai
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 import anyio
 import httpx
@@ -34,6 +35,18 @@ log = structlog.get_logger("notifier")
 
 NOTIFIED = frozenset(NOTIFY_EVENTS)
 PASSED_OVER = frozenset({"job.progress", "job.checkpoint_saved"})  # most of the log: acknowledged unread
+
+
+class _Notified(TypedDict):
+    """What a delivery's fact says of the notified event and the webhook, either way it went."""
+
+    id: str
+    job_id: str | None
+    causation_id: str
+    event_id: str
+    event_type: str
+    url: str
+    attempts: int
 
 
 class Notifier:
@@ -103,7 +116,7 @@ class Notifier:
         facts: list[Append] = []
         for index, (target, outcome) in enumerate(zip(targets, outcomes, strict=True)):
             assert outcome is not None
-            common = {
+            common: _Notified = {
                 "id": f"{event.id}-notified-{index}",
                 "job_id": event.job_id,
                 "causation_id": event.id,
