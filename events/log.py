@@ -26,14 +26,14 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import anyio
 import structlog
 
 from events.audit import archive_files, archive_range, is_after, is_within
 from events.bus import Bus, entry_id_key, previous_id
-from events.codec import TYPE_CODES, DecodeError, decode, decode_compact, decode_envelope, entry_type, type_name
+from events.codec import TYPE_CODES, DecodeError, Fields, decode, decode_compact, decode_envelope, entry_type, type_name
 from events.messages import Message
 from events.state import IllegalTransition, State
 
@@ -136,7 +136,7 @@ class Kept:
 
     def decode(self) -> Message:
         if self.whole:
-            return decode(self.data)  # type: ignore[arg-type]
+            return decode(cast("Fields", self.data))  # (whole: the entry's fields)
         if self.compact is not None:
             return decode_compact(self.compact[0], self.job_id, self.data, self.compact[1])
         return decode_envelope(self.data)

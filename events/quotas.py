@@ -60,7 +60,7 @@ class Usage(BaseModel):
     log2_scaled: float | None = None
     hours: dict[int, float] = Field(default_factory=dict)
 
-    def copy(self) -> Usage:  # type: ignore[override]
+    def copy(self) -> Usage:  # type: ignore[override]  # without BaseModel.copy's (deprecated) options
         return Usage(log2_scaled=self.log2_scaled, hours=dict(self.hours))
 
     def add(self, gpu_seconds: float, at: datetime, half_life_s: float) -> None:
