@@ -225,6 +225,12 @@ def text_hash(reply: Mapping[bytes | str, bytes | str]) -> dict[str, str]:
     return cast("dict[str, str]", reply)
 
 
+def text_streams(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
+    """What XREAD or XREADGROUP return to a decoding client: per stream read, its name and its
+    entries, all text (an empty list when nothing arrived)."""
+    return cast("list[tuple[str, list[tuple[str, dict[str, str]]]]]", reply or [])
+
+
 def text_entries(reply: StreamRangeResponse | None) -> list[tuple[str, dict[str, str]]]:
     """A range of a stream (XRANGE, XREVRANGE) as a decoding client returns it: a list, empty when
     no entry is in the range, of (id, fields), all text."""

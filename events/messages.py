@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, TypedDict
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -52,6 +52,14 @@ class Message(BaseModel):
 
     def payload(self) -> dict[str, object]:
         return self.model_dump(mode="json", exclude=set(ENVELOPE_FIELDS))
+
+
+class Ids(TypedDict, total=False):
+    """The envelope ids a decision carries over from what caused it: ``m.JobQueued(**ids, ...)``."""
+
+    job_id: str | None
+    causation_id: str | None
+    actor: str | None
 
 
 class Command(Message):

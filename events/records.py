@@ -240,7 +240,7 @@ class GpuKey(str):
         return self.rsplit("/", 1)[0]
 
     @property
-    def index(self) -> int:
+    def gpu_index(self) -> int:
         return int(self.rsplit("/", 1)[1])
 
 

@@ -11,7 +11,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 from pydantic import BaseModel, Field, PrivateAttr
 from sortedcontainers import SortedList
@@ -80,6 +80,22 @@ class Mark(NamedTuple):
     sweep: str | None = None  # the sweep of a job that holds GPUs
 
 
+class _Private(TypedDict):
+    """State's private attributes by name, as the hot paths read them."""
+
+    _queued: SortedList
+    _levels: dict[int, dict[str, SortedList]]
+    _waiting: dict[str, int]
+    _holding: dict[str, int]
+    _awaiting: set[str]
+    _sweep_running: dict[str, int]
+    _owner_teams: dict[str, dict[str | None, int]]
+    _version: int
+    _full: tuple[int, Quotas, frozenset[str]] | None
+    _journals: list[Journal]
+    _held_versions: dict[str, int]
+
+
 class State(BaseModel):
     jobs: dict[str, Job] = Field(default_factory=dict)
     nodes: dict[str, Node] = Field(default_factory=dict)
@@ -113,6 +129,8 @@ class State(BaseModel):
 
     # Private attributes are read through ``__pydantic_private__`` on the hot paths: a plain
     # ``self._queued`` goes through BaseModel.__getattr__, which costs a microsecond each time.
+    if TYPE_CHECKING:
+        __pydantic_private__: _Private  # type: ignore[assignment]  # (its keys are the attributes above)
 
     def model_post_init(self, context: Any, /) -> None:
         for job in self.jobs.values():
@@ -216,8 +234,9 @@ class State(BaseModel):
                         break
                 else:
                     full.add(owner)
-        private["_full"] = (private["_version"], quotas, frozenset(full))
-        return private["_full"][2]
+        owners = frozenset(full)
+        private["_full"] = (private["_version"], quotas, owners)
+        return owners
 
     def fair_queue_iter(
         self, rank: Callable[[str], float], extra: Job | None = None, skip: frozenset[str] = frozenset()
@@ -279,12 +298,14 @@ class State(BaseModel):
 
     def queued_at(self, position: int) -> str:
         """The id of the job at a 1-based position of the queue."""
-        return self.__pydantic_private__["_queued"][position - 1][2]
+        job_id: str = self.__pydantic_private__["_queued"][position - 1][2]
+        return job_id
 
     def queued_ahead_of(self, priority: int, seq: float = math.inf) -> int:
         """How many queued jobs a job of this priority would wait behind: a new one, or (by its
         submit order) one submitted earlier and queued only now."""
-        return self.__pydantic_private__["_queued"].bisect_left((-priority, seq, ""))
+        ahead: int = self.__pydantic_private__["_queued"].bisect_left((-priority, seq, ""))
+        return ahead
 
     def held_version(self, node: str) -> int:
         """A number that changes whenever a job of ours takes or leaves a GPU of the node, and

@@ -246,7 +246,7 @@ def _progress(state: State, entry_id: str, event: m.JobProgress) -> None:
     if job is None:
         return
     # (no usage credit here: a run of progress reports folds as its last one alone, see events.log)
-    job.progress = Progress(**event.payload(), at=event.at)
+    job.progress = Progress.model_validate({**event.payload(), "at": event.at})
     job.last_entry_id = entry_id
 
 

@@ -14,6 +14,7 @@ from redis.exceptions import ResponseError
 from events import audit, invariants, snapshot
 from events.bus import Bus, Entry, connect, entry_id_key, entry_time
 from events.codec import DecodeError, decode, entry_type
+from events.connection import text_hash, text_streams
 from events.describe import describe, render
 from events.keys import SCHEDULER_GROUP
 from events.log import catch_up
@@ -66,7 +67,7 @@ async def replay(
             if last == "0-0" and await redis.exists(stream):
                 last = (await redis.xinfo_stream(stream))["last-generated-id"]
             while True:  # until interrupted
-                for _, entries in await reader.xread({stream: last}, count=1000, block=5000) or []:
+                for _, entries in text_streams(await reader.xread({stream: last}, count=1000, block=5000)):
                     for entry_id, fields in entries:
                         entry = Entry(stream, entry_id, fields)
                         if q.matches(entry):
@@ -212,7 +213,7 @@ async def _taken_submissions(bus: Bus) -> tuple[list[tuple[str, str]], int]:
         pending.update(str(p["message_id"]) for p in page)
         if len(page) < 1000:
             break
-        start = f"({page[-1]['message_id']}"
+        start = f"({page[-1]['message_id']!s}"
     taken: list[tuple[str, str]] = []
     waiting = 0
     async for entry in bus.entries(stream):
@@ -228,7 +229,7 @@ async def _taken_submissions(bus: Bus) -> tuple[list[tuple[str, str]], int]:
 async def _snapshot_state(bus: Bus) -> dict[str, Any] | None:
     """The scheduler's stored snapshot as JSON, None when there is none yet; raises ValueError
     when it cannot be read."""
-    stored = await bus.redis.hgetall(bus.keys.snapshot)
+    stored = text_hash(await bus.redis.hgetall(bus.keys.snapshot))
     if stored.get("version") != snapshot.SNAPSHOT_VERSION:
         return None
     return snapshot.unpacked(stored["state"]).model_dump(mode="json")
@@ -271,7 +272,7 @@ async def check(settings: Settings, gateway_url: str | None, api_key: str | None
         if stored is not None:
             shown.append(("the scheduler's snapshot", stored))
         taken, waiting = await _taken_submissions(bus)
-        chain = await redis.hgetall(bus.keys.chain)
+        chain = text_hash(await redis.hgetall(bus.keys.chain))
         archived_id = chain.get("archived_id")
         files = audit.archive_files(bus.archive_dir)
         if archived_id and not any(audit.is_within(archived_id, audit.archive_range(p)[1]) for p in files):

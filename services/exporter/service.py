@@ -13,7 +13,6 @@ import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypedDict
 
 import anyio
 import redis.asyncio as aioredis
@@ -54,14 +53,6 @@ def export_argv(swift: str, checkpoint: str, output_dir: str) -> list[str]:
     ]
 
 
-class _Caused(TypedDict):
-    """What the facts of an export carry of the command that asked for it."""
-
-    job_id: str | None
-    causation_id: str | None
-    actor: str | None
-
-
 class Exporter:
     def __init__(self, settings: Settings, bus: Bus) -> None:
         self.settings = settings
@@ -72,7 +63,7 @@ class Exporter:
         if not isinstance(command, m.StartExport):
             log.warning("unexpected command for the exporter", type=command.type)
             return None
-        common: _Caused = {"job_id": command.job_id, "causation_id": command.id, "actor": command.actor}
+        common: m.Ids = {"job_id": command.job_id, "causation_id": command.id, "actor": command.actor}
         argv = export_argv(swift_executable(self.settings.swift_bin), command.checkpoint, command.output_dir)
         started = m.ExportStarted(id=f"{command.id}-started", argv=argv, **common)
         await self.bus.commit([Append(self.bus.keys.events, started)], dedupe_id=f"fact:{started.id}")

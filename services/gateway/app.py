@@ -46,7 +46,7 @@ from services.gateway.queue import change_priority, process_queue, queue, queue_
 from services.gateway.submit import SwiftFlags
 
 # The notifier is not among them: without webhooks the system does all it must without it.
-REQUIRED_SERVICES = ("gateway", "scheduler", "gpu-monitor", "runner", "exporter")
+REQUIRED_SERVICES: tuple[views.ServiceType, ...] = ("gateway", "scheduler", "gpu-monitor", "runner", "exporter")
 
 
 async def health(request: Request) -> JSONResponse:
@@ -58,16 +58,14 @@ async def health(request: Request) -> JSONResponse:
     except (RedisError, TimeoutError, OSError):
         redis_ok = False
     alive = projection.live_services()
-    missing = [s for s in REQUIRED_SERVICES if s not in alive and s != "gateway"]
+    missing: list[views.ServiceType] = [s for s in REQUIRED_SERVICES if s not in alive and s != "gateway"]
     ok = redis_ok and not missing and projection.ready.is_set()
-    view = views.Health if ok else views.Degraded
-    body = view(
-        status="ok" if ok else "degraded",
-        redis=redis_ok,
-        services=alive,
-        missing=missing,
-        log_position=projection.state.position,
-    )
+    position = projection.state.position
+    body: views.Health | views.Degraded
+    if ok:
+        body = views.Health(status="ok", redis=True, services=alive, missing=[], log_position=position)
+    else:
+        body = views.Degraded(status="degraded", redis=redis_ok, services=alive, missing=missing, log_position=position)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
 
 

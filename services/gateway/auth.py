@@ -97,7 +97,7 @@ def parse_keys(text: str) -> dict[str, Principal]:
                 f"API_KEYS entry {number} ({name}): team {team or 'none'}, but an earlier entry of {name} has team"
                 f" {earlier.pop() or 'none'}"
             )
-        found[hashed] = Principal(name, role, team or None)  # type: ignore[arg-type]
+        found[hashed] = Principal(name, role, team or None)
     return found
 
 
@@ -159,7 +159,7 @@ class Auth(AuthenticationBackend):
         token = conn.query_params.get(TOKEN_PARAM) or conn.cookies.get(TOKEN_COOKIE)
         if token is not None:
             try:
-                name, role, *team = self.signer.loads(token, max_age=self.ttl_s)  # (no team: issued before teams)
+                name, role, *team = self.signer.loads(token, max_age=self.ttl_s)  # type: ignore[arg-type]  # (compared as seconds: a float works) (no team: issued before teams)
             except (BadSignature, ValueError, TypeError):
                 raise AuthenticationError("the token is not valid or has expired") from None
             return AuthCredentials(["authenticated"]), Principal(name, role, team[0] if team else None)
@@ -228,6 +228,8 @@ async def issue_token(request: Request) -> JSONResponse:
     use it for streams instead of putting a long-lived key in a URL."""
     who = principal(request)
     auth: Auth = request.app.state.auth
+    if who.role == "metrics":  # (RequireAuth keeps a metrics key to /metrics)
+        raise ApiError(403, "forbidden", f"a metrics key reads {METRICS_PATH} only")
     token = auth.issue(who)
     body = views.Token(token=token, expires_in=auth.ttl_s, name=who.name, role=who.role)
     response = JSONResponse(body.model_dump(mode="json"))
@@ -245,6 +247,8 @@ async def issue_token(request: Request) -> JSONResponse:
 async def whoami(request: Request) -> JSONResponse:
     who = principal(request)
     auth: Auth = request.app.state.auth
+    if who.role == "metrics":  # (RequireAuth keeps a metrics key to /metrics)
+        raise ApiError(403, "forbidden", f"a metrics key reads {METRICS_PATH} only")
     body = views.Me(name=who.name, role=who.role, team=who.team, access_control=auth.enabled)
     return JSONResponse(body.model_dump(mode="json"))
 

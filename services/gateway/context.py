@@ -35,11 +35,13 @@ def fair_share(request: Request) -> bool:
 
 
 def projection_of(request: Request) -> Projection:
-    return request.app.state.projection  # type: ignore[no-any-return]
+    projection: Projection = request.app.state.projection
+    return projection
 
 
 def bus_of(request: Request) -> Bus:
-    return request.app.state.bus  # type: ignore[no-any-return]
+    bus: Bus = request.app.state.bus
+    return bus
 
 
 def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:

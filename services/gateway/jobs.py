@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 
 from events import messages as m
 from events.admission import queued_quota_block
+from events.connection import text_entries
 from events.dependencies import names, verdict
 from events.params import JobSpec, TaskType
 from events.state import Job, JobStatus, State
@@ -212,7 +213,7 @@ async def get_job(request: Request) -> JSONResponse:
 
 async def job_progress(request: Request) -> JSONResponse:
     job = named_job(request)
-    progress = job.progress.model_dump() if job.progress else None
+    progress = views.ProgressView.model_validate(job.progress.model_dump()) if job.progress else None
     body = views.JobProgress(job_id=job.job_id, status=job.status, progress=progress)
     return JSONResponse(body.model_dump(mode="json"))
 
@@ -222,8 +223,8 @@ async def job_logs(request: Request) -> JSONResponse:
     tail = int_param(request, "tail", 200, 1, 10_000)
     rank = int_param(request, "rank", 0, 0, job.spec.nodes - 1)  # a gang job's ranks each keep theirs
     bus = bus_of(request)
-    entries = await bus.redis.xrevrange(bus.keys.logs(job.job_id, rank), count=tail)
-    lines = [{"entry_id": str(i), "fd": f.get("fd"), "line": f.get("line")} for i, f in reversed(entries)]
+    entries = text_entries(await bus.redis.xrevrange(bus.keys.logs(job.job_id, rank), count=tail))
+    lines = [{"entry_id": i, "fd": f.get("fd"), "line": f.get("line")} for i, f in reversed(entries)]
     return JSONResponse({"job_id": job.job_id, "rank": rank, "lines": lines})
 
 

@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from events import audit
 from events.bus import entry_id_key, previous_id
 from events.codec import DecodeError, entry_type, envelope_json
+from events.connection import text_entries
 from services.gateway import gpus as gpu_views
 from services.gateway.auth import may_see
 from services.gateway.context import bus_of, int_param, named_job, projection_of
@@ -162,9 +163,9 @@ async def _log_lines(
         history = [(entry.entry_id, entry.fields) async for entry in bus.entries(key, after=resume)]
         last = resume
     else:
-        newest = await bus.redis.xrevrange(key, count=max(tail, 1))
+        newest = text_entries(await bus.redis.xrevrange(key, count=max(tail, 1)))
         history = list(reversed(newest))[-tail:] if tail else []
-        last = str(newest[0][0]) if newest else "0-0"
+        last = newest[0][0] if newest else "0-0"
     for entry_id, fields in history:
         last = str(entry_id)
         line = json.dumps({"fd": fields.get("fd"), "line": fields.get("line")})

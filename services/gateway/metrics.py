@@ -79,12 +79,12 @@ class Cluster(Collector):
         waits: dict[tuple[str, ...], list[float]] = {}
         durations: dict[tuple[str, ...], list[float]] = {}
         for job in state.jobs.values():
-            task_type = job.spec.task_type.value
+            kind = job.spec.task_type.value
             if job.started_at is not None:
-                waits.setdefault((task_type,), []).append(max(0.0, (job.started_at - job.submitted_at).total_seconds()))
+                waits.setdefault((kind,), []).append(max(0.0, (job.started_at - job.submitted_at).total_seconds()))
             if job.status in TERMINAL and job.started_at is not None and job.finished_at is not None:
                 ran = max(0.0, (job.finished_at - job.started_at).total_seconds())
-                durations.setdefault((task_type, job.status.value), []).append(ran)
+                durations.setdefault((kind, job.status.value), []).append(ran)
         yield _histogram(
             f"{PREFIX}_job_wait_seconds",
             "From submit to the first start, of the jobs that started",

@@ -192,7 +192,7 @@ def _edge_errors(op: Operation) -> tuple[int, ...]:
     """What any operation may meet at the gateway's edge (:mod:`services.gateway.edges`): a Host
     it does not answer to (all but the health check), a write from another origin, a body that
     is not JSON."""
-    found = () if op.path == "/training/health" else (421,)
+    found: tuple[int, ...] = () if op.path == "/training/health" else (421,)
     if op.method in ("post", "put", "patch", "delete"):
         found += (403,)
     if op.body:

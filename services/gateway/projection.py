@@ -20,6 +20,7 @@ from events import messages as m
 from events import snapshot
 from events.bus import Bus, clock_behind, entry_id_key, entry_time
 from events.codec import DecodeError, decode, envelope_json
+from events.connection import text_entries, text_streams
 from events.estimates import Estimate, estimate_queue
 from events.log import apply_entry, catch_up
 from events.placement import foreign_gpus, freeable_gpus, in_service
@@ -217,9 +218,14 @@ class Projection:
             return True
         loop = asyncio.get_running_loop()
         decided = self._deciding[job_id] = loop.create_future()
+
         # A plain future and timer: a cancel scope and an event per request cost more than the
         # rest of the wait, at a thousand submissions a second.
-        timer = loop.call_later(timeout_s, lambda: decided.done() or decided.set_result(None))
+        def expire() -> None:
+            if not decided.done():
+                decided.set_result(None)
+
+        timer = loop.call_later(timeout_s, expire)
         try:
             await decided
         finally:
@@ -249,16 +255,17 @@ class Projection:
                     **{self.bus.keys.logs(job): position for job, position in self.log_positions.items()},
                 }
                 # Followed jobs' output streams join the read at its next turn: turn often then.
-                reply = await self.reader.xread(streams, count=500, block=LOG_TURN_MS if self.log_positions else 5000)
+                block = LOG_TURN_MS if self.log_positions else 5000
+                reply = text_streams(await self.reader.xread(streams, count=500, block=block))  # type: ignore[arg-type]  # redis-py asks an invariant dict[KeyT, StreamIdT]
             except REDIS_LOST as exc:
                 # The state is intact: once Redis is back, reading on from the same positions
                 # continues exactly where the projection stopped.
                 log.warning("lost redis; resuming when it is back", error=str(exc))
                 await wait_for_redis(self.reader)
                 continue
-            for stream, items in reply or []:
+            for stream, items in reply:
                 for entry_id, fields in items:
-                    self._take(str(stream), str(entry_id), fields)
+                    self._take(stream, entry_id, fields)
             if reply:
                 self._signal()
 
@@ -269,10 +276,10 @@ class Projection:
 
     async def _recent_telemetry(self) -> None:
         """The latest heartbeats, so that GPUs and services show at once after a restart."""
-        recent = await self.bus.redis.xrevrange(self.bus.keys.telemetry, count=2000)
-        self.telemetry_position = str(recent[0][0]) if recent else "0-0"
+        recent = text_entries(await self.bus.redis.xrevrange(self.bus.keys.telemetry, count=2000))
+        self.telemetry_position = recent[0][0] if recent else "0-0"
         for entry_id, fields in reversed(recent):
-            self._take(self.bus.keys.telemetry, str(entry_id), fields)
+            self._take(self.bus.keys.telemetry, entry_id, fields)
 
     def _note_command(self, entry_id: str, fields: dict[str, str]) -> None:
         self.commands_position = entry_id

@@ -103,15 +103,15 @@ async def create_sweep(request: Request) -> JSONResponse:
     )
     bus = bus_of(request)
     await bus.append(bus.keys.commands, create, *submits)  # all or nothing
-    body = views.SweepSubmitted(sweep_id=sweep_id, job_ids=job_ids, points=len(job_ids))
+    answer = views.SweepSubmitted(sweep_id=sweep_id, job_ids=job_ids, points=len(job_ids))
     return JSONResponse(
-        body.model_dump(mode="json"), status_code=202, headers={"Location": f"{request.url.path}/{sweep_id}"}
+        answer.model_dump(mode="json"), status_code=202, headers={"Location": f"{request.url.path}/{sweep_id}"}
     )
 
 
 def _in_grid(exc: ApiError, point: dict[str, Any]) -> ApiError:
     """A point's job refused: the fields the grid set are named as the grid's, with the value."""
-    details = []
+    details: list[dict[str, Any]] = []
     for detail in exc.details or []:
         field = str(detail.get("field", ""))
         name = field.removeprefix("train_params.")

@@ -384,7 +384,7 @@ class ConsumerGroup(View):
     lag: int | None
 
 
-JobsByStatus = create_model(  # every status, with how many jobs have it
+JobsByStatus = create_model(  # type: ignore[call-overload]  # every status, with how many jobs have it (fields made from the enum)
     "JobsByStatus", __base__=View, **{status.value: (int, Field(ge=0)) for status in JobStatus}
 )
 
@@ -395,7 +395,7 @@ class SystemStatus(View):
     services: Services
     redis: RedisStatus
     consumer_groups: list[ConsumerGroup]
-    jobs_by_status: JobsByStatus  # type: ignore[valid-type]
+    jobs_by_status: JobsByStatus
     log_position: str = Field(description="the last entry of the log this gateway has read")
 
 
@@ -499,8 +499,8 @@ def _entry_model(type_: str, cls: type[m.Message]) -> type[BaseModel]:
     return create_model(
         f"{cls.__name__}Entry",
         __base__=_Entry,
-        type=(Literal[type_], ...),
-        v=(Literal[version], Field(description="its schema version (older entries are shown upcast)")),
+        type=(Literal[type_], ...),  # type: ignore[arg-type]  # (a Literal of a value known at run time)
+        v=(Literal[version], Field(description="its schema version (older entries are shown upcast)")),  # type: ignore[arg-type]
         payload=(payload, ...),
     )
 
@@ -564,8 +564,9 @@ class FoldedState(State):
 
     model_config = CLOSED
 
-    jobs: dict[str, RecordedJob]
-    nodes: dict[str, RecordedNode]
+    # (the same records, as closed schemas: a narrower type for the document's sake)
+    jobs: dict[str, RecordedJob]  # type: ignore[assignment]
+    nodes: dict[str, RecordedNode]  # type: ignore[assignment]
     allocations: dict[str, str] = Field(description="node/index -> the id of the job that holds the GPU")
 
 

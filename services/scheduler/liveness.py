@@ -74,7 +74,7 @@ class Liveness:
         for key, job_id in held.items():
             if state.allocations.get(key) != job_id:
                 gpu = GpuKey.parse(key)
-                self.left.setdefault(gpu.node, {})[gpu.index] = position
+                self.left.setdefault(gpu.node, {})[gpu.gpu_index] = position
         for node in {GpuKey.parse(key).node for key in held.keys() - state.allocations.keys()}:
             self.read_without_left(node)
 

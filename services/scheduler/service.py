@@ -27,6 +27,7 @@ import structlog
 from events import messages as m
 from events import snapshot
 from events.bus import Bus, Fenced, clock_behind, connect
+from events.connection import text_entries
 from events.consumer import GroupConsumer
 from events.keys import SCHEDULER_GROUP
 from events.log import catch_up
@@ -87,7 +88,7 @@ class Scheduler:
     async def recall_runners(self, now: datetime) -> None:
         """Each node's runner's silence, by the heartbeats the telemetry stream still holds."""
         newest_first = await self.bus.redis.xrevrange(self.keys.telemetry, count=self.settings.telemetry_maxlen)
-        self.liveness.recall_runners(((str(entry_id), fields) for entry_id, fields in newest_first), now)
+        self.liveness.recall_runners(text_entries(newest_first), now)
 
     async def stand_by(self) -> int:
         """Keep the state folded up to the end of the log while another scheduler leads, so that

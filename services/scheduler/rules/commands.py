@@ -30,7 +30,7 @@ def submit(
     if job_id in state.jobs:  # a redelivered or repeated submit: already decided
         return []
     spec = command.spec
-    common = {"job_id": job_id, "causation_id": command.id, "actor": command.actor}
+    common: m.Ids = {"job_id": job_id, "causation_id": command.id, "actor": command.actor}
     accepted = m.JobAccepted(spec=spec, team=command.team, sweep_id=command.sweep_id, point=command.point, **common)
     impossible = never_fits(spec, state)
     if impossible:
@@ -98,7 +98,7 @@ def release(state: State, keys: Keys, command: m.ReleaseJob) -> list[Append]:
     job = state.jobs.get(command.job_id or "")
     if job is None or not job.may_release:
         return []
-    common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
+    common: m.Ids = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     return [Append(keys.events, queued(state, job.priority, common, job.seq))]
 
 
@@ -106,7 +106,7 @@ def cancel(state: State, keys: Keys, command: m.CancelJob) -> list[Append]:
     job = state.jobs.get(command.job_id or "")
     if job is None or not job.may_cancel:
         return []
-    common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
+    common: m.Ids = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     if job.status in (JobStatus.pending, JobStatus.held, JobStatus.waiting, JobStatus.queued, *YIELDED):
         # (an attempt still stopping after giving up its GPUs was told to stop already)
         return [Append(keys.events, m.JobCancelled(**common))]
@@ -121,7 +121,7 @@ def suspend(state: State, keys: Keys, command: m.SuspendJob) -> list[Append]:
     job = state.jobs.get(command.job_id or "")
     if job is None or not job.may_suspend:
         return []
-    common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
+    common: m.Ids = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     return [
         Append(keys.events, m.JobSuspended(attempt=job.attempt, **common)),
         *stops(keys, job, "suspend", common),
@@ -133,7 +133,7 @@ def resume(state: State, keys: Keys, command: m.ResumeJob) -> list[Append]:
     job = state.jobs.get(command.job_id or "")
     if job is None or not job.may_resume:
         return []
-    common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
+    common: m.Ids = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     ahead = state.queued_ahead_of(job.priority, job.seq)
     resumed = m.JobResumed(position=ahead + 1, behind_job_id=state.queued_at(ahead) if ahead else None, **common)
     return [Append(keys.events, resumed)]
@@ -160,7 +160,7 @@ def set_priority(state: State, keys: Keys, command: m.SetPriority) -> list[Appen
     job = state.jobs.get(command.job_id or "")
     if job is None or not job.may_reprioritize or job.priority == command.priority:
         return []
-    common = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
+    common: m.Ids = {"job_id": job.job_id, "causation_id": command.id, "actor": command.actor}
     return [Append(keys.events, m.JobPriorityChanged(priority=command.priority, previous=job.priority, **common))]
 
 
@@ -177,7 +177,7 @@ def export(state: State, keys: Keys, job: Job, cause: m.Message) -> list[Append]
         return []
     checkpoint = job.last_checkpoint
     output_dir = checkpoint.rstrip("/") + "-merged"
-    common = {"job_id": job.job_id, "causation_id": cause.id, "actor": cause.actor}
+    common: m.Ids = {"job_id": job.job_id, "causation_id": cause.id, "actor": cause.actor}
     return [
         Append(keys.events, m.ExportRequested(checkpoint=checkpoint, output_dir=output_dir, **common)),
         Append(keys.exports, m.StartExport(checkpoint=checkpoint, output_dir=output_dir, hub=job.spec.hub, **common)),

@@ -46,7 +46,7 @@ def reclaim_idle(
             continue
         del idle_since[job.job_id]
         why = f"idle: its GPUs under {limits.idle_gpu_util_pct:g} % for {timeout:g} s"
-        common = {"job_id": job.job_id, "causation_id": heartbeat.id}
+        common: m.Ids = {"job_id": job.job_id, "causation_id": heartbeat.id}
         decided += [Append(keys.events, m.JobCancelRequested(reason=why, **common)), *stops(keys, job, "idle", common)]
     return decided
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
+from typing import Literal
 
 from events import messages as m
 from events.admission import charge, gpu_quota_block, gpus_quota_block, queue_order
@@ -218,7 +219,7 @@ def _start(
     for node, gpu_ids in placement:
         usable[node] = [gpu for gpu in usable.get(node, []) if gpu.index not in gpu_ids]
     attempt = job.attempt + 1
-    common = {"job_id": job.job_id, "causation_id": cause.id}
+    common: m.Ids = {"job_id": job.job_id, "causation_id": cause.id}
     (node, gpu_ids), peers = placement[0], [m.Rank(node=n, gpu_ids=ids) for n, ids in placement[1:]]
     master_addr = state.nodes[node].addr if peers else None
     master_port = _master_port(state, job, attempt, node, limits, ports)
@@ -261,9 +262,9 @@ def _preempt(keys: Keys, job: Job, preempted: Sequence[Job], victims: _Victims, 
     decided: list[Append] = []
     for victim in preempted:
         victims.taken.add(victim.job_id)
-        reason = "borrowing" if victim.borrowing else "priority"
+        reason: Literal["priority", "borrowing"] = "borrowing" if victim.borrowing else "priority"
         step = victim.progress.step if victim.progress is not None else None
-        common = {"job_id": victim.job_id, "causation_id": cause.id}
+        common: m.Ids = {"job_id": victim.job_id, "causation_id": cause.id}
         fact = m.JobPreempted(attempt=victim.attempt, by_job_id=job.job_id, reason=reason, step=step, **common)
         decided.append(Append(keys.events, fact))
         decided += stops(keys, victim, "preempt", common)

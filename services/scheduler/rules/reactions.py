@@ -28,7 +28,7 @@ def release_dependents(state: State, keys: Keys, event: m.Message) -> list[Appen
         if not event.job_id or not names(job.spec, event.job_id):
             continue
         needs = verdict(state, job.spec)
-        common = {"job_id": job.job_id, "causation_id": event.id, "actor": event.actor}
+        common: m.Ids = {"job_id": job.job_id, "causation_id": event.id, "actor": event.actor}
         if needs.broken is not None:
             decided.append(
                 Append(
@@ -74,7 +74,7 @@ def _reactions(state: State, keys: Keys, event: m.Message) -> list[Append]:
         # last checkpoint while it has retries, else fails with this rank's reason.
         what = event.message or f"exited with code {event.exit_code}"
         message = f"rank {event.rank} on node {event.node} failed: {what}"
-        common = {"job_id": job.job_id, "causation_id": event.id}
+        common: m.Ids = {"job_id": job.job_id, "causation_id": event.id}
         failed = retry_or_fail(keys, job, event.reason or "unknown", message, event)
         return [failed, *stops(keys, job, "preempt", common, skip_rank=event.rank)]
     if isinstance(event, m.JobFailed) and event.causation_id is None:
