@@ -23,17 +23,19 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from services.errors import ServiceError
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 TERMINAL = {"completed", "failed", "cancelled"}
 COMMANDS = ("submit", "jobs", "show", "logs", "watch", "cancel", "queue", "gpus", "export", "deploy", "sweep")
 
 
-class Failed(Exception):
+class Failed(ServiceError):
     """The request was refused, or what was asked for ended badly: exit 1 with this message."""
 
 
-class Unreachable(Exception):
+class Unreachable(ServiceError):
     """No server answered: exit 3."""
 
 

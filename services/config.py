@@ -25,6 +25,7 @@ from events.params import ModelHub
 from events.policy import Policy
 from events.quotas import Quotas
 from services import host_secrets
+from services.errors import ServiceError
 
 # A host name as RFC 1123 spells one: dot-separated labels of letters, digits and inner hyphens.
 _HOST_NAME = re.compile(
@@ -32,7 +33,7 @@ _HOST_NAME = re.compile(
 )
 
 
-class ConfigError(Exception):
+class ConfigError(ServiceError):
     """A setting is missing or invalid; the message names it."""
 
 

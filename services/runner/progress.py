@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from events import messages as m
+
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])")
 _UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
@@ -164,13 +166,16 @@ _HUB_FAILURE = re.compile(
     re.I,
 )
 _REASONS = [
-    ("oom", re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|\bMemoryError", re.I)),
-    ("bad_argument", re.compile(r"remaining_argv|unrecognized arguments|error: argument|invalid choice", re.I)),
+    (m.FailureReason.OOM, re.compile(r"out of memory|OutOfMemoryError|CUDA error: out of memory|\bMemoryError", re.I)),
     (
-        "dataset_not_found",
+        m.FailureReason.BAD_ARGUMENT,
+        re.compile(r"remaining_argv|unrecognized arguments|error: argument|invalid choice", re.I),
+    ),
+    (
+        m.FailureReason.DATASET_NOT_FOUND,
         re.compile(r"does not exist, dataset_id|DatasetNotFound|dataset.*(not found|does not exist)", re.I),
     ),
-    ("model_not_found", re.compile(r"is not a local folder|model.*(not found|does not exist)", re.I)),
+    (m.FailureReason.MODEL_NOT_FOUND, re.compile(r"is not a local folder|model.*(not found|does not exist)", re.I)),
 ]
 
 
@@ -218,7 +223,7 @@ def _host(env: dict[str, str], variable: str, default: str) -> str:
     return urlsplit(value if "//" in value else f"//{value}").hostname or default
 
 
-def classify_failure(exit_code: int | None, stderr_tail: list[str], *, stopped_by_us: bool) -> str:
+def classify_failure(exit_code: int | None, stderr_tail: list[str], *, stopped_by_us: bool) -> m.FailureReason:
     """A reason code for a failed run from its exit status and last output lines (give enough
     lines for the whole traceback: the frames tell a dataset download from a model's)."""
     text = "\n".join(stderr_tail)
@@ -232,9 +237,9 @@ def classify_failure(exit_code: int | None, stderr_tail: list[str], *, stopped_b
         frames = [line for line in stderr_tail if line.lstrip().startswith('File "')]
         for frame in reversed(frames):
             if "swift/dataset/" in frame:
-                return "dataset_not_found"
+                return m.FailureReason.DATASET_NOT_FOUND
             if "swift/model/" in frame or "hub_utils" in frame:
-                return "model_not_found"
+                return m.FailureReason.MODEL_NOT_FOUND
     if exit_code is not None and (exit_code < 0 or exit_code in (137, 143)) and not stopped_by_us:
-        return "killed"
-    return "unknown"
+        return m.FailureReason.KILLED
+    return m.FailureReason.UNKNOWN

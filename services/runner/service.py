@@ -184,11 +184,13 @@ class Runner:
                 record, process = await anyio.to_thread.run_sync(self._launch, command)
             except PathOutsideRoots as exc:
                 log.warning("refused to start job", job_id=job_id, error=str(exc))
-                failed = m.JobFailed(reason="path_outside_roots", message=f"refused to start: {exc}", **end)
+                failed = m.JobFailed(
+                    reason=m.FailureReason.PATH_OUTSIDE_ROOTS, message=f"refused to start: {exc}", **end
+                )
                 return [Append(self.bus.keys.events, failed)]
             except (OSError, ValueError) as exc:
                 log.warning("could not start job", job_id=job_id, error=str(exc))
-                failed = m.JobFailed(reason="spawn_failed", message=f"could not start: {exc}", **end)
+                failed = m.JobFailed(reason=m.FailureReason.SPAWN_FAILED, message=f"could not start: {exc}", **end)
                 return [Append(self.bus.keys.events, failed)]
             if record.deploy:
                 idle = command.spec.idle_timeout_s or self.settings.idle_timeout_s

@@ -519,10 +519,12 @@ class JobRun:
             last = self.checkpoints[-1] if self.checkpoints else None
             return m.JobCancelled(exit_code=exit_code, last_checkpoint=last, **common)
         if self.stop_reason == "timeout":
-            return m.JobFailed(reason="timeout", message="time limit reached", **failed)
+            return m.JobFailed(reason=m.FailureReason.TIMEOUT, message="time limit reached", **failed)
         if self.stop_reason == "idle":
             what = "served no request" if self.record.deploy else "kept its GPUs idle"
-            return m.JobFailed(reason="idle", message=f"stopped: it {what} for its idle timeout", **failed)
+            return m.JobFailed(
+                reason=m.FailureReason.IDLE, message=f"stopped: it {what} for its idle timeout", **failed
+            )
         rows = read_rows(self.rows.path) if self.version_dir else []
         last_row = next((row for row in reversed(rows) if "last_model_checkpoint" in row), None)
         given_up_for = self.stop_reason if self.stop_reason in ("preempt", "suspend") else None
@@ -535,7 +537,7 @@ class JobRun:
             step = _step_of(Path(last)) if last else None
             return m.JobStopped(exit_code=exit_code, last_checkpoint=last, step=step, reason=given_up_for, **common)
         if self.record.deploy and (exit_code == 0 or exit_code is None):
-            return m.JobFailed(reason="unknown", message="the server exited", **failed)
+            return m.JobFailed(reason=m.FailureReason.UNKNOWN, message="the server exited", **failed)
         if last_row is not None and (exit_code in (0, None) or gave_up):
             # (a stop that came as it finished killed the `swift` wrapper: its exit status says nothing)
             return m.JobSucceeded(
@@ -549,7 +551,9 @@ class JobRun:
         if exit_code == 0:
             # ms-swift exits 0 after a SIGTERM too (it saves a checkpoint): without its closing row
             # the training did not finish, and nobody here asked it to stop.
-            return m.JobFailed(reason="killed", message="stopped from outside before training finished", **failed)
+            return m.JobFailed(
+                reason=m.FailureReason.KILLED, message="stopped from outside before training finished", **failed
+            )
         # One line (the exception a traceback ends with); the traceback stays in stderr_tail.
         message = failure_message(stderr)
         if exit_code is None:
