@@ -20,8 +20,8 @@ from events.codec import decode, encode
 from events.consumer import Delivery, Outcome
 from events.params import LanguageModelJob
 from services.config import load_settings
+from services.runner.record import RunRecord
 from services.runner.service import Runner
-from services.runner.supervisor import RunRecord
 from tests.chaos import (
     FAULTS,
     Chaos,

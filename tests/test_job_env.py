@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.launch import SECRET_VARIABLES, Launch
-from services.runner.supervisor import spawn
+from services.runner.record import spawn
 from tests.conftest import wait_for
 
 

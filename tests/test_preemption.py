@@ -28,8 +28,8 @@ from events.params import LanguageModelJob
 from services.config import Settings, load_settings
 from services.demo.tinymodel import DemoAssets
 from services.runner import service, supervisor
+from services.runner.record import CHILDREN
 from services.runner.service import Runner
-from services.runner.supervisor import CHILDREN
 from tests.conftest import RedisServer, wait_for
 from tests.system import TRAINING_TIMEOUT_S, System, job_body, running
 

@@ -21,8 +21,9 @@ from events.consumer import Delivery, Outcome
 from events.params import LanguageModelJob
 from services.config import load_settings
 from services.runner.progress import JsonlTail, final_metrics, read_rows
+from services.runner.record import RunRecord
 from services.runner.service import Runner
-from services.runner.supervisor import PROGRESS_ROWS_PER_COMMIT, JobRun, RunRecord
+from services.runner.supervisor import PROGRESS_ROWS_PER_COMMIT, JobRun
 from services.swift import failure_message
 from tests.conftest import wait_for
 

@@ -33,16 +33,8 @@ from services.launch import build_launch, job_tag, socket_env
 from services.nvml import NvmlSource
 from services.paths import PathOutsideRoots, check_spec_paths, make_dir_inside
 from services.processes import find_running
-from services.runner.supervisor import (
-    GROUP_EXIT_TIMEOUT_S,
-    GpuProbe,
-    JobRun,
-    RunRecord,
-    record_for,
-    recorded_command,
-    spawn,
-    started_event,
-)
+from services.runner.record import RunRecord, record_for, recorded_command, spawn, started_event
+from services.runner.supervisor import GROUP_EXIT_TIMEOUT_S, GpuProbe, JobRun
 from services.runtime import REDIS_LOST
 from services.swift import swift_executable
 
