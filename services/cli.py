@@ -16,7 +16,8 @@ from pathlib import Path
 import anyio
 import structlog
 
-from events.audit import Query, parse_time
+from events.audit import Query
+from events.times import parse_time
 from services import client, embedded_redis, host_secrets
 from services.config import ConfigError, Settings, effective, load_settings
 from services.runtime import ServiceMain, configure_logging, serve

@@ -26,11 +26,12 @@ from hypothesis import strategies as st
 from playwright.sync_api import Browser, expect
 
 from events import messages as m
-from events.audit import Query, parse_time
+from events.audit import Query
 from events.bus import MAX_SEQ, Bus, connect
 from events.codec import decode
 from events.keys import EXPORTER_GROUP, SCHEDULER_GROUP, Keys
 from events.log import catch_up
+from events.times import parse_time
 from services.config import Settings, load_settings
 from services.gateway.app import create_app
 from services.gateway.catalog import group_lag

@@ -12,10 +12,10 @@ from starlette.routing import Route
 
 from events import audit
 from events import messages as m
-from events.audit import parse_time
 from events.bus import Entry, previous_id
 from events.codec import DecodeError, decode, entry_type
 from events.describe import describe, render
+from events.times import parse_time
 from services.gateway.auth import may_see, principal, require_admin
 from services.gateway.context import bus_of, projection_of
 from services.gateway.errors import ApiError
