@@ -2,7 +2,11 @@
 progress into Redis, stop it on request, and report how it ended.
 
 The process writes to files in the run directory, not to pipes, so it survives a runner restart;
-the run record in Redis (pid, process group, run dir) lets a new runner adopt it.
+the run record in Redis (pid, process group, run dir) lets a new runner adopt it (see
+:mod:`services.runner.record`).
+
+(A little over 400 lines: one attempt's life, from watching it to saying how it ended, is one
+object whose parts share its state.)
 """
 
 from __future__ import annotations
