@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 
 from events.quotas import Limit, team_key, user_key
-from events.state import Job, State
+from events.records import Job
+from events.state import State
 
 
 def _over(limit: Limit | None, field: str, used: int, adding: int) -> int | None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from events.params import Dependency, DeployJob, JobSpec
-from events.state import TERMINAL, ExportStatus, Job, JobStatus, State
+from events.records import TERMINAL, ExportStatus, Job, JobStatus
+from events.state import State
 
 # What each dependency type needs of a job that has ended.
 _ENDS_OK = {

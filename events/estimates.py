@@ -14,7 +14,8 @@ from events.admission import gpu_quota_block, queue_order
 from events.messages import GpuInfo
 from events.placement import matching
 from events.policy import Policy
-from events.state import Job, JobStatus, State, gpu_key
+from events.records import Job, JobStatus, gpu_key
+from events.state import State
 
 UNKNOWN = math.inf
 OTHERS = ""  # in place of a job id: the GPU is in use by another's processes

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 
 from events import messages as m
 from events.codec import DecodeError, decode
-from events.state import HOLDS_GPUS, TERMINAL, IllegalTransition, JobStatus, State, gpu_key
+from events.errors import IllegalTransition
+from events.records import HOLDS_GPUS, TERMINAL, JobStatus, gpu_key
+from events.state import State
 
 # Facts that end the attempt they name (or, naming none, the job's live attempt). A preempted or
 # suspended attempt gives up its GPUs at once; its process may still be stopping (its runner

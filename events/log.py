@@ -34,8 +34,9 @@ import structlog
 from events.audit import archive_files, archive_range, is_after, is_within
 from events.bus import Bus, entry_id_key, previous_id
 from events.codec import TYPE_CODES, DecodeError, Fields, decode, decode_compact, decode_envelope, entry_type, type_name
+from events.errors import IllegalTransition
 from events.messages import Message
-from events.state import IllegalTransition, State
+from events.state import State
 
 log = structlog.get_logger("events.log")
 

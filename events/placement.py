@@ -9,7 +9,8 @@ from pathlib import PurePath
 
 from events.messages import GpuInfo, GpuSample, NodeHeartbeat
 from events.params import JobBase
-from events.state import State, gpu_key
+from events.records import gpu_key
+from events.state import State
 
 
 def free_mb(gpu: GpuInfo) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from events.state import Job, JobStatus
+from events.records import Job, JobStatus
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import httpx
 from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from events import messages as m
-from events.state import Job
+from events.records import Job
 
 EVENT_ID_HEADER = "X-Swift-Trainer-Event-Id"
 EVENT_TYPE_HEADER = "X-Swift-Trainer-Event"

@@ -46,8 +46,9 @@ import redis
 
 from events import messages as m
 from events.codec import DecodeError, decode
+from events.errors import IllegalTransition
 from events.keys import Keys
-from events.state import IllegalTransition, State
+from events.state import State
 from services.launch import TAG_VARIABLE
 from tests.conftest import RedisServer, wait_for
 from tests.system import System

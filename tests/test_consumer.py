@@ -21,7 +21,8 @@ from events.codec import decode, encode
 from events.consumer import Delivery, GroupConsumer
 from events.keys import Keys
 from events.log import catch_up
-from events.state import JobStatus, State
+from events.records import JobStatus
+from events.state import State
 from services.scheduler.lease import take_lease
 from tests.conftest import RedisServer
 from tests.examples import LM, started

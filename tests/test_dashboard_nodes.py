@@ -26,7 +26,8 @@ from playwright.sync_api import Browser, Page, expect
 from events import messages as m
 from events.codec import encode
 from events.keys import Keys
-from events.state import Node, State
+from events.records import Node
+from events.state import State
 from services.gateway.gpus import gpus_view
 from tests.chaos import stand_in_swift
 from tests.conftest import RedisServer, wait_for

@@ -9,7 +9,7 @@ import pytest
 from events import messages as m
 from events.bus import Append
 from events.params import DeployJob, LanguageModelJob
-from events.state import JobStatus
+from events.records import JobStatus
 from services.scheduler import rules
 from tests.examples import LM, started
 from tests.test_scheduler_rules import KEYS, LIMITS, NOW, Cluster

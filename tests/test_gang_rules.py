@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from events import messages as m
 from events.bus import Append
-from events.state import IllegalTransition, Job, JobStatus, Node, State
+from events.errors import IllegalTransition
+from events.records import Job, JobStatus, Node
+from events.state import State
 from services.scheduler import rules
 from tests.examples import LM, started
 from tests.test_scheduler_rules import KEYS, LIMITS, NOW, Cluster

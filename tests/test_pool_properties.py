@@ -29,18 +29,9 @@ from events.admission import decayed_usage, gpu_quota_block, queue_order, queued
 from events.bus import Append
 from events.placement import freeable_gpus
 from events.quotas import Limit, Quotas, team_key, user_key
-from events.state import (
-    HOLDS_GPUS,
-    QUEUED_FOR_QUOTA,
-    TERMINAL,
-    WAITING,
-    YIELDED,
-    Job,
-    JobStatus,
-    State,
-    gpu_key,
-    new_job,
-)
+from events.records import HOLDS_GPUS, QUEUED_FOR_QUOTA, TERMINAL, WAITING, YIELDED, Job, JobStatus, gpu_key
+from events.state import State
+from events.transitions import new_job
 from services.scheduler import rules
 from tests.examples import LM, started
 from tests.test_scheduler_rules import KEYS, LIMITS, NOW, Cluster

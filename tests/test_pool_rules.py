@@ -13,7 +13,8 @@ from events import messages as m
 from events.admission import decayed_usage, queue_order
 from events.bus import Append
 from events.quotas import EPOCH, Limit, Quotas, Usage
-from events.state import JobStatus, State
+from events.records import JobStatus
+from events.state import State
 from services.scheduler import rules
 from tests.examples import DEPLOY, LM, started
 from tests.test_scheduler_rules import KEYS, LIMITS, NOW, Cluster

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from events import messages as m
 from events.consumer import Delivery
-from events.state import HOLDS_GPUS, JobStatus, State, gpu_key
+from events.records import HOLDS_GPUS, JobStatus, gpu_key
+from events.state import State
 from services.config import Settings
 from services.scheduler import rules
 from services.scheduler.decider import Plan

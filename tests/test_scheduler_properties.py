@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from events import messages as m
 from events.bus import Append
 from events.placement import matching
-from events.state import HOLDS_GPUS, WAITING, Job, JobStatus, State, gpu_key
+from events.records import HOLDS_GPUS, WAITING, Job, JobStatus, gpu_key
+from events.state import State
 from services.scheduler import rules
 from tests.examples import started
 from tests.test_scheduler_rules import KEYS, LIMITS, NOW, Cluster

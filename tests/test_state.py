@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from events import messages as m
-from events.state import ExportStatus, IllegalTransition, JobStatus, State
+from events.errors import IllegalTransition
+from events.records import ExportStatus, JobStatus
+from events.state import State
 from tests.examples import GPU, LM, started
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from events import messages as m
 from events.bus import Append
-from events.state import JobStatus
+from events.records import JobStatus
 from services.scheduler import rules
 from services.storage import storage_roots
 from tests.test_gang_rules import Nodes

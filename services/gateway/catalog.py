@@ -24,7 +24,8 @@ from events.params import (
     MultiModalTrainParams,
     TaskType,
 )
-from events.state import TERMINAL, ExportStatus, JobStatus, State
+from events.records import TERMINAL, ExportStatus, JobStatus
+from events.state import State
 from services.gateway import views
 from services.gateway.auth import may_see, principal
 from services.gateway.context import bus_of, projection_of

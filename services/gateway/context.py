@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse
 
 from events import messages as m
 from events.bus import Bus
-from events.state import TERMINAL, Job
+from events.records import TERMINAL, Job
 from services.gateway import views
 from services.gateway.auth import may_see, principal
 from services.gateway.errors import ApiError

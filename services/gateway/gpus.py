@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from events.messages import GpuInfo, NodeHeartbeat
 from events.placement import in_service
-from events.state import State, gpu_key
+from events.records import gpu_key
+from events.state import State
 
 NodeState = Literal["up", "silent", "degraded", "lost"]
 GpuStatus = Literal["free", "busy", "foreign", "unavailable"]

@@ -16,7 +16,8 @@ from events.admission import queued_quota_block
 from events.connection import text_entries
 from events.dependencies import names, verdict
 from events.params import JobSpec, TaskType
-from events.state import Job, JobStatus, State
+from events.records import Job, JobStatus
+from events.state import State
 from services.config import Settings
 from services.gateway import views
 from services.gateway.auth import may_see, principal

@@ -22,7 +22,8 @@ from starlette.routing import Route
 
 from events.messages import MetricFamily
 from events.params import TaskType
-from events.state import TERMINAL, GpuKey, JobStatus, State
+from events.records import TERMINAL, GpuKey, JobStatus
+from events.state import State
 from services.config import Settings
 from services.gateway.auth import Principal
 from services.gateway.catalog import consumer_groups

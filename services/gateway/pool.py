@@ -11,7 +11,8 @@ from starlette.responses import JSONResponse
 
 from events import messages as m
 from events.quotas import EVERYONE, HOUR_S, Quotas, Usage, team_key, user_key
-from events.state import HOLDS_GPUS, State
+from events.records import HOLDS_GPUS
+from events.state import State
 from services.config import Settings
 from services.gateway.auth import Auth, principal, require_admin
 from services.gateway.bodies import read_json

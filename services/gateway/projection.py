@@ -25,7 +25,9 @@ from events.estimates import Estimate, estimate_queue
 from events.log import apply_entry, catch_up
 from events.placement import foreign_gpus, freeable_gpus, in_service
 from events.policy import Policy
-from events.state import Job, JobStatus, State, new_job
+from events.records import Job, JobStatus
+from events.state import State
+from events.transitions import new_job
 from services.runtime import REDIS_LOST, settle_heap, wait_for_redis
 
 log = structlog.get_logger("gateway.projection")

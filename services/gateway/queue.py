@@ -14,7 +14,7 @@ from events import messages as m
 from events.admission import gpu_quota_block, queue_order
 from events.estimates import Estimate
 from events.quotas import HOUR_S, user_key
-from events.state import JobStatus
+from events.records import JobStatus
 from services.gateway import views
 from services.gateway.auth import may_see
 from services.gateway.bodies import read_json

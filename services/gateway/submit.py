@@ -16,7 +16,8 @@ from pydantic import TypeAdapter, ValidationError
 from events.dependencies import no_export, will_export
 from events.params import DeployJob, JobSpec, ModelHub, TaskType
 from events.placement import never_fits
-from events.state import ExportStatus, Job, State
+from events.records import ExportStatus, Job
+from events.state import State
 from services.gateway.auth import Principal
 from services.gateway.errors import ApiError, validation_details
 from services.launch import Launch, build_launch, flags_in

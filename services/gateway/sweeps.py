@@ -19,7 +19,8 @@ from starlette.routing import Route
 
 from events import messages as m
 from events.params import LanguageModelTrainParams, MultiModalTrainParams, TaskType
-from events.state import TERMINAL, Job, JobStatus, State, Sweep
+from events.records import TERMINAL, Job, JobStatus, Sweep
+from events.state import State
 from services.config import Settings
 from services.gateway import views
 from services.gateway.auth import may_see, principal

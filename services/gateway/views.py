@@ -22,7 +22,8 @@ from events import messages as m
 from events.keys import EXPORTER_GROUP, RUNNER_GROUP, SCHEDULER_GROUP
 from events.params import DeployParams, LanguageModelTrainParams, MultiModalTrainParams, TaskType
 from events.quotas import Limit, Quotas
-from events.state import Export, Job, JobStatus, Node, Progress, State
+from events.records import Export, Job, JobStatus, Node, Progress
+from events.state import State
 
 # ---------------------------------------------------------------------------------------------
 # Shared

@@ -24,10 +24,11 @@ from events import snapshot
 from events.bus import Append, Bus, Entry, connect, entry_id_key
 from events.codec import entry_type
 from events.consumer import Delivery, GroupConsumer, ensure_group
+from events.errors import IllegalTransition
 from events.keys import NOTIFIER_GROUP
 from events.log import catch_up
 from events.params import NOTIFY_EVENTS
-from events.state import IllegalTransition, State
+from events.state import State
 from services.config import Settings
 from services.webhooks import Outcome, Target, deliver, encode, parse_targets, refused, shown
 

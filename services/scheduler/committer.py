@@ -20,9 +20,10 @@ import structlog
 from events import messages as m
 from events.bus import Ack, Bus, CommitResult, CommitStatus, Entry, PreparedCommit, entry_id_key
 from events.consumer import Delivery
+from events.errors import IllegalTransition
 from events.keys import SCHEDULER_GROUP
 from events.log import apply_entry, catch_up
-from events.state import IllegalTransition, State
+from events.state import State
 from services import metrics
 from services.scheduler.decider import Decider, Plan
 from services.scheduler.snapshots import Snapshots

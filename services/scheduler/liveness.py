@@ -18,7 +18,8 @@ from pydantic_core import from_json
 from events import messages as m
 from events import placement
 from events.bus import entry_id_key, entry_time
-from events.state import GpuKey, State
+from events.records import GpuKey
+from events.state import State
 
 log = structlog.get_logger("scheduler")
 

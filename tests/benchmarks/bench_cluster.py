@@ -61,7 +61,8 @@ from events.bus import Append, Bus, connect, entry_id_key
 from events.codec import decode
 from events.consumer import Delivery, GroupConsumer, Outcome
 from events.keys import RUNNER_GROUP, SCHEDULER_GROUP, Keys
-from events.state import HOLDS_GPUS, JobStatus, State
+from events.records import HOLDS_GPUS, JobStatus
+from events.state import State
 from services import embedded_redis
 from services.launch import build_launch
 from tests.benchmarks.bench_scheduler import _ping, percentile, raw_redis, row

@@ -11,7 +11,8 @@ from events.bus import Append
 from events.dependencies import verdict
 from events.keys import Keys
 from events.placement import never_fits
-from events.state import ANONYMOUS, YIELDED, Job, JobStatus, State
+from events.records import ANONYMOUS, YIELDED, Job, JobStatus
+from events.state import State
 from services.scheduler.rules.facts import queued, stops
 from services.scheduler.rules.limits import Limits
 from services.scheduler.rules.passes import schedule

@@ -7,7 +7,8 @@ import math
 from events import messages as m
 from events.bus import Append
 from events.keys import Keys
-from events.state import Job, State
+from events.records import Job
+from events.state import State
 
 
 def queued(state: State, priority: int, common: m.Ids, seq: float = math.inf) -> m.JobQueued:

@@ -8,7 +8,8 @@ from datetime import datetime, timedelta
 from events import messages as m
 from events.bus import Append
 from events.keys import Keys
-from events.state import HOLDS_GPUS, JobStatus, State, gpu_key
+from events.records import HOLDS_GPUS, JobStatus, gpu_key
+from events.state import State
 from services.scheduler.rules.facts import retry_or_fail, stopped, stops
 from services.scheduler.rules.limits import Limits
 

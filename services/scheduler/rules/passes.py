@@ -14,7 +14,9 @@ from events.estimates import placement_request
 from events.keys import Keys
 from events.placement import freeable_gpus
 from events.policy import Policy
-from events.state import ANONYMOUS, Job, JobStatus, State, new_job
+from events.records import ANONYMOUS, Job, JobStatus
+from events.state import State
+from events.transitions import new_job
 from services.scheduler.rules.facts import stops
 from services.scheduler.rules.limits import Limits
 from services.scheduler.rules.placing import (

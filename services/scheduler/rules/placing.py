@@ -8,7 +8,8 @@ from datetime import datetime
 from events import messages as m
 from events.estimates import Estimate, estimate_queue
 from events.placement import foreign_gpus, free_mb, in_service, matching, node_view, readers
-from events.state import Job, State
+from events.records import Job
+from events.state import State
 from services.scheduler.rules.limits import Limits
 
 

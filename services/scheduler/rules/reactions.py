@@ -9,7 +9,8 @@ from events import messages as m
 from events.bus import Append
 from events.dependencies import names, verdict
 from events.keys import Keys
-from events.state import HOLDS_GPUS, State
+from events.records import HOLDS_GPUS
+from events.state import State
 from services.scheduler.rules.commands import export
 from services.scheduler.rules.facts import queued, retry_or_fail, stopped, stops
 from services.scheduler.rules.limits import Limits
