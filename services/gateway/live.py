@@ -1,7 +1,8 @@
 """Live streams over Server-Sent Events: a job's events, its log lines, every event, the GPUs.
 
 Each stream sends history first (after ``Last-Event-ID``), then live entries from the shared
-reader, without a gap or a repeat; a client too slow to keep up is told so and dropped.
+reader, without a gap or a repeat; a client too slow to keep up is told so and dropped. The GPUs
+view is answered here as JSON too, beside the stream that sends it as it changes.
 """
 
 from __future__ import annotations
