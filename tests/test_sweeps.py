@@ -5,6 +5,7 @@ sweep is in test_e2e and the dashboard's sweep page in test_dashboard.)"""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from events import messages as m
 from events.bus import Bus
 from events.codec import decode
+from events.quotas import Limit, Quotas
 from services.config import load_settings
 from services.gateway.app import create_app
 from services.gateway.projection import Projection
@@ -55,6 +57,24 @@ def test_a_sweep_runs_at_most_max_concurrent_points_at_once_and_holds_up_no_one(
     assert {f.job_id for f in facts if isinstance(f, m.JobCancelRequested)} == {ids[1], ids[2]}
     stops = {c.job_id for c in pool.sent if isinstance(c, m.StopJob)}
     assert {ids[1], ids[2]} <= stops and ids[0] not in stops
+
+
+def test_a_sweeps_cap_holds_for_points_that_borrow_gpus_over_quota() -> None:
+    # Given four free GPUs, an owner whose quota is no GPU at all, and a 2x2 sweep of theirs that
+    # may run one point at once (queued: over quota, with borrowing off)
+    pool = Pool({"node-a": 4})
+    table = Quotas(users={"alice": Limit(gpus=0)})
+    pool.settle(rules.set_quotas(pool.state, KEYS, m.SetQuotas(quotas=table)))
+    ids = sweep(pool, "s", {"learning_rate": [1e-4, 5e-5], "lora_rank": [8, 16]}, max_concurrent=1)
+    assert pool.status(*ids) == ["queued"] * 4
+    # When a pass may lend the free GPUs to jobs over quota
+    borrowing = replace(LIMITS, borrowing=True)
+    pool.settle(rules.schedule(pool.state, KEYS, pool.heartbeats, borrowing, NOW, m.ProcessQueue()))
+    # Then one point borrows a GPU, and the sweep's other points wait for it
+    assert pool.status(*ids) == ["scheduled", "queued", "queued", "queued"]
+    assert pool.state.jobs[ids[0]].borrowing and pool.state.sweep_running("s") == 1
+    pool.settle(rules.schedule(pool.state, KEYS, pool.heartbeats, borrowing, NOW, m.ProcessQueue()))
+    assert pool.state.sweep_running("s") == 1
 
 
 def test_without_a_cap_a_sweep_takes_every_free_gpu_and_its_view_names_the_best_point() -> None:

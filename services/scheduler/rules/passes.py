@@ -167,7 +167,7 @@ def schedule(
             started[job.sweep_id] = started.get(job.sweep_id, 0) + 1
         decisions += _start(state, keys, limits, job, placement, cause, usable, ports, preempted=preempted, fresh=fresh)
     if quotas and limits.borrowing and not blocked_in_quota and any(usable.values()):
-        decisions += _borrow(state, keys, limits, accepted, cause, usable, decisions, ports, heartbeats)
+        decisions += _borrow(state, keys, limits, accepted, cause, usable, decisions, ports, heartbeats, started)
     return decisions
 
 
@@ -181,10 +181,12 @@ def _borrow(
     decided: Sequence[Append],
     ports: dict[str, set[int]],
     heartbeats: Mapping[str, m.NodeHeartbeat],
+    sweeps_started: dict[str, int],
 ) -> list[Append]:
     """Jobs over quota started, in queue order, on the GPUs a pass left over (no job within quota
     was blocked). Every job of the queue not started by the pass is tried: one within quota that
-    did not start did not fit then, and fits even less now."""
+    did not start did not fit then, and fits even less now. A sweep's cap holds for borrowers
+    too (``sweeps_started``: its jobs the pass started, counted on)."""
     started = {append.message.job_id for append in decided if isinstance(append.message, m.JobScheduled)}
     decisions: list[Append] = []
     for job in _queue(state, limits, accepted, frozenset()):
@@ -192,11 +194,15 @@ def _borrow(
             break
         if job.job_id in started or not job.spec.preemptible or job.preemptions >= limits.max_preemptions:
             continue
+        if job.sweep_id is not None and _sweep_full(state, job, sweeps_started):
+            continue
         where = _resumable_on(state, job, heartbeats, limits)
         if where is not None and not where:
             continue
         placement = place_job(state, job, _only(usable, where))
         if placement is not None:
+            if job.sweep_id is not None:
+                sweeps_started[job.sweep_id] = sweeps_started.get(job.sweep_id, 0) + 1
             fresh = None if where != _ANYWHERE else _fresh_start(job)
             decisions += _start(state, keys, limits, job, placement, cause, usable, ports, borrowing=True, fresh=fresh)
     return decisions
