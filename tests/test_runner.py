@@ -204,7 +204,8 @@ def test_progress_rows_become_progress_fields() -> None:
     assert fields["grad_norm"] is None  # not finite: not valid JSON for browsers
     assert (fields["elapsed_s"], fields["remaining_s"]) == (65.0, 180.0)
     assert fields["eval"] == {"eval_token_acc": 0.3}
-    assert progress_fields({"train_runtime": 3.0, "global_step/max_steps": "20/20"}) is None
+    closing = progress_fields({"train_runtime": 3.0, "global_step/max_steps": "20/20"})
+    assert closing is not None and (closing["step"], closing["percent"], closing["loss"]) == (20, 100.0, None)
     assert progress_fields({"loss": 1.0}) is None
     assert parse_duration_s("2h 3m 4s") == 7384.0 and parse_duration_s("soon") is None
 

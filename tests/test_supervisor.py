@@ -107,6 +107,27 @@ async def test_every_logged_row_is_a_progress_fact_in_order_with_eval_rows_kept(
     assert len({p.id for p in progress}) == len(progress)
 
 
+async def test_a_run_whose_last_step_is_not_a_logging_step_reaches_it_by_its_closing_row(
+    bus: Bus, tmp_path: Path
+) -> None:
+    # Given a run of 5 steps logging every 2nd: rows at steps 2 and 4, then the closing row at 5
+    version_dir = tmp_path / "output" / "v0-20261204-000000"
+    version_dir.mkdir(parents=True)
+    rows = [
+        {"loss": 2.0, "learning_rate": 1e-4, "global_step/max_steps": "2/5", "elapsed_time": "1s"},
+        {"loss": 1.5, "learning_rate": 5e-5, "global_step/max_steps": "4/5", "elapsed_time": "2s"},
+        {"train_runtime": 2.6, "train_loss": 1.7, "global_step/max_steps": "5/5", "elapsed_time": "3s"},
+    ]
+    (version_dir / "logging.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    record = RunRecord("job-1", 1, "n1", 1, 1, str(tmp_path / "run"), str(tmp_path / "output"), 0.0, False)
+    # When the runner reads them
+    await JobRun(bus, record, log_maxlen=100, stop_grace_s=1).pump()
+    # Then the job's progress reaches step 5, all done, keeping the last training row's loss
+    progress = [fact for fact in await facts(bus, 3) if isinstance(fact, m.JobProgress)]
+    assert [(p.step, p.percent, p.loss) for p in progress] == [(2, 40.0, 2.0), (4, 80.0, 1.5), (5, 100.0, 1.5)]
+    assert progress[-1].learning_rate == 5e-5 and progress[-1].elapsed_s == 3.0
+
+
 def test_a_runs_final_values_are_its_last_training_row_and_its_last_evaluation() -> None:
     final = final_metrics(read_rows(DATA / "logging-with-eval.jsonl"))
     assert final == pytest.approx(

@@ -35,10 +35,9 @@ def _number(value: Any) -> float | None:
 
 
 def progress_fields(row: dict[str, Any]) -> dict[str, Any] | None:
-    """The fields of a job.progress event from one logging.jsonl row, or None if it has no step."""
+    """The fields of a job.progress event from one logging.jsonl row, or None if it has no step.
+    (The closing row, with ``train_runtime``, gives the last step without training metrics.)"""
     step_text = row.get("global_step/max_steps")
-    if "train_runtime" in row:  # the closing summary row repeats the last step without its metrics
-        return None
     if not isinstance(step_text, str) or "/" not in step_text:
         return None
     step, _, max_steps = step_text.partition("/")

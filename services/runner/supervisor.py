@@ -271,7 +271,14 @@ class JobRun:
             fields = progress_fields(row)
             if fields is None:
                 continue
-            if "loss" in row:
+            if "train_runtime" in row:
+                # The closing row: the run's last step. It repeats a step logged already unless
+                # max_steps is not a multiple of logging_steps; then the job's progress reaches
+                # that step, with the metrics of the last training row carried over.
+                if self.last_train is None or fields["step"] <= self.last_train["step"]:
+                    continue
+                fields.update({name: self.last_train[name] for name in _TRAIN_METRICS})
+            elif "loss" in row:
                 self.last_train = fields
                 # A training row is its step's only one: the id derived from the step is unique,
                 # and the log need not store it.
