@@ -239,18 +239,35 @@ class FailureReason(StrEnum):
     UNSATISFIABLE = "unsatisfiable"  # no node could ever hold it
 
 
-def _known_reason(value: object) -> object:
-    if isinstance(value, str) and not isinstance(value, FailureReason):
-        try:
-            return FailureReason(value)
-        except ValueError:
-            return value
-    return value
+class StopReason(StrEnum):
+    """Why an attempt was stopped without ending the job (``job.stopped``)."""
+
+    # the runner's
+    PREEMPT = "preempt"
+    SUSPEND = "suspend"
+    # the scheduler's, when no report will come
+    NODE_LOST = "node_lost"
+    RUNNER_LOST = "runner_lost"
+    LOST = "lost"  # the attempt ended while no runner watched it
 
 
-# A known reason is read as its member; any other text (a producer newer or older than this
-# reader) is kept as it is, so that no entry of the log becomes unreadable.
-Reason = Annotated[FailureReason | str, BeforeValidator(_known_reason)]
+def _known(members: type[StrEnum]) -> BeforeValidator:
+    """Read a known value as its member; any other text (a producer newer or older than this
+    reader) is kept as it is, so that no entry of the log becomes unreadable."""
+
+    def known(value: object) -> object:
+        if isinstance(value, str) and not isinstance(value, members):
+            try:
+                return members(value)
+            except ValueError:
+                return value
+        return value
+
+    return BeforeValidator(known)
+
+
+Reason = Annotated[FailureReason | str, _known(FailureReason)]
+Stopped = Annotated[StopReason | str, _known(StopReason)]
 
 
 class JobRejected(Event):
@@ -390,7 +407,7 @@ class JobRequeued(Event):
 
     type: Literal["job.requeued"] = "job.requeued"
     attempt: int
-    reason: str
+    reason: Reason  # node_lost, runner_lost, or a failed gang rank's reason (retried)
     # Whether it used one of the job's max_retries: an attempt lost with its node before it ran
     # (before every rank of a gang job had started) did not.
     retry: bool = True
@@ -424,9 +441,7 @@ class JobStopped(Event):
     exit_code: int | None = None
     last_checkpoint: str | None = None  # what the next attempt resumes from
     step: int | None = None  # the step of that checkpoint
-    # The runner's: preempt, suspend. The scheduler's, when no report will come: node_lost,
-    # runner_lost (its node or runner was lost), lost (the attempt ended while no runner watched it).
-    reason: str = ""
+    reason: Stopped = ""
 
 
 class JobResumed(Event):

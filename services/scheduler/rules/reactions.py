@@ -54,7 +54,7 @@ def _reactions(state: State, keys: Keys, event: m.Message) -> list[Append]:
         job = state.jobs.get(event.job_id or "")
         if job is not None and job.stopping and job.attempt == event.attempt:
             # It gave up its GPUs and ended unwatched: queued (or held) from its last checkpoint
-            return [stopped(keys, job, "lost", event)]
+            return [stopped(keys, job, m.StopReason.LOST, event)]
         if job is None or job.status not in HOLDS_GPUS or job.attempt != event.attempt:
             return []  # a report of an attempt already ended: the fold ignored it too
         message = "the job ended while no runner watched it" + (f": {event.message}" if event.message else "")
