@@ -223,17 +223,10 @@ class Node(BaseModel):
 
 
 class GpuKey(str):
-    """A GPU's key in the allocation table, ``"node/index"`` (a str, as the table is stored)."""
+    """A GPU's key in the allocation table, ``"node/index"``, read back into its parts. (Keys are
+    made by :func:`gpu_key` as plain strings: that is on the scheduler's hot path.)"""
 
     __slots__ = ()
-
-    @classmethod
-    def of(cls, node: str, index: int) -> GpuKey:
-        return cls(f"{node}/{index}")
-
-    @classmethod
-    def parse(cls, key: str) -> GpuKey:
-        return key if isinstance(key, GpuKey) else cls(key)
 
     @property
     def node(self) -> str:
@@ -244,5 +237,6 @@ class GpuKey(str):
         return int(self.rsplit("/", 1)[1])
 
 
-def gpu_key(node: str, index: int) -> GpuKey:
-    return GpuKey.of(node, index)
+def gpu_key(node: str, index: int) -> str:
+    """The key of a node's GPU in the allocation table (see :class:`GpuKey`)."""
+    return f"{node}/{index}"

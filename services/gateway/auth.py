@@ -223,15 +223,21 @@ def may_see(request: Request, owner: str | None) -> bool:
     return who.is_admin or owner == who.name
 
 
+def person_role(who: Principal) -> views.Role:
+    """The role of a person's key. (A metrics key never gets this far: RequireAuth keeps it to
+    /metrics.)"""
+    if who.role == "metrics":
+        raise ApiError(403, "forbidden", f"a metrics key reads {METRICS_PATH} only")
+    return who.role
+
+
 async def issue_token(request: Request) -> JSONResponse:
     """A short-lived signed token for the caller, as JSON and as an HttpOnly cookie: browsers
     use it for streams instead of putting a long-lived key in a URL."""
     who = principal(request)
     auth: Auth = request.app.state.auth
-    if who.role == "metrics":  # (RequireAuth keeps a metrics key to /metrics)
-        raise ApiError(403, "forbidden", f"a metrics key reads {METRICS_PATH} only")
     token = auth.issue(who)
-    body = views.Token(token=token, expires_in=auth.ttl_s, name=who.name, role=who.role)
+    body = views.Token(token=token, expires_in=auth.ttl_s, name=who.name, role=person_role(who))
     response = JSONResponse(body.model_dump(mode="json"))
     response.set_cookie(
         TOKEN_COOKIE,
@@ -247,9 +253,7 @@ async def issue_token(request: Request) -> JSONResponse:
 async def whoami(request: Request) -> JSONResponse:
     who = principal(request)
     auth: Auth = request.app.state.auth
-    if who.role == "metrics":  # (RequireAuth keeps a metrics key to /metrics)
-        raise ApiError(403, "forbidden", f"a metrics key reads {METRICS_PATH} only")
-    body = views.Me(name=who.name, role=who.role, team=who.team, access_control=auth.enabled)
+    body = views.Me(name=who.name, role=person_role(who), team=who.team, access_control=auth.enabled)
     return JSONResponse(body.model_dump(mode="json"))
 
 

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from events.messages import MetricFamily
 from events.params import TaskType
-from events.records import TERMINAL, GpuKey, JobStatus
+from events.records import TERMINAL, JobStatus, gpu_key
 from events.state import State
 from services.config import Settings
 from services.gateway.auth import Principal
@@ -124,7 +124,7 @@ class Cluster(Collector):
             samples = {gpu.index: gpu for gpu in beat.gpus} if beat is not None else {}
             for gpu in node.gpus:
                 labels = [name, str(gpu.index), gpu.name]
-                held.add_metric(labels[:2], 1.0 if GpuKey.of(name, gpu.index) in state.allocations else 0.0)
+                held.add_metric(labels[:2], 1.0 if gpu_key(name, gpu.index) in state.allocations else 0.0)
                 gauges["memory_total_bytes"].add_metric(labels, gpu.memory_total_mb * 2**20)
                 sample = samples.get(gpu.index)
                 if sample is None:

@@ -74,9 +74,9 @@ class Liveness:
         position = entry_id_key(state.position)
         for key, job_id in held.items():
             if state.allocations.get(key) != job_id:
-                gpu = GpuKey.parse(key)
+                gpu = GpuKey(key)
                 self.left.setdefault(gpu.node, {})[gpu.gpu_index] = position
-        for node in {GpuKey.parse(key).node for key in held.keys() - state.allocations.keys()}:
+        for node in {GpuKey(key).node for key in held.keys() - state.allocations.keys()}:
             self.read_without_left(node)
 
     def read_without_left(self, node: str) -> None:
