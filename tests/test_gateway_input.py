@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from events import messages as m
 from events.bus import Bus
 from events.codec import decode
 from services.config import load_settings
@@ -15,6 +16,7 @@ from services.gateway.app import create_app
 from services.gateway.bodies import MAX_BODY_BYTES
 from services.gateway.projection import Projection
 from services.gateway.submit import SwiftFlags
+from tests.examples import GPU, LM, started
 
 
 @pytest.fixture(scope="session")
@@ -246,3 +248,34 @@ async def test_a_deploy_of_a_job_without_an_exported_model_is_refused(client: ht
     assert response.status_code == 422 and fields_of(response) == {"source_job_id"}
     response = await client.post("/jobs", json={"task_type": "deploy"})
     assert response.status_code == 422
+
+
+async def test_an_export_asked_for_while_one_is_under_way_is_409_and_sends_nothing(
+    bus: Bus, tmp_path: Path, swift_flags: SwiftFlags
+) -> None:
+    # Given a completed LoRA job whose export is running
+    projection = Projection(bus, bus.redis)
+    facts: list[m.Message] = [
+        m.NodeJoined(node="n1", simulated=True, gpus=[GPU]),
+        m.JobAccepted(job_id="done", spec=LM, actor="anonymous"),
+        m.JobQueued(job_id="done", position=1),
+        m.JobScheduled(job_id="done", node="n1", gpu_ids=[0], attempt=1),
+        started("done", 1, "n1", "0"),
+        m.JobSucceeded(job_id="done", attempt=1, exit_code=0, run_dir="/r", last_checkpoint="/r/checkpoint-5"),
+        m.ExportRequested(job_id="done", checkpoint="/r/checkpoint-5", output_dir="/r/checkpoint-5-merged"),
+        m.ExportStarted(job_id="done", argv=["swift", "export"]),
+    ]
+    for i, fact in enumerate(facts, start=1):
+        projection.state.apply(f"1-{i}", fact)
+    settings = load_settings(namespace=bus.keys.namespace, path_roots=str(tmp_path), data_dir=tmp_path / "data")
+    transport = httpx.ASGITransport(app=create_app(settings, bus, projection, swift_flags))
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost/api/v1/training") as client:
+        # When the export is asked for again
+        response = await client.post("/jobs/done/export")
+        # Then it is refused, saying why, and no command is sent
+        assert response.status_code == 409, response.text
+        assert "being exported already" in response.json()["error"]["message"]
+        assert await bus.redis.xlen(bus.keys.commands) == 0
+        # But once that export ended, the job may be exported again
+        projection.state.apply("1-99", m.ExportCompleted(job_id="done", path="/r/checkpoint-5-merged"))
+        assert (await client.post("/jobs/done/export")).status_code == 202
